@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One entry point that sets itself up (idempotently) and then runs a job.
+#
+#   bash run.sh train [ARGS]   the main job: python -m solar.train on ShapesWorld
+#   bash run.sh test  [ARGS]   the test suite (what CI runs)
+#   bash run.sh bench [ARGS]   the CPU micro-benchmarks (bench/run_all.py)
+#   bash run.sh shell CMD...   run CMD inside the prepared environment
+#
+# Set-up: a virtual env in $SOLAR_VENV (default .venv, created with
+# --system-site-packages so that a torch already installed on a GPU box is kept
+# as it is); torch==2.13.0 (CPU build) is installed only when no torch is
+# importable; then the package and its native extension are built against that
+# torch (--no-build-isolation, torch pinned by a constraint so pip can never
+# resolve another one).  The build re-runs only when setup.py, pyproject.toml or
+# csrc/ change.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV=${SOLAR_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_CPU_PIN=${SOLAR_TORCH_PIN:-torch==2.13.0}
+
+log() { echo "[run.sh] $*" >&2; }
+
+setup_env() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtual env $VENV"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  fi
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  if ! python -c "import torch" >/dev/null 2>&1; then
+    log "no torch found: installing $TORCH_CPU_PIN (CPU build)"
+    pip install -q "$TORCH_CPU_PIN"
+  fi
+  local tv
+  tv=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+  local stamp_file="$VENV/.solar-setup-stamp"
+  local stamp
+  stamp=$( { echo "$tv"; cat pyproject.toml setup.py; find csrc -type f | LC_ALL=C sort | xargs cat; } | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && python -c "import solar_kernels._C" >/dev/null 2>&1; then
+    return 0
+  fi
+  log "installing dependencies and building the extension (torch $tv kept)"
+  local cons="$VENV/solar-constraints.txt"
+  echo "torch==$tv" > "$cons"
+  pip install -q -c "$cons" setuptools wheel pybind11 ninja
+  pip install -q -c "$cons" --no-build-isolation -e ".[test,bench]"
+  echo "$stamp" > "$stamp_file"
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  train)
+    setup_env
+    exec python -m solar.train "$@" ;;
+  test)
+    setup_env
+    # nproc-aware: the CI box has 2 cores; the suite is sized for that.
+    set +e
+    python -m pytest -q "$@"
+    rc=$?
+    set -e
+    # pytest exits 5 when every test was deselected: treat as a failure, CI must run tests.
+    exit $rc ;;
+  bench)
+    setup_env
+    exec python bench/run_all.py "$@" ;;
+  shell)
+    setup_env
+    exec "$@" ;;
+  *)
+    echo "usage: bash run.sh {train|test|bench|shell} [ARGS...]" >&2
+    exit 2 ;;
+esac

@@ -1,0 +1,10 @@
+"""solar_kernels: drop-in torch ops behind SOLAR.
+
+Public API (each op runs on CUDA through Triton/CUDA kernels and on CPU through the
+C++ extension or a chunked PyTorch path; see `python -m solar_kernels.info`).
+"""
+from ._dispatch import use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["use_backend", "__version__"]

@@ -1,0 +1,78 @@
+"""Device dispatch in one place.
+
+Every op asks :func:`backend_for` which implementation serves a tensor:
+
+* ``"triton"``  CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1`` when forced),
+* ``"native"``  CPU tensors when the C++ extension provides the op,
+* ``"torch"``   the chunked plain-PyTorch path (CPU fallback, and any other device).
+
+Tests and benchmarks force a backend with ``with use_backend("triton"): ...``; nothing
+is monkey-patched at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "triton", "native", "torch")
+
+_state = threading.local()
+
+# op name -> {"cuda": description, "cpu_symbol": name in _C (or None), "cpu_fallback": description}
+OPS: dict[str, dict] = {}
+
+
+def register_op(name: str, *, cuda: str, cpu_symbol: str | None, cpu_fallback: str = "chunked PyTorch") -> None:
+    """Declare an op for `solar_kernels.info` (which backends serve it on which device)."""
+    OPS[name] = {"cuda": cuda, "cpu_symbol": cpu_symbol, "cpu_fallback": cpu_fallback}
+
+
+def forced_backend() -> str:
+    return getattr(_state, "backend", None) or os.environ.get("SOLAR_BACKEND", "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force every op inside the block onto one backend ("auto" restores dispatch by device)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    prev = getattr(_state, "backend", None)
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = prev
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_for(device: torch.device, cpu_symbol: str | None) -> str:
+    """The backend that serves an op whose tensors live on `device`."""
+    forced = forced_backend()
+    if forced not in BACKENDS:
+        raise ValueError(f"SOLAR_BACKEND must be one of {BACKENDS}, got {forced!r}")
+    if forced == "triton":
+        if device.type != "cuda" and not triton_interpreted():
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return "triton"
+    if forced == "native":
+        if device.type == "cuda":
+            return "triton"  # the Triton kernels are the native CUDA path
+        _ext.require(cpu_symbol) if cpu_symbol else None
+        return "native"
+    if forced == "torch":
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and cpu_symbol is not None and _ext.available(cpu_symbol):
+        return "native"
+    return "torch"
