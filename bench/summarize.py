@@ -1,0 +1,36 @@
+"""Collect every <op>.csv under a results folder into one markdown table per op.
+
+    python bench/summarize.py bench/out/gpu > summary.md
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import sys
+
+SKIP = {"torch", "triton", "commit", "date", "device"}
+
+
+def summarize(folder: str) -> str:
+    parts = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            continue
+        cols = [c for c in rows[0].keys() if c not in SKIP]
+        tag = rows[0]
+        parts.append(f"## {os.path.basename(path)[:-4]}\n")
+        parts.append(f"{tag.get('device', '?')}; torch {tag.get('torch', '?')}; triton {tag.get('triton', '?')}; "
+                     f"commit {tag.get('commit', '?')}; {tag.get('date', '?')}\n")
+        parts.append("| " + " | ".join(cols) + " |")
+        parts.append("|" + "---|" * len(cols))
+        for r in rows:
+            parts.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+        parts.append("")
+    return "\n".join(parts) if parts else "(no CSV results found)\n"
+
+
+if __name__ == "__main__":
+    print(summarize(sys.argv[1] if len(sys.argv) > 1 else "bench/out"))
