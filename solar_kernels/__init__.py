@@ -4,7 +4,8 @@ Public API (each op runs on CUDA through Triton/CUDA kernels and on CPU through 
 C++ extension or a chunked PyTorch path; see `python -m solar_kernels.info`).
 """
 from ._dispatch import use_backend
+from .ops.masked_pool import masked_pool
 
 __version__ = "0.1.0"
 
-__all__ = ["use_backend", "__version__"]
+__all__ = ["use_backend", "__version__", "masked_pool"]

@@ -1,0 +1,515 @@
+"""masked_pool: weighted mean of token rows under V masks, in one pass over x.
+
+    out[v, b] = sum_l mask[v, b, l] * x[b, l] / sum_l mask[v, b, l]      (0 when the sum is 0)
+    normalize=True:  out[v, b] /= max(||out[v, b]||_2, eps)
+
+Layers, in order (STYLE.md):
+
+1. ``@triton.jit`` kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
+   ``_pool_fwd_kernel``, ``_pool_norm_kernel``, ``_pool_bwd_prep_kernel``, ``_pool_bwd_kernel``.
+2. Launchers that dispatch by backend and do no autograd: :func:`pool_forward`,
+   :func:`pool_backward` (also used by ``pooled_contrastive_loss``).  The CPU kernel is
+   C++/OpenMP in ``csrc/pool/pool_cpu.cpp``; the ``"torch"`` backend is a chunked
+   plain-PyTorch path.
+3. One ``autograd.Function`` (:class:`_MaskedPoolFunction`).
+4. ``torch.library`` registration: ``solar::masked_pool_fwd`` / ``solar::masked_pool_bwd``
+   with fake kernels, so ``torch.compile`` traces the op without running it.
+
+The backward formulas (s = sum_l w_l, y = p / s the un-normalised mean, n = ||y||):
+
+    dy      = normalize ? (n > eps ? (g - o (o.g)) / n : g / eps) : g
+    dp      = dy / s                                  (0 when s == 0)
+    c       = y . dp
+    grad_x[b, l]    = sum_v w[v, b, l] dp[v, b]
+    grad_w[v, b, l] = x[b, l] . dp[v, b] - c[v, b]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks, _dispatch, _ext
+
+try:  # triton is optional on CPU-only installs; the native/torch paths do not need it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+__all__ = ["masked_pool", "pool_forward", "pool_backward", "CPU_SYMBOL_FWD", "CPU_SYMBOL_BWD"]
+
+CPU_SYMBOL_FWD = "masked_pool_forward_cpu"
+CPU_SYMBOL_BWD = "masked_pool_backward_cpu"
+MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_dispatch.register_op("masked_pool", cuda="Triton", cpu_symbol=CPU_SYMBOL_FWD)
+
+# Masks pooled together in one program.  With V above this, x is read once per group.
+MAX_V_PER_PASS = 8
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ----------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _pool_fwd_kernel(
+        X_ptr, M_ptr, Y_ptr, S_ptr,
+        L, D, V,
+        stride_xb, stride_xl, stride_xd,
+        stride_mv, stride_mb, stride_ml,
+        stride_yv, stride_yb,
+        stride_sv,
+        BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """y[v, b, d] = sum_l w[v, b, l] x[b, l, d] / sum_l w[v, b, l]  (0 when the sum is 0).
+
+        Grid (B, cdiv(V, BLOCK_V), cdiv(D, BLOCK_D)): one program owns a BLOCK_D slice of
+        row b for BLOCK_V masks, so each x tile is loaded once for all of them.  x and the
+        weights are upcast to fp32; the sums accumulate in fp32.  Y is fp32 [V, B, D],
+        S (the mask sums) fp32 [V, B].
+        """
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_v = tl.program_id(1).to(tl.int64)
+        pid_d = tl.program_id(2).to(tl.int64)
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        v_ok = offs_v < V
+        d_ok = offs_d < D
+        acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
+        wsum = tl.zeros([BLOCK_V], dtype=tl.float32)
+        x_row = X_ptr + pid_b * stride_xb
+        m_row = M_ptr + pid_b * stride_mb
+        for l0 in range(0, L, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            l_ok = offs_l < L
+            w = tl.load(m_row + offs_v[:, None] * stride_mv + offs_l[None, :] * stride_ml,
+                        mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
+            xt = tl.load(x_row + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                         mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w[:, :, None] * xt[None, :, :], axis=1)
+            wsum += tl.sum(w, axis=1)
+        safe = tl.where(wsum > 0, wsum, 1.0)
+        y = tl.where(wsum[:, None] > 0, acc / safe[:, None], 0.0)
+        tl.store(Y_ptr + offs_v[:, None] * stride_yv + pid_b * stride_yb + offs_d[None, :], y,
+                 mask=v_ok[:, None] & d_ok[None, :])
+        if pid_d == 0:
+            tl.store(S_ptr + offs_v * stride_sv + pid_b, wsum, mask=v_ok)
+
+    @triton.jit
+    def _pool_norm_kernel(Y_ptr, N_ptr, D, eps, BLOCK_D: tl.constexpr):
+        """Row-wise L2 normalisation in place: n[r] = ||y[r]||, y[r] /= max(n[r], eps).
+
+        One program per row of the fp32 [V*B, D] buffer; BLOCK_D >= D.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        ok = offs < D
+        y = tl.load(Y_ptr + row * D + offs, mask=ok, other=0.0)
+        n = tl.sqrt(tl.sum(y * y, axis=0))
+        tl.store(Y_ptr + row * D + offs, y / tl.maximum(n, eps), mask=ok)
+        tl.store(N_ptr + row, n)
+
+    @triton.jit
+    def _pool_bwd_prep_kernel(G_ptr, O_ptr, S_ptr, N_ptr, DP_ptr, C_ptr, D, eps,
+                              NORMALIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Per (v, b) row: dp = dy / s and c = y . dp (formulas in the module docstring).
+
+        G (grad of out), O (the fp32 output) and DP are fp32 [V*B, D]; S, N, C fp32 [V*B].
+        One program per row; BLOCK_D >= D.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        ok = offs < D
+        g = tl.load(G_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
+        o = tl.load(O_ptr + row * D + offs, mask=ok, other=0.0)
+        s = tl.load(S_ptr + row)
+        if NORMALIZE:
+            n = tl.load(N_ptr + row)
+            denom = tl.maximum(n, eps)
+            og = tl.sum(o * g, axis=0)
+            proj = tl.where(n > eps, og, 0.0)
+            dy = (g - o * proj) / denom
+            y = o * denom
+        else:
+            dy = g
+            y = o
+        inv_s = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
+        dp = dy * inv_s
+        tl.store(DP_ptr + row * D + offs, dp, mask=ok)
+        tl.store(C_ptr + row, tl.sum(y * dp, axis=0))
+
+    @triton.jit
+    def _pool_bwd_kernel(
+        X_ptr, M_ptr, DP_ptr, C_ptr, GX_ptr, GM_ptr,
+        L, D, V,
+        stride_xb, stride_xl, stride_xd,
+        stride_mv, stride_mb, stride_ml,
+        stride_gxb, stride_gxl,
+        stride_dpv, stride_dpb,
+        stride_cv,
+        stride_gmv, stride_gmb,
+        NEED_MASK_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """grad_x[b, l] = sum_v w[v, b, l] dp[v, b];  grad_w[v, b, l] = x[b, l] . dp[v, b] - c[v, b].
+
+        Grid (B, cdiv(L, BLOCK_L)); a program sweeps D in BLOCK_D steps for BLOCK_V >= V
+        masks, so x (only read when the mask gradient is wanted) and grad_x are each
+        touched once.  All products accumulate in fp32; grad_x is stored in its buffer's
+        dtype (ACCUMULATE adds to an fp32 buffer, for V split into groups).
+        """
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_l = tl.program_id(1).to(tl.int64)
+        offs_v = tl.arange(0, BLOCK_V)
+        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        v_ok = offs_v < V
+        l_ok = offs_l < L
+        w = tl.load(M_ptr + offs_v[:, None] * stride_mv + pid_b * stride_mb + offs_l[None, :] * stride_ml,
+                    mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
+        gw = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            dp = tl.load(DP_ptr + offs_v[:, None] * stride_dpv + pid_b * stride_dpb + offs_d[None, :],
+                         mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+            gx = tl.sum(w[:, :, None] * dp[:, None, :], axis=0)
+            gx_ptrs = GX_ptr + pid_b * stride_gxb + offs_l[:, None] * stride_gxl + offs_d[None, :]
+            tile_ok = l_ok[:, None] & d_ok[None, :]
+            if ACCUMULATE:
+                gx += tl.load(gx_ptrs, mask=tile_ok, other=0.0)
+            tl.store(gx_ptrs, gx.to(GX_ptr.dtype.element_ty), mask=tile_ok)
+            if NEED_MASK_GRAD:
+                xt = tl.load(X_ptr + pid_b * stride_xb + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                             mask=tile_ok, other=0.0).to(tl.float32)
+                gw += tl.sum(xt[None, :, :] * dp[:, None, :], axis=2)
+        if NEED_MASK_GRAD:
+            c = tl.load(C_ptr + offs_v * stride_cv + pid_b, mask=v_ok, other=0.0)
+            tl.store(GM_ptr + offs_v[:, None] * stride_gmv + pid_b * stride_gmb + offs_l[None, :],
+                     gw - c[:, None], mask=v_ok[:, None] & l_ok[None, :])
+
+
+def _triton_blocks(V: int, D: int, device: torch.device) -> tuple[int, int, int]:
+    """Tile sizes (BLOCK_V, BLOCK_L, BLOCK_D) in one visible place.
+
+    The interpreter pays per tile operation, not per element, so it gets large tiles;
+    on a GPU the 3-D product tile BLOCK_V*BLOCK_L*BLOCK_D is kept near 4K fp32 values
+    (registers), with BLOCK_D = 128 (256 contiguous bytes of a bf16 row).
+    """
+    bv = triton.next_power_of_2(min(V, MAX_V_PER_PASS))
+    if device.type != "cuda":
+        return bv, 32, min(triton.next_power_of_2(D), 256)
+    bd = min(triton.next_power_of_2(D), 128)
+    bl = max(1, 4096 // (bv * bd))
+    return bv, bl, bd
+
+
+def _mask_for_triton(mask: torch.Tensor) -> torch.Tensor:
+    # bool pointers are loaded as int1 inconsistently across triton versions: pass bytes
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _forward_triton(x, mask, normalize, eps):
+    V, B, L = mask.shape
+    D = x.shape[2]
+    out = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
+    aux = torch.zeros((2, V, B), device=x.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, aux
+    m = _mask_for_triton(mask)
+    bv, bl, bd = _triton_blocks(V, D, x.device)
+    grid = (B, triton.cdiv(V, bv), triton.cdiv(D, bd))
+    _pool_fwd_kernel[grid](
+        x, m, out, aux[0],
+        L, D, V,
+        x.stride(0), x.stride(1), x.stride(2),
+        m.stride(0), m.stride(1), m.stride(2),
+        out.stride(0), out.stride(1),
+        aux.stride(1),
+        BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd,
+    )
+    if normalize:
+        _pool_norm_kernel[(V * B,)](out, aux[1], D, float(eps), BLOCK_D=triton.next_power_of_2(D))
+    else:
+        aux[1] = out.norm(dim=-1)
+    return out, aux
+
+
+def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad):
+    V, B, L = mask.shape
+    D = x.shape[2]
+    grad_out = grad_out.contiguous()
+    dp = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
+    c = torch.empty((V, B), device=x.device, dtype=torch.float32)
+    if V * B > 0 and D > 0:
+        _pool_bwd_prep_kernel[(V * B,)](grad_out, out.contiguous(), aux[0].contiguous(), aux[1].contiguous(),
+                                        dp, c, D, float(eps), NORMALIZE=bool(normalize),
+                                        BLOCK_D=triton.next_power_of_2(D))
+    grad_mask = torch.zeros((V, B, L), device=x.device, dtype=torch.float32) if need_mask_grad else None
+    groups = [(v0, min(V, v0 + MAX_V_PER_PASS)) for v0 in range(0, V, MAX_V_PER_PASS)] or [(0, 0)]
+    accumulate = len(groups) > 1
+    gx = torch.zeros(x.shape, device=x.device, dtype=torch.float32 if accumulate else x.dtype)
+    if x.numel() == 0 or V == 0:
+        return gx.to(x.dtype), grad_mask
+    m = _mask_for_triton(mask)
+    _, bl, bd = _triton_blocks(min(V, MAX_V_PER_PASS), D, x.device)
+    for v0, v1 in groups:
+        nv = v1 - v0
+        bv = triton.next_power_of_2(nv)
+        mg, dpg, cg = m[v0:v1], dp[v0:v1], c[v0:v1]
+        gmg = grad_mask[v0:v1] if need_mask_grad else dpg  # dummy pointer when unused
+        _pool_bwd_kernel[(B, triton.cdiv(L, bl))](
+            x, mg, dpg, cg, gx, gmg,
+            L, D, nv,
+            x.stride(0), x.stride(1), x.stride(2),
+            mg.stride(0), mg.stride(1), mg.stride(2),
+            gx.stride(0), gx.stride(1),
+            dpg.stride(0), dpg.stride(1),
+            cg.stride(0),
+            gmg.stride(0), gmg.stride(1),
+            NEED_MASK_GRAD=bool(need_mask_grad), ACCUMULATE=accumulate,
+            BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd,
+        )
+    return gx.to(x.dtype), grad_mask
+
+
+# ----------------------------------------------------------------------------------------
+# The chunked plain-PyTorch path ("torch" backend)
+# ----------------------------------------------------------------------------------------
+def _chunk_rows(B: int, L: int, D: int, budget_elems: int = 1 << 22) -> int:
+    """Batch rows per chunk so that the fp32 copy of an x chunk stays near 16 MB."""
+    return max(1, budget_elems // max(1, L * D))
+
+
+def _forward_torch(x, mask, normalize, eps):
+    V, B, L = mask.shape
+    D = x.shape[2]
+    w = mask.to(torch.float32)
+    s = w.sum(-1)  # [V, B]
+    out = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
+    step = _chunk_rows(B, L, D)
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        xc = x[b0:b1].to(torch.float32)
+        p = torch.bmm(w[:, b0:b1].transpose(0, 1), xc)  # [b, V, D]
+        out[:, b0:b1] = p.transpose(0, 1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    out = torch.where((s > 0)[..., None], out / safe[..., None], torch.zeros_like(out))
+    n = out.norm(dim=-1)
+    if normalize:
+        out = out / n.clamp_min(eps)[..., None]
+    return out, torch.stack([s, n])
+
+
+def _prep_torch(grad_out, out, aux, normalize, eps):
+    g = grad_out.to(torch.float32)
+    s, n = aux[0], aux[1]
+    if normalize:
+        denom = n.clamp_min(eps)[..., None]
+        og = (out * g).sum(-1, keepdim=True)
+        og = torch.where((n > eps)[..., None], og, torch.zeros_like(og))
+        dy = (g - out * og) / denom
+        y = out * denom
+    else:
+        dy, y = g, out
+    inv_s = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    dp = dy * inv_s[..., None]
+    return dp, (y * dp).sum(-1)
+
+
+def _backward_torch(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad):
+    V, B, L = mask.shape
+    D = x.shape[2]
+    dp, c = _prep_torch(grad_out, out, aux, normalize, eps)
+    w = mask.to(torch.float32)
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    grad_mask = torch.empty((V, B, L), device=x.device, dtype=torch.float32) if need_mask_grad else None
+    step = _chunk_rows(B, L, D)
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        dpc = dp[:, b0:b1].transpose(0, 1)  # [b, V, D]
+        grad_x[b0:b1] = torch.bmm(w[:, b0:b1].permute(1, 2, 0), dpc).to(x.dtype)
+        if need_mask_grad:
+            t = torch.bmm(dpc, x[b0:b1].to(torch.float32).transpose(1, 2))  # [b, V, L]
+            grad_mask[:, b0:b1] = t.transpose(0, 1) - c[:, b0:b1, None]
+    return grad_x, grad_mask
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Launchers (no autograd): the interface shared with pooled_contrastive_loss
+# ----------------------------------------------------------------------------------------
+def _backend(x: torch.Tensor) -> str:
+    return _dispatch.backend_for(x.device, CPU_SYMBOL_FWD)
+
+
+def pool_forward(x: torch.Tensor, mask: torch.Tensor, normalize: bool = False, eps: float = 1e-6
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool `x` under V masks in one pass; no autograd.
+
+    Args:
+        x:    [B, L, D] float32/float16/bfloat16, any strides.
+        mask: [V, B, L] bool or floating (non-negative weights), any strides.
+        normalize: divide each pooled row by max(||row||_2, eps).
+        eps:  the floor of the norm when normalising.
+
+    Returns:
+        out: [V, B, D] float32, the (normalised) pooled rows; rows whose mask sums to 0 are 0.
+        aux: [2, V, B] float32: aux[0] = sum_l mask (the denominators), aux[1] = the norm
+             of the un-normalised mean row.  Pass both unchanged to :func:`pool_backward`.
+
+    Dispatch: CUDA -> Triton, CPU -> C++ (``solar_kernels._C``) or the chunked torch path
+    (see ``solar_kernels.use_backend``).  Inputs are assumed validated (shapes, dtypes,
+    devices); :func:`masked_pool` is the checked public entry point.
+    """
+    mask = mask.to(torch.float32) if mask.dtype == torch.float64 else mask
+    backend = _backend(x)
+    if backend == "triton":
+        return _forward_triton(x, mask, normalize, eps)
+    if backend == "native":
+        out, aux = _ext.require(CPU_SYMBOL_FWD)(x, mask, bool(normalize), float(eps))
+        return out, aux
+    return _forward_torch(x, mask, normalize, eps)
+
+
+def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
+                  aux: torch.Tensor, normalize: bool, eps: float, need_mask_grad: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`pool_forward`; no autograd.
+
+    Args:
+        grad_out: [V, B, D] gradient of `out` (float32, or any float dtype: upcast).
+        x, mask, normalize, eps: as given to :func:`pool_forward`.
+        out, aux: what :func:`pool_forward` returned.
+        need_mask_grad: also compute the gradient of the (float) mask weights.
+
+    Returns:
+        grad_x:    [B, L, D] in x.dtype (contiguous).
+        grad_mask: [V, B, L] float32, or None when `need_mask_grad` is False.
+            grad_mask[v, b, l] = (x[b, l] - y[v, b]) . dy[v, b] / s[v, b]; 0 where s == 0.
+    """
+    mask = mask.to(torch.float32) if mask.dtype == torch.float64 else mask
+    backend = _backend(x)
+    if backend == "triton":
+        return _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad)
+    if backend == "native":
+        gx, gm = _ext.require(CPU_SYMBOL_BWD)(grad_out.to(torch.float32), x, mask, out, aux,
+                                              bool(normalize), float(eps), bool(need_mask_grad))
+        return gx, (gm if need_mask_grad else None)
+    return _backward_torch(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. torch.library registration (custom ops with fake kernels)
+# ----------------------------------------------------------------------------------------
+def _check_weights(mask: torch.Tensor) -> None:
+    if mask.is_floating_point() and mask.numel() and bool((mask < 0).any()):
+        bad = int((mask < 0).sum())
+        raise ValueError(f"mask must hold non-negative weights, got {bad} negative value(s) "
+                         f"(min {float(mask.min()):.4g})")
+
+
+@torch.library.custom_op("solar::masked_pool_fwd", mutates_args=())
+def _masked_pool_fwd_op(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom-op form of :func:`pool_forward` (mask is [V, B, L]); checks the weights' sign."""
+    _check_weights(mask)
+    return pool_forward(x, mask, normalize, eps)
+
+
+@_masked_pool_fwd_op.register_fake
+def _(x, mask, normalize, eps):
+    V, B, _ = mask.shape
+    return x.new_empty((V, B, x.shape[2]), dtype=torch.float32), x.new_empty((2, V, B), dtype=torch.float32)
+
+
+@torch.library.custom_op("solar::masked_pool_bwd", mutates_args=())
+def _masked_pool_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
+                        aux: torch.Tensor, normalize: bool, eps: float, need_mask_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom-op form of :func:`pool_backward`; grad_mask is an empty tensor when not needed."""
+    gx, gm = pool_backward(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad)
+    if gm is None:
+        gm = x.new_empty((0,), dtype=torch.float32)
+    return gx, gm
+
+
+@_masked_pool_bwd_op.register_fake
+def _(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad):
+    gm = x.new_empty(mask.shape if need_mask_grad else (0,), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), gm
+
+
+# ----------------------------------------------------------------------------------------
+# 3. autograd
+# ----------------------------------------------------------------------------------------
+class _MaskedPoolFunction(torch.autograd.Function):
+    """out = masked_pool(x, mask3) with mask3 [V, B, L]; gradients for x and a float mask."""
+
+    @staticmethod
+    def forward(ctx, x, mask, normalize, eps):
+        out32, aux = torch.ops.solar.masked_pool_fwd(x, mask, normalize, eps)
+        ctx.save_for_backward(x, mask, out32, aux)
+        ctx.normalize, ctx.eps = normalize, eps
+        return out32.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, out32, aux = ctx.saved_tensors
+        need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gm = torch.ops.solar.masked_pool_bwd(grad_out.to(torch.float32), x, mask, out32, aux,
+                                                 ctx.normalize, ctx.eps, bool(need_mask))
+        return (gx if need_x else None), (gm.to(mask.dtype) if need_mask else None), None, None
+
+
+# ----------------------------------------------------------------------------------------
+# The checked public entry point
+# ----------------------------------------------------------------------------------------
+def _validate(x, mask, eps):
+    _checks.check_tensor("x", x)
+    _checks.check_tensor("mask", mask)
+    if not x.is_floating_point() or x.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {str(x.dtype).replace('torch.', '')}")
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(f"mask must be bool or floating (non-negative weights), got "
+                        f"{str(mask.dtype).replace('torch.', '')}")
+    _checks.check_tensor("x", x, ndim=3)
+    _checks.check_tensor("mask", mask, ndim=(2, 3))
+    _checks.check_same_device(x=x, mask=mask)
+    if tuple(mask.shape[-2:]) != tuple(x.shape[:2]):
+        raise ValueError(f"mask must have shape [B, L] or [V, B, L] matching x [B, L, D] = {tuple(x.shape)}, "
+                         f"got mask of shape {tuple(mask.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if mask.dtype == torch.bool and mask.requires_grad:  # pragma: no cover - torch forbids it
+        raise TypeError("mask: a bool mask cannot require grad")
+
+
+def masked_pool(x: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False, eps: float = 1e-6
+                ) -> torch.Tensor:
+    """Masked mean of token rows, for one mask or V masks in one pass over x.
+
+    Args:
+        x:    [B, L, D] float32 / float16 / bfloat16, any strides.
+        mask: [B, L] or [V, B, L], bool, or floating non-negative weights (may require grad).
+        normalize: divide each output row by max(||row||_2, eps).
+        eps:  floor of the norm (> 0).
+
+    Returns:
+        [B, D] (2-D mask) or [V, B, D] (3-D mask) in x's dtype, accumulated in float32:
+        ``out[v, b] = sum_l mask[v, b, l] x[b, l] / sum_l mask[v, b, l]``; a row whose mask
+        sums to 0 gives zeros.
+
+    Raises:
+        TypeError: x not a float16/bfloat16/float32 tensor; mask not bool/floating.
+        ValueError: wrong rank, mask's [B, L] not matching x, tensors on different devices,
+            negative mask weights, eps <= 0.
+    """
+    _validate(x, mask, eps)
+    squeeze = mask.dim() == 2
+    mask3 = mask.unsqueeze(0) if squeeze else mask
+    out = _MaskedPoolFunction.apply(x, mask3, bool(normalize), float(eps))
+    return out.squeeze(0) if squeeze else out
