@@ -1,0 +1,357 @@
+// masked_pool CPU kernels: OpenMP over (batch row, D or L slice), inner loops over D written
+// so that -O3 -march=native vectorises them (fixed-width partial sums instead of float
+// reductions, which the compiler may not reorder without -ffast-math).
+#include "pool/pool.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "checks.h"
+
+namespace solar {
+namespace {
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// ---- element conversion -------------------------------------------------------------
+// Rows of reduced-precision x are widened into a float buffer once, then every mask reuses it.
+template <typename T>
+struct Row;
+
+template <>
+struct Row<float> {
+  static const float* load(const float* src, float* /*buf*/, int64_t /*n*/) { return src; }
+  static void store(const float* src, float* dst, int64_t n) {
+    if (src != dst) std::memcpy(dst, src, sizeof(float) * n);
+  }
+};
+
+template <>
+struct Row<c10::BFloat16> {
+  static const float* load(const c10::BFloat16* src, float* buf, int64_t n) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u = uint32_t(s[i]) << 16;
+      std::memcpy(buf + i, &u, 4);
+    }
+    return buf;
+  }
+  static void store(const float* src, c10::BFloat16* dst, int64_t n) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, src + i, 4);
+      const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+      const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+      d[i] = uint16_t(nan ? ((u >> 16) | 0x40u) : rounded);
+    }
+  }
+};
+
+template <>
+struct Row<c10::Half> {
+  static const float* load(const c10::Half* src, float* buf, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+    for (; i < n; ++i) buf[i] = float(src[i]);
+    return buf;
+  }
+  static void store(const float* src, c10::Half* dst, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+  }
+};
+
+template <typename M>
+inline float weight(const M* p) {
+  return float(*p);
+}
+template <>
+inline float weight<uint8_t>(const uint8_t* p) {
+  return *p ? 1.f : 0.f;
+}
+
+// ---- small vector helpers -------------------------------------------------------------
+inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+inline void scale_to(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  constexpr int W = 16;
+  float part[W] = {0};
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+    for (int k = 0; k < W; ++k) part[k] += a[i + k] * b[i + k];
+  float s = 0.f;
+  for (int k = 0; k < W; ++k) s += part[k];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Mask weights as either raw bytes (bool) or float32 with their strides.
+struct MaskView {
+  const void* data;
+  int64_t sv, sb, sl;
+};
+
+// ---- forward ---------------------------------------------------------------------------
+template <typename T, typename M>
+void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, float* out, float* wsum_out,
+                  int64_t V, int64_t B, int64_t L, int64_t D) {
+  const M* mask = static_cast<const M*>(mv.data);
+  // Enough independent tasks for every thread: split D when there are few batch rows.
+  const int threads = max_threads();
+  int64_t dchunk = D;
+  if (B < 4 * threads) {
+    const int64_t want = (4 * threads + B - 1) / B;
+    dchunk = std::max<int64_t>(64, ((D + want - 1) / want + 15) / 16 * 16);
+  }
+  const int64_t nd = (D + dchunk - 1) / dchunk;
+  const int64_t tasks = B * nd;
+
+#pragma omp parallel
+  {
+    std::vector<float> acc(V * dchunk), buf(dchunk), w(V), wsum(V);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / nd, d0 = (t % nd) * dchunk, dn = std::min(dchunk, D - d0);
+      std::fill(acc.begin(), acc.begin() + V * dn, 0.f);
+      std::fill(wsum.begin(), wsum.end(), 0.f);
+      const T* xb = x + b * sxb + d0;
+      for (int64_t l = 0; l < L; ++l) {
+        bool any = false;
+        for (int64_t v = 0; v < V; ++v) {
+          w[v] = weight<M>(mask + v * mv.sv + b * mv.sb + l * mv.sl);
+          wsum[v] += w[v];
+          any |= w[v] != 0.f;
+        }
+        if (!any) continue;  // padding: x's row is never read
+        const float* xr = Row<T>::load(xb + l * sxl, buf.data(), dn);
+        for (int64_t v = 0; v < V; ++v)
+          if (w[v] != 0.f) axpy(acc.data() + v * dn, w[v], xr, dn);
+      }
+      for (int64_t v = 0; v < V; ++v) {
+        const float inv = wsum[v] > 0.f ? 1.f / wsum[v] : 0.f;
+        scale_to(out + (v * B + b) * D + d0, inv, acc.data() + v * dn, dn);
+        if (d0 == 0) wsum_out[v * B + b] = wsum[v];
+      }
+    }
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------
+// dp = dy / s and c = y . dp for every (v, b) row (formulas in ops/masked_pool.py).
+void backward_prep(const float* g, const float* out, const float* s, const float* n, float* dp, float* c,
+                   int64_t rows, int64_t D, bool normalize, float eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * D;
+    const float* o = out + r * D;
+    float* d = dp + r * D;
+    const float inv_s = s[r] > 0.f ? 1.f / s[r] : 0.f;
+    if (normalize) {
+      const float denom = std::max(n[r], eps);
+      const float proj = n[r] > eps ? dot(o, gr, D) : 0.f;
+      const float k = inv_s / denom;
+      for (int64_t i = 0; i < D; ++i) d[i] = (gr[i] - o[i] * proj) * k;
+      c[r] = denom * dot(o, d, D);
+    } else {
+      scale_to(d, inv_s, gr, D);
+      c[r] = dot(o, d, D);
+    }
+  }
+}
+
+template <typename T, typename M>
+void backward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, const float* dp, const float* c,
+                   const float* s, T* gx, float* gm, int64_t V, int64_t B, int64_t L, int64_t D) {
+  const M* mask = static_cast<const M*>(mv.data);
+  const int64_t lchunk = 8;
+  const int64_t nl = (L + lchunk - 1) / lchunk;
+  const int64_t tasks = B * nl;
+  constexpr bool kFloat = std::is_same<T, float>::value;
+#pragma omp parallel
+  {
+    std::vector<float> buf(kFloat ? 0 : D), xbuf(kFloat ? 0 : D), w(V);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / nl, l0 = (t % nl) * lchunk, l1 = std::min(L, l0 + lchunk);
+      for (int64_t l = l0; l < l1; ++l) {
+        bool any = false;
+        for (int64_t v = 0; v < V; ++v) {
+          w[v] = weight<M>(mask + v * mv.sv + b * mv.sb + l * mv.sl);
+          any |= w[v] != 0.f;
+        }
+        T* gxr = gx + (b * L + l) * D;
+        float* dst = kFloat ? reinterpret_cast<float*>(gxr) : buf.data();
+        if (!any) {
+          std::memset(static_cast<void*>(gxr), 0, sizeof(T) * D);
+        } else {
+          int64_t v = 0;
+          while (w[v] == 0.f) ++v;
+          scale_to(dst, w[v], dp + (v * B + b) * D, D);
+          for (++v; v < V; ++v)
+            if (w[v] != 0.f) axpy(dst, w[v], dp + (v * B + b) * D, D);
+          if (!kFloat) Row<T>::store(dst, gxr, D);
+        }
+        if (gm != nullptr) {
+          const float* xr = Row<T>::load(x + b * sxb + l * sxl, kFloat ? nullptr : xbuf.data(), D);
+          for (int64_t v = 0; v < V; ++v) {
+            const int64_t r = v * B + b;
+            gm[r * L + l] = s[r] > 0.f ? dot(xr, dp + r * D, D) - c[r] : 0.f;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- argument handling -------------------------------------------------------------------
+void check_inputs(const at::Tensor& x, const at::Tensor& mask) {
+  SOLAR_CHECK_CPU(x);
+  SOLAR_CHECK_CPU(mask);
+  SOLAR_CHECK_DIM(x, 3);
+  SOLAR_CHECK_DIM(mask, 3);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()),
+              "mask must be bool or floating, got ", mask.scalar_type());
+  TORCH_CHECK(mask.size(1) == x.size(0) && mask.size(2) == x.size(1), "mask must have shape [V, ", x.size(0), ", ",
+              x.size(1), "] to match x ", x.sizes(), ", got ", mask.sizes());
+}
+
+// x with a unit D stride (copied only when it has none) and the mask as bytes or float32.
+at::Tensor unit_d_stride(const at::Tensor& x) { return x.stride(2) == 1 ? x : x.contiguous(); }
+
+at::Tensor mask_operand(const at::Tensor& mask) {
+  if (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat) return mask;
+  return mask.to(at::kFloat);
+}
+
+MaskView view_of(const at::Tensor& m) { return MaskView{m.data_ptr(), m.stride(0), m.stride(1), m.stride(2)}; }
+
+template <typename F>
+void dispatch_x(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "x must be float32, float16 or bfloat16, got ", t);
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> masked_pool_forward_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, bool normalize,
+                                                double eps) {
+  check_inputs(x_in, mask_in);
+  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  const at::Tensor x = unit_d_stride(x_in);
+  const at::Tensor mask = mask_operand(mask_in);
+  const int64_t V = mask.size(0), B = x.size(0), L = x.size(1), D = x.size(2);
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({V, B, D}, f32);
+  at::Tensor aux = at::zeros({2, V, B}, f32);
+  if (V * B == 0 || D == 0) return {out, aux};
+  if (L == 0) {
+    out.zero_();
+    return {out, aux};
+  }
+  const MaskView mv = view_of(mask);
+  float* o = out.data_ptr<float>();
+  float* a = aux.data_ptr<float>();
+  dispatch_x(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x.data_ptr());
+    if (mask.scalar_type() == at::kBool)
+      forward_impl<T, uint8_t>(xp, x.stride(0), x.stride(1), mv, o, a, V, B, L, D);
+    else
+      forward_impl<T, float>(xp, x.stride(0), x.stride(1), mv, o, a, V, B, L, D);
+  });
+  // Norms of the mean rows (always kept: the backward of normalize needs them).
+  float* n = a + V * B;
+  const float feps = float(eps);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < V * B; ++r) {
+    float* row = o + r * D;
+    n[r] = std::sqrt(dot(row, row, D));
+    if (normalize) {
+      const float inv = 1.f / std::max(n[r], feps);
+      for (int64_t i = 0; i < D; ++i) row[i] *= inv;
+    }
+  }
+  return {out, aux};
+}
+
+std::vector<at::Tensor> masked_pool_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                 const at::Tensor& mask_in, const at::Tensor& out_in,
+                                                 const at::Tensor& aux_in, bool normalize, double eps,
+                                                 bool need_mask_grad) {
+  check_inputs(x_in, mask_in);
+  const at::Tensor x = unit_d_stride(x_in);
+  const at::Tensor mask = mask_operand(mask_in);
+  const int64_t V = mask.size(0), B = x.size(0), L = x.size(1), D = x.size(2);
+  const at::Tensor g = grad_out_in.to(at::kFloat).contiguous();
+  const at::Tensor out = out_in.to(at::kFloat).contiguous();
+  const at::Tensor aux = aux_in.to(at::kFloat).contiguous();
+  SOLAR_CHECK_SHAPE(g, V, B, D);
+  SOLAR_CHECK_SHAPE(out, V, B, D);
+  SOLAR_CHECK_SHAPE(aux, 2, V, B);
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor grad_x = at::empty({B, L, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_mask = need_mask_grad ? at::zeros({V, B, L}, f32) : at::empty({0}, f32);
+  if (B * L * D == 0) return {grad_x, grad_mask};
+  if (V == 0) {
+    grad_x.zero_();
+    return {grad_x, grad_mask};
+  }
+  at::Tensor dp = at::empty({V, B, D}, f32);
+  at::Tensor c = at::empty({V, B}, f32);
+  const float* s = aux.data_ptr<float>();
+  backward_prep(g.data_ptr<float>(), out.data_ptr<float>(), s, s + V * B, dp.data_ptr<float>(),
+                c.data_ptr<float>(), V * B, D, normalize, float(eps));
+  const MaskView mv = view_of(mask);
+  float* gm = need_mask_grad ? grad_mask.data_ptr<float>() : nullptr;
+  dispatch_x(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x.data_ptr());
+    T* gxp = static_cast<T*>(grad_x.data_ptr());
+    if (mask.scalar_type() == at::kBool)
+      backward_impl<T, uint8_t>(xp, x.stride(0), x.stride(1), mv, dp.data_ptr<float>(), c.data_ptr<float>(), s, gxp,
+                                gm, V, B, L, D);
+    else
+      backward_impl<T, float>(xp, x.stride(0), x.stride(1), mv, dp.data_ptr<float>(), c.data_ptr<float>(), s, gxp,
+                              gm, V, B, L, D);
+  });
+  return {grad_x, grad_mask};
+}
+
+}  // namespace solar
