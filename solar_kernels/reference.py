@@ -35,3 +35,73 @@ def masked_pool_reference(x: torch.Tensor, mask: torch.Tensor, *, normalize: boo
 
 
 __all__ += ["masked_pool_reference"]
+
+
+# --- contrastive_loss ------------------------------------------------------------------
+def contrastive_loss_reference(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: torch.Tensor | None = None,
+                               hard_negatives: torch.Tensor | None = None, temperature: float = 0.05,
+                               symmetric: bool = True, hardness: float = 0.0, mine_k: int = 0,
+                               dtype: torch.dtype | None = None):
+    """Reference of `solar_kernels.contrastive_loss` that materialises S, in `dtype` (default q's).
+
+    With no groups, hard negatives, hardness or mining, this is the open_clip ClipLoss
+    computation (``F.cross_entropy`` on the full logits, both directions): the eager peer of
+    the benchmarks.  Otherwise the full masked formula (see ``solar_kernels.ops.contrastive``).
+    Returns the loss, or ``(loss, (indices, scores))`` when mine_k > 0 (ties to the lower index).
+    """
+    dtype = dtype or q.dtype
+    inv_t = 1.0 / temperature
+    qf = q.to(dtype)
+    single = k is None
+    kf = qf if single else k.to(dtype)
+    n = qf.shape[0]
+    plain = groups is None and hard_negatives is None and hardness == 0 and mine_k == 0 and not single
+    if plain:
+        logits = qf @ kf.t() * inv_t
+        labels = torch.arange(n, device=q.device)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        if symmetric:
+            loss = 0.5 * (loss + torch.nn.functional.cross_entropy(logits.t(), labels))
+        return loss
+
+    def one_direction(a, b, hn, mine):
+        S = a @ b.t() * inv_t
+        eye = torch.eye(n, dtype=torch.bool, device=a.device)
+        same = (groups[:, None] == groups[None, :]) if groups is not None else eye
+        valid = ~eye if single else torch.ones_like(eye)
+        pos = same & valid if single else (same | eye)
+        neg = valid & ~pos
+        if hn is not None:
+            Sh = torch.einsum("nd,nhd->nh", a, hn.to(dtype)) * inv_t
+            S = torch.cat([S, Sh], 1)
+            pos = torch.cat([pos, torch.zeros_like(Sh, dtype=torch.bool)], 1)
+            neg = torch.cat([neg, torch.ones_like(Sh, dtype=torch.bool)], 1)
+        has_pos = pos.any(1)
+        has_neg = neg.any(1)
+        ninf = torch.tensor(float("-inf"), dtype=dtype, device=a.device)
+        zero = torch.zeros((), dtype=dtype, device=a.device)
+        # rows without positives (negatives) get a harmless all-zero row so gradients stay finite
+        log_pos = torch.logsumexp(torch.where(has_pos[:, None], torch.where(pos, S, ninf), zero), 1)
+        if hardness > 0:
+            Sn = torch.where(has_neg[:, None], torch.where(neg, S, ninf), zero)
+            log_neg = (torch.log(neg.sum(1).to(dtype)) + torch.logsumexp((1 + hardness) * Sn, 1)
+                       - torch.logsumexp(hardness * Sn, 1))
+        else:
+            log_neg = torch.logsumexp(torch.where(has_neg[:, None], torch.where(neg, S, ninf), zero), 1)
+        z = torch.where(has_neg, log_neg, ninf) - log_pos
+        per_row = torch.where(has_pos, torch.nn.functional.softplus(z), zero)
+        loss = per_row.sum() / has_pos.sum()
+        mined = None
+        if mine:
+            cand = torch.where(neg, S, ninf).detach()
+            order = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :mine_k]
+            mined = (order, cand.gather(1, order))
+        return loss, mined
+
+    loss, mined = one_direction(qf, kf, hard_negatives, mine_k > 0)
+    if symmetric and not single:
+        loss = 0.5 * (loss + one_direction(kf, qf, None, False)[0])
+    return (loss, mined) if mine_k > 0 else loss
+
+
+__all__ += ["contrastive_loss_reference"]

@@ -1,0 +1,877 @@
+"""contrastive_loss: multi-positive InfoNCE with hard negatives and mining, in O(N*D) memory.
+
+Logits ``S = q k^T / temperature`` are never materialised: tiles of S are computed on the
+fly, reduced into per-row statistics with an online log-sum-exp, and recomputed in the
+backward pass (the flash-attention / Inf-CL approach).  Groups are compared inside each
+tile; hard negatives ([N, H, D], one set per row) are folded into the row statistics.
+
+Per row i (P(i) = positives, N(i) = negatives, n_i = |N(i)|, beta = hardness):
+
+    A_i = LSE_{j in P(i)} S_ij
+    beta == 0:  B_i = LSE_{all columns j} S_ij               loss_i = B_i - A_i
+    beta  > 0:  B_i = LSE_{j in N(i)} (1 + beta) S_ij
+                C_i = LSE_{j in N(i)} beta S_ij
+                logNeg_i = log n_i + B_i - C_i               loss_i = softplus(logNeg_i - A_i)
+
+beta > 0 is Robinson et al.'s reweighting: negative j gets weight
+``n_i exp(beta S_ij) / sum_{k in N(i)} exp(beta S_ik)`` (the weights sum to n_i), and
+``exp(logNeg_i) = sum_j w_ij exp(S_ij)``.  The weights are differentiated through, as in the
+paper's estimator.  With r_i = dL/dloss_i (times sigmoid(logNeg_i - A_i) when beta > 0):
+
+    dL/dS_ij = r_i ( F_ij - [j in P(i)] exp(S_ij - A_i) )
+    F_ij = exp(S_ij - B_i)                                              (beta == 0, any column)
+    F_ij = [j in N(i)] ((1+beta) exp((1+beta) S_ij - B_i) - beta exp(beta S_ij - C_i))   (beta > 0)
+
+Layers, in order (STYLE.md):
+
+1. ``@triton.jit`` kernels: ``_cl_stats_kernel`` (row statistics + running top-k of the
+   negatives) and ``_cl_bwd_kernel`` (one program per (row block, column block) tile:
+   recompute S, build dL/dS, accumulate dq and dk with fp32 atomics).
+2. Launchers (no autograd): :func:`contrastive_forward`, :func:`contrastive_backward`;
+   the CPU path is the same tiled algorithm in chunked PyTorch.
+3. ``torch.library`` custom ops ``solar::contrastive_fwd`` / ``solar::contrastive_bwd`` with
+   fake kernels, and one ``autograd.Function``.
+4. The checked public entry points :func:`contrastive_loss` (and the distributed form).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _checks, _dispatch
+
+try:  # triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+__all__ = ["contrastive_loss", "Mined", "contrastive_forward", "contrastive_backward"]
+
+_dispatch.register_op("contrastive_loss", cuda="Triton", cpu_symbol=None,
+                      cpu_fallback="chunked PyTorch (tiled online log-sum-exp)")
+
+# fp32 inputs on CUDA: "ieee" (exact, default) or "tf32" (faster).  The interpreter always
+# uses "ieee" so that CPU results are exact.
+FP32_DOT_PRECISION = os.environ.get("SOLAR_CL_FP32_PRECISION", "ieee")
+# CPU tile budget (elements of one S tile).
+CPU_TILE_ELEMS = 1 << 20
+_INT_BIG = 2 ** 31 - 1
+
+
+class Mined(NamedTuple):
+    """Top negatives of each row (q->k direction): ``indices`` [N, k] int64 (in-batch column
+    j < N, or N + h for hard negative h of that row) and ``scores`` [N, k] float32 (the
+    logits S_ij = <q_i, k_j> / temperature), best first; ties go to the lower index."""
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ----------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
+                 inv_t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """S tile [BLOCK_M, BLOCK_N] = q[rows] . k[cols] * inv_t, fp32 accumulation over D."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_ok = d < D
+            qt = tl.load(Q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            kt = tl.load(K_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:  # the interpreter multiplies raw bf16 bits: upcast first
+                qt = qt.to(tl.float32)
+                kt = kt.to(tl.float32)
+            acc += tl.dot(qt, tl.trans(kt), input_precision=PRECISION)
+        return acc * inv_t
+
+    @triton.jit
+    def _cl_masks(rows, cols, row_ok, col_ok, GQ_ptr, GK_ptr, offset,
+                  HAS_GROUPS: tl.constexpr, SINGLE: tl.constexpr):
+        """(valid, pos) masks of a tile: valid = real column (not the diagonal in single-set
+        mode); pos = same group (or the diagonal column in two-tower mode)."""
+        valid = row_ok[:, None] & col_ok[None, :]
+        is_diag = cols[None, :] == (rows + offset)[:, None]
+        if HAS_GROUPS:
+            gq = tl.load(GQ_ptr + rows, mask=row_ok, other=-1)
+            gk = tl.load(GK_ptr + cols, mask=col_ok, other=-2)
+            same = gq[:, None] == gk[None, :]
+        else:
+            same = is_diag
+        if SINGLE:
+            valid = valid & (is_diag == 0)
+            pos = same & valid
+        else:
+            pos = (same | is_diag) & valid
+        return valid, pos
+
+    @triton.jit
+    def _lse_update(m, l, x):
+        """Online log-sum-exp: merge the rows of tile x (-inf = absent) into (m, l)."""
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+        return m_new, l
+
+    @triton.jit
+    def _cl_stats_kernel(Q_ptr, K_ptr, GQ_ptr, GK_ptr, A_ptr, B_ptr, C_ptr, TV_ptr, TI_ptr,
+                         n_rows, n_cols, D, offset, inv_t, beta,
+                         stride_qn, stride_qd, stride_kn, stride_kd, stride_tn,
+                         HAS_GROUPS: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
+                         MINE_K: tl.constexpr, KP: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """Row statistics over the in-batch columns for BLOCK_M rows of q.
+
+        S = q k^T * inv_t tile by tile ([BLOCK_M, BLOCK_N], fp32 accumulation over D);
+        A[i] = LSE over positives of S, B[i] = LSE over all columns of S (HARD: over the
+        negatives of (1+beta) S), C[i] = LSE over the negatives of beta S (HARD only); -inf
+        when the set is empty.  MINE_K > 0: the MINE_K best negatives per row (values TV,
+        column indices TI, unsorted; the caller sorts), ties to the lower column.
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        m_a = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_a = tl.zeros((BLOCK_M,), tl.float32)
+        m_b = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_b = tl.zeros((BLOCK_M,), tl.float32)
+        m_c = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_c = tl.zeros((BLOCK_M,), tl.float32)
+        slots = tl.arange(0, KP)
+        # padding slots hold +inf so that they are never the worst entry
+        tv = tl.where(slots[None, :] < MINE_K, float("-inf"), float("inf")) + tl.zeros((BLOCK_M, KP), tl.float32)
+        ti = tl.full((BLOCK_M, KP), -1, tl.int64)
+        for n0 in range(0, n_cols, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_ok = cols < n_cols
+            s = _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
+                         stride_kd, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+            valid, pos = _cl_masks(rows, cols, row_ok, col_ok, GQ_ptr, GK_ptr, offset, HAS_GROUPS, SINGLE)
+            neg = valid & (pos == 0)
+            m_a, l_a = _lse_update(m_a, l_a, tl.where(pos, s, float("-inf")))
+            if HARD:
+                m_b, l_b = _lse_update(m_b, l_b, tl.where(neg, (1.0 + beta) * s, float("-inf")))
+                m_c, l_c = _lse_update(m_c, l_c, tl.where(neg, beta * s, float("-inf")))
+            else:
+                m_b, l_b = _lse_update(m_b, l_b, tl.where(valid, s, float("-inf")))
+            if MINE_K > 0:
+                # Running top-k, unsorted: repeatedly take the tile's best remaining negative
+                # (lowest column on ties) and let it replace the row's worst kept entry (the
+                # highest index on ties) when strictly better.  Tiles come in column order, so
+                # an equal value never displaces a lower index.
+                cand = tl.where(neg, s, float("-inf"))
+                cur = tl.max(cand, 1)
+                worst = tl.min(tv, 1)
+                go = tl.max((cur > worst).to(tl.int32), 0)
+                while go > 0:
+                    best_col = tl.min(tl.where(cand == cur[:, None], cols[None, :], 2147483647), 1)
+                    upd = cur > worst
+                    wkey = tl.where(tv == worst[:, None], ti * KP + slots[None, :], -(1 << 62))
+                    wsel = tl.max(wkey, 1)
+                    hit = (wkey == wsel[:, None]) & upd[:, None]
+                    tv = tl.where(hit, cur[:, None], tv)
+                    ti = tl.where(hit, best_col[:, None], ti)
+                    cand = tl.where(cols[None, :] == best_col[:, None], float("-inf"), cand)
+                    cur = tl.max(cand, 1)
+                    worst = tl.min(tv, 1)
+                    go = tl.max((cur > worst).to(tl.int32), 0)
+        a = tl.where(l_a > 0, m_a + tl.log(l_a), float("-inf"))
+        b = tl.where(l_b > 0, m_b + tl.log(l_b), float("-inf"))
+        tl.store(A_ptr + rows, a, mask=row_ok)
+        tl.store(B_ptr + rows, b, mask=row_ok)
+        if HARD:
+            c = tl.where(l_c > 0, m_c + tl.log(l_c), float("-inf"))
+            tl.store(C_ptr + rows, c, mask=row_ok)
+        if MINE_K > 0:
+            smask = row_ok[:, None] & (slots[None, :] < MINE_K)
+            tl.store(TV_ptr + rows[:, None] * stride_tn + slots[None, :], tv, mask=smask)
+            tl.store(TI_ptr + rows[:, None] * stride_tn + slots[None, :], ti, mask=smask)
+
+    @triton.jit
+    def _cl_grad_dir(s, valid, pos, neg, r, a, b, c, beta, HARD: tl.constexpr):
+        """dL/dS of one direction: r (F - [pos] exp(s - a)), stats broadcast along s."""
+        if HARD:
+            f = (1.0 + beta) * tl.exp((1.0 + beta) * s - b) - beta * tl.exp(beta * s - c)
+            f = tl.where(neg, f, 0.0)
+        else:
+            f = tl.where(valid, tl.exp(s - b), 0.0)
+        f = f - tl.where(pos, tl.exp(s - a), 0.0)
+        return r * f
+
+    @triton.jit
+    def _cl_bwd_kernel(Q_ptr, K_ptr, GQ_ptr, GK_ptr, RS_ptr, CS_ptr, DQ_ptr, DK_ptr,
+                       n_rows, n_cols, D, offset, inv_t, beta,
+                       stride_qn, stride_qd, stride_kn, stride_kd, stride_rs, stride_cs,
+                       stride_dqn, stride_dkn,
+                       HAS_GROUPS: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
+                       BOTH: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        """One (row block, column block) tile of the backward pass.
+
+        Recomputes S, builds G = dL/dS (the q->k direction from the row statistics RS =
+        [r, A, B, C] x n_rows and, BOTH, the k->q direction from the column statistics CS),
+        then dq[rows] += G k[cols] * inv_t and dk[cols] += G^T q[rows] * inv_t, D chunk by
+        D chunk, with fp32 atomics (DQ, DK are fp32 [n, D] buffers).
+        """
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        col_ok = cols < n_cols
+        s = _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
+                     stride_kd, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+        valid, pos = _cl_masks(rows, cols, row_ok, col_ok, GQ_ptr, GK_ptr, offset, HAS_GROUPS, SINGLE)
+        neg = valid & (pos == 0)
+        r = tl.load(RS_ptr + rows, mask=row_ok, other=0.0)
+        a = tl.load(RS_ptr + stride_rs + rows, mask=row_ok, other=0.0)
+        b = tl.load(RS_ptr + 2 * stride_rs + rows, mask=row_ok, other=0.0)
+        c = tl.load(RS_ptr + 3 * stride_rs + rows, mask=row_ok, other=0.0)
+        g = _cl_grad_dir(s, valid, pos, neg, r[:, None], a[:, None], b[:, None], c[:, None], beta, HARD)
+        if BOTH:
+            rc = tl.load(CS_ptr + cols, mask=col_ok, other=0.0)
+            ac = tl.load(CS_ptr + stride_cs + cols, mask=col_ok, other=0.0)
+            bc = tl.load(CS_ptr + 2 * stride_cs + cols, mask=col_ok, other=0.0)
+            cc = tl.load(CS_ptr + 3 * stride_cs + cols, mask=col_ok, other=0.0)
+            g += _cl_grad_dir(s, valid, pos, neg, rc[None, :], ac[None, :], bc[None, :], cc[None, :],
+                              beta, HARD)
+        g = g * inv_t
+        if not DOT_FP32:
+            g = g.to(Q_ptr.dtype.element_ty)
+        gt = tl.trans(g)
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_ok = d < D
+            kt = tl.load(K_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            qt = tl.load(Q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                kt = kt.to(tl.float32)
+                qt = qt.to(tl.float32)
+            dq = tl.dot(g, kt, input_precision=PRECISION)
+            dk = tl.dot(gt, qt, input_precision=PRECISION)
+            tl.atomic_add(DQ_ptr + rows[:, None] * stride_dqn + d[None, :], dq,
+                          mask=row_ok[:, None] & d_ok[None, :])
+            tl.atomic_add(DK_ptr + cols[:, None] * stride_dkn + d[None, :], dk,
+                          mask=col_ok[:, None] & d_ok[None, :])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _triton_settings(n_rows: int, n_cols: int, D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes and dot precision, in one visible place.
+
+    Interpreter (CPU tensors): large blocks, fp32 dots in "ieee" (fewer, exact numpy steps).
+    CUDA: 64x64 tiles over D chunks of 64, bf16/fp16 dots with fp32 accumulation.
+    """
+    interp = device.type != "cuda"
+    if interp:
+        return dict(BLOCK_M=max(16, min(64, _next_pow2(n_rows))), BLOCK_N=max(16, min(64, _next_pow2(n_cols))),
+                    BLOCK_D=max(16, min(128, _next_pow2(D))), DOT_FP32=True, PRECISION="ieee")
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64 if not fp32 else 32, DOT_FP32=fp32,
+                PRECISION=FP32_DOT_PRECISION if fp32 else "ieee", num_warps=4, num_stages=2)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Launchers (no autograd)
+# ----------------------------------------------------------------------------------------
+def _stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k):
+    n, D = q.shape
+    N = k.shape[0]
+    dev = q.device
+    cfg = _triton_settings(n, N, D, q.dtype, dev)
+    hard = beta > 0
+    A = torch.empty(n, device=dev, dtype=torch.float32)
+    B = torch.empty(n, device=dev, dtype=torch.float32)
+    C = torch.empty(n, device=dev, dtype=torch.float32) if hard else A
+    kk = max(1, mine_k)
+    tv = torch.empty((n, kk), device=dev, dtype=torch.float32)
+    ti = torch.empty((n, kk), device=dev, dtype=torch.int64)
+    has_groups = gq is not None
+    dummy = A
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    _cl_stats_kernel[grid](
+        q, k, gq if has_groups else dummy, gk if has_groups else dummy, A, B, C, tv, ti,
+        n, N, D, offset, inv_t, beta,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), tv.stride(0),
+        HAS_GROUPS=has_groups, SINGLE=single, HARD=hard, MINE_K=mine_k, KP=_next_pow2(max(1, mine_k)),
+        **cfg)
+    if not hard:
+        C = None
+    return A, B, C, (tv[:, :mine_k], ti[:, :mine_k]) if mine_k > 0 else None
+
+
+def _bwd_triton(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats):
+    n, D = q.shape
+    N = k.shape[0]
+    dev = q.device
+    cfg = _triton_settings(n, N, D, q.dtype, dev)
+    dq = torch.zeros((n, D), device=dev, dtype=torch.float32)
+    dk = torch.zeros((N, D), device=dev, dtype=torch.float32)
+    has_groups = gq is not None
+    both = cstats is not None
+    cs = cstats if both else rstats
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _cl_bwd_kernel[grid](
+        q, k, gq if has_groups else rstats, gk if has_groups else rstats, rstats, cs, dq, dk,
+        n, N, D, offset, inv_t, beta,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), rstats.stride(0), cs.stride(0),
+        dq.stride(0), dk.stride(0),
+        HAS_GROUPS=has_groups, SINGLE=single, HARD=beta > 0, BOTH=both, **cfg)
+    return dq, dk
+
+
+def _cpu_tiles(n: int, N: int) -> tuple[int, int]:
+    C = min(N, 4096)
+    R = min(n, max(32, CPU_TILE_ELEMS // max(C, 1)))
+    return max(R, 1), max(C, 1)
+
+
+def _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, device):
+    """(pos, diag) for the CPU tile rows [r0, r1) x columns [c0, c1); pos None = diagonal only."""
+    pos = None
+    if gq is not None:
+        pos = gq[r0:r1, None] == gk[None, c0:c1]
+    # diagonal entries (global column == row + offset) inside this tile
+    lo = max(r0 + offset, c0)
+    hi = min(r1 + offset, c1)
+    diag = None
+    if lo < hi:
+        rr = torch.arange(lo - offset - r0, hi - offset - r0, device=device)
+        cc = torch.arange(lo - c0, hi - c0, device=device)
+        diag = (rr, cc)
+    return pos, diag
+
+
+def _neg_inf_where(mask, x):
+    return x.masked_fill(~mask, float("-inf"))
+
+
+def _topk_lowest_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of x ordered by (value desc, column asc), exact on ties."""
+    k = min(k, x.shape[1])
+    kth = x.topk(k, dim=1).values[:, k - 1:k]
+    gt = x > kth
+    eq = x == kth
+    need = k - gt.sum(1, keepdim=True)
+    keep = gt | (eq & (eq.cumsum(1) <= need))
+    idx = keep.nonzero()[:, 1].view(x.shape[0], k)  # ascending columns per row
+    val = x.gather(1, idx)
+    order = torch.sort(val, dim=1, descending=True, stable=True).indices
+    return val.gather(1, order), idx.gather(1, order)
+
+
+def _merge_topk(v0, i0, v1, i1, k):
+    """Merge two (value desc, index asc)-sorted lists whose indices satisfy i0 < i1."""
+    if v0 is None:
+        return v1[:, :k], i1[:, :k]
+    v = torch.cat([v0, v1], 1)
+    i = torch.cat([i0, i1], 1)
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    return v.gather(1, order), i.gather(1, order)
+
+
+def _lse_merge(run, x):
+    return x if run is None else torch.logaddexp(run, x)
+
+
+def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both):
+    """Chunked-PyTorch statistics: row stats (and column stats when `both`) in one sweep."""
+    n, D = q.shape
+    N = k.shape[0]
+    hard = beta > 0
+    qf = q.float()
+    kf = k.float()
+    R, C = _cpu_tiles(n, N)
+    diag_pos = gq is None and not single
+    rows_A = torch.full((n,), float("-inf")) if not diag_pos else (qf * kf[offset:offset + n]).sum(1) * inv_t
+    rows_B = torch.full((n,), float("-inf"))
+    rows_C = torch.full((n,), float("-inf")) if hard else None
+    cols = None
+    if both:
+        cols_A = torch.full((N,), float("-inf")) if not diag_pos else rows_A.clone()
+        cols = [cols_A, torch.full((N,), float("-inf")), torch.full((N,), float("-inf")) if hard else None]
+    top_v = top_i = None
+    for r0 in range(0, n, R):
+        r1 = min(n, r0 + R)
+        rA = None if diag_pos else torch.full((r1 - r0,), float("-inf"))
+        rB = torch.full((r1 - r0,), float("-inf"))
+        rC = torch.full((r1 - r0,), float("-inf")) if hard else None
+        tv = ti = None
+        for c0 in range(0, N, C):
+            c1 = min(N, c0 + C)
+            s = torch.mm(qf[r0:r1], kf[c0:c1].t()).mul_(inv_t)
+            pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
+            if single and diag is not None:
+                s[diag] = float("-inf")
+            need_neg = hard or mine_k > 0
+            pos_t = _pos_full(pos, diag, s) if (need_neg or not diag_pos) else None
+            if not diag_pos:
+                sp = _neg_inf_where(pos_t, s)
+                rA = torch.logaddexp(rA, torch.logsumexp(sp, 1))
+                if both:
+                    cols[0][c0:c1] = torch.logaddexp(cols[0][c0:c1], torch.logsumexp(sp, 0))
+            sn = _neg_inf_where(~pos_t, s) if need_neg else None  # diagonal already -inf (single)
+            if hard:
+                t1 = sn * (1.0 + beta)
+                t2 = sn * beta
+                rB = torch.logaddexp(rB, torch.logsumexp(t1, 1))
+                rC = torch.logaddexp(rC, torch.logsumexp(t2, 1))
+                if both:
+                    cols[1][c0:c1] = torch.logaddexp(cols[1][c0:c1], torch.logsumexp(t1, 0))
+                    cols[2][c0:c1] = torch.logaddexp(cols[2][c0:c1], torch.logsumexp(t2, 0))
+                del t1, t2
+            else:
+                rB = torch.logaddexp(rB, torch.logsumexp(s, 1))
+                if both:
+                    cols[1][c0:c1] = torch.logaddexp(cols[1][c0:c1], torch.logsumexp(s, 0))
+            if mine_k > 0:
+                v, i = _topk_lowest_index(sn, mine_k)
+                tv, ti = _merge_topk(tv, ti, v, i + c0, mine_k)
+        if not diag_pos:
+            rows_A[r0:r1] = rA
+        rows_B[r0:r1] = rB
+        if hard:
+            rows_C[r0:r1] = rC
+        if mine_k > 0:
+            if tv.shape[1] < mine_k:  # fewer in-batch columns than mine_k: pad with -inf
+                pad = mine_k - tv.shape[1]
+                tv = torch.cat([tv, torch.full((tv.shape[0], pad), float("-inf"))], 1)
+                ti = torch.cat([ti, torch.full((ti.shape[0], pad), N, dtype=torch.int64)], 1)
+            if top_v is None:
+                top_v = torch.empty((n, mine_k))
+                top_i = torch.empty((n, mine_k), dtype=torch.int64)
+            top_v[r0:r1] = tv
+            top_i[r0:r1] = ti
+    mined = (top_v, top_i) if mine_k > 0 else None
+    return (rows_A, rows_B, rows_C), cols, mined
+
+
+def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats):
+    """Chunked-PyTorch backward: recompute each S tile, G = dL/dS, dq += G k, dk += G^T q."""
+    n, D = q.shape
+    N = k.shape[0]
+    hard = beta > 0
+    qf = q.float()
+    kf = k.float()
+    dq = torch.zeros((n, D), dtype=torch.float32)
+    dk = torch.zeros((N, D), dtype=torch.float32)
+    R, C = _cpu_tiles(n, N)
+    both = cstats is not None
+
+    def direction(s, pos_t, diag, r, a, b, c, dim):
+        # s: tile (masked -inf where invalid); stats broadcast along `dim` (1: rows, 0: cols)
+        ex = (lambda v: v[:, None]) if dim == 1 else (lambda v: v[None, :])
+        if hard:
+            sn = s if pos_t is None and diag is None else s.masked_fill(_pos_full(pos_t, diag, s), float("-inf"))
+            g = sn.mul(1.0 + beta).sub_(ex(b)).exp_().mul_(1.0 + beta)
+            g.sub_(sn.mul(beta).sub_(ex(c)).exp_().mul_(beta))
+        else:
+            g = s.sub(ex(b)).exp_()
+        if pos_t is None:  # diagonal positives only: exp(S_ii - A_i) == 1 exactly
+            if diag is not None:
+                g[diag] -= 1.0
+        else:
+            g.sub_(s.sub(ex(a)).exp_().masked_fill_(~pos_t, 0.0))
+        return g.mul_(ex(r))
+
+    for r0 in range(0, n, R):
+        r1 = min(n, r0 + R)
+        rr, ra, rb, rc = (rstats[j][r0:r1] for j in range(4))
+        for c0 in range(0, N, C):
+            c1 = min(N, c0 + C)
+            s = torch.mm(qf[r0:r1], kf[c0:c1].t()).mul_(inv_t)
+            pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
+            if single and diag is not None:
+                s[diag] = float("-inf")
+            g = direction(s, pos, diag, rr, ra, rb, rc, 1)
+            if both:
+                cr, ca, cb, cc = (cstats[j][c0:c1] for j in range(4))
+                g.add_(direction(s, pos, diag, cr, ca, cb, cc, 0))
+            dq[r0:r1].addmm_(g, kf[c0:c1])
+            dk[c0:c1].addmm_(g.t(), qf[r0:r1])
+    dq.mul_(inv_t)
+    dk.mul_(inv_t)
+    return dq, dk
+
+
+def _pos_full(pos_t, diag, s):
+    if pos_t is not None:
+        return pos_t
+    m = torch.zeros_like(s, dtype=torch.bool)
+    if diag is not None:
+        m[diag] = True
+    return m
+
+
+def _hard_logits(q, hn, inv_t):
+    """[n, H] logits of each row against its own hard negatives (fp32)."""
+    return torch.einsum("nd,nhd->nh", q.float(), hn.float()) * inv_t
+
+
+def _finish_stats(A, B, C, hard_s, beta, n_neg):
+    """Fold the hard-negative logits into (A, B, C); return per-row loss and logNeg."""
+    if hard_s is not None and hard_s.shape[1] > 0:
+        if beta > 0:
+            B = torch.logaddexp(B, torch.logsumexp(hard_s * (1.0 + beta), 1))
+            C = torch.logaddexp(C, torch.logsumexp(hard_s * beta, 1))
+        else:
+            B = torch.logaddexp(B, torch.logsumexp(hard_s, 1))
+    has_pos = torch.isfinite(A)
+    if beta > 0:
+        has_neg = n_neg > 0
+        log_neg = torch.where(has_neg, torch.log(n_neg.clamp_min(1).float()) + B - C,
+                              torch.full_like(B, float("-inf")))
+        z = log_neg - torch.where(has_pos, A, torch.zeros_like(A))
+        loss = torch.where(has_pos, torch.nn.functional.softplus(z), torch.zeros_like(A))
+    else:
+        z = None
+        loss = torch.where(has_pos, B - A, torch.zeros_like(A))
+    return loss, A, B, C, z
+
+
+def _group_counts(gq: torch.Tensor, gk: torch.Tensor) -> torch.Tensor:
+    """For each row's group, the number of columns in that group (O(N log N), no N x N)."""
+    sk = torch.sort(gk).values
+    return (torch.searchsorted(sk, gq, right=True) - torch.searchsorted(sk, gq, right=False))
+
+
+def _num_neg(n, N, gq, gk, H, device):
+    if gq is None:
+        return torch.full((n,), N - 1 + H, dtype=torch.int64, device=device)
+    return N - _group_counts(gq, gk) + H
+
+
+def _backend(q: torch.Tensor) -> str:
+    return _dispatch.backend_for(q.device, None)
+
+
+def contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness,
+                        single_set, both, mine_k, backend=None):
+    """Loss statistics of the rows of q against the columns of k; no autograd.
+
+    Args:
+        q: [n, D] rows (anchors); k: [N, D] columns (for single-set mode k is the whole set
+            and q holds rows offset..offset+n-1 of it).
+        groups_q / groups_k: [n] / [N] int64 or None.  hard_negatives: [n, H, D] or None.
+        offset: global column index of row 0's own column (0 unless distributed).
+        both: also compute the k->q direction (two-tower, n == N, offset == 0).
+        mine_k: number of negatives to mine per row (0: none).
+
+    Returns:
+        row_loss [n] fp32, col_loss [N] (or [0]), row_stats [3, n] (A, B, C; C == B - log n_neg
+        placeholder when hardness == 0), col_stats [3, N] (or [3, 0]), top_v [n, mine_k] fp32,
+        top_i [n, mine_k] int64.
+    """
+    backend = backend or _backend(q)
+    inv_t = 1.0 / float(temperature)
+    beta = float(hardness)
+    n, N = q.shape[0], k.shape[0]
+    dev = q.device
+    H = 0 if hard_negatives is None else hard_negatives.shape[1]
+    n_neg = _num_neg(n, N, groups_q, groups_k, H, dev)
+    if backend == "triton":
+        A, B, C, mined = _stats_triton(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, mine_k)
+        cols = None
+        if both:
+            Ac, Bc, Cc, _ = _stats_triton(k, q, groups_k, groups_q, offset, inv_t, beta, single_set, 0)
+            cols = [Ac, Bc, Cc]
+    else:
+        (A, B, C), cols, mined = _stats_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set,
+                                              mine_k, both)
+    hard_s = _hard_logits(q, hard_negatives, inv_t) if H > 0 else None
+    row_loss, A, B, C, _ = _finish_stats(A, B, C if C is not None else B, hard_s, beta, n_neg)
+    row_stats = torch.stack([A, B, C])
+    if both:
+        n_neg_c = _num_neg(N, n, groups_k, groups_q, 0, dev)
+        col_loss, Ac, Bc, Cc, _ = _finish_stats(cols[0], cols[1], cols[2] if cols[2] is not None else cols[1],
+                                                None, beta, n_neg_c)
+        col_stats = torch.stack([Ac, Bc, Cc])
+    else:
+        col_loss = torch.zeros(0, device=dev)
+        col_stats = torch.zeros((3, 0), device=dev)
+    if mine_k > 0:
+        tv, ti = mined
+        if hard_s is not None:
+            hi = torch.arange(N, N + H, device=dev).expand(n, H)
+            # in-batch (indices < N) first so that a stable sort keeps ties on the lower index
+            order = torch.sort(ti, dim=1, stable=True).indices
+            tv, ti = tv.gather(1, order), ti.gather(1, order)
+            tv = torch.cat([tv, hard_s], 1)
+            ti = torch.cat([ti, hi], 1)
+        else:
+            order = torch.sort(ti, dim=1, stable=True).indices
+            tv, ti = tv.gather(1, order), ti.gather(1, order)
+        order = torch.sort(tv, dim=1, descending=True, stable=True).indices[:, :mine_k]
+        top_v, top_i = tv.gather(1, order), ti.gather(1, order)
+    else:
+        top_v = torch.zeros((n, 0), device=dev)
+        top_i = torch.zeros((n, 0), device=dev, dtype=torch.int64)
+    return row_loss, col_loss, row_stats, col_stats, top_v, top_i
+
+
+def _coeffs(grad, stats, beta, n_neg):
+    """[4, n] = (r, A, B, C) for the backward kernels; -inf statistics sanitised to 0."""
+    A, B, C = stats[0], stats[1], stats[2]
+    has_pos = torch.isfinite(A)
+    r = torch.where(has_pos, grad.float(), torch.zeros_like(A))
+    if beta > 0:
+        has_neg = n_neg > 0
+        log_neg = torch.where(has_neg, torch.log(n_neg.clamp_min(1).float()) + B - C,
+                              torch.full_like(B, float("-inf")))
+        z = log_neg - torch.where(has_pos, A, torch.zeros_like(A))
+        r = r * torch.sigmoid(z)
+    fin = lambda v: torch.where(torch.isfinite(v), v, torch.zeros_like(v))  # noqa: E731
+    return torch.stack([r, fin(A), fin(B), fin(C)]).contiguous()
+
+
+def contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats, col_stats,
+                         offset, temperature, hardness, single_set, both, backend=None):
+    """Gradients of sum(grad_row * row_loss) + sum(grad_col * col_loss); no autograd.
+
+    Returns dq [n, D], dk [N, D] (in the inputs' dtypes) and dhn [n, H, D] (or [0]).
+    """
+    backend = backend or _backend(q)
+    inv_t = 1.0 / float(temperature)
+    beta = float(hardness)
+    n, N = q.shape[0], k.shape[0]
+    H = 0 if hard_negatives is None else hard_negatives.shape[1]
+    rs = _coeffs(grad_row, row_stats, beta, _num_neg(n, N, groups_q, groups_k, H, q.device))
+    cs = _coeffs(grad_col, col_stats, beta, _num_neg(N, n, groups_k, groups_q, 0, q.device)) if both else None
+    if backend == "triton":
+        dq, dk = _bwd_triton(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, rs, cs)
+    else:
+        dq, dk = _bwd_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, rs, cs)
+    if H > 0:
+        hs = _hard_logits(q, hard_negatives, inv_t)
+        r, b, c = rs[0][:, None], rs[2][:, None], rs[3][:, None]
+        if beta > 0:
+            gh = (1.0 + beta) * torch.exp((1.0 + beta) * hs - b) - beta * torch.exp(beta * hs - c)
+        else:
+            gh = torch.exp(hs - b)
+        gh = gh * r * inv_t
+        dq += torch.einsum("nh,nhd->nd", gh, hard_negatives.float())
+        dhn = (gh[:, :, None] * q.float()[:, None, :]).to(hard_negatives.dtype)
+    else:
+        dhn = q.new_zeros((0,))
+    return dq.to(q.dtype), dk.to(k.dtype), dhn
+
+
+# ----------------------------------------------------------------------------------------
+# 3. torch.library registration and autograd
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("solar::contrastive_fwd", mutates_args=())
+def _contrastive_fwd_op(q: torch.Tensor, k: torch.Tensor, groups_q: Optional[torch.Tensor],
+                        groups_k: Optional[torch.Tensor], hard_negatives: Optional[torch.Tensor],
+                        offset: int, temperature: float, hardness: float, single_set: bool, both: bool,
+                        mine_k: int, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """Custom-op form of :func:`contrastive_forward`."""
+    return contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness,
+                               single_set, both, mine_k, backend)
+
+
+@_contrastive_fwd_op.register_fake
+def _(q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness, single_set, both, mine_k,
+      backend):
+    n, N = q.shape[0], k.shape[0]
+    f32 = dict(dtype=torch.float32)
+    nc = N if both else 0
+    return (q.new_empty((n,), **f32), q.new_empty((nc,), **f32), q.new_empty((3, n), **f32),
+            q.new_empty((3, nc), **f32), q.new_empty((n, mine_k), **f32),
+            q.new_empty((n, mine_k), dtype=torch.int64))
+
+
+@torch.library.custom_op("solar::contrastive_bwd", mutates_args=())
+def _contrastive_bwd_op(grad_row: torch.Tensor, grad_col: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        groups_q: Optional[torch.Tensor], groups_k: Optional[torch.Tensor],
+                        hard_negatives: Optional[torch.Tensor], row_stats: torch.Tensor,
+                        col_stats: torch.Tensor, offset: int, temperature: float, hardness: float,
+                        single_set: bool, both: bool, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom-op form of :func:`contrastive_backward`."""
+    return contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats,
+                                col_stats, offset, temperature, hardness, single_set, both, backend)
+
+
+@_contrastive_bwd_op.register_fake
+def _(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats, col_stats, offset,
+      temperature, hardness, single_set, both, backend):
+    dhn = torch.empty_like(hard_negatives) if hard_negatives is not None else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), dhn
+
+
+class _ContrastiveFunction(torch.autograd.Function):
+    """(row_loss [n], col_loss [N or 0], top_v, top_i) of the rows of q against k."""
+
+    @staticmethod
+    def forward(ctx, q, k, hard_negatives, groups_q, groups_k, offset, temperature, hardness, single_set,
+                both, mine_k, backend):
+        row_loss, col_loss, rstats, cstats, top_v, top_i = torch.ops.solar.contrastive_fwd(
+            q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness, single_set, both,
+            mine_k, backend)
+        ctx.save_for_backward(q, k, hard_negatives, groups_q, groups_k, rstats, cstats)
+        ctx.args = (offset, temperature, hardness, single_set, both, backend)
+        ctx.mark_non_differentiable(top_v, top_i)
+        return row_loss, col_loss, top_v, top_i
+
+    @staticmethod
+    def backward(ctx, g_row, g_col, _gv, _gi):
+        q, k, hn, gq, gk, rstats, cstats = ctx.saved_tensors
+        offset, temperature, hardness, single_set, both, backend = ctx.args
+        if g_row is None:
+            g_row = torch.zeros(q.shape[0], device=q.device)
+        if g_col is None or g_col.numel() == 0:
+            g_col = torch.zeros(k.shape[0] if both else 0, device=q.device)
+        dq, dk, dhn = torch.ops.solar.contrastive_bwd(g_row.contiguous(), g_col.contiguous(), q, k, gq, gk, hn,
+                                                      rstats, cstats, offset, temperature, hardness,
+                                                      single_set, both, backend)
+        return (dq, dk, dhn if hn is not None else None) + (None,) * 9
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The checked public entry point
+# ----------------------------------------------------------------------------------------
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k):
+    _checks.check_tensor("q", q, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    n, D = q.shape
+    if k is not None:
+        _checks.check_tensor("k", k, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+        if tuple(k.shape) != (n, D):
+            raise ValueError(f"k must have the shape of q [N, D] = {tuple(q.shape)}, got {tuple(k.shape)}")
+        if k.dtype != q.dtype:
+            raise TypeError(f"k must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(k.dtype)}")
+    else:
+        if groups is None:
+            raise ValueError("single-set mode (k=None) needs groups: [N] int64 group ids of the rows of q")
+    if n == 0 or D == 0:
+        raise ValueError(f"q must have N >= 1 rows and D >= 1 columns, got shape {tuple(q.shape)}")
+    if groups is not None:
+        _checks.check_tensor("groups", groups, ndim=1)
+        if groups.dtype != torch.int64:
+            raise TypeError(f"groups must have dtype int64, got {_dtype_name(groups.dtype)}")
+        if groups.shape[0] != n:
+            raise ValueError(f"groups must have length N = {n} (rows of q), got {groups.shape[0]}")
+    if hard_negatives is not None:
+        _checks.check_tensor("hard_negatives", hard_negatives, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+        if hard_negatives.shape[0] != n or hard_negatives.shape[2] != D:
+            raise ValueError(f"hard_negatives must have shape [N, H, D] = [{n}, H, {D}], "
+                             f"got {tuple(hard_negatives.shape)}")
+        if hard_negatives.dtype != q.dtype:
+            raise TypeError(f"hard_negatives must have q's dtype {_dtype_name(q.dtype)}, "
+                            f"got {_dtype_name(hard_negatives.dtype)}")
+    _checks.check_same_device(q=q, k=k, groups=groups, hard_negatives=hard_negatives)
+    for name, v in (("temperature", temperature), ("hardness", hardness)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    _checks.check_positive("temperature", temperature)
+    if hardness < 0:
+        raise ValueError(f"hardness must be >= 0, got {hardness}")
+    if isinstance(mine_k, bool) or not isinstance(mine_k, int) or mine_k < 0:
+        raise ValueError(f"mine_k must be an int >= 0, got {mine_k!r}")
+    _checks.check_finite("q", q)
+    if k is not None:
+        _checks.check_finite("k", k)
+    if hard_negatives is not None:
+        _checks.check_finite("hard_negatives", hard_negatives)
+
+
+def _check_counts(n_rows_pos: int, min_neg: int, mine_k: int, single: bool):
+    if single and n_rows_pos == 0:
+        raise ValueError("no row has a positive: in single-set mode every group has one member "
+                         "(give at least two rows the same group id)")
+    if mine_k > min_neg:
+        raise ValueError(f"mine_k = {mine_k} is larger than the number of negatives of some row "
+                         f"(the smallest is {min_neg})")
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: torch.Tensor | None = None,
+                     hard_negatives: torch.Tensor | None = None, temperature: float = 0.05,
+                     symmetric: bool = True, hardness: float = 0.0, mine_k: int = 0, process_group=None):
+    """Multi-positive InfoNCE over a batch, in O(N*D) memory (no N x N tensor, ever).
+
+    S = q k^T / temperature (inputs used as given: normalise them first).
+
+    * Two-tower mode (``k`` [N, D]): the positives of row i are column i and every column j
+      with ``groups[j] == groups[i]``.  ``symmetric=True`` averages the q->k and k->q losses.
+    * Single-set mode (``k=None``, ``groups`` required): S = q q^T / temperature without its
+      diagonal; the positives of row i are the other rows of its group.  Rows without a
+      positive are left out of the mean (ValueError if no row has one).
+    * ``hard_negatives`` [N, H, D]: extra negative columns of row i only (q->k direction).
+    * ``loss_i = -log(sum_{j in P(i)} exp S_ij / sum_{all j} exp S_ij)``, averaged over rows.
+    * ``hardness`` = beta > 0 re-weights the negatives by exp(beta S_ij), normalised so that a
+      row's negative weights sum to its number of negatives (Robinson et al. 2021); 0 = InfoNCE.
+    * ``mine_k`` > 0 also returns :class:`Mined` (indices, scores) of each row's mine_k best
+      negatives (column j < N in-batch, N + h for hard negative h), ties to the lower index.
+    * ``process_group``: a torch.distributed group; each rank passes its local rows, keys are
+      all-gathered with gradient, and the loss equals the single-process loss over the
+      concatenated batch (every rank returns the same value).
+
+    Args:
+        q: [N, D] float32/float16/bfloat16.  k: [N, D] (same dtype) or None.
+        groups: [N] int64 or None.  hard_negatives: [N, H, D] or None.
+        temperature: > 0.  hardness: >= 0.  mine_k: int >= 0.
+
+    Returns:
+        The scalar loss (float32), or ``(loss, Mined)`` when mine_k > 0.
+
+    Raises:
+        TypeError / ValueError: bad shapes or dtypes, groups of the wrong length or dtype,
+        temperature <= 0, hardness < 0, mine_k larger than a row's number of negatives,
+        non-finite inputs, single-set mode without any positive pair.
+    """
+    _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k)
+    if process_group is not None:
+        from ..distributed import distributed_contrastive_loss
+
+        return distributed_contrastive_loss(q, k, groups=groups, hard_negatives=hard_negatives,
+                                            temperature=temperature, symmetric=symmetric, hardness=hardness,
+                                            mine_k=mine_k, process_group=process_group)
+    single = k is None
+    n = q.shape[0]
+    H = 0 if hard_negatives is None else hard_negatives.shape[1]
+    if groups is not None:
+        counts = _group_counts(groups, groups)
+        n_pos_rows = int((counts > 1).sum()) if single else n
+        min_neg = int((n - counts).min()) + H
+    else:
+        n_pos_rows, min_neg = n, n - 1 + H
+    _check_counts(n_pos_rows, min_neg, mine_k, single)
+    both = bool(symmetric) and not single
+    backend = _backend(q)
+    kk = q if single else k
+    g = groups.contiguous() if groups is not None else None
+    row_loss, col_loss, top_v, top_i = _ContrastiveFunction.apply(
+        q, kk, hard_negatives, g, g, 0, float(temperature), float(hardness), single, both, int(mine_k),
+        backend)
+    loss = row_loss.sum() / n_pos_rows
+    if both:
+        loss = 0.5 * (loss + col_loss.sum() / n)
+    if mine_k > 0:
+        return loss, Mined(top_i, top_v)
+    return loss
