@@ -5,7 +5,9 @@ C++ extension or a chunked PyTorch path; see `python -m solar_kernels.info`).
 """
 from ._dispatch import use_backend
 from .ops.masked_pool import masked_pool
+from .ops.contrastive import Mined, contrastive_loss
+from .ops.pooled_contrastive import pooled_contrastive_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["use_backend", "__version__", "masked_pool"]
+__all__ = ["use_backend", "__version__", "masked_pool", "contrastive_loss", "pooled_contrastive_loss", "Mined"]

@@ -1,0 +1,113 @@
+"""pooled_contrastive_loss: masked pooling of both towers fused with contrastive_loss.
+
+    fq = masked_pool(xq, mask_q, normalize), fk = masked_pool(xk, mask_k, normalize)
+    loss = contrastive_loss(fq, fk, **loss_kwargs)
+
+One ``autograd.Function``: the forward keeps only the pooled rows [N, D] (fp32) and their
+per-row pooling statistics; the backward runs the contrastive backward into [N, D] row
+gradients and hands them straight to the pooling backward, which writes the token
+gradients [N, L, D] (no pooled intermediates beyond [N, D], no extra [N, L, D] temporary).
+Pooling is ``solar_kernels.ops.masked_pool.pool_forward/pool_backward`` (Triton on CUDA,
+C++ or chunked torch on CPU); the loss is ``contrastive_forward/contrastive_backward``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .contrastive import (Mined, _backend, _check_counts, _group_counts, _validate as _validate_loss,
+                          contrastive_backward, contrastive_forward)
+from .masked_pool import _validate as _validate_pool, pool_backward, pool_forward
+
+__all__ = ["pooled_contrastive_loss"]
+
+
+class _PooledContrastiveFunction(torch.autograd.Function):
+    """(row_loss, col_loss, top_v, top_i) of contrastive_loss(pool(xq, mq), pool(xk, mk))."""
+
+    @staticmethod
+    def forward(ctx, xq, mask_q, xk, mask_k, hard_negatives, groups, normalize, eps, temperature, hardness,
+                both, mine_k, backend):
+        fq, aux_q = pool_forward(xq, mask_q, normalize, eps)  # [1, N, D] fp32
+        fk, aux_k = pool_forward(xk, mask_k, normalize, eps)
+        row_loss, col_loss, rstats, cstats, top_v, top_i = contrastive_forward(
+            fq[0], fk[0], groups, groups, hard_negatives, 0, temperature, hardness, False, both, mine_k, backend)
+        ctx.save_for_backward(xq, mask_q, xk, mask_k, hard_negatives, groups, fq, aux_q, fk, aux_k, rstats, cstats)
+        ctx.args = (normalize, eps, temperature, hardness, both, backend)
+        ctx.mark_non_differentiable(top_v, top_i)
+        return row_loss, col_loss, top_v, top_i
+
+    @staticmethod
+    def backward(ctx, g_row, g_col, _gv, _gi):
+        xq, mask_q, xk, mask_k, hn, groups, fq, aux_q, fk, aux_k, rstats, cstats = ctx.saved_tensors
+        normalize, eps, temperature, hardness, both, backend = ctx.args
+        n = fq.shape[1]
+        if g_row is None:
+            g_row = torch.zeros(n, device=fq.device)
+        if g_col is None or g_col.numel() == 0:
+            g_col = torch.zeros(n if both else 0, device=fq.device)
+        dfq, dfk, dhn = contrastive_backward(g_row, g_col, fq[0], fk[0], groups, groups, hn, rstats, cstats, 0,
+                                             temperature, hardness, False, both, backend)
+        need = ctx.needs_input_grad
+        gxq = gmq = gxk = gmk = None
+        if need[0] or need[1]:
+            gxq, gmq = pool_backward(dfq[None], xq, mask_q, fq, aux_q, normalize, eps, bool(need[1]))
+        del dfq
+        if need[2] or need[3]:
+            gxk, gmk = pool_backward(dfk[None], xk, mask_k, fk, aux_k, normalize, eps, bool(need[3]))
+        gmq = gmq.to(mask_q.dtype) if gmq is not None else None
+        gmk = gmk.to(mask_k.dtype) if gmk is not None else None
+        return (gxq, gmq, gxk, gmk, dhn if hn is not None else None) + (None,) * 8
+
+
+def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Tensor, mask_k: torch.Tensor, *,
+                            normalize: bool = True, eps: float = 1e-6, groups: torch.Tensor | None = None,
+                            hard_negatives: torch.Tensor | None = None, temperature: float = 0.05,
+                            symmetric: bool = True, hardness: float = 0.0, mine_k: int = 0):
+    """Two-tower contrastive loss of masked-mean-pooled token sets, fused into one autograd node.
+
+    Args:
+        xq: [N, Lq, D] query tokens; mask_q: [N, Lq] (bool or non-negative float weights).
+        xk: [N, Lk, D] key tokens;   mask_k: [N, Lk].
+        normalize: L2-normalise each pooled row (max(||row||, eps)) before the loss.
+        groups, hard_negatives ([N, H, D] float32 embeddings), temperature, symmetric,
+        hardness, mine_k: as in :func:`solar_kernels.contrastive_loss` (two-tower mode).
+
+    Returns:
+        The scalar loss, or ``(loss, Mined)`` when mine_k > 0.  Gradients reach xq, xk, float
+        masks that require grad, and hard_negatives.
+    """
+    _validate_pool(xq, mask_q, eps)
+    _validate_pool(xk, mask_k, eps)
+    if mask_q.dim() != 2 or mask_k.dim() != 2:
+        raise ValueError(f"mask_q and mask_k must be [N, L], got {tuple(mask_q.shape)} and {tuple(mask_k.shape)}")
+    if xq.shape[0] != xk.shape[0] or xq.shape[2] != xk.shape[2]:
+        raise ValueError(f"xq [N, Lq, D] and xk [N, Lk, D] must agree on N and D, got {tuple(xq.shape)} "
+                         f"and {tuple(xk.shape)}")
+    n, _, D = xq.shape
+    probe = xq.new_zeros((n, D), dtype=torch.float32)
+    hn = hard_negatives.float() if hard_negatives is not None else None
+    # the loss arguments are checked on [N, D] stand-ins; token tensors were checked above
+    _validate_loss(probe, probe, groups, hn, temperature, hardness, mine_k)
+    from .._checks import check_finite
+
+    check_finite("xq", xq)
+    check_finite("xk", xk)
+    H = 0 if hn is None else hn.shape[1]
+    if groups is not None:
+        counts = _group_counts(groups, groups)
+        min_neg = int((n - counts).min()) + H
+    else:
+        min_neg = n - 1 + H
+    _check_counts(n, min_neg, mine_k, False)
+    mq = mask_q.unsqueeze(0)
+    mk = mask_k.unsqueeze(0)
+    both = bool(symmetric)
+    row_loss, col_loss, top_v, top_i = _PooledContrastiveFunction.apply(
+        xq, mq, xk, mk, hn, groups.contiguous() if groups is not None else None, bool(normalize), float(eps),
+        float(temperature), float(hardness), both, int(mine_k), _backend(xq))
+    loss = row_loss.sum() / n
+    if both:
+        loss = 0.5 * (loss + col_loss.sum() / n)
+    if mine_k > 0:
+        return loss, Mined(top_i, top_v)
+    return loss
