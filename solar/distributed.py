@@ -1,0 +1,101 @@
+"""torch.distributed helpers for `solar.train` (torchrun / multi-node).
+
+`init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT), picks NCCL on CUDA and gloo on CPU, and returns a `DistInfo`.
+Without those variables it returns a single-process `DistInfo` and touches nothing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "get_dist", "barrier", "broadcast_object", "all_reduce_mean"]
+
+
+@dataclass
+class DistInfo:
+    """Who this process is: rank, world size, local rank, the device it trains on, the group."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    group: Optional[object] = None   # the process group for losses (None when world == 1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_CURRENT = DistInfo()
+
+
+def get_dist() -> DistInfo:
+    """The DistInfo set by the last `init_distributed` call (single process by default)."""
+    return _CURRENT
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        return torch.device("cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device: {device!r} was asked for but torch sees no CUDA device")
+    return d
+
+
+def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistInfo:
+    """Join the process group torchrun describes (if any) and choose this rank's device.
+
+    backend: None = "nccl" for CUDA devices, "gloo" otherwise."""
+    global _CURRENT
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    if world > 1:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        _CURRENT = DistInfo(rank, world, local_rank, dev, dist.group.WORLD)
+    else:
+        _CURRENT = DistInfo(0, 1, 0, dev, None)
+    return _CURRENT
+
+
+def barrier() -> None:
+    """dist.barrier() when distributed, else nothing."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Broadcast a picklable python object from `src` (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (a detached copy); identity when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x.detach()
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / dist.get_world_size()

@@ -1,0 +1,398 @@
+"""Stage 2: self-supervised multimodal embedding learning (SOLAR.md "Stage 2").
+
+A frozen copy of the stage-1 model (the *teacher*) and its thresholds tau_V, tau_L turn
+every unlabeled (image, caption) pair into views, all encoded by the trained model
+(the *student*, initialised from stage 1) through E_VL with key masks:
+
+* text: s_L(t) > tau_L marks intersection tokens (also said by the image).
+  - positive view: hide a random share (`text_pos_drop`) of the intersection tokens;
+    every difference token stays, so the pair still carries all its information;
+  - hard-negative view: hide every difference token (s_L <= tau_L); the text-only
+    content is gone, so the view describes a poorer, different item.
+* image: patch features of the teacher (+ grid position) are clustered into
+  `n_segments` coarse segments by a few k-means iterations (a lone hidden patch is easy
+  to re-infer from its neighbours, so whole segments are hidden); each segment is
+  scored by the mean s_V of its patches.
+  - positive view: hide (each with probability `img_pos_drop`, at least one) the
+    segments scoring above tau_V;
+  - hard-negative view: hide every segment scoring at or below tau_V.
+* Rows of the loss: the full pair and `n_pos_views` positive views (alternately text-
+  and image-masked) share a group; the hard negatives of a pair are its two
+  difference-hiding views (text side, image side) and `mine_k` offline-mined
+  neighbours.  A hard-negative view that hides nothing (the pair has no difference on
+  that side) would equal the pair itself; it is replaced by -f (the row's own
+  embedding negated, detached), whose term exp(-1/eta) is negligible, i.e. it is
+  dropped.
+* Offline mining (`Miner`): every `refresh_every` steps the training pool is embedded
+  with the current model into a `solar_kernels.Index`; each pair's nearest pool
+  neighbours (self excluded) under its current embedding are its mined negatives.
+* Loss: `solar_kernels.contrastive_loss` in single-set mode (multi-positive InfoNCE,
+  temperature eta), over the global batch when distributed (process_group).
+
+All random choices of step s are drawn from a generator seeded with (seed, s) over the
+whole global batch and sliced by rank, so a resumed run and a run on any number of
+ranks draw the same views as one uninterrupted process.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import solar_kernels as sk
+
+from .config import Stage2Config
+from .distributed import DistInfo, get_dist
+
+__all__ = ["segment_patches", "text_views", "image_views", "Views", "build_views", "Miner", "Stage2Loss",
+           "run_stage2", "step_generator"]
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator determined by (seed, step, salt) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt * 104_729) % (2 ** 62))
+
+
+# --------------------------------------------------------------------------- segments
+
+@torch.no_grad()
+def segment_patches(feats: torch.Tensor, k: int, iters: int = 5, position_weight: float = 1.0,
+                    grid: Optional[tuple] = None) -> torch.Tensor:
+    """Cluster each image's patches into `k` segments by Lloyd's k-means.
+
+    feats [B, P, W] patch features; the clustering features are the L2-normalised patch
+    features concatenated with position_weight * (row, col) / grid_size (so segments are
+    spatially coherent).  Initial centres: k patches evenly spaced in raster order
+    (deterministic).  Returns seg [B, P] int64 in [0, k); every id that occurs is one
+    connected-by-assignment set of patches (a segment is always hidden or kept whole).
+    """
+    if feats.dim() != 3:
+        raise ValueError(f"feats: expected [B, P, W], got {tuple(feats.shape)}")
+    B, P, _ = feats.shape
+    if k < 1:
+        raise ValueError(f"k: expected >= 1, got {k}")
+    k = min(k, P)
+    if grid is None:
+        side = int(round(math.sqrt(P)))
+        grid = (side, P // side) if side * (P // side) == P else (1, P)
+    gh, gw = grid
+    if gh * gw != P:
+        raise ValueError(f"grid: {grid} does not cover P={P} patches")
+    dev = feats.device
+    rows = torch.arange(P, device=dev) // gw
+    cols = torch.arange(P, device=dev) % gw
+    pos = torch.stack([rows / max(1, gh - 1), cols / max(1, gw - 1)], dim=-1).float()
+    x = torch.cat([F.normalize(feats.float(), dim=-1), position_weight * pos.expand(B, P, 2)], dim=-1)
+    init = torch.linspace(0, P - 1, k, device=dev).round().long()
+    centres = x[:, init]                                     # [B, k, D]
+    assign = None
+    for _ in range(max(1, iters)):
+        d = torch.cdist(x, centres)                          # [B, P, k]
+        assign = d.argmin(-1)                                # [B, P]
+        onehot = F.one_hot(assign, k).float()                # [B, P, k]
+        counts = onehot.sum(1)                               # [B, k]
+        sums = onehot.transpose(1, 2) @ x                    # [B, k, D]
+        # an empty cluster keeps its previous centre
+        centres = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centres)
+    return assign
+
+
+# --------------------------------------------------------------------------- views
+
+def text_views(s_l: torch.Tensor, valid: torch.Tensor, attention: torch.Tensor, tau: float, *, drop: float,
+               u: torch.Tensor, margin: float = 0.0):
+    """Text keep masks for the positive and the hard-negative view.
+
+    s_l [B, T] token-to-global-image similarities; valid [B, T] content tokens;
+    attention [B, T] every real position (content + special tokens); u [B, T] uniform
+    draws in [0, 1).  Intersection = valid & (s_l > tau + margin); difference = valid &
+    (s_l <= tau - margin) (tokens in the margin band are never hidden).
+    Returns (pos_keep, neg_keep, neg_changed [B]): the positive hides each intersection
+    token with probability `drop` (and at least one when the pair has any); the hard
+    negative hides every difference token; neg_changed says whether it hid anything.
+    """
+    valid = valid.bool()
+    attention = attention.bool() | valid
+    inter = valid & (s_l > tau + margin)
+    diff = valid & (s_l <= tau - margin)
+    hide = inter & (u < drop)
+    # at least one hidden intersection token: the one with the smallest draw
+    has_inter = inter.any(1)
+    none_hidden = has_inter & ~hide.any(1)
+    if none_hidden.any():
+        first = torch.where(inter, u, torch.full_like(u, 2.0)).argmin(1)
+        force = F.one_hot(first, s_l.shape[1]).bool() & none_hidden[:, None]
+        hide = hide | force
+    pos_keep = attention & ~hide
+    neg_keep = attention & ~diff
+    return pos_keep, neg_keep, diff.any(1)
+
+
+def image_views(s_v: torch.Tensor, seg: torch.Tensor, k: int, tau: float, *, drop: float, u: torch.Tensor,
+                margin: float = 0.0):
+    """Image keep masks for the positive and the hard-negative view, by whole segments.
+
+    s_v [B, P] patch-to-global-text similarities; seg [B, P] segment ids in [0, k);
+    u [B, k] uniform draws.  A segment's score is the mean s_v of its patches; segments
+    above tau + margin are intersection, at or below tau - margin difference.
+    Returns (pos_keep, neg_keep, neg_changed [B]): the positive hides each intersection
+    segment with probability `drop` (at least one when any exists); the hard negative
+    hides every difference segment.
+    """
+    B, P = s_v.shape
+    onehot = F.one_hot(seg, k).float()                       # [B, P, k]
+    counts = onehot.sum(1)                                   # [B, k]
+    score = (onehot * s_v.float()[..., None]).sum(1) / counts.clamp_min(1)
+    present = counts > 0
+    inter = present & (score > tau + margin)
+    diff = present & (score <= tau - margin)
+    hide = inter & (u < drop)
+    none_hidden = inter.any(1) & ~hide.any(1)
+    if none_hidden.any():
+        first = torch.where(inter, u, torch.full_like(u, 2.0)).argmin(1)
+        hide = hide | (F.one_hot(first, k).bool() & none_hidden[:, None])
+    seg_hide_pos = torch.gather(hide, 1, seg)                # [B, P]
+    seg_hide_neg = torch.gather(diff, 1, seg)
+    return ~seg_hide_pos, ~seg_hide_neg, diff.any(1)
+
+
+@dataclass
+class Views:
+    """Keep masks of one batch's views (all [B, P] / [B, T] bool) plus bookkeeping."""
+
+    text_pos: torch.Tensor
+    text_neg: torch.Tensor
+    text_neg_changed: torch.Tensor
+    img_pos: torch.Tensor
+    img_neg: torch.Tensor
+    img_neg_changed: torch.Tensor
+    text_valid: torch.Tensor
+    segments: torch.Tensor
+
+
+@torch.no_grad()
+def build_views(teacher, batch: dict, cfg: Stage2Config, *, seed: int, step: int, row_offset: int = 0,
+                global_rows: Optional[int] = None) -> Views:
+    """Build the stage-2 views of `batch` with the frozen stage-1 `teacher`.
+
+    Random draws come from step_generator(seed, step) over `global_rows` rows; this
+    process's rows are [row_offset, row_offset + B) of them (distributed ranks)."""
+    pv, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    v = teacher.patch_tokens(pv)
+    t = teacher.text_tokens(ids, am)
+    valid = teacher.text_valid_mask(ids, am)
+    s_v, s_l, _, _ = teacher.similarities_from_tokens(v, t, valid)
+    k = min(cfg.n_segments, v.shape[1])
+    seg = segment_patches(v, k, cfg.kmeans_iters, cfg.position_weight)
+    G = global_rows if global_rows is not None else B
+    g = step_generator(seed, step, salt=2)
+    u_text = torch.rand(G, T, generator=g)[row_offset:row_offset + B].to(ids.device)
+    u_img = torch.rand(G, k, generator=g)[row_offset:row_offset + B].to(ids.device)
+    tp, tn, tch = text_views(s_l, valid, am, float(teacher.tau_l), drop=cfg.text_pos_drop, u=u_text,
+                             margin=cfg.threshold_margin)
+    ip, ineg, ich = image_views(s_v, seg, k, float(teacher.tau_v), drop=cfg.img_pos_drop, u=u_img,
+                                margin=cfg.threshold_margin)
+    return Views(tp, tn, tch, ip, ineg, ich, valid, seg)
+
+
+# --------------------------------------------------------------------------- mining
+
+class Miner:
+    """Offline hard-negative mining over a pool of training pairs.
+
+    `refresh(model)` embeds the pool (each rank a strided share, gathered) into a
+    `solar_kernels.Index`; `neighbours(f, self_ids, k)` returns, for each row's current
+    embedding f, the stored embeddings of its k nearest pool pairs other than itself
+    (self_ids: the row's pool id, or -1 when the pair is not in the pool)."""
+
+    def __init__(self, pool, pool_ids: torch.Tensor, *, dtype: str = "fp32", chunk: int = 256,
+                 exclude_top: int = 0):
+        self.pool = pool                       # a PairBank
+        self.pool_ids = pool_ids.long()        # bank indices that make the pool
+        self.dtype = dtype
+        self.chunk = chunk
+        self.exclude_top = exclude_top
+        self.bank: Optional[torch.Tensor] = None
+        self.index = None
+        self.refreshed_at = -1
+        # bank index -> pool row
+        self._pos = {int(b): i for i, b in enumerate(self.pool_ids.tolist())}
+
+    def pool_rows(self, bank_index: torch.Tensor) -> torch.Tensor:
+        """Pool row of each bank index (-1 when not in the pool)."""
+        return torch.tensor([self._pos.get(int(b), -1) for b in bank_index.tolist()], dtype=torch.long)
+
+    @torch.no_grad()
+    def refresh(self, model, step: int, dist_info: Optional[DistInfo] = None) -> None:
+        """Re-embed the pool with `model` and rebuild the index."""
+        from .trainer import batch_to
+        di = dist_info or get_dist()
+        was_training = model.training
+        model.eval()
+        mine = torch.arange(di.rank, len(self.pool_ids), di.world)
+        parts = []
+        for s in range(0, len(mine), self.chunk):
+            b = batch_to(self.pool.rows(self.pool_ids[mine[s:s + self.chunk]]), di.device)
+            parts.append(model.embed(b).float().cpu())
+        local = torch.cat(parts) if parts else torch.zeros(0, model.cfg.embed_dim)
+        if di.enabled:
+            import torch.distributed as dist
+            n = len(self.pool_ids)
+            per = -(-n // di.world)
+            pad = torch.zeros(per, local.shape[1])
+            pad[:len(local)] = local
+            pad = pad.to(di.device)
+            out = [torch.zeros_like(pad) for _ in range(di.world)]
+            dist.all_gather(out, pad)
+            bank = torch.zeros(n, local.shape[1])
+            for r, o in enumerate(out):
+                cnt = len(range(r, n, di.world))
+                bank[r::di.world] = o[:cnt].cpu()
+        else:
+            bank = local
+        model.train(was_training)
+        self.set_bank(bank, step)
+
+    def set_bank(self, bank: torch.Tensor, step: int) -> None:
+        """Install pool embeddings (e.g. restored from a checkpoint) and build the index."""
+        self.bank = bank.float().contiguous()
+        self.index = sk.Index(self.bank.shape[1], dtype=self.dtype)
+        self.index.add(self.bank)
+        self.refreshed_at = int(step)
+
+    @torch.no_grad()
+    def neighbours(self, f: torch.Tensor, self_rows: torch.Tensor, k: int) -> torch.Tensor:
+        """[N, k, E] stored embeddings of each row's k nearest pool pairs (self excluded)."""
+        if self.index is None:
+            raise RuntimeError("Miner.neighbours: call refresh() first")
+        want = min(len(self.pool_ids), k + 1 + self.exclude_top)
+        if want < k + 1:
+            raise ValueError(f"mine_k: {k} neighbours need a pool of at least {k + 1} pairs, have {len(self.pool_ids)}")
+        _, ids = self.index.search(f.detach().float().cpu().contiguous(), want)
+        ids = ids.long()
+        keep = ids != self_rows[:, None]
+        # drop self, then the first `exclude_top` others, take k
+        rank = keep.long().cumsum(1)
+        sel = keep & (rank > self.exclude_top) & (rank <= self.exclude_top + k)
+        chosen = ids[sel].view(len(ids), k)
+        return self.bank[chosen].to(f.device, f.dtype)
+
+
+# --------------------------------------------------------------------------- loss
+
+class Stage2Loss(nn.Module):
+    """Stage 2's loss on one batch: views -> E_VL -> multi-positive InfoNCE.
+
+    forward(batch, step) -> (loss, metrics); `model` is trained, `teacher` frozen."""
+
+    def __init__(self, model, teacher, cfg: Stage2Config, *, seed: int, miner: Optional[Miner] = None,
+                 dist_info: Optional[DistInfo] = None):
+        super().__init__()
+        self.model = model
+        self.teacher = teacher
+        self.cfg = cfg
+        self.seed = seed
+        self.miner = miner
+        self.dist_info = dist_info or get_dist()
+
+    def forward(self, batch: dict, step: int):
+        cfg, di = self.cfg, self.dist_info
+        B = batch["input_ids"].shape[0]
+        views = build_views(self.teacher, batch, cfg, seed=self.seed, step=step, row_offset=di.rank * B,
+                            global_rows=B * di.world)
+        m = self.model
+        v = m.patch_tokens(batch["pixel_values"])
+        t = m.text_tokens(batch["input_ids"], batch["attention_mask"])
+        valid = views.text_valid
+        full_img = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
+        rows = [m.fuse(v, t, None, valid)]
+        for j in range(cfg.n_pos_views):
+            if j % 2 == 0:
+                rows.append(m.fuse(v, t, full_img, views.text_pos & valid))
+            else:
+                rows.append(m.fuse(v, t, views.img_pos, valid))
+        z = torch.cat(rows)                                            # [(1+n_pos) B, E]
+        R = len(rows)
+        groups = (torch.arange(B, device=z.device) + di.rank * B).repeat(R)
+        hn = []
+        if cfg.use_hard_views:
+            f_tn = m.fuse(v, t, full_img, views.text_neg & valid)
+            f_in = m.fuse(v, t, views.img_neg, valid)
+            anchor = rows[0].detach()
+            f_tn = torch.where(views.text_neg_changed[:, None], f_tn, -anchor)
+            f_in = torch.where(views.img_neg_changed[:, None], f_in, -anchor)
+            hn += [f_tn, f_in]
+        metrics = {}
+        if self.miner is not None and cfg.mine_k > 0:
+            self_rows = self.miner.pool_rows(batch["bank_index"].cpu()) if "bank_index" in batch \
+                else torch.full((B,), -1, dtype=torch.long)
+            mined = self.miner.neighbours(rows[0], self_rows, cfg.mine_k)      # [B, k, E]
+            hn += list(mined.unbind(1))
+            metrics["mined_sim"] = float((mined * rows[0].detach()[:, None]).sum(-1).mean())
+        hard = torch.stack(hn, 1).repeat(R, 1, 1) if hn else None          # [R B, H, E]
+        loss = sk.contrastive_loss(z, groups=groups, hard_negatives=hard, temperature=cfg.temperature,
+                                   hardness=cfg.hardness, process_group=di.group)
+        with torch.no_grad():
+            a = rows[0]
+            metrics["pos_sim"] = float(torch.stack([(a * r).sum(-1).mean() for r in rows[1:]]).mean()) \
+                if R > 1 else 1.0
+            if cfg.use_hard_views:
+                metrics["hardview_sim"] = float(((a * hn[0]).sum(-1).mean() + (a * hn[1]).sum(-1).mean()) / 2)
+            metrics["text_pos_hidden"] = float(((valid & ~views.text_pos).sum(1).float()
+                                                / valid.sum(1).clamp_min(1)).mean())
+            metrics["img_pos_hidden"] = float((~views.img_pos).float().mean())
+            metrics["img_neg_hidden"] = float((~views.img_neg).float().mean())
+        return loss, metrics
+
+
+# --------------------------------------------------------------------------- driver
+
+def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = False, log=None, seed: int = 0,
+               dist_info: Optional[DistInfo] = None, teacher=None, ckpt_every: int = 100, log_every: int = 10,
+               progress: bool = True) -> dict:
+    """Train `model` (initialised from stage 1) with stage 2's loss for cfg.steps steps.
+
+    data: a `PairBank` (mining pool = a seeded subset of it) or a `StreamBatches`
+    (mining disabled unless it has a pool).  The frozen teacher is a copy of `model`
+    taken now (or the given one).  Checkpoints in {out_dir}/ckpt; returns the loop's
+    summary dict."""
+    from .trainer import PairBank, train_loop
+    di = dist_info or get_dist()
+    if teacher is None:
+        teacher = copy.deepcopy(model)
+    teacher.eval().requires_grad_(False)
+    if cfg.n_pos_views < 1:
+        raise ValueError(f"stage2.n_pos_views: need at least 1 positive view, got {cfg.n_pos_views}")
+    miner = None
+    if cfg.mine_k > 0 and isinstance(data, PairBank):
+        g = torch.Generator().manual_seed(seed + 17)
+        n_pool = len(data) if cfg.mine_pool_size <= 0 else min(cfg.mine_pool_size, len(data))
+        pool_ids = torch.randperm(len(data), generator=g)[:n_pool].sort().values
+        miner = Miner(data, pool_ids, dtype=cfg.mine_dtype, exclude_top=cfg.mine_exclude_top)
+    loss_mod = Stage2Loss(model, teacher, cfg, seed=seed, miner=miner, dist_info=di)
+
+    def on_step(step):
+        if miner is not None and (miner.refreshed_at < 0 or step - miner.refreshed_at >= cfg.refresh_every):
+            miner.refresh(model, step, di)
+
+    def extra_state():
+        if miner is None or miner.bank is None:
+            return {}, {}
+        return {"refreshed_at": miner.refreshed_at}, {"mining_bank": miner.bank}
+
+    def restore_extra(ex, tensors):
+        if miner is not None and "mining_bank" in tensors:
+            miner.set_bank(tensors["mining_bank"], ex["refreshed_at"])
+
+    return train_loop(name="stage2", model=model, loss_fn=loss_mod, data=data, steps=cfg.steps,
+                      global_batch=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup_steps,
+                      min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                      out_dir=out_dir, resume=resume, log=log, dist_info=di, ckpt_every=ckpt_every,
+                      log_every=log_every, on_step=on_step, progress=progress, extra_state=extra_state,
+                      restore_extra=restore_extra)

@@ -1,0 +1,407 @@
+"""`python -m solar.train`: the main job.
+
+With no arguments (preset `tiny`): generate ShapesWorld into the cache folder if it is
+not there, build the sym-MM2MM benchmark if it is not there, train stage 1, stage 2 and
+the CLIP-SF baseline (same data, same number of steps), evaluate SOLAR, SOLAR after
+stage 1 only and CLIP-SF on the benchmark, and print the results table.
+
+    python -m solar.train                          # everything, tiny preset
+    python -m solar.train --stage 1                # stage 1 only
+    python -m solar.train --stage 2 --run.stage1_ckpt runs/solar/stage1/stage1_model
+    python -m solar.train --resume                 # continue an interrupted run
+    python -m solar.train --stage2.steps 400 --data.cache_dir /data/solar
+    torchrun --nproc_per_node=8 -m solar.train --preset clip-b16 --data.train_shards 'laion/{00000..01000}.tar'
+
+Every config field is a flag (`--help` lists them).  Output in --run.out_dir:
+config.json, metrics.jsonl, curves.png (losses and mask IoU), stage1/, stage2/,
+clip_sf/ (checkpoints and final models), results.json and results.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from .config import TrainConfig, config_to_dict, parse_args
+from .distributed import DistInfo, barrier, init_distributed
+from .logging import MetricsLogger, plot_metrics
+
+__all__ = ["main", "run", "prepare_data", "load_pair_bank", "build_model", "model_dir", "PHASES"]
+
+PHASES = ("stage1", "stage2", "clip_sf")
+EMBED_FILE = "solar_embedding.json"
+
+
+def _say(di: DistInfo, *a):
+    if di.is_main:
+        print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------- data
+
+def _shapesworld_dir(cfg: TrainConfig) -> str:
+    d = cfg.data
+    return os.path.join(d.cache_dir, f"shapesworld-s{d.seed}-n{d.train_pairs}-i{cfg.model.image_size}")
+
+
+def _bench_dir(cfg: TrainConfig) -> str:
+    d = cfg.data
+    if d.bench_dir:
+        return d.bench_dir
+    return os.path.join(d.cache_dir, f"bench-s{d.bench_seed}-t{d.bench_triplets}-p{d.bench_pool}-i{cfg.model.image_size}")
+
+
+def prepare_data(cfg: TrainConfig, di: DistInfo) -> tuple:
+    """(training urls, benchmark folder): generate / build them in the cache when absent
+    (rank 0 writes, the others wait).  A given --data.train_shards / --data.bench_dir that
+    does not exist is an error, never silently replaced."""
+    from .data.reader import expand_urls
+    d = cfg.data
+    if d.train_shards:
+        urls = expand_urls(d.train_shards)
+        local = [u for u in urls if not u.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))]
+        missing = [u for u in local if not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(f"data.train_shards: {len(missing)} of {len(urls)} shards do not exist "
+                                    f"(first: {missing[0]!r})")
+    else:
+        sw = _shapesworld_dir(cfg)
+        manifest = os.path.join(sw, "shapesworld.json")
+        if di.is_main and not os.path.isfile(manifest):
+            from .data.shapesworld import write_shards
+            print(f"[data] generating {d.train_pairs} ShapesWorld pairs into {sw}", flush=True)
+            write_shards(sw, d.train_pairs, seed=d.seed, shard_size=d.shard_size, image_size=cfg.model.image_size,
+                         progress=cfg.run.progress)
+        barrier()
+        with open(manifest) as fh:
+            m = json.load(fh)
+        urls = [os.path.join(sw, s) for s in m["shards"]]
+    bench = _bench_dir(cfg)
+    from . import benchmark as bm
+    if d.bench_dir and not os.path.isdir(bench):
+        raise FileNotFoundError(f"data.bench_dir: {bench!r} does not exist")
+    if di.is_main and not bm.benchmark_exists(bench):
+        if d.bench_dir:
+            raise FileNotFoundError(f"data.bench_dir: {bench!r} is not a benchmark folder")
+        print(f"[data] building the benchmark ({d.bench_triplets} triplets, {d.bench_pool} pool pairs) in {bench}",
+              flush=True)
+        bm.build_benchmark(bench, triplets=d.bench_triplets, pool=d.bench_pool, seed=d.bench_seed,
+                           image_size=cfg.model.image_size)
+    barrier()
+    return urls, bench
+
+
+def load_pair_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0):
+    """Decode every training pair once into a `PairBank` (pixels kept as float16)."""
+    from tqdm.auto import tqdm
+
+    from .data.reader import make_loader
+    from .trainer import PairBank
+    m = cfg.model
+    loader = make_loader(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
+                         max_length=m.max_text_len, batch_size=500, pad_to_max_length=True, rank=0, world_size=1,
+                         num_workers=cfg.data.num_workers)
+    fields: dict = {}
+    n = 0
+    bar = tqdm(desc="load pairs", unit="pair", disable=not cfg.run.progress, total=limit or None)
+    for b in loader:
+        for k, v in b.items():
+            if k == "pixel_values":
+                v = v.half()
+            fields.setdefault(k, []).append(v)
+        n += len(b["key"])
+        bar.update(len(b["key"]))
+        if limit and n >= limit:
+            break
+    bar.close()
+    if n == 0:
+        raise ValueError(f"data: no readable pairs in {len(urls)} shard(s) (first: {urls[0] if urls else None!r})")
+    out = {}
+    for k, parts in fields.items():
+        if torch.is_tensor(parts[0]):
+            out[k] = torch.cat(parts)
+        else:
+            out[k] = [x for p in parts for x in p]
+    if limit:
+        out = {k: v[:limit] for k, v in out.items()}
+    return PairBank(out, seed=cfg.run.seed)
+
+
+class _BankBatches:
+    """A re-iterable of batches over a PairBank for stage 1 (one endless pass)."""
+
+    def __init__(self, bank, global_batch: int, di: DistInfo):
+        self.bank, self.global_batch, self.di = bank, global_batch, di
+
+    def __iter__(self):
+        step = 0
+        while True:
+            yield _float_pixels(self.bank.batch(step, self.global_batch, self.di.rank, self.di.world))
+            step += 1
+
+
+def _float_pixels(b: dict) -> dict:
+    if "pixel_values" in b and b["pixel_values"].dtype != torch.float32:
+        b["pixel_values"] = b["pixel_values"].float()
+    if "attention_mask" in b:
+        # trim columns that are padding in every row (captions are short)
+        am = b["attention_mask"]
+        used = am.any(0).nonzero()
+        t = int(used.max()) + 1 if len(used) else am.shape[1]
+        for k in ("input_ids", "attention_mask", "gt_token_mask"):
+            if k in b:
+                b[k] = b[k][:, :t]
+    return b
+
+
+class _FloatBank:
+    """Wraps a PairBank so that batches come out with float32 pixels and trimmed text."""
+
+    def __init__(self, bank):
+        self.bank = bank
+
+    def __len__(self):
+        return len(self.bank)
+
+    def batch(self, step, global_batch, rank=0, world=1):
+        return _float_pixels(self.bank.batch(step, global_batch, rank, world))
+
+    def rows(self, idx):
+        return _float_pixels(self.bank.rows(idx))
+
+
+# --------------------------------------------------------------------------- models
+
+def build_model(cfg: TrainConfig, tokenizer, seed: int):
+    """A fresh SolarModel for cfg.model (vocabulary and special ids from `tokenizer`)."""
+    from .model import SolarModel
+    mcfg = cfg.model
+    if not mcfg.text_pretrained:
+        mcfg = mcfg.with_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    return SolarModel(mcfg)
+
+
+def model_dir(out_dir: str, phase: str) -> str:
+    """Where a phase's final model is written."""
+    if phase == "stage1":
+        return os.path.join(out_dir, "stage1", "stage1_model")
+    return os.path.join(out_dir, phase, "model")
+
+
+def _write_kind(path: str, kind: str, steps: int) -> None:
+    with open(os.path.join(path, EMBED_FILE), "w") as fh:
+        json.dump({"embedding": kind, "steps": steps}, fh)
+
+
+def _phase_done(path: str, steps: int) -> bool:
+    f = os.path.join(path, EMBED_FILE)
+    if not os.path.isfile(f):
+        return False
+    try:
+        with open(f) as fh:
+            return json.load(fh).get("steps") == steps
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+# --------------------------------------------------------------------------- phases
+
+def _stage1_log(log):
+    def f(m: dict):
+        m = dict(m)
+        step = m.pop("step", -1)
+        m.pop("stage", None)
+        log(m, stage="stage1", step=step)
+    return f
+
+
+def run_phase_stage1(cfg, bank, tokenizer, di, log):
+    from .model import SolarModel
+    from .stage1 import run_stage1
+    out = os.path.join(cfg.run.out_dir, "stage1")
+    final = model_dir(cfg.run.out_dir, "stage1")
+    if cfg.run.resume and _phase_done(final, cfg.stage1.steps):
+        _say(di, f"[stage1] done already: {final}")
+        return SolarModel.from_pretrained(final, map_location=di.device)
+    if di.enabled:
+        raise NotImplementedError("stage 1 under torch.distributed: solar.stage1.run_stage1 has no process_group "
+                                  "support yet; run stage 1 on one process (--stage 1), then stage 2 / the "
+                                  "baselines with torchrun (--stage 2 --run.stage1_ckpt ...)")
+    model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
+    ckpt = os.path.join(out, "stage1_ckpt")
+    resume = cfg.run.resume and os.path.isdir(ckpt)
+    eval_batches = [_float_pixels(b) for b in bank.bank.iter_chunks(128)][:4] \
+        if "gt_patch_mask" in bank.bank.fields and "gt_token_mask" in bank.bank.fields else None
+    s1 = cfg.stage1
+    run_stage1(model, _BankBatches(bank.bank, cfg.data.batch_size, di), s1,
+               out_dir=out, resume=resume, log=_stage1_log(log), eval_loader=eval_batches,
+               progress=cfg.run.progress and di.is_main)
+    _write_kind(final, "solar", s1.steps)
+    return model
+
+
+def run_phase_stage2(cfg, bank, stage1_model, di, log):
+    from .model import SolarModel
+    from .stage2 import run_stage2
+    final = model_dir(cfg.run.out_dir, "stage2")
+    if cfg.run.resume and _phase_done(final, cfg.stage2.steps):
+        _say(di, f"[stage2] done already: {final}")
+        return SolarModel.from_pretrained(final, map_location=di.device)
+    import copy
+    teacher = copy.deepcopy(stage1_model).to(di.device)
+    if cfg.stage2.init_from_stage1:
+        model = copy.deepcopy(stage1_model).to(di.device)
+    else:
+        from .model import SolarModel as _SM
+        torch.manual_seed(cfg.run.seed + 2)
+        model = _SM(stage1_model.cfg).to(di.device)
+        model.load_state_dict({k: v for k, v in stage1_model.state_dict().items()
+                               if k.startswith(("tau_", "qda_"))}, strict=False)
+    torch.manual_seed(cfg.run.seed + 2)
+    out = os.path.join(cfg.run.out_dir, "stage2")
+    run_stage2(model, bank, cfg.stage2, out_dir=out, resume=cfg.run.resume, log=log, seed=cfg.run.seed,
+               dist_info=di, teacher=teacher, ckpt_every=cfg.run.ckpt_every, log_every=cfg.run.log_every,
+               progress=cfg.run.progress)
+    if di.is_main:
+        model.save_pretrained(final)
+        _write_kind(final, "solar", cfg.stage2.steps)
+    barrier()
+    return model
+
+
+def clip_sf_steps(cfg) -> int:
+    """CLIP-SF's budget: stage1.steps + stage2.steps unless set explicitly."""
+    b = cfg.baseline
+    return b.clip_sf_steps if b.clip_sf_steps >= 0 else cfg.stage1.steps + cfg.stage2.steps
+
+
+def run_phase_clip_sf(cfg, bank, tokenizer, di, log):
+    from .baselines import run_clip_sf
+    from .model import SolarModel
+    steps = clip_sf_steps(cfg)
+    final = model_dir(cfg.run.out_dir, "clip_sf")
+    if cfg.run.resume and _phase_done(final, steps):
+        _say(di, f"[clip_sf] done already: {final}")
+        return SolarModel.from_pretrained(final, map_location=di.device)
+    model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
+    torch.manual_seed(cfg.run.seed + 3)
+    b = cfg.baseline
+    run_clip_sf(model, bank, steps=steps, global_batch=cfg.data.batch_size,
+                lr=b.clip_sf_lr if b.clip_sf_lr > 0 else cfg.stage1.lr, temperature=b.clip_sf_temperature,
+                out_dir=os.path.join(cfg.run.out_dir, "clip_sf"), resume=cfg.run.resume, log=log, dist_info=di,
+                warmup=cfg.stage1.warmup_steps, weight_decay=cfg.stage1.weight_decay, grad_clip=cfg.stage1.grad_clip,
+                ckpt_every=cfg.run.ckpt_every, log_every=cfg.run.log_every, progress=cfg.run.progress)
+    if di.is_main:
+        model.save_pretrained(final)
+        _write_kind(final, "clip_sf", steps)
+    barrier()
+    return model
+
+
+# --------------------------------------------------------------------------- main
+
+def _setup(cfg: TrainConfig) -> DistInfo:
+    if cfg.run.num_threads > 0:
+        torch.set_num_threads(cfg.run.num_threads)
+    di = init_distributed(cfg.run.device)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.run.seed)
+    return di
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Run the job `cfg` describes; returns {"results": ..., "seconds": ...} (results on rank 0)."""
+    t_start = time.time()
+    di = _setup(cfg)
+    out = cfg.run.out_dir
+    if cfg.run.stage not in ("1", "2", "all"):
+        raise ValueError(f"run.stage: expected '1', '2' or 'all', got {cfg.run.stage!r}")
+    if di.is_main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as fh:
+            json.dump(config_to_dict(cfg), fh, indent=1)
+    barrier()
+    log = MetricsLogger(os.path.join(out, "metrics.jsonl"), enabled=di.is_main, truncate=not cfg.run.resume)
+    from .data.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(cfg.data.tokenizer or "shapesworld", model_max_length=cfg.model.max_text_len)
+    urls, bench = prepare_data(cfg, di)
+    if not cfg.data.in_memory:
+        raise NotImplementedError("data.in_memory=false (streaming training) is not wired into solar.train yet")
+    bank = _FloatBank(load_pair_bank(urls, tokenizer, cfg))
+    _say(di, f"[data] {len(bank)} training pairs, benchmark {bench}, world size {di.world}, device {di.device}")
+    timings = {}
+    stage1_model = stage2_model = clip_model = None
+    if cfg.run.stage in ("1", "all"):
+        t = time.time()
+        stage1_model = run_phase_stage1(cfg, bank, tokenizer, di, log)
+        timings["stage1_s"] = time.time() - t
+    if cfg.run.stage in ("2", "all"):
+        if stage1_model is None:
+            from .model import SolarModel
+            path = cfg.run.stage1_ckpt or model_dir(out, "stage1")
+            stage1_model = SolarModel.from_pretrained(path, map_location=di.device)
+        t = time.time()
+        stage2_model = run_phase_stage2(cfg, bank, stage1_model, di, log)
+        timings["stage2_s"] = time.time() - t
+    if cfg.run.stage == "all" and cfg.baseline.clip_sf:
+        t = time.time()
+        clip_model = run_phase_clip_sf(cfg, bank, tokenizer, di, log)
+        timings["clip_sf_s"] = time.time() - t
+    results = {}
+    if cfg.run.stage == "all" and cfg.eval.run and di.is_main:
+        from .evaluate import evaluate_models, format_table
+        t = time.time()
+        models = {"SOLAR": (stage2_model, "solar")}
+        if cfg.baseline.stage1_only:
+            models["SOLAR stage 1 only"] = (stage1_model, "solar")
+        if clip_model is not None:
+            models["CLIP-SF"] = (clip_model, "clip_sf")
+        results = evaluate_models(models, bench, tokenizer=tokenizer, image_size=cfg.model.image_size,
+                                  patch_size=cfg.model.patch_size, max_length=cfg.model.max_text_len,
+                                  batch_size=cfg.eval.batch_size, index_dtypes=cfg.eval.index_dtypes,
+                                  device=di.device, progress=cfg.run.progress)
+        timings["eval_s"] = time.time() - t
+        timings["total_s"] = time.time() - t_start
+        results["timings"] = timings
+        results["config"] = config_to_dict(cfg)
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+        table = format_table(results)
+        with open(os.path.join(out, "results.md"), "w") as fh:
+            fh.write(table + "\n")
+        print(table, flush=True)
+        log({"event": "results", **{f"{m}/{k}": v for m, r in results["models"].items()
+                                    for k, v in r.get("fp32", {}).items() if isinstance(v, (int, float))}},
+            stage="eval", step=0)
+    if di.is_main:
+        png = plot_metrics(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
+        print(f"[done] {time.time() - t_start:.0f} s; outputs in {out}" + (f" (curves: {png})" if png else ""),
+              flush=True)
+    barrier()
+    return {"results": results, "seconds": time.time() - t_start}
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    from .checkpoint import CheckpointError
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"solar.train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
