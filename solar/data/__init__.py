@@ -1,0 +1,32 @@
+"""Data: the ShapesWorld generator, the webdataset reader and the tokenisers.
+
+* :mod:`solar.data.shapesworld` -- procedural pairs with known ground truth
+  (``python -m solar.data.shapesworld --out DIR --pairs N --seed S``).
+* :mod:`solar.data.reader` -- one reader for local / brace / ``pipe:`` webdataset shards,
+  batches in the format documented there; :func:`collate_pairs` for in-memory pairs.
+* :mod:`solar.data.tokenizer` -- the offline CLIP-compatible BPE tokenizer for ShapesWorld,
+  or any local tokenizer folder.
+
+Names are imported lazily so that ``python -m solar.data.shapesworld`` runs the module once.
+"""
+import importlib
+
+_EXPORTS = {
+    "reader": ("CLIP_MEAN", "CLIP_STD", "ImageTransform", "PairDataset", "PairLoader", "ReaderStats",
+               "collate_pairs", "expand_urls", "gt_patch_mask", "make_loader"),
+    "shapesworld": ("BENCHMARK_ITEM_BASE", "VOCABULARY", "make_item", "make_pair", "write_shards"),
+    "tokenizer": ("load_tokenizer", "save_tokenizer", "shapesworld_tokenizer"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'solar.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

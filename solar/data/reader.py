@@ -1,0 +1,466 @@
+"""One reader for every source of (image, caption) pairs in webdataset shards.
+
+Sources: local paths, brace patterns (``data/shard-{000000..000099}.tar``), ``pipe:`` URLs
+(``pipe:aws s3 cp s3://b/shard-000001.tar -``) and lists of these; a ``::``-separated string
+is split too.  Samples are LAION/CC-style: an image (``jpg``/``jpeg``/``png``/``webp``), a
+caption (``txt``) and an optional ``json``.  ShapesWorld's json adds the ground truth.
+
+Pipeline (per epoch): expand urls -> optional shard shuffle (same order on every rank) ->
+split by node (``rank``/``world_size``) -> split by DataLoader worker -> read tar ->
+shuffle buffer -> decode, resize (shorter side) + crop to ``image_size``, normalise ->
+tokenise and batch with padding masks.
+
+Never a crash, never a silent hole: an unreadable shard, a corrupt image, a missing image
+or caption, an empty caption or a bad json is skipped and counted in :class:`ReaderStats`
+(shared across DataLoader workers); :class:`PairLoader` logs the counts at the end of every
+pass and keeps them in ``last_report``.
+
+Batch format (every consumer depends on it)::
+
+    pixel_values    float32 [B, 3, H, W]  normalised with mean/std
+    input_ids       int64   [B, T]        BOS ... EOS, padded with the pad token
+    attention_mask  bool    [B, T]        True on real tokens (specials included)
+    key             list[str]             the webdataset __key__ of each sample
+  and, when every sample's json has them (ShapesWorld):
+    item_id         int64   [B]
+    gt_patch_mask   bool    [B, P]        P = (H / patch_size)^2, row-major patches; True when the
+                                          patch holds any pixel of an object both shown and described
+    gt_token_mask   bool    [B, T]        True on tokens of caption words that describe visible
+                                          objects; specials and padding are False
+
+:func:`collate_pairs` builds the same batch from in-memory PIL images and caption strings.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_EXTENSIONS", "ReaderStats", "ImageTransform", "expand_urls",
+           "collate_pairs", "gt_patch_mask", "PairDataset", "PairLoader", "make_loader"]
+
+logger = logging.getLogger("solar.data")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSIONS = ("txt",)
+
+
+class ReaderStats:
+    """Counters shared by the main process and its DataLoader workers.
+
+    One row of a shared-memory int64 tensor per process (row 0 = main, row w+1 = worker w),
+    so increments need no lock; :meth:`totals` sums the rows.
+    """
+
+    FIELDS = ("seen", "yielded", "batches", "read_error", "missing_image", "missing_caption", "corrupt_image",
+              "empty_caption", "bad_json", "gt_mismatch")
+    SKIPS = ("read_error", "missing_image", "missing_caption", "corrupt_image", "empty_caption", "bad_json")
+    MAX_WORKERS = 256
+
+    def __init__(self):
+        self.counts = torch.zeros(self.MAX_WORKERS + 1, len(self.FIELDS), dtype=torch.int64).share_memory_()
+        self._index = {f: i for i, f in enumerate(self.FIELDS)}
+
+    def add(self, field: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``field`` in this process's row."""
+        info = torch.utils.data.get_worker_info()
+        row = 0 if info is None else info.id + 1
+        if row > self.MAX_WORKERS:
+            raise RuntimeError(f"ReaderStats supports at most {self.MAX_WORKERS} DataLoader workers")
+        self.counts[row, self._index[field]] += n
+
+    def totals(self) -> dict:
+        """All counters summed over processes, plus ``skipped`` (sum of the skip reasons)."""
+        tot = self.counts.sum(0).tolist()
+        d = dict(zip(self.FIELDS, tot))
+        d["skipped"] = sum(d[k] for k in self.SKIPS)
+        return d
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.counts.zero_()
+
+    def report(self) -> str:
+        """One log line: yielded samples, and each non-zero skip reason."""
+        t = self.totals()
+        reasons = ", ".join(f"{k.replace('_', ' ')} {t[k]}" for k in self.SKIPS if t[k])
+        line = f"reader: {t['yielded']} samples in {t['batches']} batches, skipped {t['skipped']}"
+        line += f" ({reasons})" if reasons else ""
+        if t["gt_mismatch"]:
+            line += f"; token ground truth unaligned (zeroed) for {t['gt_mismatch']}"
+        return line
+
+
+@dataclass
+class ImageTransform:
+    """Resize the shorter side to ``image_size`` (bicubic), crop a square, to tensor, normalise.
+
+    ``crop``: "center" (evaluation) or "random" (training).  The same geometry is applied to
+    the ground-truth masks (nearest neighbour) by :func:`gt_patch_mask`.
+    """
+    image_size: int = 64
+    crop: str = "center"
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+
+    def __post_init__(self):
+        if not isinstance(self.image_size, int) or self.image_size <= 0:
+            raise ValueError(f"image_size: expected a positive int, got {self.image_size!r}")
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"crop: expected 'center' or 'random', got {self.crop!r}")
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+
+    def geometry(self, w: int, h: int, rng: random.Random | None = None) -> tuple[int, int, int, int]:
+        """(resized w, resized h, crop left, crop top) for a w x h image."""
+        s = self.image_size
+        scale = s / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        if self.crop == "random" and rng is not None:
+            left, top = rng.randint(0, nw - s), rng.randint(0, nh - s)
+        else:
+            left, top = (nw - s) // 2, (nh - s) // 2
+        return nw, nh, left, top
+
+    def apply_geometry(self, img: Image.Image, geom, resample) -> Image.Image:
+        """Resize + crop a PIL image with a geometry from :meth:`geometry`."""
+        nw, nh, left, top = geom
+        s = self.image_size
+        if img.size != (nw, nh):
+            img = img.resize((nw, nh), resample)
+        if (nw, nh) != (s, s):
+            img = img.crop((left, top, left + s, top + s))
+        return img
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None):
+        """(float32 [3, S, S] tensor, geometry) for a PIL image (converted to RGB)."""
+        img = img.convert("RGB")
+        geom = self.geometry(*img.size, rng)
+        img = self.apply_geometry(img, geom, Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return (x - self._mean) / self._std, geom
+
+
+def _has_patch_gt(meta) -> bool:
+    return isinstance(meta, dict) and "objects" in meta and "mask_grid" in meta and "intersection" in meta
+
+
+def gt_patch_mask(meta: dict, native_size: tuple[int, int], transform: ImageTransform, geom,
+                  patch_size: int) -> torch.Tensor:
+    """bool [P] patch mask of the objects both shown and described, after the image's geometry.
+
+    The union of the intersection objects' occupancy grids (``mask_grid`` cells over the
+    native image) is upsampled to the native size, resized/cropped like the image (nearest)
+    and max-pooled over ``patch_size`` patches: a patch is True when it holds any pixel of
+    an intersection object.  Exact when no resize happens and patch_size is a multiple of
+    the cell size (ShapesWorld's 4 px).
+    """
+    g = int(meta["mask_grid"])
+    occ = np.zeros(g * g, dtype=bool)
+    for i in meta["intersection"]:
+        hexs = meta["objects"][i]["occupancy"]
+        occ |= np.unpackbits(np.frombuffer(bytes.fromhex(hexs), dtype=np.uint8))[: g * g].astype(bool)
+    occ = occ.reshape(g, g)
+    w, h = native_size
+    pix = occ[(np.arange(h) * g) // h][:, (np.arange(w) * g) // w]
+    s = transform.image_size
+    if (w, h) != (s, s):
+        pix = np.asarray(transform.apply_geometry(Image.fromarray(pix.astype(np.uint8) * 255, "L"), geom,
+                                                  Image.NEAREST)) > 127
+    n = s // patch_size
+    return torch.from_numpy(pix.reshape(n, patch_size, n, patch_size).any(axis=(1, 3)).ravel().copy())
+
+
+def _word_counts(tokenizer, words, cache: dict) -> list[int]:
+    out = []
+    for w in words:
+        c = cache.get(w)
+        if c is None:
+            c = cache[w] = len(tokenizer(w, add_special_tokens=False)["input_ids"])
+        out.append(c)
+    return out
+
+
+def collate_pairs(images, captions, tokenizer, image_size: int = 64, patch_size: int = 8, max_length: int = 77,
+                  metas=None, keys=None, transform: ImageTransform | None = None, pad_to_max_length: bool = False,
+                  stats: ReaderStats | None = None, _pixel_values=None, _patch_masks=None) -> dict:
+    """Build a batch (format in the module docstring) from PIL images and caption strings.
+
+    ``metas``: optional per-sample json dicts; ``item_id`` / ``gt_patch_mask`` /
+    ``gt_token_mask`` are added when every sample has them.  ``keys`` default to "0", "1", ...
+    ``transform`` defaults to a center-crop :class:`ImageTransform` at ``image_size``.
+    """
+    n = len(captions)
+    if _pixel_values is None and len(images) != n:
+        raise ValueError(f"images/captions: expected equal lengths, got {len(images)} and {n}")
+    if n == 0:
+        raise ValueError("captions: expected at least one pair, got an empty list")
+    if image_size % patch_size:
+        raise ValueError(f"patch_size: expected a divisor of image_size={image_size}, got {patch_size}")
+    if isinstance(tokenizer, str):
+        from .tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer)
+    transform = transform or ImageTransform(image_size)
+    if transform.image_size != image_size:
+        raise ValueError(f"transform.image_size={transform.image_size} differs from image_size={image_size}")
+    metas = list(metas) if metas is not None else [None] * n
+    if _pixel_values is None:
+        pix, patch_masks = [], []
+        for img, meta in zip(images, metas):
+            x, geom = transform(img)
+            pix.append(x)
+            patch_masks.append(gt_patch_mask(meta, img.size, transform, geom, patch_size)
+                               if _has_patch_gt(meta) else None)
+        _pixel_values, _patch_masks = torch.stack(pix), patch_masks
+    enc = tokenizer(list(captions), padding="max_length" if pad_to_max_length else "longest", truncation=True,
+                    max_length=max_length, return_tensors="pt", return_special_tokens_mask=True)
+    batch = {
+        "pixel_values": _pixel_values,
+        "input_ids": enc["input_ids"].to(torch.int64),
+        "attention_mask": enc["attention_mask"].bool(),
+        "key": list(keys) if keys is not None else [str(i) for i in range(n)],
+    }
+    if all(isinstance(m, dict) and "item_id" in m for m in metas):
+        batch["item_id"] = torch.tensor([int(m["item_id"]) for m in metas], dtype=torch.int64)
+    if _patch_masks is not None and all(m is not None for m in _patch_masks):
+        batch["gt_patch_mask"] = torch.stack(_patch_masks)
+    if all(isinstance(m, dict) and "words" in m and "word_flags" in m for m in metas):
+        cache = getattr(tokenizer, "_solar_word_counts", None)
+        if cache is None:
+            cache = {}
+            try:
+                tokenizer._solar_word_counts = cache
+            except AttributeError:  # pragma: no cover
+                pass
+        special = enc["special_tokens_mask"].bool() | ~batch["attention_mask"]
+        gt = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for b, (meta, cap) in enumerate(zip(metas, captions)):
+            words, flags = meta["words"], meta["word_flags"]
+            flat = [f for f, c in zip(flags, _word_counts(tokenizer, words, cache)) for _ in range(c)]
+            pos = (~special[b]).nonzero().flatten()
+            truncated = bool(batch["attention_mask"][b].all()) and batch["attention_mask"].shape[1] >= max_length
+            ok = (len(words) == len(flags) and " ".join(words).lower() == " ".join(cap.split()).lower()
+                  and (len(flat) == len(pos) or (truncated and len(flat) > len(pos))))
+            if not ok:
+                if stats is not None:
+                    stats.add("gt_mismatch")
+                continue
+            gt[b, pos] = torch.tensor(flat[: len(pos)], dtype=torch.bool)
+        batch["gt_token_mask"] = gt
+    return batch
+
+
+def expand_urls(urls) -> list[str]:
+    """A list of shard urls from a string (brace pattern, ``::``-separated) or a list of them."""
+    import braceexpand
+
+    if isinstance(urls, (str, os.PathLike)):
+        urls = [urls]
+    out = []
+    for u in urls:
+        if not isinstance(u, (str, os.PathLike)):
+            raise TypeError(f"urls: expected str, PathLike or a list of them, got {type(u).__name__}")
+        for part in str(u).split("::"):
+            out.extend(braceexpand.braceexpand(part))
+    if not out:
+        raise ValueError(f"urls: no shards in {urls!r}")
+    for u in out:
+        if not u.startswith(("pipe:", "http://", "https://", "gs://", "s3://")) and not os.path.exists(u):
+            raise FileNotFoundError(f"urls: shard {u!r} does not exist")
+    return out
+
+
+def _dist_info(rank, world_size):
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            r, ws = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            r, ws = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank = r if rank is None else rank
+        world_size = ws if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    return rank, world_size
+
+
+class PairDataset(torch.utils.data.IterableDataset):
+    """Iterable of batches from webdataset shards (see the module docstring).
+
+    Args:
+        urls: path, brace pattern, ``pipe:`` url, ``::``-joined string, or a list of them.
+        tokenizer: a tokenizer object, "shapesworld", or a local tokenizer folder.
+        image_size, patch_size: model input size and patch size (for ``gt_patch_mask``).
+        max_length: token limit (captions are truncated; EOS kept).
+        batch_size, drop_last: batching inside each worker.
+        shuffle_buffer: sample shuffle buffer size (0 = keep shard order).
+        shard_shuffle: shuffle the shard list every epoch (same order on every rank).
+        seed: seeds the shard order, the sample buffer and random crops (with epoch, rank, worker).
+        rank, world_size: node split (default: torch.distributed, else $RANK/$WORLD_SIZE, else 0/1).
+        crop: "center" or "random"; mean, std: normalisation.
+        repeat: iterate epochs forever (train by steps).
+        pad_to_max_length: pad every batch to ``max_length`` instead of its longest caption.
+    """
+
+    def __init__(self, urls, tokenizer="shapesworld", image_size: int = 64, patch_size: int = 8,
+                 max_length: int = 77, batch_size: int = 64, drop_last: bool = False, shuffle_buffer: int = 0,
+                 shard_shuffle: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 crop: str = "center", mean=CLIP_MEAN, std=CLIP_STD, repeat: bool = False,
+                 pad_to_max_length: bool = False, stats: ReaderStats | None = None):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if image_size % patch_size:
+            raise ValueError(f"patch_size: expected a divisor of image_size={image_size}, got {patch_size}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer: expected >= 0, got {shuffle_buffer}")
+        self.urls = expand_urls(urls)
+        if isinstance(tokenizer, str):
+            from .tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.image_size, self.patch_size, self.max_length = image_size, patch_size, max_length
+        self.batch_size, self.drop_last, self.shuffle_buffer = batch_size, drop_last, shuffle_buffer
+        self.shard_shuffle, self.seed, self.repeat = shard_shuffle, seed, repeat
+        self.rank, self.world_size = _dist_info(rank, world_size)
+        self.transform = ImageTransform(image_size, crop, tuple(mean), tuple(std))
+        self.pad_to_max_length = pad_to_max_length
+        self.stats = stats if stats is not None else ReaderStats()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used to seed shuffles (call before each pass when not repeating)."""
+        self.epoch = int(epoch)
+
+    # -- stages --------------------------------------------------------------------------
+    def _on_read_error(self, exn) -> bool:
+        self.stats.add("read_error")
+        logger.warning("reader: skipping unreadable data (%s: %s)", type(exn).__name__, exn)
+        return True
+
+    def _shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        urls = list(self.urls)
+        if self.shard_shuffle:
+            random.Random(f"{self.seed}-{epoch}").shuffle(urls)
+        return urls[self.rank::self.world_size][worker::num_workers]
+
+    def _decode(self, sample: dict, rng: random.Random):
+        self.stats.add("seen")
+        img_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
+        if img_key is None:
+            self.stats.add("missing_image")
+            return None
+        cap_key = next((k for k in CAPTION_EXTENSIONS if k in sample), None)
+        if cap_key is None:
+            self.stats.add("missing_caption")
+            return None
+        try:
+            caption = sample[cap_key].decode("utf-8").strip()
+        except (UnicodeDecodeError, AttributeError):
+            caption = ""
+        if not caption:
+            self.stats.add("empty_caption")
+            return None
+        meta = None
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (ValueError, UnicodeDecodeError):
+                self.stats.add("bad_json")
+                return None
+        try:
+            img = Image.open(io.BytesIO(sample[img_key]))
+            img.load()
+            x, geom = self.transform(img, rng)
+            patch = (gt_patch_mask(meta, img.size, self.transform, geom, self.patch_size)
+                     if _has_patch_gt(meta) else None)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+            self.stats.add("corrupt_image")
+            logger.debug("reader: corrupt image in %s (%s)", sample.get("__key__"), e)
+            return None
+        return sample["__key__"], x, caption, meta, patch
+
+    def _collate(self, items) -> dict:
+        keys, xs, caps, metas, patches = zip(*items)
+        batch = collate_pairs(None, list(caps), self.tokenizer, self.image_size, self.patch_size, self.max_length,
+                              metas=list(metas), keys=list(keys), transform=self.transform,
+                              pad_to_max_length=self.pad_to_max_length, stats=self.stats,
+                              _pixel_values=torch.stack(xs), _patch_masks=list(patches))
+        self.stats.add("yielded", len(items))
+        self.stats.add("batches")
+        return batch
+
+    def _one_epoch(self, epoch: int):
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        shards = self._shards(epoch, worker, num_workers)
+        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
+        samples = wds.tarfile_to_samples(handler=self._on_read_error)(iter([{"url": u} for u in shards]))
+        if self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
+        buf = []
+        for s in samples:
+            item = self._decode(s, rng)
+            if item is None:
+                continue
+            buf.append(item)
+            if len(buf) == self.batch_size:
+                yield self._collate(buf)
+                buf = []
+        if buf and not self.drop_last:
+            yield self._collate(buf)
+
+    def __iter__(self):
+        epoch = self.epoch
+        while True:
+            yield from self._one_epoch(epoch)
+            if not self.repeat:
+                break
+            epoch += 1
+
+
+class PairLoader:
+    """A DataLoader over a :class:`PairDataset` that logs the reader's counts after every pass.
+
+    ``last_report`` holds the last log line; ``stats`` the live counters.
+    """
+
+    def __init__(self, dataset: PairDataset, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None, persistent_workers: bool = False,
+                 multiprocessing_context=None):
+        if num_workers > ReaderStats.MAX_WORKERS:
+            raise ValueError(f"num_workers: expected <= {ReaderStats.MAX_WORKERS}, got {num_workers}")
+        if num_workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            n = len(dataset._shards(0, 0, 1))
+            if n < num_workers:
+                logger.warning("reader: %d shard(s) for this rank but %d workers: %d worker(s) will be idle",
+                               n, num_workers, num_workers - n)
+        self.dataset, self.stats = dataset, dataset.stats
+        kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=persistent_workers and num_workers > 0,
+                  multiprocessing_context=multiprocessing_context)
+        if num_workers > 0 and prefetch_factor is not None:
+            kw["prefetch_factor"] = prefetch_factor
+        self.loader = torch.utils.data.DataLoader(dataset, **kw)
+        self.last_report = None
+
+    def __iter__(self):
+        yield from self.loader
+        self.last_report = self.stats.report()
+        logger.info(self.last_report)
+
+
+def make_loader(urls, tokenizer="shapesworld", num_workers: int = 0, **dataset_kw) -> PairLoader:
+    """Shortcut: ``PairLoader(PairDataset(urls, tokenizer, **dataset_kw), num_workers)``."""
+    return PairLoader(PairDataset(urls, tokenizer, **dataset_kw), num_workers=num_workers)
