@@ -33,7 +33,7 @@ one-attribute twin X' = ``base + 2t + 1``; query = a view of X, positive = anoth
 with a different information split (shown/described objects differ), hard negative = a view
 of X' (X with one attribute -- shape, colour, size or position -- of one object the query
 observes changed; the negative view observes that object too); pool = one view each of
-``pool_size`` further items.  All ids are >= ``BENCHMARK_ITEM_BASE``, which training data
+``pool`` further items.  All ids are >= ``BENCHMARK_ITEM_BASE``, which training data
 refuses; :func:`check_no_overlap` verifies ids (and optionally item content) against a
 training set.
 
@@ -54,7 +54,7 @@ import torch
 from .data.shapesworld import (BENCHMARK_ITEM_BASE, GENERATOR_VERSION, _rng, item_signature, make_item, make_pair,
                                perturb_item, render_view, sample_key, sample_split, write_samples)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Benchmark", "build_benchmark", "load_benchmark", "check_no_overlap",
+__all__ = ["FORMAT", "FORMAT_VERSION", "Benchmark", "build_benchmark", "load_benchmark", "benchmark_exists", "check_no_overlap",
            "OverlapReport", "recall_at_k", "hard_negative_precision", "summarize", "metrics_from_search",
            "metrics_from_scores", "metrics_from_embeddings", "format_table", "METRIC_NAMES"]
 
@@ -90,21 +90,23 @@ def _triplet(seed: int, t: int, base: int, image_size: int):
     return out, record
 
 
-def build_benchmark(out: str, seed: int = 1234, n_triplets: int = 200, pool_size: int = 3000, image_size: int = 64,
+def build_benchmark(out: str, seed: int = 1234, triplets: int = 200, pool: int = 3000, image_size: int = 64,
                     shard_size: int = 1000, item_base: int = BENCHMARK_ITEM_BASE, progress: bool = True) -> dict:
     """Build the ShapesWorld sym-MM2MM benchmark in folder ``out`` (format in the module docstring).
 
+    ``triplets``: number of triplets; ``pool``: number of distractor items (one view each).
     Deterministic for ``seed``.  Defaults (200 triplets, 3000 distractors, 64 px) embed in
     seconds on a CPU.  Returns the triplets.json content.
     """
-    for name, v, lo in (("n_triplets", n_triplets, 1), ("pool_size", pool_size, 0), ("shard_size", shard_size, 1)):
+    n_triplets, pool_size = triplets, pool
+    for name, v, lo in (("triplets", n_triplets, 1), ("pool", pool_size, 0), ("shard_size", shard_size, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
     if item_base < BENCHMARK_ITEM_BASE:
         raise ValueError(f"item_base: expected >= BENCHMARK_ITEM_BASE={BENCHMARK_ITEM_BASE} (ids below are "
                          f"training ids), got {item_base}")
     os.makedirs(out, exist_ok=True)
-    samples, triplets = [], []
+    samples, records = [], []
     it = range(n_triplets)
     if progress:
         from tqdm import tqdm
@@ -112,26 +114,35 @@ def build_benchmark(out: str, seed: int = 1234, n_triplets: int = 200, pool_size
     for t in it:
         s, rec = _triplet(seed, t, item_base, image_size)
         samples += s
-        triplets.append(rec)
+        records.append(rec)
     pool_base = item_base + 2 * n_triplets
-    pool = range(pool_base, pool_base + pool_size)
+    pool_ids = range(pool_base, pool_base + pool_size)
     if progress:
         from tqdm import tqdm
-        pool = tqdm(pool, desc="benchmark pool", unit="pair")
-    samples += [make_pair(seed, i, 0, image_size) for i in pool]
+        pool_ids = tqdm(pool_ids, desc="benchmark pool", unit="pair")
+    samples += [make_pair(seed, i, 0, image_size) for i in pool_ids]
     shards = []
     for s in range(0, len(samples), shard_size):
         name = f"pool-{s // shard_size:06d}.tar"
         write_samples(os.path.join(out, name), samples[s:s + shard_size])
         shards.append(name)
     spec = {"format": FORMAT, "version": FORMAT_VERSION, "name": "shapesworld", "shards": shards,
-            "num_pairs": len(samples), "triplets": triplets, "item_id_range": [item_base, pool_base + pool_size],
+            "num_pairs": len(samples), "triplets": records, "item_id_range": [item_base, pool_base + pool_size],
             "seed": seed, "generator_version": GENERATOR_VERSION, "pool_items": pool_size, "image_size": image_size}
     tmp = os.path.join(out, "triplets.json.tmp")
     with open(tmp, "w") as f:
         json.dump(spec, f, indent=1)
     os.replace(tmp, os.path.join(out, "triplets.json"))
     return spec
+
+
+def benchmark_exists(path: str) -> bool:
+    """True when ``path`` holds a loadable benchmark (triplets.json valid, shards present)."""
+    try:
+        load_benchmark(path)
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
 
 
 @dataclass
