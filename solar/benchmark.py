@@ -72,7 +72,7 @@ def _triplet(seed: int, t: int, base: int, image_size: int):
     rq, rp, rn, rc = (_rng(seed, x_id, s) for s in (1, 2, 3, 1000))
     q_split = sample_split(item, rq)
     observed = sorted(q_split.observed)
-    obj = observed[int(rc.integers(0, len(observed)))]
+    obj = rc.choice(observed)
     twin, change = perturb_item(item, rc, neg_id, object_index=obj)
     for _ in range(1000):
         p_split = sample_split(item, rp)

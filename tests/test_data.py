@@ -310,9 +310,13 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, shards, tok):
     # a shard cut in the middle of a member: the intact samples before the cut are kept
     with open(good, "rb") as f:
         data = f.read()
+    with tarfile.open(good) as tar:
+        members = tar.getmembers()
+    cut = members[len(members) // 2]  # cut inside this member's data
+    assert cut.size > 10
     trunc = str(tmp_path / "trunc-000000.tar")
     with open(trunc, "wb") as f:
-        f.write(data[: len(data) // 2 + 100])
+        f.write(data[: cut.offset_data + cut.size // 2])
     junk = str(tmp_path / "junk-000000.tar")
     with open(junk, "wb") as f:
         f.write(b"this is not a tar file at all" * 40)

@@ -41,6 +41,7 @@ import io
 import json
 import math
 import os
+import random
 import sys
 import tarfile
 import time
@@ -136,8 +137,14 @@ class Split:
         return frozenset(self.shown) | frozenset(self.described)
 
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key])))
+def _rng(*key: int) -> random.Random:
+    """A private stream for a key: Python's Mersenne Twister seeded (via SHA-512) by the key's text.
+
+    Python's ``random`` is used rather than numpy: a scene needs ~30 scalar draws and numpy's
+    per-call overhead would dominate the generation time.  String seeding is stable across
+    runs and platforms (independent of PYTHONHASHSEED).
+    """
+    return random.Random("shapesworld:" + ":".join(str(int(k)) for k in key))
 
 
 def sample_key(item_id: int, view: int) -> str:
@@ -148,17 +155,12 @@ def sample_key(item_id: int, view: int) -> str:
 def make_item(seed: int, item_id: int) -> Item:
     """The item ``item_id`` of the world ``seed`` (a pure function of both)."""
     rng = _rng(seed, item_id, 0)
-    n = int(rng.integers(2, 6))
-    cells = rng.choice(GRID * GRID, size=n, replace=False)
-    shapes = rng.integers(0, len(SHAPES), size=n)
-    colors = rng.integers(0, len(COLORS), size=n)
-    sizes = rng.integers(0, len(SIZES), size=n)
+    n = rng.randrange(2, 6)
+    cells = rng.sample(range(GRID * GRID), n)
     color_names, size_names = tuple(COLORS), tuple(SIZES)
-    objects = tuple(
-        ShapeObject(SHAPES[shapes[i]], color_names[colors[i]], size_names[sizes[i]],
-                    int(cells[i]) // GRID, int(cells[i]) % GRID)
-        for i in range(n))
-    attrs = tuple((name, vals[int(rng.integers(0, len(vals)))]) for name, vals in TEXT_ATTRIBUTES.items())
+    objects = tuple(ShapeObject(rng.choice(SHAPES), rng.choice(color_names), rng.choice(size_names),
+                                c // GRID, c % GRID) for c in cells)
+    attrs = tuple((name, rng.choice(vals)) for name, vals in TEXT_ATTRIBUTES.items())
     return Item(int(item_id), objects, attrs)
 
 
@@ -174,7 +176,7 @@ def item_signature(objects, attrs) -> str:
     return json.dumps([objs, [attrs.get(k) for k in TEXT_ATTRIBUTES]], separators=(",", ":"))
 
 
-def perturb_item(item: Item, rng: np.random.Generator, new_id: int, object_index: int | None = None,
+def perturb_item(item: Item, rng: random.Random, new_id: int, object_index: int | None = None,
                  attribute: str | None = None) -> tuple[Item, dict]:
     """A copy of ``item`` with id ``new_id`` that differs in exactly one object attribute.
 
@@ -184,16 +186,16 @@ def perturb_item(item: Item, rng: np.random.Generator, new_id: int, object_index
     """
     objs = list(item.objects)
     if object_index is None:
-        object_index = int(rng.integers(0, len(objs)))
+        object_index = rng.randrange(len(objs))
     if not 0 <= object_index < len(objs):
         raise ValueError(f"object_index: expected 0..{len(objs) - 1}, got {object_index}")
     if attribute is None:
-        attribute = OBJECT_ATTRIBUTES[int(rng.integers(0, len(OBJECT_ATTRIBUTES)))]
+        attribute = rng.choice(OBJECT_ATTRIBUTES)
     o = objs[object_index]
     if attribute == "position":
         used = {(p.row, p.col) for p in objs}
         free = [c for c in range(GRID * GRID) if (c // GRID, c % GRID) not in used]
-        c = free[int(rng.integers(0, len(free)))]
+        c = rng.choice(free)
         new = replace(o, row=c // GRID, col=c % GRID)
         old_v, new_v = [o.row, o.col], [new.row, new.col]
     else:
@@ -202,14 +204,14 @@ def perturb_item(item: Item, rng: np.random.Generator, new_id: int, object_index
             raise ValueError(f"attribute: expected one of {OBJECT_ATTRIBUTES}, got {attribute!r}")
         old_v = getattr(o, attribute)
         others = [v for v in choices if v != old_v]
-        new_v = others[int(rng.integers(0, len(others)))]
+        new_v = rng.choice(others)
         new = replace(o, **{attribute: new_v})
     objs[object_index] = new
     change = {"object": object_index, "attribute": attribute, "from": old_v, "to": new_v}
     return Item(int(new_id), tuple(objs), item.attrs), change
 
 
-def sample_split(item: Item, rng: np.random.Generator, must_observe: int | None = None) -> Split:
+def sample_split(item: Item, rng: random.Random, must_observe: int | None = None) -> Split:
     """Draw which objects a view shows and describes, and which text attributes it mentions.
 
     At least one object is shown and described, at least one is shown only; when the item
@@ -218,21 +220,19 @@ def sample_split(item: Item, rng: np.random.Generator, must_observe: int | None 
     """
     n = len(item.objects)
     for _ in range(1000):
-        perm = rng.permutation(n)
-        k = int(rng.integers(1, n))           # both
-        a = int(rng.integers(1, n - k + 1))   # shown only
+        perm = rng.sample(range(n), n)
+        k = rng.randrange(1, n)           # both
+        a = rng.randrange(1, n - k + 1)   # shown only
         rest = n - k - a
-        b = int(rng.integers(min(1, rest), rest + 1))  # described only
-        both, img, txt = perm[:k], perm[k:k + a], perm[k + a:k + a + b]
-        shown = tuple(sorted(int(i) for i in np.concatenate([both, img])))
-        described = tuple(sorted(int(i) for i in np.concatenate([both, txt])))
+        b = rng.randrange(min(1, rest), rest + 1)  # described only
+        shown = tuple(sorted(perm[:k + a]))
+        described = tuple(sorted(perm[:k] + perm[k + a:k + a + b]))
         if must_observe is None or must_observe in shown or must_observe in described:
             break
     else:  # pragma: no cover - probability ~0
         raise RuntimeError("could not draw a split that observes the requested object")
     names = tuple(TEXT_ATTRIBUTES)
-    m = int(rng.integers(1, len(names)))
-    attrs = tuple(sorted(names[i] for i in rng.choice(len(names), size=m, replace=False)))
+    attrs = tuple(sorted(rng.sample(names, rng.randrange(1, len(names)))))
     return Split(shown, described, attrs)
 
 
@@ -266,7 +266,7 @@ def _shape_draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"shape: unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _caption(item: Item, split: Split, rng: np.random.Generator):
+def _caption(item: Item, split: Split, rng: random.Random):
     inter = set(split.intersection)
     phrases = []
     for i in split.described:
@@ -278,7 +278,7 @@ def _caption(item: Item, split: Split, rng: np.random.Generator):
     for name in split.attrs:
         words = [w.replace("{}", attrs[name]) for w in _ATTR_PHRASES[name]]
         phrases.append((words, [0] * len(words), [-1] * len(words)))
-    order = rng.permutation(len(phrases))
+    order = rng.sample(range(len(phrases)), len(phrases))
     words, flags, owner = [], [], []
     for j, p in enumerate(order):
         if j:
@@ -287,7 +287,7 @@ def _caption(item: Item, split: Split, rng: np.random.Generator):
     return words, flags, owner
 
 
-def render_view(item: Item, split: Split, rng: np.random.Generator, image_size: int = 64,
+def render_view(item: Item, split: Split, rng: random.Random, image_size: int = 64,
                 view: int = 0) -> tuple[bytes, str, dict]:
     """Render one view: (png bytes, caption, json metadata) -- see ``SAMPLE_SCHEMA``.
 
@@ -304,18 +304,20 @@ def render_view(item: Item, split: Split, rng: np.random.Generator, image_size: 
         o = item.objects[i]
         r = SIZES[o.size] * cell / 2
         slack = max(0.0, cell / 2 - r - 0.75)
-        cx = (o.col + 0.5) * cell + float(rng.uniform(-slack, slack)) - 0.5
-        cy = (o.row + 0.5) * cell + float(rng.uniform(-slack, slack)) - 0.5
+        cx = (o.col + 0.5) * cell + rng.uniform(-slack, slack) - 0.5
+        cy = (o.row + 0.5) * cell + rng.uniform(-slack, slack) - 0.5
         _shape_draw(draw, o.shape, cx, cy, r, i + 1)
     lab = np.asarray(label)
-    bg = int(rng.integers(15, 70))
-    palette = np.empty((len(item.objects) + 1, 3), dtype=np.int16)
-    palette[0] = (bg, bg, bg + int(rng.integers(0, 20)))
-    palette[1:] = [COLORS[o.color] for o in item.objects]
-    palette[1:] += rng.integers(-12, 13, size=(len(item.objects), 3), dtype=np.int16)
-    rgb = palette.clip(0, 255).astype(np.uint8)[lab]
+    bg = rng.randrange(15, 70)
+    palette = [(bg, bg, bg + rng.randrange(0, 20))]
+    for o in item.objects:
+        palette.append(tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLORS[o.color]))
+    # a palette PNG (1 byte per pixel, <= 6 colours) encodes ~3x faster than RGB; decoders
+    # return the same RGB pixels after .convert("RGB")
+    img = Image.frombytes("P", (image_size, image_size), lab.tobytes())
+    img.putpalette([c for rgb in palette for c in rgb])
     buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=1)
+    img.save(buf, format="PNG", compress_level=1)
     # a 4-px mask cell never straddles two grid cells and objects never leave their grid
     # cell, so the max label of a mask cell is the only object drawn in it
     cell_label = lab.reshape(mask_grid, 4, mask_grid, 4).max(axis=(1, 3)).ravel()
