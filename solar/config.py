@@ -63,8 +63,8 @@ class Stage2Config:
     kmeans_iters: int = 5            # Lloyd iterations (torch, batched)
     position_weight: float = 1.0     # weight of the (row, col) coordinates in the clustering features
     img_pos_drop: float = 0.5        # probability to hide each above-tau_V segment in the positive
-    n_pos_views: int = 2             # positive views per pair (besides the full pair itself)
-    use_hard_views: bool = True      # constructed hard negatives (difference-only views)
+    n_pos_views: int = 1             # positive views per pair (besides the full pair); one E_VL pass each
+    n_hard_views: int = 1            # constructed hard-negative views per pair (0 disables); one pass each
     mine_k: int = 4                  # offline-mined hard negatives per pair (0 disables mining)
     mine_exclude_top: int = 0        # skip the first j neighbours (guard against near-duplicates)
     refresh_every: int = 100         # R: re-embed the pool and re-mine every R steps
@@ -166,19 +166,7 @@ class TrainConfig:
 # --------------------------------------------------------------------------- presets
 
 def _model_preset(name: str):
-    ModelConfig = _model_config_cls()
-    for attr in ("preset", "from_preset"):
-        fn = getattr(ModelConfig, attr, None)
-        if callable(fn):
-            return fn(name)
-    from . import model as _m
-    presets = getattr(_m, "PRESETS", None) or getattr(_m, "MODEL_PRESETS", None)
-    if presets and name in presets:
-        p = presets[name]
-        return p() if callable(p) else dataclasses.replace(p)
-    if name == "tiny":
-        return ModelConfig()
-    raise ValueError(f"solar.model has no preset {name!r}")
+    return _model_config_cls().preset_config(name)
 
 
 def _stage1_preset(name: str):

@@ -16,13 +16,15 @@ every unlabeled (image, caption) pair into views, all encoded by the trained mod
   - positive view: hide (each with probability `img_pos_drop`, at least one) the
     segments scoring above tau_V;
   - hard-negative view: hide every segment scoring at or below tau_V.
-* Rows of the loss: the full pair and `n_pos_views` positive views (alternately text-
-  and image-masked) share a group; the hard negatives of a pair are its two
-  difference-hiding views (text side, image side) and `mine_k` offline-mined
-  neighbours.  A hard-negative view that hides nothing (the pair has no difference on
-  that side) would equal the pair itself; it is replaced by -f (the row's own
-  embedding negated, detached), whose term exp(-1/eta) is negligible, i.e. it is
-  dropped.
+* Each view masks one side: per pair and per view a fair coin picks the text or the
+  image side (the other side when the chosen one has nothing to hide), so one E_VL pass
+  encodes one view of every pair.
+* Rows of the loss: the full pair and `n_pos_views` positive views share a group; the
+  hard negatives of a pair are its `n_hard_views` difference-hiding views and `mine_k`
+  offline-mined neighbours.  A hard-negative view that hides nothing (the pair has no
+  difference on either side) would equal the pair itself; it is replaced by -f (the
+  row's own embedding negated, detached), whose term exp(-1/eta) is negligible, i.e.
+  it is dropped.
 * Offline mining (`Miner`): every `refresh_every` steps the training pool is embedded
   with the current model into a `solar_kernels.Index`; each pair's nearest pool
   neighbours (self excluded) under its current embedding are its mined negatives.
@@ -173,6 +175,29 @@ class Views:
     img_neg_changed: torch.Tensor
     text_valid: torch.Tensor
     segments: torch.Tensor
+    text_pos_changed: torch.Tensor = None
+    img_pos_changed: torch.Tensor = None
+    pos_side_u: torch.Tensor = None      # [n_pos_views, B] coin draws choosing the masked side
+    neg_side_u: torch.Tensor = None      # [n_hard_views, B]
+
+    def positive(self, j: int):
+        """(patch_keep, text_keep) of positive view j: one side per pair hides intersection."""
+        return _one_side(self.pos_side_u[j], self.text_pos_changed, self.img_pos_changed,
+                         self.text_pos & self.text_valid, self.img_pos, self.text_valid)
+
+    def hard_negative(self, h: int):
+        """(patch_keep, text_keep, changed [B]) of hard-negative view h: one side hides its differences."""
+        pk, tk = _one_side(self.neg_side_u[h], self.text_neg_changed, self.img_neg_changed,
+                           self.text_neg & self.text_valid, self.img_neg, self.text_valid)
+        return pk, tk, self.text_neg_changed | self.img_neg_changed
+
+
+def _one_side(u, text_ok, img_ok, text_keep, img_keep, text_full):
+    """Per pair: mask the text side (u < 0.5, or the image side has nothing to mask) else the image side."""
+    use_text = ((u < 0.5) & text_ok) | ~img_ok
+    tk = torch.where(use_text[:, None], text_keep, text_full)
+    pk = torch.where(use_text[:, None], torch.ones_like(img_keep), img_keep)
+    return pk, tk
 
 
 @torch.no_grad()
@@ -194,11 +219,14 @@ def build_views(teacher, batch: dict, cfg: Stage2Config, *, seed: int, step: int
     g = step_generator(seed, step, salt=2)
     u_text = torch.rand(G, T, generator=g)[row_offset:row_offset + B].to(ids.device)
     u_img = torch.rand(G, k, generator=g)[row_offset:row_offset + B].to(ids.device)
+    u_pos = torch.rand(max(1, cfg.n_pos_views), G, generator=g)[:, row_offset:row_offset + B].to(ids.device)
+    u_neg = torch.rand(max(1, cfg.n_hard_views), G, generator=g)[:, row_offset:row_offset + B].to(ids.device)
     tp, tn, tch = text_views(s_l, valid, am, float(teacher.tau_l), drop=cfg.text_pos_drop, u=u_text,
                              margin=cfg.threshold_margin)
     ip, ineg, ich = image_views(s_v, seg, k, float(teacher.tau_v), drop=cfg.img_pos_drop, u=u_img,
                                 margin=cfg.threshold_margin)
-    return Views(tp, tn, tch, ip, ineg, ich, valid, seg)
+    return Views(tp, tn, tch, ip, ineg, ich, valid, seg, text_pos_changed=(valid & ~tp).any(1),
+                 img_pos_changed=(~ip).any(1), pos_side_u=u_pos, neg_side_u=u_neg)
 
 
 # --------------------------------------------------------------------------- mining
@@ -310,24 +338,20 @@ class Stage2Loss(nn.Module):
         v = m.patch_tokens(batch["pixel_values"])
         t = m.text_tokens(batch["input_ids"], batch["attention_mask"])
         valid = views.text_valid
-        full_img = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
         rows = [m.fuse(v, t, None, valid)]
         for j in range(cfg.n_pos_views):
-            if j % 2 == 0:
-                rows.append(m.fuse(v, t, full_img, views.text_pos & valid))
-            else:
-                rows.append(m.fuse(v, t, views.img_pos, valid))
+            pk, tk = views.positive(j)
+            rows.append(m.fuse(v, t, pk, tk))
         z = torch.cat(rows)                                            # [(1+n_pos) B, E]
         R = len(rows)
         groups = (torch.arange(B, device=z.device) + di.rank * B).repeat(R)
         hn = []
-        if cfg.use_hard_views:
-            f_tn = m.fuse(v, t, full_img, views.text_neg & valid)
-            f_in = m.fuse(v, t, views.img_neg, valid)
-            anchor = rows[0].detach()
-            f_tn = torch.where(views.text_neg_changed[:, None], f_tn, -anchor)
-            f_in = torch.where(views.img_neg_changed[:, None], f_in, -anchor)
-            hn += [f_tn, f_in]
+        anchor = rows[0].detach()
+        for h in range(cfg.n_hard_views):
+            pk, tk, changed = views.hard_negative(h)
+            f = m.fuse(v, t, pk, tk)
+            hn.append(torch.where(changed[:, None], f, -anchor))
+        n_views = len(hn)
         metrics = {}
         if self.miner is not None and cfg.mine_k > 0:
             self_rows = self.miner.pool_rows(batch["bank_index"].cpu()) if "bank_index" in batch \
@@ -342,8 +366,8 @@ class Stage2Loss(nn.Module):
             a = rows[0]
             metrics["pos_sim"] = float(torch.stack([(a * r).sum(-1).mean() for r in rows[1:]]).mean()) \
                 if R > 1 else 1.0
-            if cfg.use_hard_views:
-                metrics["hardview_sim"] = float(((a * hn[0]).sum(-1).mean() + (a * hn[1]).sum(-1).mean()) / 2)
+            if n_views:
+                metrics["hardview_sim"] = float(torch.stack([(a * x).sum(-1).mean() for x in hn[:n_views]]).mean())
             metrics["text_pos_hidden"] = float(((valid & ~views.text_pos).sum(1).float()
                                                 / valid.sum(1).clamp_min(1)).mean())
             metrics["img_pos_hidden"] = float((~views.img_pos).float().mean())

@@ -1,0 +1,72 @@
+"""`python -m solar.eval --ckpt DIR [--ckpt NAME=DIR ...] --bench BENCH_DIR`
+
+Evaluates one or more trained models (folders written by `solar.train`: */model,
+stage1/stage1_model) on a sym-MM2MM benchmark folder (format: `solar.benchmark`), prints
+the paper-style table (fp32 and int8 index by default) and writes it as json (--out).
+A missing or corrupt checkpoint or benchmark is a clear error (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(prog="python -m solar.eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", action="append", required=True,
+                    help="model folder, or NAME=folder; repeat for several models")
+    ap.add_argument("--bench", required=True, help="benchmark folder (triplets.json + shards)")
+    ap.add_argument("--out", default="", help="json file for the results (default: print only)")
+    ap.add_argument("--index-dtypes", default="fp32,int8", help="comma-separated Index dtypes")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--tokenizer", default="shapesworld", help="'shapesworld' or a local tokenizer folder")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    from .benchmark import load_benchmark
+    from .checkpoint import CheckpointError
+    from .data.tokenizer import load_tokenizer
+    from .evaluate import evaluate_models, format_table, load_for_eval
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if (a.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if a.device == "auto" else a.device))
+    try:
+        load_benchmark(a.bench)
+        models = {}
+        for spec in a.ckpt:
+            name, path = spec.split("=", 1) if "=" in spec else (os.path.basename(os.path.normpath(spec)), spec)
+            models[name] = load_for_eval(path, device)
+        cfgs = {n: m.cfg for n, (m, _) in models.items()}
+        first = next(iter(cfgs.values()))
+        for n, c in cfgs.items():
+            if (c.image_size, c.patch_size) != (first.image_size, first.patch_size):
+                raise ValueError(f"--ckpt {n}: image/patch size {c.image_size}/{c.patch_size} differs from "
+                                 f"{first.image_size}/{first.patch_size}; evaluate them separately")
+        tok = load_tokenizer(a.tokenizer, model_max_length=first.max_text_len)
+        res = evaluate_models(models, a.bench, tokenizer=tok, image_size=first.image_size,
+                              patch_size=first.patch_size, max_length=first.max_text_len,
+                              batch_size=a.batch_size, index_dtypes=tuple(s for s in a.index_dtypes.split(",") if s),
+                              device=device, progress=not a.no_progress)
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"solar.eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(res))
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Stage 2: view construction, segments, mining, the loss; config CLI; metrics logger."""
+import json
+import os
+
+import pytest
+import torch
+
+from solar.config import Stage2Config, build_parser, config_to_dict, get_preset, parse_args
+from solar.stage2 import image_views, segment_patches, step_generator, text_views
+
+
+def _rand(seed, *shape):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_text_views_positive_keeps_differences_negative_keeps_intersection(seed):
+    B, T = 6, 12
+    s = _rand(seed, B, T) * 2 - 1
+    attn = torch.ones(B, T, dtype=torch.bool)
+    attn[:, 9:] = False                       # padding
+    valid = attn.clone()
+    valid[:, 0] = False                       # BOS
+    valid[:, 8] = False                       # EOS
+    tau = 0.1
+    u = _rand(seed + 100, B, T)
+    pos, neg, changed = text_views(s, valid, attn, tau, drop=0.5, u=u)
+    inter = valid & (s > tau)
+    diff = valid & (s <= tau)
+    # positive: every difference token and every special token stays; only intersection hidden
+    assert (pos[diff]).all()
+    assert (pos[attn & ~valid]).all()
+    hidden_pos = attn & ~pos
+    assert not (hidden_pos & ~inter).any()
+    # at least one intersection token hidden when the pair has any
+    for b in range(B):
+        if inter[b].any():
+            assert hidden_pos[b].any()
+    # hard negative: all difference tokens hidden, the intersection and specials kept
+    assert not (neg & diff).any()
+    assert (neg[inter]).all() and (neg[attn & ~valid]).all()
+    assert torch.equal(changed, diff.any(1))
+    # padding never becomes visible
+    assert not (pos & ~attn).any() and not (neg & ~attn).any()
+
+
+def test_text_views_drop_rate_and_margin():
+    B, T = 64, 40
+    s = torch.full((B, T), 0.9)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    u = _rand(3, B, T)
+    pos, _, _ = text_views(s, valid, valid, 0.0, drop=0.3, u=u)
+    rate = (~pos).float().mean().item()
+    assert 0.2 < rate < 0.4
+    # tokens inside the margin band are never hidden in either view
+    s2 = torch.full((B, T), 0.05)
+    pos2, neg2, ch2 = text_views(s2, valid, valid, 0.0, drop=1.0, u=u, margin=0.1)
+    assert pos2.all() and neg2.all() and not ch2.any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_segments_are_whole_in_image_views(seed):
+    B, P, W, k = 5, 64, 16, 4
+    feats = torch.randn(B, P, W, generator=torch.Generator().manual_seed(seed))
+    seg = segment_patches(feats, k, iters=4, position_weight=1.0)
+    assert seg.shape == (B, P) and seg.dtype == torch.int64
+    assert int(seg.min()) >= 0 and int(seg.max()) < k
+    s_v = torch.randn(B, P, generator=torch.Generator().manual_seed(seed + 7)) * 0.3
+    tau = 0.0
+    u = _rand(seed + 9, B, k)
+    pos, neg, changed = image_views(s_v, seg, k, tau, drop=0.5, u=u)
+    for b in range(B):
+        for c in seg[b].unique().tolist():
+            m = seg[b] == c
+            # a segment is kept or hidden as a whole, in both views
+            assert pos[b, m].all() or (~pos[b, m]).all()
+            assert neg[b, m].all() or (~neg[b, m]).all()
+            score = s_v[b, m].mean()
+            if score > tau:      # intersection segment: always kept by the hard negative
+                assert neg[b, m].all()
+            else:                # difference segment: always hidden by the hard negative, kept by the positive
+                assert (~neg[b, m]).all() and pos[b, m].all()
+        if ((torch.stack([s_v[b, seg[b] == c].mean() for c in seg[b].unique()]) > tau)).any():
+            assert (~pos[b]).any()
+    assert changed.dtype == torch.bool
+
+
+def test_segments_follow_feature_clusters():
+    # two clearly different feature halves (left / right) -> with k=2 the segments split there
+    P, W = 64, 8
+    f = torch.zeros(1, P, W)
+    cols = torch.arange(P) % 8
+    f[0, cols < 4, 0] = 1.0
+    f[0, cols >= 4, 1] = 1.0
+    seg = segment_patches(f, 2, iters=5, position_weight=0.1)
+    left, right = seg[0, cols < 4], seg[0, cols >= 4]
+    assert (left == left[0]).all() and (right == right[0]).all() and left[0] != right[0]
+
+
+def test_step_generator_is_a_function_of_seed_and_step():
+    a = torch.rand(5, generator=step_generator(1, 7))
+    b = torch.rand(5, generator=step_generator(1, 7))
+    c = torch.rand(5, generator=step_generator(1, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _tiny_model_and_batch(B=8, T=10):
+    from solar.model import ModelConfig, SolarModel
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64,
+                      vocab_size=64, max_text_len=16, text_hidden=32, text_layers=1, text_heads=2, text_mlp=64,
+                      width=32, adapter_hidden=64, fusion_layers=1, fusion_heads=2, fusion_mlp=64, embed_dim=16)
+    m = SolarModel(cfg)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 64, (B, T), generator=g)
+    ids[:, 0] = cfg.bos_token_id
+    am = torch.ones(B, T, dtype=torch.bool)
+    am[: B // 2, 7:] = False
+    ids[: B // 2, 7:] = cfg.pad_token_id
+    ids[: B // 2, 6] = cfg.eos_token_id
+    ids[B // 2:, T - 1] = cfg.eos_token_id
+    batch = {"pixel_values": torch.randn(B, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": am,
+             "bank_index": torch.arange(B)}
+    return m, batch
+
+
+def test_build_views_and_loss_backward():
+    import copy
+
+    from solar.stage2 import Stage2Loss, build_views
+    m, batch = _tiny_model_and_batch()
+    teacher = copy.deepcopy(m).eval()
+    m.tau_v.fill_(0.0)
+    teacher.tau_v.fill_(0.0)
+    teacher.tau_l.fill_(0.0)
+    cfg = Stage2Config(n_segments=3, kmeans_iters=3, mine_k=0)
+    v = build_views(teacher, batch, cfg, seed=0, step=0)
+    valid = teacher.text_valid_mask(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(v.text_valid, valid)
+    assert v.img_pos.shape == (8, 16) and v.text_pos.shape == (8, 10)
+    # deterministic for (seed, step); a rank's slice equals the same rows of the global draw
+    v2 = build_views(teacher, batch, cfg, seed=0, step=0)
+    assert torch.equal(v.text_pos, v2.text_pos) and torch.equal(v.img_pos, v2.img_pos)
+    half = {k: (x[4:] if torch.is_tensor(x) else x) for k, x in batch.items()}
+    v3 = build_views(teacher, half, cfg, seed=0, step=0, row_offset=4, global_rows=8)
+    assert torch.equal(v3.text_pos, v.text_pos[4:]) and torch.equal(v3.img_pos, v.img_pos[4:])
+    # each positive / hard-negative view masks exactly one side of a pair
+    pk, tk = v.positive(0)
+    npk, ntk, changed = v.hard_negative(0)
+    for b in range(8):
+        assert pk[b].all() or torch.equal(tk[b], valid[b])
+        assert npk[b].all() or torch.equal(ntk[b], valid[b])
+        assert not (tk[b] & ~batch["attention_mask"][b]).any()
+    assert torch.equal(changed, v.text_neg_changed | v.img_neg_changed)
+    loss_mod = Stage2Loss(m, teacher, cfg, seed=0)
+    loss, metrics = loss_mod(batch, 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert m.fusion[0].qkv.weight.grad is not None and m.fusion[0].qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert 0.0 <= metrics["img_pos_hidden"] <= 1.0
+
+
+def test_miner_excludes_self():
+    pytest.importorskip("solar_kernels")
+    import solar_kernels as sk
+    if not hasattr(sk, "Index"):
+        pytest.skip("solar_kernels.Index not available yet")
+    from solar.stage2 import Miner
+    bank = torch.nn.functional.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    miner = Miner(pool=None, pool_ids=torch.arange(20))
+    miner.set_bank(bank, step=0)
+    rows = torch.arange(5)
+    nb = miner.neighbours(bank[:5], rows, k=3)
+    assert nb.shape == (5, 3, 8)
+    for i in range(5):
+        # the row itself (score 1) is never among its neighbours
+        assert not any(torch.allclose(nb[i, j], bank[i]) for j in range(3))
+        # and the neighbours are the best-scoring others
+        scores = bank @ bank[i]
+        scores[i] = -9
+        best = scores.topk(3).indices
+        assert torch.allclose(nb[i], bank[best])
+
+
+# --------------------------------------------------------------------------- config CLI
+
+def test_cli_every_field_and_both_spellings():
+    cfg = parse_args(["--stage1.lr", "3e-4", "--stage2-temperature", "0.07", "--data.cache_dir", "/tmp/x",
+                      "--run-resume", "--eval.index_dtypes", "fp32,fp16", "--model.width", "64",
+                      "--stage2.mine_k", "0", "--stage", "2"])
+    assert cfg.stage1.lr == 3e-4 and cfg.stage2.temperature == 0.07 and cfg.data.cache_dir == "/tmp/x"
+    assert cfg.run.resume is True and cfg.eval.index_dtypes == ("fp32", "fp16") and cfg.model.width == 64
+    assert cfg.stage2.mine_k == 0 and cfg.run.stage == "2"
+    # every leaf field has a flag
+    p = build_parser()
+    flags = {s for a in p._actions for s in a.option_strings}
+    d = config_to_dict(get_preset("tiny"))
+    for sect, fields in d.items():
+        if isinstance(fields, dict):
+            for name in fields:
+                assert f"--{sect}.{name}" in flags, f"--{sect}.{name}"
+                assert f"--{sect}-{name.replace('_', '-')}" in flags
+
+
+def test_cli_presets_config_file_and_errors(tmp_path, capsys):
+    cfg = parse_args(["--preset", "clip-b16"])
+    assert cfg.model.embed_dim == 768 and cfg.preset == "clip-b16"
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"stage2": {"steps": 7}, "run": {"seed": 3}}))
+    cfg = parse_args(["--config", str(f), "--run.seed", "5"])
+    assert cfg.stage2.steps == 7 and cfg.run.seed == 5
+    with pytest.raises(SystemExit):
+        parse_args(["--stage2.steps", "abc"])
+    with pytest.raises(SystemExit):
+        parse_args(["--no-such-flag", "1"])
+    f.write_text(json.dumps({"stage2": {"nope": 1}}))
+    with pytest.raises(ValueError, match="nope"):
+        parse_args(["--config", str(f)])
+
+
+def test_metrics_logger_and_plot(tmp_path):
+    from solar.logging import MetricsLogger, plot_metrics, read_metrics
+    p = str(tmp_path / "m.jsonl")
+    log = MetricsLogger(p)
+    for s in range(1, 6):
+        log({"loss": 1.0 / s, "iou_v": 0.1 * s}, stage="stage1", step=s)
+        log({"loss": 2.0 / s}, stage="stage2", step=s)
+    log({"loss": 0.123}, stage="stage2", step=5)          # a resumed run re-logs a step: last wins
+    rows = read_metrics(p)
+    assert len(rows) == 10
+    assert [r["loss"] for r in rows if r["stage"] == "stage2" and r["step"] == 5] == [0.123]
+    png = plot_metrics(p, str(tmp_path / "c.png"))
+    assert png and os.path.getsize(png) > 1000
+    MetricsLogger(str(tmp_path / "off.jsonl"), enabled=False)({"loss": 1}, stage="x", step=1)
+    assert not os.path.exists(tmp_path / "off.jsonl")
