@@ -722,6 +722,35 @@ def _(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats, c
     return torch.empty_like(q), torch.empty_like(k), dhn
 
 
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness, single_set, both, mine_k, backend = inputs
+    _, _, rstats, cstats, top_v, top_i = output
+    ctx.save_for_backward(q, k, hard_negatives, groups_q, groups_k, rstats, cstats)
+    ctx.args = (offset, temperature, hardness, single_set, both, backend)
+    ctx.mark_non_differentiable(rstats, cstats, top_v, top_i)
+
+
+def _fwd_backward(ctx, g_row, g_col, _g_rs, _g_cs, _g_v, _g_i):
+    dq, dk, dhn = _backward_from_ctx(ctx, g_row, g_col)
+    return dq, dk, None, None, dhn, None, None, None, None, None, None, None
+
+
+def _backward_from_ctx(ctx, g_row, g_col):
+    q, k, hn, gq, gk, rstats, cstats = ctx.saved_tensors
+    offset, temperature, hardness, single_set, both, backend = ctx.args
+    if g_row is None:
+        g_row = torch.zeros(q.shape[0], device=q.device)
+    if g_col is None or g_col.numel() == 0:
+        g_col = torch.zeros(k.shape[0] if both else 0, device=q.device)
+    dq, dk, dhn = torch.ops.solar.contrastive_bwd(g_row.contiguous(), g_col.contiguous(), q, k, gq, gk, hn, rstats,
+                                                  cstats, offset, temperature, hardness, single_set, both, backend)
+    return dq, dk, (dhn if hn is not None else None)
+
+
+# Direct callers of torch.ops.solar.contrastive_fwd (and opcheck / torch.compile) get gradients too.
+torch.library.register_autograd("solar::contrastive_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
 class _ContrastiveFunction(torch.autograd.Function):
     """(row_loss [n], col_loss [N or 0], top_v, top_i) of the rows of q against k."""
 
@@ -738,16 +767,8 @@ class _ContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_row, g_col, _gv, _gi):
-        q, k, hn, gq, gk, rstats, cstats = ctx.saved_tensors
-        offset, temperature, hardness, single_set, both, backend = ctx.args
-        if g_row is None:
-            g_row = torch.zeros(q.shape[0], device=q.device)
-        if g_col is None or g_col.numel() == 0:
-            g_col = torch.zeros(k.shape[0] if both else 0, device=q.device)
-        dq, dk, dhn = torch.ops.solar.contrastive_bwd(g_row.contiguous(), g_col.contiguous(), q, k, gq, gk, hn,
-                                                      rstats, cstats, offset, temperature, hardness,
-                                                      single_set, both, backend)
-        return (dq, dk, dhn if hn is not None else None) + (None,) * 9
+        dq, dk, dhn = _backward_from_ctx(ctx, g_row, g_col)
+        return (dq, dk, dhn) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,396 @@
+"""contrastive_loss / pooled_contrastive_loss against the fp64 reference that materialises S.
+
+Both implementations are tested on every machine: the chunked PyTorch path ("torch") and
+the Triton kernels ("triton": compiled on CUDA, interpreted on CPU tensors).
+"""
+import pytest
+import torch
+from hypothesis import example, given, strategies as st
+
+import solar_kernels as sk
+from solar_kernels import nn as snn
+from solar_kernels.ops import contrastive as cl
+from solar_kernels.reference import contrastive_loss_reference, masked_pool_reference
+
+# the Triton interpreter evaluates both sides of tl.where (log(0), exp overflow in unused lanes)
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+BACKENDS = ["torch", "triton"]
+SIZES = [1, 2, 17, 63, 64, 65]
+
+
+def _dev():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _groups(kind: str, n: int, gen: torch.Generator):
+    if kind == "none":
+        return None
+    if kind == "singletons":
+        return torch.randperm(n, generator=gen)
+    if kind == "pairs":
+        return torch.arange(n) // 2
+    if kind == "uneven":
+        return torch.randint(0, max(1, n // 3), (n,), generator=gen)
+    if kind == "lonely":  # some groups of one (rows without a positive in single-set mode)
+        g = torch.arange(n) // 3
+        g[::4] = n + torch.arange(len(g[::4]))
+        return g
+    raise AssertionError(kind)
+
+
+def _make(n, d, h, dtype, seed, single, gkind):
+    gen = torch.Generator().manual_seed(seed)
+    dev = _dev()
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+    k = None if single else torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+    hn = torch.nn.functional.normalize(torch.randn(n, h, d, generator=gen), dim=2) if h else None
+    g = _groups(gkind, n, gen)
+    cast = lambda t: None if t is None else t.to(dev, dtype).requires_grad_()  # noqa: E731
+    return cast(q), cast(k), cast(hn), (g.to(dev) if g is not None else None)
+
+
+def _expected_error(n, h, single, groups, mine_k):
+    """The ValueError the inputs must raise, or None."""
+    if groups is not None:
+        counts = (groups[:, None] == groups[None, :]).sum(1)
+        min_neg = int((n - counts).min()) + h
+        if single and not bool((counts > 1).any()):
+            return "no row has a positive"
+    else:
+        min_neg = n - 1 + h
+    if mine_k > min_neg:
+        return "mine_k"
+    return None
+
+
+def _grads(loss, tensors):
+    present = [t for t in tensors if t is not None]
+    return torch.autograd.grad(loss, present)
+
+
+def _check_close(name, got, ref64, ref_lp, scale_atol):
+    """Kernel error vs fp64 at most 2x plain PyTorch's error in the same dtype, plus atol."""
+    got64 = got.double()
+    err = (got64 - ref64).abs()
+    torch_err = (ref_lp.double() - ref64).abs().max().item() if ref_lp is not None else 0.0
+    atol = scale_atol * (1.0 + ref64.abs().max().item())
+    bound = 2 * torch_err + atol
+    if err.numel() and err.max().item() > bound:
+        worst = int(err.argmax())
+        raise AssertionError(f"{name}: max error {err.max().item():.3e} > bound {bound:.3e} at flat index {worst} "
+                             f"(got {got64.flatten()[worst].item():.6g}, ref {ref64.flatten()[worst].item():.6g}); "
+                             f"{int((err > bound).sum())} of {err.numel()} elements fail")
+
+
+def _run_vs_reference(backend, n, d, h, dtype, temperature, hardness, gkind, single, symmetric, mine_k, seed):
+    q, k, hn, groups = _make(n, d, h, dtype, seed, single, gkind)
+    if single and groups is None:
+        groups = torch.zeros(n, dtype=torch.int64, device=q.device)
+    kw = dict(groups=groups, hard_negatives=hn, temperature=temperature, symmetric=symmetric, hardness=hardness,
+              mine_k=mine_k)
+    expect = _expected_error(n, h, single, groups, mine_k)
+    if expect is not None:
+        with pytest.raises(ValueError, match=expect):
+            with sk.use_backend(backend):
+                sk.contrastive_loss(q, k, **kw)
+        return
+    with sk.use_backend(backend):
+        out = sk.contrastive_loss(q, k, **kw)
+    loss, mined = out if mine_k else (out, None)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    tensors = (q, k, hn)
+    got = _grads(loss, tensors)
+    out64 = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    loss64, mined64 = out64 if mine_k else (out64, None)
+    ref64 = _grads(loss64, tensors)
+    lp = None
+    if dtype != torch.float32:
+        outlp = contrastive_loss_reference(q, k, dtype=dtype, **kw)
+        losslp = outlp[0] if mine_k else outlp
+        lp = (losslp, _grads(losslp, tensors))
+    atol = 2e-5 if dtype == torch.float32 else 2e-3
+    _check_close("loss", loss.detach(), loss64.detach(), None if lp is None else lp[0].detach(), atol)
+    present = [(nm, t) for nm, t in zip(("dq", "dk", "dhn"), tensors) if t is not None]
+    for i, (nm, t) in enumerate(present):
+        assert got[i].dtype == dtype and got[i].shape == t.shape, nm
+        _check_close(nm, got[i], ref64[i], None if lp is None else lp[1][i], atol)
+    if mine_k:
+        idx64, sc64 = mined64
+        assert mined.indices.shape == (n, mine_k) and mined.indices.dtype == torch.int64
+        assert torch.equal(mined.indices.cpu(), idx64.cpu()), "mined indices differ from the reference"
+        torch.testing.assert_close(mined.scores.double(), sc64, rtol=1e-4, atol=1e-3 if dtype != torch.float32 else 1e-4)
+
+
+_shape_strategy = dict(
+    n=st.sampled_from(SIZES), d=st.sampled_from([1, 8, 33]), h=st.sampled_from([0, 1, 3]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    temperature=st.sampled_from([0.05, 0.1, 1.0]), hardness=st.sampled_from([0.0, 0.5, 2.0]),
+    gkind=st.sampled_from(["none", "singletons", "pairs", "uneven", "lonely"]), single=st.booleans(),
+    symmetric=st.booleans(), mine_k=st.sampled_from([0, 1, 3]), seed=st.integers(0, 2 ** 16))
+
+
+@given(**_shape_strategy)
+@example(n=65, d=33, h=3, dtype=torch.float32, temperature=0.05, hardness=0.5, gkind="uneven", single=False,
+         symmetric=True, mine_k=3, seed=0)
+@example(n=64, d=8, h=0, dtype=torch.float32, temperature=0.1, hardness=0.0, gkind="lonely", single=True,
+         symmetric=False, mine_k=1, seed=1)
+@example(n=1, d=8, h=0, dtype=torch.float32, temperature=0.1, hardness=0.0, gkind="none", single=False,
+         symmetric=True, mine_k=0, seed=2)
+def test_torch_backend_vs_reference(n, d, h, dtype, temperature, hardness, gkind, single, symmetric, mine_k, seed):
+    _run_vs_reference("torch", n, d, h, dtype, temperature, hardness, gkind, single, symmetric, mine_k, seed)
+
+
+@given(**_shape_strategy)
+@example(n=65, d=33, h=2, dtype=torch.bfloat16, temperature=0.05, hardness=2.0, gkind="pairs", single=False,
+         symmetric=True, mine_k=3, seed=3)
+@example(n=17, d=8, h=1, dtype=torch.float32, temperature=0.1, hardness=0.5, gkind="lonely", single=True,
+         symmetric=False, mine_k=3, seed=4)
+def test_triton_backend_vs_reference(n, d, h, dtype, temperature, hardness, gkind, single, symmetric, mine_k, seed):
+    _run_vs_reference("triton", n, d, h, dtype, temperature, hardness, gkind, single, symmetric, mine_k, seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mining_ties_go_to_lower_index(backend):
+    # integer vectors, temperature 1: every logit is an exact integer, so ties are exact
+    dev = _dev()
+    base = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    k = base[torch.tensor([0, 1, 2, 0, 1, 2, 2, 0, 1, 0])].to(dev)
+    q = base[torch.tensor([2, 2, 0, 1, 2, 0, 1, 1, 0, 2])].to(dev)
+    hn = k[:, None, :].expand(10, 2, 2).contiguous()  # hard negatives tie with in-batch columns
+    with sk.use_backend(backend):
+        loss, mined = sk.contrastive_loss(q, k, hard_negatives=hn, temperature=1.0, mine_k=5)
+    _, (idx, sc) = contrastive_loss_reference(q, k, hard_negatives=hn, temperature=1.0, mine_k=5,
+                                              dtype=torch.float64)
+    assert torch.equal(mined.indices.cpu(), idx.cpu())
+    torch.testing.assert_close(mined.scores.double(), sc)
+    # spot check: row 0 (q = [1, 1]) scores 2 on columns 2, 5, 6 (diagonal 0 is the positive)
+    assert mined.indices[0, :3].tolist() == [2, 5, 6]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    dev = _dev()
+    gen = torch.Generator().manual_seed(5)
+    qb = torch.randn(40, 2 * 24, generator=gen).to(dev)
+    kb = torch.randn(24, 40, generator=gen).to(dev)
+    q = qb[:, ::2].requires_grad_()  # strided columns
+    k = kb.t().requires_grad_()  # transposed
+    hn = torch.randn(3, 40, 24, generator=gen).to(dev).transpose(0, 1).requires_grad_()
+    groups = (torch.arange(40) // 4).to(dev)
+    kw = dict(groups=groups, hard_negatives=hn, temperature=0.5, hardness=0.5, mine_k=2)
+    with sk.use_backend(backend):
+        loss, mined = sk.contrastive_loss(q, k, **kw)
+    got = torch.autograd.grad(loss, (q, k, hn))
+    loss64, (idx, _) = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    ref = torch.autograd.grad(loss64, (q, k, hn))
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(mined.indices.cpu(), idx.cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_on_a_tiled_batch(backend):
+    # more rows than one tile in both dimensions of the interpreter's blocks
+    dev = _dev()
+    q, k, hn, groups = _make(130, 20, 2, torch.float32, 9, False, "uneven")
+    kw = dict(groups=groups, hard_negatives=hn, temperature=0.07, hardness=1.0, mine_k=4)
+    with sk.use_backend(backend):
+        loss, mined = sk.contrastive_loss(q, k, **kw)
+    got = torch.autograd.grad(loss, (q, k, hn))
+    loss64, (idx, _) = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    ref = torch.autograd.grad(loss64, (q, k, hn))
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(mined.indices.cpu(), idx.cpu())
+    assert q.device == dev
+
+
+def test_cpu_memory_is_not_quadratic(monkeypatch):
+    """fwd+bwd at N=2048 on CPU with 64K-element tiles: peak RSS growth far below N x N fp32 (16 MiB)."""
+    if not hasattr(__import__("os"), "sched_getaffinity"):
+        pytest.skip("Linux only")
+    monkeypatch.setattr(cl, "CPU_TILE_ELEMS", 1 << 16)
+    n, d = 2048, 8
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(n, d, generator=gen).requires_grad_()
+    k = torch.randn(n, d, generator=gen).requires_grad_()
+    groups = torch.arange(n) // 2
+
+    def run():
+        with sk.use_backend("torch"):
+            loss = sk.contrastive_loss(q, k, groups=groups, hardness=0.5, temperature=0.1)
+        loss.backward()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a loaded CI box makes OpenMP regions crawl; the memory bound is the point
+    try:
+        run()  # warm up allocator / lazy init
+        growth_kib = _peak_growth_kib(run)
+    finally:
+        torch.set_num_threads(threads)
+    nn_mib = n * n * 4 / 2 ** 20
+    assert growth_kib / 1024 < 0.25 * nn_mib, f"peak growth {growth_kib / 1024:.1f} MiB vs N x N {nn_mib} MiB"
+
+
+def _peak_growth_kib(fn):
+    def status_kb(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_kb("VmRSS")
+    fn()
+    return status_kb("VmHWM") - base
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 6, generator=gen, requires_grad=True)
+    k = torch.randn(9, 6, generator=gen, requires_grad=True)
+    hn = torch.randn(9, 2, 6, generator=gen, requires_grad=True)
+    g = torch.arange(9) // 3
+    args = (q, k, g, g, hn, 0, 0.1, 0.5, False, True, 2, "torch")
+    torch.library.opcheck(torch.ops.solar.contrastive_fwd.default, args)
+    row_loss, col_loss, rs, cs, _, _ = torch.ops.solar.contrastive_fwd(*args)
+    bargs = (torch.ones_like(row_loss), torch.ones_like(col_loss), q.detach(), k.detach(), g, g, hn.detach(), rs, cs,
+             0, 0.1, 0.5, False, True, "torch")
+    torch.library.opcheck(torch.ops.solar.contrastive_bwd.default, bargs)
+    single = (q, q, g, g, None, 0, 0.2, 0.0, True, False, 1, "torch")
+    torch.library.opcheck(torch.ops.solar.contrastive_fwd.default, single)
+
+
+def test_torch_compile_traces_the_op():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(12, 8, generator=gen, requires_grad=True)
+    k = torch.randn(12, 8, generator=gen, requires_grad=True)
+    g = torch.arange(12) // 2
+
+    def f(q, k):
+        with sk.use_backend("torch"):
+            return sk.contrastive_loss(q, k, groups=g, temperature=0.1)
+
+    try:
+        compiled = torch.compile(f, backend="eager", fullgraph=False)
+        out = compiled(q, k)
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
+    torch.testing.assert_close(out, f(q, k))
+
+
+# -- bad inputs -------------------------------------------------------------------------
+def _ok():
+    q = torch.randn(6, 4)
+    return q, torch.randn(6, 4)
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    (lambda q, k: sk.contrastive_loss(q[0], k), ValueError, "q must have 2 dimensions"),
+    (lambda q, k: sk.contrastive_loss(q, k[:5]), ValueError, "k must have the shape"),
+    (lambda q, k: sk.contrastive_loss(q, k[:, :3]), ValueError, "k must have the shape"),
+    (lambda q, k: sk.contrastive_loss(q, k.double()), TypeError, "k must have dtype"),
+    (lambda q, k: sk.contrastive_loss(q.long(), k), TypeError, "q must have dtype"),
+    (lambda q, k: sk.contrastive_loss(q, k.half()), TypeError, "k must have q's dtype"),
+    (lambda q, k: sk.contrastive_loss(q, k, groups=torch.arange(5)), ValueError, "groups must have length"),
+    (lambda q, k: sk.contrastive_loss(q, k, groups=torch.arange(6).int()), TypeError, "groups must have dtype int64"),
+    (lambda q, k: sk.contrastive_loss(q, k, groups=torch.arange(6.0)), TypeError, "groups must have dtype int64"),
+    (lambda q, k: sk.contrastive_loss(q, k, temperature=0.0), ValueError, "temperature must be > 0"),
+    (lambda q, k: sk.contrastive_loss(q, k, temperature=-1.0), ValueError, "temperature must be > 0"),
+    (lambda q, k: sk.contrastive_loss(q, k, temperature=float("nan")), ValueError, "temperature must be a finite"),
+    (lambda q, k: sk.contrastive_loss(q, k, hardness=-0.5), ValueError, "hardness must be >= 0"),
+    (lambda q, k: sk.contrastive_loss(q, k, mine_k=6), ValueError, "mine_k = 6 is larger"),
+    (lambda q, k: sk.contrastive_loss(q, k, groups=torch.arange(6) // 2, mine_k=5), ValueError, "mine_k = 5"),
+    (lambda q, k: sk.contrastive_loss(q, k, mine_k=-1), ValueError, "mine_k must be an int"),
+    (lambda q, k: sk.contrastive_loss(q, k, mine_k=1.5), ValueError, "mine_k must be an int"),
+    (lambda q, k: sk.contrastive_loss(q.clone().index_fill_(0, torch.tensor([2]), float("nan")), k), ValueError,
+     "q has 4 non-finite"),
+    (lambda q, k: sk.contrastive_loss(q, k.clone().index_fill_(0, torch.tensor([1]), float("inf"))), ValueError,
+     "k has 4 non-finite"),
+    (lambda q, k: sk.contrastive_loss(q, k, hard_negatives=torch.randn(6, 2, 3)), ValueError,
+     "hard_negatives must have shape"),
+    (lambda q, k: sk.contrastive_loss(q, k, hard_negatives=torch.randn(6, 4)), ValueError,
+     "hard_negatives must have 3 dimensions"),
+    (lambda q, k: sk.contrastive_loss(q, k, hard_negatives=torch.full((6, 1, 4), float("nan"))), ValueError,
+     "hard_negatives has 24 non-finite"),
+    (lambda q, k: sk.contrastive_loss(q), ValueError, "single-set mode"),
+    (lambda q, k: sk.contrastive_loss(q, groups=torch.arange(6)), ValueError, "no row has a positive"),
+    (lambda q, k: sk.contrastive_loss(q[:0], k[:0]), ValueError, "N >= 1"),
+    (lambda q, k: sk.contrastive_loss(q, "k"), TypeError, "k must be a torch.Tensor"),
+])
+def test_bad_inputs(case, exc, match):
+    q, k = _ok()
+    with pytest.raises(exc, match=match):
+        case(q, k)
+
+
+# -- pooled_contrastive_loss -------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_pooled_contrastive_loss_vs_reference(backend, float_mask):
+    dev = _dev()
+    gen = torch.Generator().manual_seed(11)
+    n, lq, lk, d = 19, 7, 5, 24
+    xq = torch.randn(n, lq, d, generator=gen).to(dev).requires_grad_()
+    xk = torch.randn(n, lk, d, generator=gen).to(dev).requires_grad_()
+    mq = torch.rand(n, lq, generator=gen) > 0.4
+    mk = torch.rand(n, lk, generator=gen) > 0.4
+    mq[:, 0] = True
+    mk[3] = False  # an empty mask pools to zeros
+    if float_mask:
+        mq = (mq.float() * torch.rand(n, lq, generator=gen)).to(dev).requires_grad_()
+        mk = (mk.float() * torch.rand(n, lk, generator=gen)).to(dev).requires_grad_()
+    else:
+        mq, mk = mq.to(dev), mk.to(dev)
+    groups = (torch.arange(n) // 3).to(dev)
+    kw = dict(groups=groups, temperature=0.1, hardness=0.5)
+    with sk.use_backend(backend):
+        loss, mined = sk.pooled_contrastive_loss(xq, mq, xk, mk, mine_k=2, **kw)
+    inputs = [t for t in (xq, xk, mq, mk) if t.requires_grad]
+    got = torch.autograd.grad(loss, inputs)
+    fq = masked_pool_reference(xq, mq, normalize=True, dtype=torch.float64)
+    fk = masked_pool_reference(xk, mk, normalize=True, dtype=torch.float64)
+    loss64, (idx, _) = contrastive_loss_reference(fq, fk, mine_k=2, **kw)
+    ref = torch.autograd.grad(loss64, inputs)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(mined.indices.cpu(), idx.cpu())
+
+
+def test_pooled_bad_inputs():
+    x = torch.randn(4, 3, 8)
+    m = torch.ones(4, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="agree on N and D"):
+        sk.pooled_contrastive_loss(x, m, torch.randn(5, 3, 8), torch.ones(5, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="temperature"):
+        sk.pooled_contrastive_loss(x, m, x, m, temperature=0)
+    with pytest.raises(ValueError, match="mask"):
+        sk.pooled_contrastive_loss(x, m[:, :2], x, m)
+    with pytest.raises(ValueError, match="non-finite"):
+        sk.pooled_contrastive_loss(x.clone().fill_(float("nan")), m, x, m)
+
+
+def test_modules():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(10, 8, generator=gen)
+    k = torch.randn(10, 8, generator=gen)
+    mod = snn.ContrastiveLoss(temperature=0.2, hardness=0.3)
+    torch.testing.assert_close(mod(q, k), sk.contrastive_loss(q, k, temperature=0.2, hardness=0.3))
+    assert "hardness=0.3" in repr(mod)
+    x = torch.randn(10, 4, 8, generator=gen)
+    m = torch.ones(10, 4, dtype=torch.bool)
+    pm = snn.PooledContrastiveLoss(temperature=0.2)
+    torch.testing.assert_close(pm(x, m, x, m), sk.pooled_contrastive_loss(x, m, x, m, temperature=0.2))
+
+
+def test_info_lists_the_op():
+    from solar_kernels import _dispatch
+
+    assert "contrastive_loss" in _dispatch.OPS
+    assert cl.Mined._fields == ("indices", "scores")
