@@ -58,7 +58,9 @@ class ReaderStats:
     """Counters shared by the main process and its DataLoader workers.
 
     One row of a shared-memory int64 tensor per process (row 0 = main, row w+1 = worker w),
-    so increments need no lock; :meth:`totals` sums the rows.
+    so increments need no lock; :meth:`totals` sums the rows.  :meth:`add` counts in a plain
+    per-process dict (cheap) that :meth:`flush` moves into the shared row; the reader flushes
+    after every batch and at the end of every pass.
     """
 
     FIELDS = ("seen", "yielded", "batches", "read_error", "missing_image", "missing_caption", "corrupt_image",
@@ -69,17 +71,33 @@ class ReaderStats:
     def __init__(self):
         self.counts = torch.zeros(self.MAX_WORKERS + 1, len(self.FIELDS), dtype=torch.int64).share_memory_()
         self._index = {f: i for i, f in enumerate(self.FIELDS)}
+        self._pending = [0] * len(self.FIELDS)
+
+    def __getstate__(self):
+        return {"counts": self.counts, "_index": self._index}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pending = [0] * len(self.FIELDS)
 
     def add(self, field: str, n: int = 1) -> None:
-        """Add ``n`` to counter ``field`` in this process's row."""
+        """Add ``n`` to counter ``field`` (pending in this process until :meth:`flush`)."""
+        self._pending[self._index[field]] += n
+
+    def flush(self) -> None:
+        """Move this process's pending counts into its row of the shared tensor."""
+        if not any(self._pending):
+            return
         info = torch.utils.data.get_worker_info()
         row = 0 if info is None else info.id + 1
         if row > self.MAX_WORKERS:
             raise RuntimeError(f"ReaderStats supports at most {self.MAX_WORKERS} DataLoader workers")
-        self.counts[row, self._index[field]] += n
+        self.counts[row] += torch.tensor(self._pending, dtype=torch.int64)
+        self._pending = [0] * len(self.FIELDS)
 
     def totals(self) -> dict:
         """All counters summed over processes, plus ``skipped`` (sum of the skip reasons)."""
+        self.flush()
         tot = self.counts.sum(0).tolist()
         d = dict(zip(self.FIELDS, tot))
         d["skipped"] = sum(d[k] for k in self.SKIPS)
@@ -88,6 +106,7 @@ class ReaderStats:
     def reset(self) -> None:
         """Zero every counter."""
         self.counts.zero_()
+        self._pending = [0] * len(self.FIELDS)
 
     def report(self) -> str:
         """One log line: yielded samples, and each non-zero skip reason."""
@@ -141,13 +160,25 @@ class ImageTransform:
             img = img.crop((left, top, left + s, top + s))
         return img
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None):
-        """(float32 [3, S, S] tensor, geometry) for a PIL image (converted to RGB)."""
+    def to_uint8(self, img: Image.Image, rng: random.Random | None = None):
+        """(uint8 [S, S, 3] array, geometry) for a PIL image (converted to RGB, resized, cropped)."""
         img = img.convert("RGB")
         geom = self.geometry(*img.size, rng)
         img = self.apply_geometry(img, geom, Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-        return (x - self._mean) / self._std, geom
+        return np.asarray(img, dtype=np.uint8), geom
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 [B, S, S, 3] -> normalised float32 [B, 3, S, S]."""
+        u8 = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+        out = torch.empty(u8.shape, dtype=torch.float32)
+        out.copy_(u8)  # dtype and layout in one pass
+        # (x / 255 - mean) / std as one fused multiply-add per element
+        return torch.addcmul(-self._mean / self._std, out, 1.0 / (255.0 * self._std), out=out)
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None):
+        """(float32 [3, S, S] tensor, geometry) for a PIL image (converted to RGB)."""
+        arr, geom = self.to_uint8(img, rng)
+        return self.normalize(arr[None])[0], geom
 
 
 def _has_patch_gt(meta) -> bool:
@@ -171,8 +202,11 @@ def gt_patch_mask(meta: dict, native_size: tuple[int, int], transform: ImageTran
         occ |= np.unpackbits(np.frombuffer(bytes.fromhex(hexs), dtype=np.uint8))[: g * g].astype(bool)
     occ = occ.reshape(g, g)
     w, h = native_size
-    pix = occ[(np.arange(h) * g) // h][:, (np.arange(w) * g) // w]
     s = transform.image_size
+    if (w, h) == (s, s) and s % g == 0 and patch_size % (s // g) == 0:  # no resize, patches = whole cells
+        n, c = s // patch_size, patch_size // (s // g)
+        return torch.from_numpy(occ.reshape(n, c, n, c).any(axis=(1, 3)).ravel().copy())
+    pix = occ[(np.arange(h) * g) // h][:, (np.arange(w) * g) // w]
     if (w, h) != (s, s):
         pix = np.asarray(transform.apply_geometry(Image.fromarray(pix.astype(np.uint8) * 255, "L"), geom,
                                                   Image.NEAREST)) > 127
@@ -216,11 +250,11 @@ def collate_pairs(images, captions, tokenizer, image_size: int = 64, patch_size:
     if _pixel_values is None:
         pix, patch_masks = [], []
         for img, meta in zip(images, metas):
-            x, geom = transform(img)
-            pix.append(x)
+            arr, geom = transform.to_uint8(img)
+            pix.append(arr)
             patch_masks.append(gt_patch_mask(meta, img.size, transform, geom, patch_size)
                                if _has_patch_gt(meta) else None)
-        _pixel_values, _patch_masks = torch.stack(pix), patch_masks
+        _pixel_values, _patch_masks = transform.normalize(np.stack(pix)), patch_masks
     enc = tokenizer(list(captions), padding="max_length" if pad_to_max_length else "longest", truncation=True,
                     max_length=max_length, return_tensors="pt", return_special_tokens_mask=True)
     batch = {
@@ -241,21 +275,21 @@ def collate_pairs(images, captions, tokenizer, image_size: int = 64, patch_size:
                 tokenizer._solar_word_counts = cache
             except AttributeError:  # pragma: no cover
                 pass
-        special = enc["special_tokens_mask"].bool() | ~batch["attention_mask"]
-        gt = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        content = ~(enc["special_tokens_mask"].bool() | ~batch["attention_mask"]).numpy()
+        full = batch["attention_mask"].numpy().all(1) & (content.shape[1] >= max_length)
+        gt = np.zeros(content.shape, dtype=bool)
         for b, (meta, cap) in enumerate(zip(metas, captions)):
             words, flags = meta["words"], meta["word_flags"]
             flat = [f for f, c in zip(flags, _word_counts(tokenizer, words, cache)) for _ in range(c)]
-            pos = (~special[b]).nonzero().flatten()
-            truncated = bool(batch["attention_mask"][b].all()) and batch["attention_mask"].shape[1] >= max_length
+            pos = np.flatnonzero(content[b])
             ok = (len(words) == len(flags) and " ".join(words).lower() == " ".join(cap.split()).lower()
-                  and (len(flat) == len(pos) or (truncated and len(flat) > len(pos))))
+                  and (len(flat) == len(pos) or (full[b] and len(flat) > len(pos))))
             if not ok:
                 if stats is not None:
                     stats.add("gt_mismatch")
                 continue
-            gt[b, pos] = torch.tensor(flat[: len(pos)], dtype=torch.bool)
-        batch["gt_token_mask"] = gt
+            gt[b, pos] = np.asarray(flat[: len(pos)], dtype=bool)
+        batch["gt_token_mask"] = torch.from_numpy(gt)
     return batch
 
 
@@ -379,7 +413,7 @@ class PairDataset(torch.utils.data.IterableDataset):
         try:
             img = Image.open(io.BytesIO(sample[img_key]))
             img.load()
-            x, geom = self.transform(img, rng)
+            x, geom = self.transform.to_uint8(img, rng)
             patch = (gt_patch_mask(meta, img.size, self.transform, geom, self.patch_size)
                      if _has_patch_gt(meta) else None)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
@@ -393,9 +427,10 @@ class PairDataset(torch.utils.data.IterableDataset):
         batch = collate_pairs(None, list(caps), self.tokenizer, self.image_size, self.patch_size, self.max_length,
                               metas=list(metas), keys=list(keys), transform=self.transform,
                               pad_to_max_length=self.pad_to_max_length, stats=self.stats,
-                              _pixel_values=torch.stack(xs), _patch_masks=list(patches))
+                              _pixel_values=self.transform.normalize(np.stack(xs)), _patch_masks=list(patches))
         self.stats.add("yielded", len(items))
         self.stats.add("batches")
+        self.stats.flush()
         return batch
 
     def _one_epoch(self, epoch: int):
@@ -403,6 +438,8 @@ class PairDataset(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:  # a forked worker inherits the parent's pending counts: not its own
+            self.stats._pending = [0] * len(self.stats.FIELDS)
         shards = self._shards(epoch, worker, num_workers)
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
         samples = wds.tarfile_to_samples(handler=self._on_read_error)(iter([{"url": u} for u in shards]))
@@ -419,6 +456,7 @@ class PairDataset(torch.utils.data.IterableDataset):
                 buf = []
         if buf and not self.drop_last:
             yield self._collate(buf)
+        self.stats.flush()
 
     def __iter__(self):
         epoch = self.epoch
