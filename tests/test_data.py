@@ -371,3 +371,23 @@ def test_reader_stats_shared_across_workers():
     assert "corrupt image 1" in st.report()
     st.reset()
     assert st.totals()["seen"] == 0
+
+
+def test_token_gt_truncation_and_mismatch(tmp_path, tok):
+    samples = [sw.make_pair(2, i, 0) for i in range(4)]
+    key, png, cap, meta = samples[1]
+    samples[1] = (key, png, cap + " and extra", meta)            # caption no longer matches its words
+    bad_occ = dict(samples[2][3])
+    bad_occ["objects"] = [dict(o, occupancy="zz" if o["occupancy"] else None) for o in bad_occ["objects"]]
+    samples[2] = samples[2][:3] + (bad_occ,)                    # unreadable occupancy -> bad json
+    p = str(tmp_path / "gt-000000.tar")
+    sw.write_samples(p, samples)
+    ds = PairDataset(p, tok, batch_size=8, max_length=10)
+    b = next(iter(ds))
+    t = ds.stats.totals()
+    assert t["gt_mismatch"] == 1 and t["bad_json"] == 1 and t["yielded"] == 3
+    assert b["input_ids"].shape[1] == 10 and b["key"] == [samples[0][0], samples[1][0], samples[3][0]]
+    assert not b["gt_token_mask"][1].any(), "an unaligned sample gets an all-False token mask"
+    for row, s in ((0, samples[0]), (2, samples[3])):
+        assert b["gt_token_mask"][row, 1:9].tolist() == [bool(f) for f in s[3]["word_flags"][:8]]
+        assert not b["gt_token_mask"][row, 9]

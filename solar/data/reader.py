@@ -280,10 +280,13 @@ def collate_pairs(images, captions, tokenizer, image_size: int = 64, patch_size:
         gt = np.zeros(content.shape, dtype=bool)
         for b, (meta, cap) in enumerate(zip(metas, captions)):
             words, flags = meta["words"], meta["word_flags"]
-            flat = [f for f, c in zip(flags, _word_counts(tokenizer, words, cache)) for _ in range(c)]
             pos = np.flatnonzero(content[b])
-            ok = (len(words) == len(flags) and " ".join(words).lower() == " ".join(cap.split()).lower()
-                  and (len(flat) == len(pos) or (full[b] and len(flat) > len(pos))))
+            try:
+                flat = [bool(f) for f, c in zip(flags, _word_counts(tokenizer, words, cache)) for _ in range(c)]
+                ok = (len(words) == len(flags) and " ".join(words).lower() == " ".join(cap.split()).lower()
+                      and (len(flat) == len(pos) or (full[b] and len(flat) > len(pos))))
+            except (TypeError, ValueError, AttributeError):  # malformed words/flags in the json
+                ok = False
             if not ok:
                 if stats is not None:
                     stats.add("gt_mismatch")
@@ -414,12 +417,18 @@ class PairDataset(torch.utils.data.IterableDataset):
             img = Image.open(io.BytesIO(sample[img_key]))
             img.load()
             x, geom = self.transform.to_uint8(img, rng)
-            patch = (gt_patch_mask(meta, img.size, self.transform, geom, self.patch_size)
-                     if _has_patch_gt(meta) else None)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
             self.stats.add("corrupt_image")
             logger.debug("reader: corrupt image in %s (%s)", sample.get("__key__"), e)
             return None
+        patch = None
+        if _has_patch_gt(meta):
+            try:
+                patch = gt_patch_mask(meta, img.size, self.transform, geom, self.patch_size)
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                self.stats.add("bad_json")
+                logger.debug("reader: bad ground truth in %s (%s)", sample.get("__key__"), e)
+                return None
         return sample["__key__"], x, caption, meta, patch
 
     def _collate(self, items) -> dict:
