@@ -1,0 +1,255 @@
+"""masked_pool: forward and backward of every backend against an fp64 reference.
+
+Oracle (STYLE.md): the kernel's max error against the fp64 reference must be at most
+twice the max error of plain PyTorch computing the same thing in the input dtype, plus
+a small atol; failures report how many elements fail and the worst one.
+Backends: "native" (C++), "torch" (chunked PyTorch) and "triton" (interpreted on CPU,
+compiled on CUDA).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import solar_kernels
+from solar_kernels import _ext, masked_pool, use_backend
+from solar_kernels.nn import MaskedPool
+from solar_kernels.ops.masked_pool import MAX_V_PER_PASS, pool_backward, pool_forward
+from solar_kernels.reference import masked_pool_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+
+if DEVICE.type == "cuda":
+    BACKENDS = ["triton", "torch"]
+else:
+    BACKENDS = ["native", "torch"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        BACKENDS.append("triton")
+
+
+def _backend_param(name):
+    marks = []
+    if name == "native" and not _ext.available("masked_pool_forward_cpu"):
+        marks.append(pytest.mark.skip(reason=f"native extension unavailable: {_ext.load_error}"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+BACKEND_PARAMS = [_backend_param(b) for b in BACKENDS]
+
+
+def make_inputs(seed, B, L, D, V, dtype, *, mask_kind="float", mask_ndim=3, noncontig=False, zero_rows=False,
+                device=DEVICE):
+    """x [B, L, D] and mask ([V,] B, L) built from `seed` (hypothesis draws shapes, not tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:  # D is not the innermost dimension in memory, and L rows are strided
+        x = torch.randn(B, D, 2 * L, generator=g)[:, :, ::2].transpose(1, 2)
+    else:
+        x = torch.randn(B, L, D, generator=g)
+    x = x.to(device=device, dtype=dtype)
+    shape = (V, B, L) if mask_ndim == 3 else (B, L)
+    keep = torch.rand(shape, generator=g) > 0.3
+    if mask_kind == "bool":
+        mask = keep
+    else:
+        mask = torch.rand(shape, generator=g) * keep
+    if zero_rows:
+        mask[..., 0, :] = 0  # batch row 0 is fully masked out in every view
+    return x, mask.to(device)
+
+
+def assert_oracle(name, got, ref64, plain, atol):
+    """max|got - ref64| <= 2 * max|plain - ref64| + atol, with the worst element in the message."""
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}"
+    got64 = got.detach().to(torch.float64).cpu()
+    ref64 = ref64.detach().cpu()
+    plain_err = (plain.detach().to(torch.float64).cpu() - ref64).abs()
+    tol = 2 * (float(plain_err.max()) if plain_err.numel() else 0.0) + atol
+    err = (got64 - ref64).abs()
+    err = torch.where(torch.isnan(got64), torch.full_like(err, float("inf")), err)
+    bad = err > tol
+    if bool(bad.any()):
+        i = int(err.flatten().argmax())
+        idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{err.numel()} elements exceed tol {tol:.3g} "
+            f"(2 x plain-{got.dtype} error {float(plain_err.max()):.3g} + atol {atol:g}); worst at {idx}: "
+            f"got {float(got64[idx]):.6g}, fp64 reference {float(ref64[idx]):.6g}, error {float(err[idx]):.3g}")
+
+
+def check_case(backend, x, mask, normalize, *, mask_grad):
+    """Forward and backward of `backend` against the fp64 reference and plain PyTorch in x's dtype."""
+    dtype = x.dtype
+    atol = ATOL[dtype]
+    x = x.detach().requires_grad_()
+    mask = mask.detach()
+    if mask_grad:
+        mask = mask.requires_grad_()
+    inputs = (x, mask) if mask_grad else (x,)
+
+    with use_backend(backend):
+        out = masked_pool(x, mask, normalize=normalize)
+    assert out.dtype == dtype
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
+
+    ref = masked_pool_reference(x, mask, normalize=normalize, dtype=torch.float64)
+    plain = masked_pool_reference(x, mask, normalize=normalize)  # plain PyTorch in x's dtype
+    assert_oracle("out", out, ref, plain, atol)
+    assert not torch.isnan(out).any()
+
+    with use_backend(backend):
+        grads = torch.autograd.grad(out, inputs, g.to(dtype))
+    ref_grads = torch.autograd.grad(ref, inputs, g.to(torch.float64))
+    plain_grads = torch.autograd.grad(plain, inputs, g.to(dtype))
+    assert grads[0].dtype == dtype and grads[0].shape == x.shape
+    assert_oracle("grad_x", grads[0], ref_grads[0], plain_grads[0], atol)
+    if mask_grad:
+        assert grads[1].dtype == mask.dtype and grads[1].shape == mask.shape
+        # the mask gradient sums D products: scale atol with sqrt(D)
+        assert_oracle("grad_mask", grads[1], ref_grads[1], plain_grads[1], atol * max(1.0, x.shape[2] ** 0.5))
+
+
+SIZES_BL = st.sampled_from([1, 2, 17, 33, 63, 64, 65])
+SIZES_D = st.sampled_from([1, 2, 17, 63, 64, 65, 127, 128, 129, 257])
+SIZES_V = st.sampled_from([1, 2, 3, 5, MAX_V_PER_PASS + 1])
+DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+# the ci profile's 12 examples per backend cover too few of the ~10^5 shape combinations
+N_EXAMPLES = 30 if settings.default.max_examples <= 12 else settings.default.max_examples
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@settings(max_examples=N_EXAMPLES)
+@given(
+    B=st.sampled_from([1, 2, 3, 17]), L=SIZES_BL, D=SIZES_D, V=SIZES_V, dtype=DTYPES,
+    mask_kind=st.sampled_from(["bool", "float"]), mask_ndim=st.sampled_from([2, 3]),
+    normalize=st.booleans(), noncontig=st.booleans(), zero_rows=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(B=2, L=65, D=129, V=MAX_V_PER_PASS + 1, dtype=torch.float32, mask_kind="float", mask_ndim=3,
+         normalize=True, noncontig=True, zero_rows=True, seed=1)
+@example(B=1, L=1, D=1, V=1, dtype=torch.bfloat16, mask_kind="bool", mask_ndim=2,
+         normalize=False, noncontig=False, zero_rows=False, seed=2)
+@example(B=3, L=64, D=64, V=3, dtype=torch.float16, mask_kind="float", mask_ndim=3,
+         normalize=True, noncontig=False, zero_rows=False, seed=3)
+def test_forward_backward(backend, B, L, D, V, dtype, mask_kind, mask_ndim, normalize, noncontig, zero_rows, seed):
+    if backend == "triton" and DEVICE.type == "cpu":  # the interpreter is slow: keep the tiles few
+        B, L, D = min(B, 3), min(L, 65), min(D, 129)
+    x, mask = make_inputs(seed, B, L, D, V, dtype, mask_kind=mask_kind, mask_ndim=mask_ndim,
+                          noncontig=noncontig, zero_rows=zero_rows)
+    check_case(backend, x, mask, normalize, mask_grad=mask_kind == "float")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_all_zero_masks_give_zeros(backend, normalize):
+    x, _ = make_inputs(0, 3, 17, 65, 2, torch.float32)
+    mask = torch.zeros(2, 3, 17, device=DEVICE, requires_grad=True)
+    xg = x.requires_grad_()
+    with use_backend(backend):
+        out = masked_pool(xg, mask, normalize=normalize)
+        gx, gm = torch.autograd.grad(out.sum(), (xg, mask))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(gx, torch.zeros_like(gx))
+    assert torch.equal(gm, torch.zeros_like(gm))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_strided_mask_and_reduced_precision_weights(backend):
+    x, _ = make_inputs(5, 3, 33, 40, 1, torch.float32)
+    base = torch.rand(33, 3, 2, device=DEVICE)
+    mask = base.permute(2, 1, 0)  # [2, 3, 33] with no unit stride
+    for m in (mask, mask.to(torch.bfloat16), mask.to(torch.float64)):
+        check_case(backend, x, m, False, mask_grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_launcher_interface(backend):
+    """The no-autograd launchers shared with pooled_contrastive_loss: shapes, dtypes, None grad."""
+    x, mask = make_inputs(11, 3, 17, 33, 2, torch.bfloat16, mask_kind="bool")
+    with use_backend(backend):
+        out, aux = pool_forward(x, mask, True, 1e-6)
+        assert out.shape == (2, 3, 33) and out.dtype == torch.float32
+        assert aux.shape == (2, 2, 3) and aux.dtype == torch.float32
+        assert torch.allclose(aux[0], mask.float().sum(-1))
+        assert torch.allclose(out.norm(dim=-1), torch.ones(2, 3, device=DEVICE), atol=1e-5)
+        gx, gm = pool_backward(torch.randn_like(out), x, mask, out, aux, True, 1e-6, False)
+        assert gx.shape == x.shape and gx.dtype == x.dtype and gm is None
+        gx, gm = pool_backward(torch.randn_like(out), x, mask.float(), out, aux, True, 1e-6, True)
+        assert gm.shape == mask.shape and gm.dtype == torch.float32
+
+
+def test_backends_agree_and_module():
+    x, mask = make_inputs(3, 4, 40, 96, 3, torch.float32)
+    outs = {}
+    for b in BACKENDS:
+        with use_backend(b):
+            outs[b] = masked_pool(x, mask, normalize=True)
+    for b, o in outs.items():
+        torch.testing.assert_close(o, outs[BACKENDS[0]], rtol=1e-5, atol=1e-6, msg=f"backend {b}")
+    mod = MaskedPool(normalize=True)
+    torch.testing.assert_close(mod(x, mask), outs[BACKENDS[0]], rtol=1e-5, atol=1e-6)
+    assert solar_kernels.functional.masked_pool is masked_pool
+    assert "normalize=True" in repr(mod)
+
+
+def test_opcheck():
+    """torch.library.opcheck on both custom ops (schema, fake kernels, dispatch)."""
+    x, mask = make_inputs(1, 2, 17, 33, 2, torch.float32)
+    out, aux = torch.ops.solar.masked_pool_fwd(x, mask, True, 1e-6)
+    torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (x, mask, True, 1e-6))
+    torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (x.to(torch.bfloat16), mask > 0.5, False, 1e-6))
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, True, 1e-6, True))
+    torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, False, 1e-6, False))
+
+
+def test_torch_compile_traces_it():
+    """torch.compile (fullgraph) sees the custom ops through their fake kernels; grads match eager."""
+    x, mask = make_inputs(2, 3, 17, 33, 2, torch.float32)
+    x.requires_grad_()
+    mask.requires_grad_()
+
+    def f(a, m):
+        return masked_pool(a, m, normalize=True).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    ge = torch.autograd.grad(f(x, mask), (x, mask))
+    gc = torch.autograd.grad(compiled(x, mask), (x, mask))
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(a, b)
+
+
+# ---- bad input ----------------------------------------------------------------------------
+def _bad_cases():
+    x = torch.randn(2, 5, 4)
+    m = torch.ones(2, 5)
+    return [
+        ("x rank", torch.randn(2, 5), m, ValueError, "x must have 3 dimensions"),
+        ("mask rank 1", x, torch.ones(5), ValueError, "mask must have 2 or 3 dimensions"),
+        ("mask rank 4", x, torch.ones(1, 1, 2, 5), ValueError, "mask must have 2 or 3 dimensions"),
+        ("B mismatch", x, torch.ones(3, 5), ValueError, "mask must have shape"),
+        ("L mismatch", x, torch.ones(3, 2, 6), ValueError, "mask must have shape"),
+        ("negative weight", x, torch.tensor([[1.0, -0.5, 1, 1, 1], [1, 1, 1, 1, 1]]), ValueError, "non-negative"),
+        ("integer x", torch.ones(2, 5, 4, dtype=torch.int64), m, TypeError, "x must be float32"),
+        ("float64 x", x.double(), m, TypeError, "x must be float32"),
+        ("integer mask", x, torch.ones(2, 5, dtype=torch.int32), TypeError, "mask must be bool or floating"),
+        ("not a tensor", x, [[1.0] * 5] * 2, TypeError, "mask must be a torch.Tensor"),
+        ("mixed devices", x, torch.ones(2, 5, device="meta"), ValueError, "same device"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input(case):
+    _, x, mask, exc, msg = case
+    with pytest.raises(exc, match=msg):
+        masked_pool(x, mask)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan")])
+def test_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        masked_pool(torch.randn(2, 3, 4), torch.ones(2, 3), normalize=True, eps=eps)
