@@ -62,7 +62,10 @@ def prepare_data(cfg: TrainConfig, di: DistInfo) -> tuple:
     from .data.reader import expand_urls
     d = cfg.data
     if d.train_shards:
-        urls = expand_urls(d.train_shards)
+        try:
+            urls = expand_urls(d.train_shards)
+        except (FileNotFoundError, ValueError) as e:
+            raise FileNotFoundError(f"data.train_shards: {e}") from e
         local = [u for u in urls if not u.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))]
         missing = [u for u in local if not os.path.isfile(u)]
         if missing:
