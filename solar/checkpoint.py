@@ -1,0 +1,165 @@
+"""Checkpoints as safetensors + JSON: loading one never executes code (no pickle).
+
+A model directory holds ``config.json`` (the ModelConfig, with the resolved tower configs)
+and ``model.safetensors`` (every parameter and buffer, including the stage-1 thresholds
+tau_v / tau_l and the QDA statistics).  A training-state directory adds
+``trainer.safetensors`` (optimizer tensors) and ``trainer.json`` (step, optimizer
+hyper-parameters, scalar state, RNG seeds).  Writes go to a temporary name and are renamed
+into place, so an interrupted save never leaves a half-written checkpoint behind.
+
+If a torch file must ever be read, use ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["save_model", "load_model", "save_training_state", "load_training_state", "CheckpointError"]
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAINER_TENSORS = "trainer.safetensors"
+TRAINER_JSON = "trainer.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete or corrupt."""
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: Optional[dict] = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def save_model(model, directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` for a SolarModel into `directory`."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    # tied / shared storages are not allowed by safetensors: clone every tensor
+    _atomic_tensors(d / MODEL_FILE, {k: v.clone() for k, v in state.items()}, {"format": "pt", "solar": "model"})
+    _atomic_json(d / CONFIG_FILE, {"solar_model_config": model.cfg.to_dict()})
+    return d
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint: {path} is not valid JSON ({e})") from e
+
+
+def _read_tensors(path: Path, device) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: missing {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint: {path} is not a readable safetensors file ({e})") from e
+
+
+def load_model(directory: str | os.PathLike, *, map_location="cpu"):
+    """Rebuild a SolarModel from a directory written by ``save_model``.
+
+    The towers are rebuilt from the recorded configs (the hub is never contacted) and every
+    tensor is loaded strictly: a missing or unexpected key is an error.
+    """
+    from .model import ModelConfig, SolarModel
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint: {d} is not a directory")
+    meta = _read_json(d / CONFIG_FILE)
+    if "solar_model_config" not in meta:
+        raise CheckpointError(f"checkpoint: {d / CONFIG_FILE} has no 'solar_model_config' entry")
+    cfg = ModelConfig.from_dict(meta["solar_model_config"])
+    model = SolarModel(cfg, _load_tower_weights=False)
+    state = _read_tensors(d / MODEL_FILE, "cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint: {d / MODEL_FILE} does not match the config: "
+                              f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model.to(map_location)
+
+
+def save_training_state(directory: str | os.PathLike, model, optimizer: Optional[torch.optim.Optimizer],
+                        extra: dict, extra_tensors: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Save model + optimizer + JSON-serialisable `extra` (step, schedule state...) into `directory`.
+
+    Written into ``directory.tmp`` first and renamed, so `directory` is always complete.
+    """
+    d = Path(directory)
+    tmp = d.with_name(d.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tmp)
+    tensors: dict[str, torch.Tensor] = dict(extra_tensors or {})
+    opt_meta = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        scalars: dict[str, dict] = {}
+        for pid, st in sd["state"].items():
+            for name, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"opt.{pid}.{name}"] = val
+                else:
+                    scalars.setdefault(str(pid), {})[name] = val
+        opt_meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    _atomic_tensors(tmp / TRAINER_TENSORS, tensors, {"format": "pt", "solar": "trainer"})
+    _atomic_json(tmp / TRAINER_JSON, {"extra": extra, "optimizer": opt_meta})
+    if d.exists():
+        old = d.with_name(d.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(d, old)
+        os.replace(tmp, d)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, d)
+    return d
+
+
+def load_training_state(directory: str | os.PathLike, model, optimizer: Optional[torch.optim.Optimizer]):
+    """Load what ``save_training_state`` wrote into `model` (in place) and `optimizer`.
+
+    Returns (extra dict, extra tensors dict).  Raises CheckpointError for a missing or corrupt
+    directory, or an optimizer whose parameter groups do not match.
+    """
+    d = Path(directory)
+    loaded = load_model(d, map_location=model.device)
+    model.load_state_dict(loaded.state_dict())
+    meta = _read_json(d / TRAINER_JSON)
+    tensors = _read_tensors(d / TRAINER_TENSORS, "cpu")
+    if optimizer is not None:
+        om = meta.get("optimizer")
+        if om is None:
+            raise CheckpointError(f"checkpoint: {d} has no optimizer state")
+        state: dict[int, dict] = {}
+        for key, val in tensors.items():
+            if key.startswith("opt."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = val
+        for pid, sc in om["scalars"].items():
+            state.setdefault(int(pid), {}).update(sc)
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": om["param_groups"]})
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint: optimizer state in {d} does not match this model ({e})") from e
+    rest = {k: v for k, v in tensors.items() if not k.startswith("opt.")}
+    return meta["extra"], rest

@@ -1,0 +1,505 @@
+"""The SOLAR model: unimodal towers E_V / E_L, adapters A_V / A_L, fusion encoder E_VL.
+
+    pixel_values --E_V--> patch states --A_V--> patch tokens  [B, P, W] --\
+                                                                          +-- E_VL([CLS] + kept
+    input_ids ----E_L--> token states --A_L--> text tokens   [B, T, W] --/    positions) -> f [B, E]
+
+* E_V / E_L are transformers ``CLIPVisionModel`` / ``CLIPTextModel`` towers: built with random
+  weights from a ``CLIPVisionConfig`` / ``CLIPTextConfig`` (the ``tiny`` preset, trained from
+  scratch on ShapesWorld), or loaded with ``from_pretrained`` from a local path or a hub name
+  (``clip-b16``: openai/clip-vit-base-patch16).  ``HF_HUB_OFFLINE=1`` (or
+  ``TRANSFORMERS_OFFLINE=1``) is honoured: nothing is downloaded, only local files are read.
+* A_V / A_L: two-layer MLPs (LayerNorm -> Linear -> GELU -> Linear) into the shared width W.
+* E_VL: ``fusion_layers`` pre-norm transformer layers over a learned [CLS] token, the adapted
+  patch tokens and the adapted text tokens (plus a learned modality embedding each).  Keep
+  masks are key-padding masks: [CLS] (and every query) attends only to kept positions.  The
+  [CLS] output is projected to ``embed_dim`` and L2-normalised: the pair embedding f.
+* Stage-1 thresholds ``tau_v`` / ``tau_l`` and the QDA running statistics are buffers, so they
+  travel with the checkpoint (stage 2 and users reuse them).
+
+Checkpoints are ``model.safetensors`` + ``config.json``: loading never executes code.
+Token pooling goes through ``solar_kernels.masked_pool``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import solar_kernels as sk
+
+__all__ = ["ModelConfig", "SolarModel", "PRESETS", "hub_offline"]
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` asks for local files only."""
+    return any(os.environ.get(v, "0").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the model's architecture (saved as ``config.json``).
+
+    Tower fields (``vision_*``, ``text_*``) are used only when the tower is built from scratch;
+    with ``vision_pretrained`` / ``text_pretrained`` set (a local directory or a hub name such as
+    ``openai/clip-vit-base-patch16``) the tower's own config wins and is recorded in
+    ``vision_tower_config`` / ``text_tower_config`` so that a saved SOLAR checkpoint is rebuilt
+    without touching the hub.
+    """
+
+    preset: str = "tiny"
+    # --- vision tower E_V (CLIPVisionConfig fields) ---
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 192
+    vision_pretrained: Optional[str] = None
+    # --- text tower E_L (CLIPTextConfig fields) ---
+    vocab_size: int = 512
+    max_text_len: int = 64
+    text_hidden: int = 96
+    text_layers: int = 2
+    text_heads: int = 4
+    text_mlp: int = 192
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 1
+    text_pretrained: Optional[str] = None
+    # CLIP's text tower is causal.  Pretrained CLIP keeps that; the from-scratch `tiny` tower
+    # drops it (our choice): with a causal mask the first words of "a small red circle at top
+    # left" cannot know which object they describe, which caps the text-side mask quality.
+    text_causal: bool = False
+    # --- adapters, fusion encoder, head ---
+    width: int = 96            # shared width W of the adapted tokens and of E_VL
+    adapter_hidden: int = 192
+    fusion_layers: int = 3      # the paper's E_VL has 3 attention layers
+    fusion_heads: int = 4
+    fusion_mlp: int = 192
+    embed_dim: int = 96        # E, the pair embedding (768 in the paper)
+    dropout: float = 0.0
+    # --- training options ---
+    freeze_vision: bool = False  # True: E_V is frozen (no gradients, eval mode)
+    freeze_text: bool = False
+    # resolved tower configs (filled in when the towers are built; used by from_pretrained)
+    vision_tower_config: Optional[dict] = None
+    text_tower_config: Optional[dict] = None
+
+    @property
+    def num_patches(self) -> int:
+        """P, the number of patch tokens (image_size / patch_size)^2."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a dict (unknown keys raise a ValueError naming them)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; expected a subset of {sorted(names)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset (see ``PRESETS``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+        base = dict(PRESETS[name])
+        base.update(overrides)
+        return cls(preset=name, **base)
+
+    def with_tokenizer(self, tokenizer) -> "ModelConfig":
+        """A copy whose vocab size and special-token ids come from a (HF-style) tokenizer."""
+        vocab = len(tokenizer)
+        def tid(name, fallback):
+            v = getattr(tokenizer, name, None)
+            return fallback if v is None else int(v)
+        bos = tid("bos_token_id", self.bos_token_id)
+        eos = tid("eos_token_id", self.eos_token_id)
+        pad = tid("pad_token_id", eos)
+        return dataclasses.replace(self, vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+
+
+# Named presets.  `tiny`: CPU-sized towers trained from scratch on ShapesWorld (64x64 images,
+# 8x8 patches -> 64 patches).  `clip-b16`: the paper's SOLAR-C shape (CLIP ViT-B/16 towers,
+# 768-d embedding); its adapter/fusion sizes are our choice (the paper gives only 0.20B total).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(),
+    "clip-b16": dict(
+        image_size=224, patch_size=16, max_text_len=77,
+        vision_pretrained="openai/clip-vit-base-patch16", text_pretrained="openai/clip-vit-base-patch16",
+        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, text_causal=True,
+        width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12, fusion_mlp=3072, embed_dim=768,
+    ),
+}
+
+
+class Adapter(nn.Module):
+    """Two-layer MLP adapter: LayerNorm -> Linear(d_in, hidden) -> GELU -> Linear(hidden, W)."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_in)
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] -> [..., d_out]."""
+        return self.fc2(self.drop(F.gelu(self.fc1(self.norm(x)))))
+
+
+class FusionLayer(nn.Module):
+    """One pre-norm transformer layer whose attention takes an additive key bias [B, L]."""
+
+    def __init__(self, width: int, heads: int, mlp: int, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"fusion width {width} must be divisible by fusion_heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(), nn.Linear(mlp, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        """x [B, L, W]; key_bias [B, L] (0 keeps a key, -inf drops it, log w weights it)."""
+        B, L, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        bias = key_bias[:, None, None, :].to(q.dtype)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, W)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def _keep_to_bias(keep: torch.Tensor, name: str, shape: tuple) -> torch.Tensor:
+    """Bool keep mask -> 0 / -inf; float weights w in [0, 1] -> log w (soft attention masks)."""
+    if keep.shape != shape:
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(keep.shape)}")
+    if keep.dtype == torch.bool:
+        return torch.zeros(shape, device=keep.device).masked_fill(~keep, float("-inf"))
+    if not keep.is_floating_point():
+        raise TypeError(f"{name}: expected a bool mask or float weights, got dtype {keep.dtype}")
+    if (keep < 0).any() or (keep > 1).any():
+        raise ValueError(f"{name}: float keep weights must lie in [0, 1]")
+    return keep.float().clamp_min(0).log()
+
+
+class SolarModel(nn.Module):
+    """SOLAR's encoder (see the module docstring for the architecture).
+
+    Public API (stable; stage 2, evaluation and users build on it):
+
+    * ``patch_tokens(pixel_values)`` -> adapted patch tokens [B, P, W]
+    * ``text_tokens(input_ids, attention_mask)`` -> adapted text tokens [B, T, W]
+    * ``text_valid_mask(input_ids, attention_mask)`` -> [B, T] bool, content tokens only
+    * ``global_image(pixel_values)`` / ``global_text(input_ids, attention_mask)`` -> [B, W]
+      L2-normalised globals (masked mean of the adapted tokens) used by the local-to-global
+      similarities
+    * ``local_similarities(batch)`` -> (s_V [B, P], s_L [B, T]) for the batch's true pairs
+    * ``fuse(patch_tokens, text_tokens, patch_keep, text_keep)`` -> f [B, E] normalised
+    * ``embed(batch)`` -> f [B, E]: inference, one pass over all positions, no masks
+    * ``intersection_masks(batch)`` -> (M_V [B, P] bool, M_L [B, T] bool) with tau_v / tau_l
+    * ``save_pretrained(dir)`` / ``SolarModel.from_pretrained(dir)``: safetensors + json
+    """
+
+    def __init__(self, cfg: ModelConfig, *, _load_tower_weights: bool = True):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg: expected a ModelConfig, got {type(cfg).__name__}")
+        cfg = dataclasses.replace(cfg)
+        offline = hub_offline()
+        # --- E_V ---
+        if cfg.vision_tower_config is not None and (not _load_tower_weights or not cfg.vision_pretrained):
+            self.vision = CLIPVisionModel(CLIPVisionConfig(**_tower_kwargs(cfg.vision_tower_config)))
+        elif cfg.vision_pretrained:
+            self.vision = CLIPVisionModel.from_pretrained(cfg.vision_pretrained, local_files_only=offline)
+        else:
+            self.vision = CLIPVisionModel(CLIPVisionConfig(
+                hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_mlp,
+                num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3,
+                attention_dropout=cfg.dropout))
+        # --- E_L ---
+        if cfg.text_tower_config is not None and (not _load_tower_weights or not cfg.text_pretrained):
+            self.text = CLIPTextModel(CLIPTextConfig(**_tower_kwargs(cfg.text_tower_config)))
+        elif cfg.text_pretrained:
+            self.text = CLIPTextModel.from_pretrained(cfg.text_pretrained, local_files_only=offline)
+        else:
+            self.text = CLIPTextModel(CLIPTextConfig(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_mlp,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                max_position_embeddings=cfg.max_text_len, bos_token_id=cfg.bos_token_id,
+                eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                attention_dropout=cfg.dropout))
+        vc, tc = self.vision.config, self.text.config
+        cfg.vision_tower_config = _jsonable(vc.to_dict())
+        cfg.text_tower_config = _jsonable(tc.to_dict())
+        cfg.image_size, cfg.patch_size = int(vc.image_size), int(vc.patch_size)
+        cfg.vocab_size, cfg.max_text_len = int(tc.vocab_size), int(tc.max_position_embeddings)
+        self.cfg = cfg
+
+        W = cfg.width
+        self.adapter_v = Adapter(vc.hidden_size, cfg.adapter_hidden, W, cfg.dropout)
+        self.adapter_l = Adapter(tc.hidden_size, cfg.adapter_hidden, W, cfg.dropout)
+        self.cls = nn.Parameter(torch.randn(1, 1, W) * 0.02)
+        self.type_v = nn.Parameter(torch.randn(1, 1, W) * 0.02)
+        self.type_l = nn.Parameter(torch.randn(1, 1, W) * 0.02)
+        self.fusion = nn.ModuleList(FusionLayer(W, cfg.fusion_heads, cfg.fusion_mlp, cfg.dropout)
+                                    for _ in range(cfg.fusion_layers))
+        self.fusion_norm = nn.LayerNorm(W)
+        self.head = nn.Linear(W, cfg.embed_dim)
+
+        # stage-1 thresholds and QDA running statistics (mean, var of true / negative pairs)
+        self.register_buffer("tau_v", torch.tensor(0.0))
+        self.register_buffer("tau_l", torch.tensor(0.0))
+        self.register_buffer("qda_v", torch.zeros(4))  # mu_pos, var_pos, mu_neg, var_neg
+        self.register_buffer("qda_l", torch.zeros(4))
+        self.register_buffer("qda_initialized", torch.tensor(0, dtype=torch.int64))
+        self.set_freeze(vision=cfg.freeze_vision, text=cfg.freeze_text)
+
+    # ------------------------------------------------------------------ options
+    def set_freeze(self, *, vision: Optional[bool] = None, text: Optional[bool] = None) -> None:
+        """Freeze (True) or fine-tune (False) the towers; None leaves a tower as it is."""
+        if vision is not None:
+            self.cfg.freeze_vision = bool(vision)
+            self.vision.requires_grad_(not vision)
+        if text is not None:
+            self.cfg.freeze_text = bool(text)
+            self.text.requires_grad_(not text)
+
+    def train(self, mode: bool = True):
+        """nn.Module.train, keeping frozen towers in eval mode."""
+        super().train(mode)
+        if self.cfg.freeze_vision:
+            self.vision.eval()
+        if self.cfg.freeze_text:
+            self.text.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        return self.cls.device
+
+    # ------------------------------------------------------------------ tokens
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """E_V then A_V.  pixel_values [B, 3, H, W] float (H = W = cfg.image_size) -> [B, P, W]."""
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values: expected a [B, 3, H, W] tensor, got "
+                             f"{tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values)}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values: expected a float tensor, got {pixel_values.dtype}")
+        s = self.cfg.image_size
+        if tuple(pixel_values.shape[2:]) != (s, s):
+            raise ValueError(f"pixel_values: expected spatial size {s}x{s}, got {tuple(pixel_values.shape[2:])}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vision):
+            out = self.vision(pixel_values=pixel_values.to(self.device))
+            h = getattr(self.vision, "vision_model", self.vision).post_layernorm(out.last_hidden_state[:, 1:])
+        return self.adapter_v(h)
+
+    def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids: expected an int64 [B, T] tensor, got "
+                             f"{(input_ids.dtype, tuple(input_ids.shape)) if torch.is_tensor(input_ids) else type(input_ids)}")
+        if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} like input_ids, got "
+                             f"{tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask)}")
+        if input_ids.shape[1] > self.cfg.max_text_len:
+            raise ValueError(f"input_ids: {input_ids.shape[1]} tokens exceed the text tower's "
+                             f"max_text_len={self.cfg.max_text_len}")
+        if input_ids.numel() and (int(input_ids.max()) >= self.cfg.vocab_size or int(input_ids.min()) < 0):
+            raise ValueError(f"input_ids: ids must lie in [0, {self.cfg.vocab_size}) (the text tower's vocab_size); "
+                             f"got range [{int(input_ids.min())}, {int(input_ids.max())}] - was the model built "
+                             f"with ModelConfig.with_tokenizer(tokenizer)?")
+
+    def text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """E_L then A_L.  input_ids int64 [B, T], attention_mask bool [B, T] -> [B, T, W]."""
+        self._check_text(input_ids, attention_mask)
+        dev = self.device
+        ids, am = input_ids.to(dev).long(), attention_mask.to(dev).bool()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_text):
+            if self.cfg.text_causal:
+                h = self.text(input_ids=ids, attention_mask=am.long()).last_hidden_state
+            else:
+                h = self._bidirectional_text(ids, am)
+        return self.adapter_l(h)
+
+    def _bidirectional_text(self, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        """The CLIP text tower without its causal mask (padding keys masked only)."""
+        tm = getattr(self.text, "text_model", self.text)
+        h = tm.embeddings(input_ids=ids)
+        bias = torch.zeros(am.shape, dtype=h.dtype, device=h.device).masked_fill(~am, torch.finfo(h.dtype).min)
+        out = tm.encoder(inputs_embeds=h, attention_mask=bias[:, None, None, :], is_causal=False)
+        return tm.final_layer_norm(out.last_hidden_state)
+
+    def text_valid_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: positions that are real content tokens (padding, BOS and EOS excluded)."""
+        self._check_text(input_ids, attention_mask)
+        ids = input_ids.to(self.device)
+        keep = attention_mask.to(self.device).bool()
+        for special in {self.cfg.bos_token_id, self.cfg.eos_token_id, self.cfg.pad_token_id}:
+            keep = keep & (ids != special)
+        return keep
+
+    # ------------------------------------------------------------------ globals
+    @staticmethod
+    def pool_global(tokens: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """normalize(masked mean of tokens [B, L, W] over `valid` [B, L]) -> [B, W]."""
+        if valid is None:
+            valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return sk.masked_pool(tokens, valid, normalize=True)
+
+    def global_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised global image embedding [B, W]: mean of the adapted patch tokens."""
+        return self.pool_global(self.patch_tokens(pixel_values))
+
+    def global_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised global text embedding [B, W]: mean of the adapted content tokens."""
+        return self.pool_global(self.text_tokens(input_ids, attention_mask),
+                                self.text_valid_mask(input_ids, attention_mask))
+
+    @staticmethod
+    def similarities_from_tokens(v: torch.Tensor, t: torch.Tensor, text_valid: torch.Tensor):
+        """Local-to-global similarities from adapted tokens.
+
+        v [B, P, W], t [B, T, W], text_valid [B, T] bool ->
+        (s_V [B, P] = cos(patch p, global text), s_L [B, T] = cos(token t, global image),
+         g_I [B, W], g_T [B, W]).  s_L is 0 at invalid positions.
+        """
+        g_i = SolarModel.pool_global(v)
+        g_t = SolarModel.pool_global(t, text_valid)
+        s_v = torch.einsum("bpw,bw->bp", F.normalize(v, dim=-1), g_t)
+        s_l = torch.einsum("btw,bw->bt", F.normalize(t, dim=-1), g_i) * text_valid
+        return s_v, s_l, g_i, g_t
+
+    def _batch_tensors(self, batch: Mapping[str, Any]):
+        for k in ("pixel_values", "input_ids", "attention_mask"):
+            if k not in batch:
+                raise KeyError(f"batch: missing field {k!r} (has {sorted(batch)})")
+        return batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+
+    def local_similarities(self, batch: Mapping[str, Any]):
+        """(s_V [B, P], s_L [B, T]) for the batch's true (image, caption) pairs.
+
+        s_V(p) = cos(patch token p, global text of the same pair); s_L(t) = cos(token t, global
+        image of the same pair); s_L is 0 at padding / special positions.
+        """
+        pv, ids, am = self._batch_tensors(batch)
+        v = self.patch_tokens(pv)
+        t = self.text_tokens(ids, am)
+        s_v, s_l, _, _ = self.similarities_from_tokens(v, t, self.text_valid_mask(ids, am))
+        return s_v, s_l
+
+    # ------------------------------------------------------------------ fusion
+    def fuse(self, patch_tokens: torch.Tensor, text_tokens: torch.Tensor,
+             patch_keep: Optional[torch.Tensor] = None, text_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """E_VL over [CLS] + kept positions -> normalised pair embedding f [B, E].
+
+        patch_tokens [B, P, W], text_tokens [B, T, W] (adapted); patch_keep [B, P] and
+        text_keep [B, T] are bool key masks (None keeps every position).  Float weights in
+        [0, 1] are also accepted: they enter the attention as an additive log-weight (a soft
+        mask; 0 drops the key).  [CLS] is always kept, so a pair with nothing kept on one side
+        (e.g. ``text_keep`` all False: an image-only view) is well defined.
+        """
+        if patch_tokens.dim() != 3 or text_tokens.dim() != 3 or patch_tokens.shape[0] != text_tokens.shape[0] \
+                or patch_tokens.shape[2] != self.cfg.width or text_tokens.shape[2] != self.cfg.width:
+            raise ValueError(f"fuse: expected patch_tokens [B, P, {self.cfg.width}] and text_tokens "
+                             f"[B, T, {self.cfg.width}], got {tuple(patch_tokens.shape)} and {tuple(text_tokens.shape)}")
+        B, P, _ = patch_tokens.shape
+        T = text_tokens.shape[1]
+        dev = patch_tokens.device
+        pk = torch.ones(B, P, dtype=torch.bool, device=dev) if patch_keep is None else patch_keep.to(dev)
+        tk = torch.ones(B, T, dtype=torch.bool, device=dev) if text_keep is None else text_keep.to(dev)
+        biases, xs = [torch.zeros(B, 1, device=dev)], [self.cls.expand(B, -1, -1)]
+        # A side that no row keeps is left out of the sequence: dropped keys never reach a kept
+        # position, so the result is the same and an image-only / text-only view costs half.
+        for keep, tokens, type_emb, name, shape in ((pk, patch_tokens, self.type_v, "patch_keep", (B, P)),
+                                                    (tk, text_tokens, self.type_l, "text_keep", (B, T))):
+            b = _keep_to_bias(keep, name, shape)
+            if torch.isneginf(b).all():
+                continue
+            biases.append(b)
+            xs.append(tokens + type_emb)
+        bias, x = torch.cat(biases, dim=1), torch.cat(xs, dim=1)
+        for layer in self.fusion:
+            x = layer(x, bias)
+        return F.normalize(self.head(self.fusion_norm(x[:, 0])), dim=-1)
+
+    def embed(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Inference: the pair embedding f [B, E] in one pass (all content positions, no masks).
+
+        Padding, BOS and EOS positions are excluded from E_VL's keys.
+        """
+        pv, ids, am = self._batch_tensors(batch)
+        v = self.patch_tokens(pv)
+        t = self.text_tokens(ids, am)
+        return self.fuse(v, t, None, self.text_valid_mask(ids, am))
+
+    # ------------------------------------------------------------------ masks
+    def masks_from_similarities(self, s_v: torch.Tensor, s_l: torch.Tensor, text_valid: torch.Tensor):
+        """(M_V, M_L) bool: s_V > tau_v over patches, s_L > tau_l over valid text tokens."""
+        return s_v > self.tau_v, (s_l > self.tau_l) & text_valid
+
+    @torch.no_grad()
+    def intersection_masks(self, batch: Mapping[str, Any]):
+        """(M_V [B, P] bool, M_L [B, T] bool): the stage-1 intersection masks of a batch.
+
+        Position p (t) is in the intersection when s_V(p) > tau_v (s_L(t) > tau_l), with the
+        thresholds learnt by stage 1's QDA; padding / special text positions are always False.
+        """
+        pv, ids, am = self._batch_tensors(batch)
+        v = self.patch_tokens(pv)
+        t = self.text_tokens(ids, am)
+        valid = self.text_valid_mask(ids, am)
+        s_v, s_l, _, _ = self.similarities_from_tokens(v, t, valid)
+        return self.masks_from_similarities(s_v, s_l, valid)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` (all parameters and buffers) and ``config.json``."""
+        from .checkpoint import save_model
+        return save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> "SolarModel":
+        """Load a model written by ``save_pretrained`` (no pickle, no code execution)."""
+        from .checkpoint import load_model
+        return load_model(directory, map_location=map_location)
+
+
+def _jsonable(d: dict) -> dict:
+    """Drop non-JSON values from a transformers config dict."""
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+def _tower_kwargs(d: dict) -> dict:
+    d = dict(d)
+    for k in ("model_type", "transformers_version", "architectures", "_name_or_path"):
+        d.pop(k, None)
+    return d

@@ -1,0 +1,227 @@
+"""SolarModel: shapes, masks, freezing, checkpoints (safetensors, no pickle), real-weights path."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from solar.checkpoint import CheckpointError
+from solar.model import ModelConfig, SolarModel
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _tiny_cfg(**kw) -> ModelConfig:
+    base = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64,
+                vocab_size=40, max_text_len=16, text_hidden=32, text_layers=1, text_heads=2, text_mlp=64,
+                bos_token_id=38, eos_token_id=39, pad_token_id=39, width=32, adapter_hidden=48,
+                fusion_layers=2, fusion_heads=2, fusion_mlp=64, embed_dim=24)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _batch(B=3, T=9, seed=0, cfg=None):
+    cfg = cfg or _tiny_cfg()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 38, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.bool)
+    lens = [T, T - 3, 4][:B] + [T] * max(0, B - 3)
+    for i, n in enumerate(lens):
+        ids[i, 0] = cfg.bos_token_id
+        ids[i, n - 1] = cfg.eos_token_id
+        ids[i, n:] = cfg.pad_token_id
+        am[i, n:] = False
+    pv = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    return {"pixel_values": pv, "input_ids": ids, "attention_mask": am}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SolarModel(_tiny_cfg()).eval()
+
+
+def test_shapes_and_normalisation(model):
+    b = _batch()
+    v = model.patch_tokens(b["pixel_values"])
+    t = model.text_tokens(b["input_ids"], b["attention_mask"])
+    assert v.shape == (3, 16, 32) and t.shape == (3, 9, 32)
+    gi = model.global_image(b["pixel_values"])
+    gt = model.global_text(b["input_ids"], b["attention_mask"])
+    assert torch.allclose(gi.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(gt.norm(dim=-1), torch.ones(3), atol=1e-5)
+    s_v, s_l = model.local_similarities(b)
+    assert s_v.shape == (3, 16) and s_l.shape == (3, 9)
+    valid = model.text_valid_mask(b["input_ids"], b["attention_mask"])
+    # BOS / EOS / padding are not content; s_L is zero there
+    assert not valid[:, 0].any() and valid[2].sum() == 2
+    assert (s_l[~valid] == 0).all()
+    # s_V is the cosine between each patch token and the text global
+    ref = torch.nn.functional.normalize(v, dim=-1) @ gt[0]
+    assert torch.allclose(s_v[0], ref[0], atol=1e-5)
+    f = model.embed(b)
+    assert f.shape == (3, 24) and torch.allclose(f.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_fuse_masks_equal_dropping_positions(model):
+    """A key masked out of E_VL behaves exactly as if the position were not there."""
+    b = _batch()
+    v = model.patch_tokens(b["pixel_values"])
+    t = model.text_tokens(b["input_ids"], b["attention_mask"])
+    pk = torch.zeros(3, 16, dtype=torch.bool)
+    pk[:, [1, 5, 6]] = True
+    tk = torch.zeros(3, 9, dtype=torch.bool)
+    tk[:, [2, 3]] = True
+    f = model.fuse(v, t, pk, tk)
+    f_ref = model.fuse(v[:, [1, 5, 6]], t[:, [2, 3]])
+    assert torch.allclose(f, f_ref, atol=1e-5)
+    # one side fully dropped == that side absent; soft weights of 1 == keep
+    f_img = model.fuse(v, t, None, torch.zeros(3, 9, dtype=torch.bool))
+    assert torch.allclose(f_img, model.fuse(v, t[:, :0]), atol=1e-5)
+    assert torch.allclose(model.fuse(v, t, torch.ones(3, 16), tk.float()), model.fuse(v, t, None, tk), atol=1e-5)
+    with pytest.raises(ValueError, match="patch_keep"):
+        model.fuse(v, t, torch.ones(3, 15, dtype=torch.bool), tk)
+    with pytest.raises(ValueError, match="text_keep"):
+        model.fuse(v, t, pk, torch.full((3, 9), 2.0))
+
+
+def test_intersection_masks_use_thresholds(model):
+    b = _batch()
+    s_v, s_l = model.local_similarities(b)
+    valid = model.text_valid_mask(b["input_ids"], b["attention_mask"])
+    model.tau_v.fill_(float(s_v.median()))
+    model.tau_l.fill_(-2.0)
+    m_v, m_l = model.intersection_masks(b)
+    assert m_v.dtype == torch.bool and m_v.shape == (3, 16)
+    assert torch.equal(m_v, s_v > s_v.median())
+    assert torch.equal(m_l, valid)  # every content token above tau_l = -2, specials never kept
+    model.tau_v.zero_()
+    model.tau_l.zero_()
+
+
+def test_bad_inputs(model):
+    b = _batch()
+    with pytest.raises(ValueError, match="pixel_values"):
+        model.patch_tokens(b["pixel_values"][:, :2])
+    with pytest.raises(ValueError, match="spatial size"):
+        model.patch_tokens(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.text_tokens(torch.full((1, 4), 100), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.text_tokens(b["input_ids"], b["attention_mask"][:, :3])
+    with pytest.raises(KeyError, match="pixel_values"):
+        model.embed({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset_config("nope")
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelConfig.from_dict({"widht": 3})
+
+
+def test_freeze_options():
+    m = SolarModel(_tiny_cfg(freeze_vision=True))
+    b = _batch()
+    loss = m.embed(b).sum() + m.global_image(b["pixel_values"]).sum()
+    loss.backward()
+    assert all(p.grad is None for p in m.vision.parameters())
+    assert any(p.grad is not None for p in m.text.parameters())
+    assert any(p.grad is not None for p in m.adapter_v.parameters())
+    m.train()
+    assert not m.vision.training and m.text.training
+    m.set_freeze(vision=False, text=True)
+    assert all(p.requires_grad for p in m.vision.parameters())
+    assert not any(p.requires_grad for p in m.text.parameters())
+
+
+def test_save_load_round_trip(tmp_path, model, monkeypatch):
+    b = _batch()
+    model.tau_v.fill_(0.123)
+    model.tau_l.fill_(-0.25)
+    model.qda_v.copy_(torch.tensor([0.3, 0.01, 0.1, 0.02]))
+    d = model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
+    with open(d / "model.safetensors", "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    assert "tau_v" in header and "fusion.0.qkv.weight" in header
+
+    def no_pickle(*a, **k):
+        raise AssertionError("a SOLAR checkpoint must not be unpickled")
+    monkeypatch.setattr(torch, "load", no_pickle)
+    import pickle
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    m2 = SolarModel.from_pretrained(d).eval()
+    assert float(m2.tau_v) == pytest.approx(0.123) and float(m2.tau_l) == pytest.approx(-0.25)
+    assert torch.equal(m2.qda_v, model.qda_v)
+    assert m2.cfg.to_dict() == model.cfg.to_dict()
+    with torch.no_grad():
+        assert torch.equal(model.embed(b), m2.embed(b))
+        assert all(torch.equal(x, y) for x, y in zip(model.intersection_masks(b), m2.intersection_masks(b)))
+    model.tau_v.zero_()
+    model.tau_l.zero_()
+    model.qda_v.zero_()
+
+
+def test_load_errors(tmp_path, model):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        SolarModel.from_pretrained(tmp_path / "missing")
+    d = model.save_pretrained(tmp_path / "c")
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        SolarModel.from_pretrained(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="JSON"):
+        SolarModel.from_pretrained(d)
+
+
+def test_real_weights_path_offline(tmp_path, monkeypatch):
+    """Save a tiny CLIP checkpoint + tokenizer, reload them offline through ModelConfig."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from solar.data.tokenizer import load_tokenizer, save_tokenizer, shapesworld_tokenizer
+
+    tok = shapesworld_tokenizer(32)
+    clip_dir = tmp_path / "tiny-clip"
+    clip_cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(1)
+    clip = CLIPModel(clip_cfg)
+    clip.save_pretrained(clip_dir)
+    save_tokenizer(tok, str(clip_dir))
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok2 = load_tokenizer(str(clip_dir))
+    cfg = ModelConfig(vision_pretrained=str(clip_dir), text_pretrained=str(clip_dir), text_causal=True,
+                      width=32, adapter_hidden=32, fusion_heads=2, fusion_mlp=32, embed_dim=16).with_tokenizer(tok2)
+    m = SolarModel(cfg).eval()
+    assert m.cfg.image_size == 32 and m.cfg.vocab_size == len(tok)
+    ref = clip.state_dict()
+    for name, p in m.vision.state_dict().items():
+        assert torch.equal(p, ref["vision_model." + name]), name
+    for name, p in m.text.state_dict().items():
+        assert torch.equal(p, ref["text_model." + name]), name
+    enc = tok2(["a red circle at top left", "made of wood"], padding=True, return_tensors="pt")
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": enc["input_ids"],
+             "attention_mask": enc["attention_mask"].bool()}
+    # the causal tower gives the same token states as transformers' own forward
+    with torch.no_grad():
+        h = clip.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        assert torch.allclose(m.adapter_l(h), m.text_tokens(batch["input_ids"], batch["attention_mask"]), atol=1e-5)
+        f = m.embed(batch)
+    # a SOLAR checkpoint rebuilds the towers from its own config: the CLIP folder can go
+    solar_dir = m.save_pretrained(tmp_path / "solar")
+    import shutil
+    shutil.rmtree(clip_dir)
+    m2 = SolarModel.from_pretrained(solar_dir).eval()
+    with torch.no_grad():
+        assert torch.allclose(m2.embed(batch), f, atol=1e-6)
+    # a missing local path with the hub offline fails loudly
+    with pytest.raises(OSError):
+        SolarModel(ModelConfig(vision_pretrained=str(clip_dir)))

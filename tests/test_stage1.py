@@ -1,0 +1,256 @@
+"""Stage 1: QDA thresholds, GLA / distillation losses, rho schedule, IoU metrics, a short run."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from solar.losses import gla_hinge, global_distill_loss, local_distill_loss, pearson_rows
+from solar.qda import RunningGaussian, batch_moments, qda_threshold
+from solar.stage1 import Stage1Config, evaluate_masks, mask_iou, rho_at
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _logpdf(x, mu, var):
+    return -0.5 * (x - mu) ** 2 / var - 0.5 * math.log(2 * math.pi * var)
+
+
+# ----------------------------------------------------------------------------- QDA
+def test_qda_equal_variances_is_the_midpoint():
+    tau, case = qda_threshold(0.5, 0.04, 0.1, 0.04)
+    assert case == "equal_var" and tau == pytest.approx(0.3, abs=1e-12)
+    tau, case = qda_threshold(2.0, 1.0, -1.0, 1.0 * (1 + 1e-9))
+    assert case == "equal_var" and tau == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("mu1,var1,mu0,var0", [(1.0, 0.25, 0.0, 1.0), (0.6, 0.02, 0.1, 0.01),
+                                                (3.0, 4.0, 0.0, 1.0), (0.2, 0.001, -0.3, 0.05)])
+def test_qda_root_between_means(mu1, var1, mu0, var0):
+    tau, case = qda_threshold(mu1, var1, mu0, var0)
+    assert case == "root" and mu0 <= tau <= mu1
+    assert _logpdf(tau, mu1, var1) == pytest.approx(_logpdf(tau, mu0, var0), abs=1e-9)
+    # closed form: roots of a x^2 + b x + c
+    a = 0.5 / var0 - 0.5 / var1
+    b = mu1 / var1 - mu0 / var0
+    c = 0.5 * mu0 ** 2 / var0 - 0.5 * mu1 ** 2 / var1 + 0.5 * math.log(var0 / var1)
+    roots = np.roots([a, b, c]).real
+    assert min(abs(roots - tau)) < 1e-9
+
+
+def test_qda_mixture_takes_the_upper_root():
+    # true pairs: 90% like negatives, 10% high -> wide Gaussian whose mean is barely above
+    mu0, var0 = 0.0, 0.01
+    mu1 = 0.9 * 0.0 + 0.1 * 0.6
+    var1 = 0.01 + 0.9 * 0.1 * 0.6 ** 2
+    tau, case = qda_threshold(mu1, var1, mu0, var0)
+    assert case == "upper_root" and tau > mu1
+    assert _logpdf(tau, mu1, var1) == pytest.approx(_logpdf(tau, mu0, var0), abs=1e-9)
+    # above tau the true-pair density wins, just below it the negative one does
+    assert _logpdf(tau + 1e-3, mu1, var1) > _logpdf(tau + 1e-3, mu0, var0)
+    assert _logpdf(tau - 1e-3, mu1, var1) < _logpdf(tau - 1e-3, mu0, var0)
+
+
+def test_qda_no_crossing_and_not_separated():
+    # narrow true-pair Gaussian inside a wide negative one, no root between the means
+    tau, case = qda_threshold(0.05, 0.01, 0.0, 4.0)
+    assert case == "no_crossing"
+    assert tau == pytest.approx((0.0 * 0.1 + 0.05 * 2.0) / 2.1)
+    assert qda_threshold(0.1, 0.1, 0.2, 0.1) == (math.inf, "not_separated")
+    with pytest.raises(ValueError, match="variances"):
+        qda_threshold(1.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        qda_threshold(float("nan"), 1.0, 0.0, 1.0)
+
+
+def test_running_gaussian_tracks_a_stream():
+    g = torch.Generator().manual_seed(0)
+    buf = torch.zeros(2)
+    rg = RunningGaussian(buf, momentum=0.1)
+    for i in range(300):
+        x = 0.4 + 0.2 * torch.randn(256, generator=g)
+        _, m, v = batch_moments(x, torch.ones(256, dtype=torch.bool))
+        rg.update(m, v, first=(i == 0))
+    assert rg.mean == pytest.approx(0.4, abs=0.02)
+    assert rg.var == pytest.approx(0.04, rel=0.1)
+    n, m, v = batch_moments(torch.tensor([1.0, 2.0, 100.0]), torch.tensor([True, True, False]))
+    assert (n, m, v) == (2.0, 1.5, 0.25)
+
+
+# ----------------------------------------------------------------------------- losses
+def test_gla_hinge_matches_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    B, L, W = 5, 7, 6
+    tokens = torch.randn(B, L, W, generator=g, dtype=torch.float32, requires_grad=True)
+    valid = torch.rand(B, L, generator=g) > 0.3
+    valid[:, 0] = True
+    other = F.normalize(torch.randn(B, W, generator=g), dim=-1)
+    margin = 0.3
+    loss = gla_hinge(tokens, valid, other, margin)
+    ref = 0.0
+    for i in range(B):
+        def mean_sim(j):
+            sims = [F.cosine_similarity(tokens[i, p], other[j], dim=0) for p in range(L) if valid[i, p]]
+            return torch.stack(sims).mean()
+        pos = mean_sim(i)
+        neg = torch.stack([mean_sim(j) for j in range(B) if j != i]).mean()
+        ref = ref + torch.clamp(neg + margin - pos, min=0)
+    ref = ref / B
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    g1, = torch.autograd.grad(loss, tokens)
+    g2, = torch.autograd.grad(ref, tokens)
+    assert torch.allclose(g1, g2, atol=1e-5)
+    # a large margin keeps every hinge active; B = 1 has no negatives
+    assert gla_hinge(tokens, None, other, 10.0).item() > 9
+    assert gla_hinge(tokens[:1], None, other[:1], 0.5).item() == 0.0
+
+
+def _pearson_np(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_distillation_losses_match_direct_formulas():
+    g = torch.Generator().manual_seed(1)
+    B, L = 4, 6
+    s = torch.randn(B, L, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(B, L, 9, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[1, 4:] = False
+    valid[3, 1:] = False  # one valid token: the row is skipped
+    ld = local_distill_loss(s, t, valid).item()
+    terms = []
+    for b in range(B):
+        idx = [i for i in range(L) if valid[b, i]]
+        if len(idx) < 2:
+            continue
+        sn = F.normalize(s[b, idx], dim=-1).numpy()
+        tn = F.normalize(t[b, idx], dim=-1).numpy()
+        ss, tt = sn @ sn.T, tn @ tn.T
+        terms += [1 - _pearson_np(ss[r], tt[r]) for r in range(len(idx))]
+    assert ld == pytest.approx(float(np.mean(terms)), abs=1e-9)
+
+    gs = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    gt = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    gd = global_distill_loss(gs, gt).item()
+    sn, tn = F.normalize(gs, dim=-1).numpy(), F.normalize(gt, dim=-1).numpy()
+    S, T = sn @ sn.T, tn @ tn.T
+    ref = np.mean([1 - _pearson_np(np.delete(S[i], i), np.delete(T[i], i)) for i in range(6)])
+    assert gd == pytest.approx(float(ref), abs=1e-9)
+    # identical geometry -> zero loss, even with a different width (a rotation)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    assert global_distill_loss(gs, gs @ q).item() == pytest.approx(0.0, abs=1e-9)
+    assert local_distill_loss(s, s @ q).item() == pytest.approx(0.0, abs=1e-9)
+    r = pearson_rows(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2.0, 4.0, 7.0]]))
+    assert r.item() == pytest.approx(_pearson_np([1, 2, 3], [2, 4, 7]), abs=1e-6)
+
+
+def test_rho_schedules():
+    cfg = Stage1Config(steps=100, rho_hold_frac=0.1, rho_end_frac=0.6)
+    assert rho_at(0, cfg) == 1.0 and rho_at(10, cfg) == 1.0
+    assert rho_at(35, cfg) == pytest.approx(0.5)
+    assert rho_at(60, cfg) == 0.0 and rho_at(99, cfg) == 0.0
+    c2 = Stage1Config(steps=100, rho_schedule="cosine", rho_hold_frac=0.0, rho_end_frac=1.0)
+    assert rho_at(50, c2) == pytest.approx(0.5) and rho_at(25, c2) > 0.75
+    with pytest.raises(ValueError, match="rho_schedule"):
+        Stage1Config(rho_schedule="exp")
+    with pytest.raises(ValueError, match="teacher"):
+        Stage1Config(ld_weight=1.0)
+
+
+def test_mask_iou_by_hand():
+    pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    gt = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    assert mask_iou(pred, gt).tolist() == [0.5, 1.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- a short run
+def _small_model(tok):
+    from solar.model import ModelConfig, SolarModel
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=32, patch_size=8, vision_hidden=48, vision_layers=1, vision_heads=2, vision_mlp=96,
+                      max_text_len=64, text_hidden=48, text_layers=1, text_heads=2, text_mlp=96, width=48,
+                      adapter_hidden=96, fusion_layers=1, fusion_heads=2, fusion_mlp=96, embed_dim=32)
+    return SolarModel(cfg.with_tokenizer(tok))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from solar.data.shapesworld import write_shards
+    d = tmp_path_factory.mktemp("sw")
+    write_shards(str(d / "train"), pairs=1024, seed=0, shard_size=512, workers=1, image_size=32, progress=False)
+    write_shards(str(d / "eval"), pairs=128, seed=0, shard_size=128, workers=1, item_offset=100_000, image_size=32, progress=False)
+    return d
+
+
+def _loader(path, bs, shuffle):
+    import glob
+    from solar.data.reader import make_loader
+    urls = sorted(glob.glob(str(path / "*.tar")))
+    return make_loader(urls, image_size=32, patch_size=8, max_length=64, batch_size=bs, drop_last=shuffle,
+                       shuffle_buffer=256 if shuffle else 0, seed=0)
+
+
+def test_short_stage1_run_learns_masks(shards, tmp_path):
+    from solar.stage1 import run_stage1
+    from solar.data.tokenizer import shapesworld_tokenizer
+
+    model = _small_model(shapesworld_tokenizer(64))
+    train, ev = _loader(shards / "train", 32, True), _loader(shards / "eval", 64, False)
+    logs = []
+    cfg = Stage1Config(steps=60, lr=2e-3, warmup_steps=5, log_every=5, eval_every=0, ckpt_every=0,
+                       rho_hold_frac=0.2, rho_end_frac=0.6)
+    t0 = time.perf_counter()
+    final = run_stage1(model, train, cfg, out_dir=tmp_path, log=logs.append, eval_loader=ev, progress=False)
+    wall = time.perf_counter() - t0
+    train_logs = [m for m in logs if m["event"] == "train"]
+    first = np.mean([m["loss_itc"] for m in train_logs[:2]])
+    last = np.mean([m["loss_itc"] for m in train_logs[-2:]])
+    assert last < first - 0.3, (first, last)
+    assert final["samples"] == 128
+    for x in ("v", "l"):
+        assert final[f"iou_{x}"] > final[f"iou_{x}_random"] + 0.03, final
+    assert (tmp_path / "stage1_model" / "model.safetensors").is_file()
+    print(f"short stage-1 run: {wall:.1f}s; IoU V {final['iou_v']:.3f} (random {final['iou_v_random']:.3f}), "
+          f"L {final['iou_l']:.3f} (random {final['iou_l_random']:.3f})")
+
+
+def test_stage1_resume_equals_uninterrupted(shards, tmp_path):
+    from solar.stage1 import run_stage1
+    from solar.checkpoint import CheckpointError
+    from solar.data.tokenizer import shapesworld_tokenizer
+
+    tok = shapesworld_tokenizer(64)
+    cfg = Stage1Config(steps=4, warmup_steps=1, log_every=1, eval_every=0, ckpt_every=2, rho_hold_frac=0.0,
+                       rho_end_frac=0.5)
+    a = _small_model(tok)
+    run_stage1(a, _loader(shards / "eval", 16, False), cfg, out_dir=tmp_path / "a", progress=False)
+    b = _small_model(tok)
+    with pytest.raises(CheckpointError, match="no stage-1 checkpoint"):
+        run_stage1(b, _loader(shards / "eval", 16, False), cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    b = _small_model(tok)
+    _run_interrupted(b, _loader(shards / "eval", 16, False), cfg, tmp_path / "b", stop_at=3)  # the checkpoint of step 2 is written, step 3 is lost
+    c = _small_model(tok)
+    run_stage1(c, _loader(shards / "eval", 16, False), cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    for (n, p), (_, q) in zip(a.state_dict().items(), c.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n):
+    def log(m):
+        if m.get("event") == "train" and m["step"] >= n:
+            raise _Stop
+    return log
+
+
+def _run_interrupted(model, loader, cfg, out_dir, stop_at):
+    from solar.stage1 import run_stage1
+    with pytest.raises(_Stop):
+        run_stage1(model, loader, cfg, out_dir=out_dir, log=_stop_after(stop_at), progress=False)
