@@ -143,41 +143,116 @@ struct MaskView {
   int64_t sv, sb, sl;
 };
 
+// ---- register-blocked inner kernels ----------------------------------------------------
+// GCC/Clang vector extension: 16 floats, lowered to whatever the target ISA has (one zmm
+// with AVX-512, two ymm with AVX2, four xmm with SSE2).
+typedef float vf16 __attribute__((vector_size(64)));
+inline vf16 ld(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void st(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum(vf16 v) {
+  float s = 0.f;
+  for (int k = 0; k < 16; ++k) s += v[k];
+  return s;
+}
+
+// acc[v * dn + d] += sum_{r < nr} w[r * V + v] * rows[r][d] for v < VB, d < dn.
+// The accumulators of a 64-float slice stay in registers across the nr rows.
+template <int VB>
+void block_accumulate(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr) {
+  int64_t d = 0;
+  for (; d + 64 <= dn; d += 64) {
+    vf16 a[VB][4];
+    for (int v = 0; v < VB; ++v)
+      for (int j = 0; j < 4; ++j) a[v][j] = ld(acc + v * dn + d + 16 * j);
+    for (int r = 0; r < nr; ++r) {
+      const float* xr = rows[r] + d;
+      const vf16 x0 = ld(xr), x1 = ld(xr + 16), x2 = ld(xr + 32), x3 = ld(xr + 48);
+      for (int v = 0; v < VB; ++v) {
+        const float wv = w[r * V + v];
+        a[v][0] += wv * x0;
+        a[v][1] += wv * x1;
+        a[v][2] += wv * x2;
+        a[v][3] += wv * x3;
+      }
+    }
+    for (int v = 0; v < VB; ++v)
+      for (int j = 0; j < 4; ++j) st(acc + v * dn + d + 16 * j, a[v][j]);
+  }
+  for (; d + 16 <= dn; d += 16) {
+    vf16 a[VB];
+    for (int v = 0; v < VB; ++v) a[v] = ld(acc + v * dn + d);
+    for (int r = 0; r < nr; ++r) {
+      const vf16 x0 = ld(rows[r] + d);
+      for (int v = 0; v < VB; ++v) a[v] += w[r * V + v] * x0;
+    }
+    for (int v = 0; v < VB; ++v) st(acc + v * dn + d, a[v]);
+  }
+  for (; d < dn; ++d)
+    for (int r = 0; r < nr; ++r)
+      for (int v = 0; v < VB; ++v) acc[v * dn + d] += w[r * V + v] * rows[r][d];
+}
+
+void block_accumulate_any(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr,
+                          int64_t nv) {
+  switch (nv) {
+    case 1: block_accumulate<1>(acc, dn, rows, w, V, nr); break;
+    case 2: block_accumulate<2>(acc, dn, rows, w, V, nr); break;
+    case 3: block_accumulate<3>(acc, dn, rows, w, V, nr); break;
+    default: block_accumulate<4>(acc, dn, rows, w, V, nr); break;
+  }
+}
+
 // ---- forward ---------------------------------------------------------------------------
 template <typename T, typename M>
 void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, float* out, float* wsum_out,
                   int64_t V, int64_t B, int64_t L, int64_t D) {
   const M* mask = static_cast<const M*>(mv.data);
+  constexpr bool kFloat = std::is_same<T, float>::value;
+  constexpr int kRows = 8;  // x rows per register block
   // Enough independent tasks for every thread: split D when there are few batch rows.
   const int threads = max_threads();
   int64_t dchunk = D;
   if (B < 4 * threads) {
     const int64_t want = (4 * threads + B - 1) / B;
-    dchunk = std::max<int64_t>(64, ((D + want - 1) / want + 15) / 16 * 16);
+    dchunk = std::max<int64_t>(64, ((D + want - 1) / want + 63) / 64 * 64);
   }
   const int64_t nd = (D + dchunk - 1) / dchunk;
   const int64_t tasks = B * nd;
 
 #pragma omp parallel
   {
-    std::vector<float> acc(V * dchunk), buf(dchunk), w(V), wsum(V);
+    std::vector<float> acc(V * dchunk), rowbuf(kFloat ? 0 : kRows * dchunk), wt(L * V), wsum(V);
+    std::vector<int64_t> active(L);
+    const float* rows[kRows];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / nd, d0 = (t % nd) * dchunk, dn = std::min(dchunk, D - d0);
-      std::fill(acc.begin(), acc.begin() + V * dn, 0.f);
+      // weights of this batch row, and the rows that any mask keeps (padding is never read)
       std::fill(wsum.begin(), wsum.end(), 0.f);
-      const T* xb = x + b * sxb + d0;
+      int64_t na = 0;
       for (int64_t l = 0; l < L; ++l) {
         bool any = false;
         for (int64_t v = 0; v < V; ++v) {
-          w[v] = weight<M>(mask + v * mv.sv + b * mv.sb + l * mv.sl);
-          wsum[v] += w[v];
-          any |= w[v] != 0.f;
+          const float wv = weight<M>(mask + v * mv.sv + b * mv.sb + l * mv.sl);
+          wt[na * V + v] = wv;
+          wsum[v] += wv;
+          any |= wv != 0.f;
         }
-        if (!any) continue;  // padding: x's row is never read
-        const float* xr = Row<T>::load(xb + l * sxl, buf.data(), dn);
-        for (int64_t v = 0; v < V; ++v)
-          if (w[v] != 0.f) axpy(acc.data() + v * dn, w[v], xr, dn);
+        if (any) active[na++] = l;
+      }
+      std::fill(acc.begin(), acc.begin() + V * dn, 0.f);
+      const T* xb = x + b * sxb + d0;
+      for (int64_t i0 = 0; i0 < na; i0 += kRows) {
+        const int nr = int(std::min<int64_t>(kRows, na - i0));
+        for (int r = 0; r < nr; ++r)
+          rows[r] = Row<T>::load(xb + active[i0 + r] * sxl, kFloat ? nullptr : rowbuf.data() + r * dn, dn);
+        for (int64_t v0 = 0; v0 < V; v0 += 4)
+          block_accumulate_any(acc.data() + v0 * dn, dn, rows, wt.data() + i0 * V + v0, V, nr,
+                               std::min<int64_t>(4, V - v0));
       }
       for (int64_t v = 0; v < V; ++v) {
         const float inv = wsum[v] > 0.f ? 1.f / wsum[v] : 0.f;
@@ -211,6 +286,47 @@ void backward_prep(const float* g, const float* out, const float* s, const float
   }
 }
 
+// One row of the backward for VB <= 4 masks, in a single sweep over D:
+//   gx[d] = sum_v w[v] dps[v][d];   MG: dots[v] = xr . dps[v]
+template <int VB, bool MG>
+void backward_row(const float* const* dps, const float* w, float* __restrict gx, const float* xr, float* dots,
+                  int64_t D) {
+  vf16 part[VB];
+  for (int v = 0; v < VB; ++v) part[v] = vf16{};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    vf16 g = w[0] * ld(dps[0] + d);
+    for (int v = 1; v < VB; ++v) g += w[v] * ld(dps[v] + d);
+    st(gx + d, g);
+    if (MG) {
+      const vf16 xv = ld(xr + d);
+      for (int v = 0; v < VB; ++v) part[v] += xv * ld(dps[v] + d);
+    }
+  }
+  float tail[VB] = {};
+  for (; d < D; ++d) {
+    float g = 0.f;
+    for (int v = 0; v < VB; ++v) {
+      g += w[v] * dps[v][d];
+      if (MG) tail[v] += xr[d] * dps[v][d];
+    }
+    gx[d] = g;
+  }
+  if (MG)
+    for (int v = 0; v < VB; ++v) dots[v] = hsum(part[v]) + tail[v];
+}
+
+template <bool MG>
+void backward_row_any(int64_t nv, const float* const* dps, const float* w, float* gx, const float* xr, float* dots,
+                      int64_t D) {
+  switch (nv) {
+    case 1: backward_row<1, MG>(dps, w, gx, xr, dots, D); break;
+    case 2: backward_row<2, MG>(dps, w, gx, xr, dots, D); break;
+    case 3: backward_row<3, MG>(dps, w, gx, xr, dots, D); break;
+    default: backward_row<4, MG>(dps, w, gx, xr, dots, D); break;
+  }
+}
+
 template <typename T, typename M>
 void backward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, const float* dp, const float* c,
                    const float* s, T* gx, float* gm, int64_t V, int64_t B, int64_t L, int64_t D) {
@@ -221,10 +337,12 @@ void backward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, con
   constexpr bool kFloat = std::is_same<T, float>::value;
 #pragma omp parallel
   {
-    std::vector<float> buf(kFloat ? 0 : D), xbuf(kFloat ? 0 : D), w(V);
+    std::vector<float> buf(kFloat ? 0 : D), xbuf(kFloat ? 0 : D), w(V), dots(V);
+    std::vector<const float*> dps(V);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / nl, l0 = (t % nl) * lchunk, l1 = std::min(L, l0 + lchunk);
+      for (int64_t v = 0; v < V; ++v) dps[v] = dp + (v * B + b) * D;
       for (int64_t l = l0; l < l1; ++l) {
         bool any = false;
         for (int64_t v = 0; v < V; ++v) {
@@ -233,21 +351,27 @@ void backward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, con
         }
         T* gxr = gx + (b * L + l) * D;
         float* dst = kFloat ? reinterpret_cast<float*>(gxr) : buf.data();
-        if (!any) {
+        const float* xr = gm != nullptr ? Row<T>::load(x + b * sxb + l * sxl, kFloat ? nullptr : xbuf.data(), D)
+                                        : nullptr;
+        if (V <= 4 && (any || xr != nullptr)) {  // fused single sweep
+          if (xr != nullptr)
+            backward_row_any<true>(V, dps.data(), w.data(), dst, xr, dots.data(), D);
+          else
+            backward_row_any<false>(V, dps.data(), w.data(), dst, nullptr, nullptr, D);
+          if (!kFloat) Row<T>::store(dst, gxr, D);
+        } else if (!any) {
           std::memset(static_cast<void*>(gxr), 0, sizeof(T) * D);
-        } else {
-          int64_t v = 0;
-          while (w[v] == 0.f) ++v;
-          scale_to(dst, w[v], dp + (v * B + b) * D, D);
-          for (++v; v < V; ++v)
-            if (w[v] != 0.f) axpy(dst, w[v], dp + (v * B + b) * D, D);
+        } else {  // many masks: accumulate the row in L1, one mask at a time
+          scale_to(dst, w[0], dps[0], D);
+          for (int64_t v = 1; v < V; ++v)
+            if (w[v] != 0.f) axpy(dst, w[v], dps[v], D);
           if (!kFloat) Row<T>::store(dst, gxr, D);
         }
-        if (gm != nullptr) {
-          const float* xr = Row<T>::load(x + b * sxb + l * sxl, kFloat ? nullptr : xbuf.data(), D);
+        if (xr != nullptr) {
           for (int64_t v = 0; v < V; ++v) {
             const int64_t r = v * B + b;
-            gm[r * L + l] = s[r] > 0.f ? dot(xr, dp + r * D, D) - c[r] : 0.f;
+            const float t_v = V <= 4 ? dots[v] : dot(xr, dps[v], D);
+            gm[r * L + l] = s[r] > 0.f ? t_v - c[r] : 0.f;
           }
         }
       }
