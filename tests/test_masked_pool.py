@@ -158,6 +158,18 @@ def test_all_zero_masks_give_zeros(backend, normalize):
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape", [(2, 0, 4), (2, 3, 0), (0, 3, 4)], ids=str)
+def test_empty_dimensions(backend, shape):
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    mask = torch.rand(2, shape[0], shape[1], device=DEVICE, requires_grad=True)
+    with use_backend(backend):
+        out = masked_pool(x, mask, normalize=True)
+        gx, gm = torch.autograd.grad(out.sum(), (x, mask))
+    assert out.shape == (2, shape[0], shape[2]) and not out.any()
+    assert gx.shape == x.shape and gm.shape == mask.shape and not gm.any()
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_strided_mask_and_reduced_precision_weights(backend):
     x, _ = make_inputs(5, 3, 33, 40, 1, torch.float32)
     base = torch.rand(33, 3, 2, device=DEVICE)

@@ -249,12 +249,14 @@ def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad
         _pool_bwd_prep_kernel[(V * B,)](grad_out, out.contiguous(), aux[0].contiguous(), aux[1].contiguous(),
                                         dp, c, D, float(eps), NORMALIZE=bool(normalize),
                                         BLOCK_D=triton.next_power_of_2(D))
-    grad_mask = torch.zeros((V, B, L), device=x.device, dtype=torch.float32) if need_mask_grad else None
+    grad_mask = torch.empty((V, B, L), device=x.device, dtype=torch.float32) if need_mask_grad else None
     groups = [(v0, min(V, v0 + MAX_V_PER_PASS)) for v0 in range(0, V, MAX_V_PER_PASS)] or [(0, 0)]
     accumulate = len(groups) > 1
-    gx = torch.zeros(x.shape, device=x.device, dtype=torch.float32 if accumulate else x.dtype)
+    # every (l, d) of grad_x is written by the kernel: zero-fill only what is accumulated into
+    alloc = torch.zeros if (accumulate or V == 0) else torch.empty
+    gx = alloc(x.shape, device=x.device, dtype=torch.float32 if accumulate else x.dtype)
     if x.numel() == 0 or V == 0:
-        return gx.to(x.dtype), grad_mask
+        return gx.to(x.dtype), (grad_mask.zero_() if grad_mask is not None else None)
     m = _mask_for_triton(mask)
     _, bl, bd = _triton_blocks(min(V, MAX_V_PER_PASS), D, x.device)
     for v0, v1 in groups:
