@@ -1,0 +1,300 @@
+// x86 SIMD scoring tiles, compiled with per-function target attributes so the file builds
+// without -march flags and each path runs only where cpu_features() says it can.
+//
+//   AVX2 + FMA   fp32: 8-lane FMA over d, register tile R x C of accumulators.
+//   AVX2 + F16C  fp16: rows widened with vcvtph2ps, fp32 FMA accumulation.
+//   AVX2         int8: sign trick. vpmaddubsw multiplies u8 x s8 and adds pairs in i16 with
+//                saturation; with |q| (<= 127) as the unsigned operand and sign(q) moved
+//                onto x (codes in [-127, 127]), each pair sum is at most 2 * 127 * 127 =
+//                32258 < 32767, so it never saturates; vpmaddwd widens to i32.
+//   AVX-512 VNNI int8: vpdpbusd (u8 x s8, 4-way dot into i32, no saturation) with the
+//                query shifted to u8 (q + 128); the offset is removed exactly afterwards:
+//                sum((q + 128) x) - 128 sum(x), with sum(x) stored per row.
+// Dimension tails use zero-filled (masked) loads, so every pair runs the same sequence.
+#include <cstring>
+
+#include "search/kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+namespace solar {
+namespace search {
+namespace {
+
+#define SOLAR_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define SOLAR_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
+
+// Pin a loaded row chunk in a register: without this GCC folds the load into every FMA
+// that uses it (R loads instead of one), which makes the tile load-bound.
+#define SOLAR_KEEP_IN_REG(v) asm("" : "+v"(v))
+
+SOLAR_AVX2 inline float hsum256(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  s = _mm_add_ss(s, sh);
+  return _mm_cvtss_f32(s);
+}
+
+SOLAR_AVX2 inline int32_t hsum256i(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+alignas(32) static const int32_t kMaskTable[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+// ---- fp32, AVX2 + FMA -------------------------------------------------------------------
+template <int R, int C>
+SOLAR_AVX2 void tile_f32_avx2(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
+  const int64_t d = c.d;
+  const float* qp[R];
+  const float* xp[C];
+  for (int r = 0; r < R; ++r) qp[r] = static_cast<const float*>(c.q) + qi[r] * d;
+  for (int j = 0; j < C; ++j) xp[j] = static_cast<const float*>(c.x) + xi[j] * d;
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t p = 0;
+  for (; p + 8 <= d; p += 8) {
+    __m256 qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm256_loadu_ps(qp[r] + p);
+    for (int j = 0; j < C; ++j) {
+      __m256 xv = _mm256_loadu_ps(xp[j] + p);
+      SOLAR_KEEP_IN_REG(xv);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], xv, acc[r][j]);
+    }
+  }
+  if (p < d) {
+    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMaskTable + 8 - (d - p)));
+    __m256 qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm256_maskload_ps(qp[r] + p, mask);
+    for (int j = 0; j < C; ++j) {
+      const __m256 xv = _mm256_maskload_ps(xp[j] + p, mask);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], xv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) out[r * C + j] = hsum256(acc[r][j]);
+}
+
+// ---- fp16 storage, AVX2 + F16C + FMA ---------------------------------------------------
+template <int R, int C>
+SOLAR_AVX2 void tile_f16_avx2(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
+  const int64_t d = c.d;
+  const float* qp[R];
+  const uint16_t* xp[C];
+  for (int r = 0; r < R; ++r) qp[r] = static_cast<const float*>(c.q) + qi[r] * d;
+  for (int j = 0; j < C; ++j) xp[j] = static_cast<const uint16_t*>(c.x) + xi[j] * d;
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t p = 0;
+  for (; p + 8 <= d; p += 8) {
+    __m256 qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm256_loadu_ps(qp[r] + p);
+    for (int j = 0; j < C; ++j) {
+      const __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xp[j] + p)));
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], xv, acc[r][j]);
+    }
+  }
+  if (p < d) {
+    const int64_t t = d - p;
+    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMaskTable + 8 - t));
+    __m256 qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm256_maskload_ps(qp[r] + p, mask);
+    for (int j = 0; j < C; ++j) {
+      alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(buf, xp[j] + p, (size_t)t * sizeof(uint16_t));
+      const __m256 xv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], xv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) out[r * C + j] = hsum256(acc[r][j]);
+}
+
+// ---- int8, AVX2 sign trick -------------------------------------------------------------
+template <int R, int C>
+SOLAR_AVX2 void tile_i8_avx2(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
+  const int64_t d = c.d;
+  const int8_t* qs[R];   // signed codes: the sign source
+  const uint8_t* qa[R];  // |codes|: the unsigned maddubs operand
+  const int8_t* xp[C];
+  for (int r = 0; r < R; ++r) {
+    qs[r] = static_cast<const int8_t*>(c.q) + qi[r] * d;
+    qa[r] = c.q_prep + qi[r] * d;
+  }
+  for (int j = 0; j < C; ++j) xp[j] = static_cast<const int8_t*>(c.x) + xi[j] * d;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j] = _mm256_setzero_si256();
+  auto step = [&](const __m256i* qav, const __m256i* qsv, const __m256i* xv) SOLAR_AVX2 {
+    for (int j = 0; j < C; ++j)
+      for (int r = 0; r < R; ++r) {
+        const __m256i sx = _mm256_sign_epi8(xv[j], qsv[r]);
+        const __m256i p16 = _mm256_maddubs_epi16(qav[r], sx);
+        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(p16, ones));
+      }
+  };
+  int64_t p = 0;
+  for (; p + 32 <= d; p += 32) {
+    __m256i qav[R], qsv[R], xv[C];
+    for (int r = 0; r < R; ++r) {
+      qav[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa[r] + p));
+      qsv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs[r] + p));
+    }
+    for (int j = 0; j < C; ++j) xv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp[j] + p));
+    step(qav, qsv, xv);
+  }
+  if (p < d) {
+    const size_t t = (size_t)(d - p);
+    alignas(32) uint8_t bq[R][32] = {}, bs[R][32] = {}, bx[C][32] = {};
+    __m256i qav[R], qsv[R], xv[C];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(bq[r], qa[r] + p, t);
+      std::memcpy(bs[r], qs[r] + p, t);
+      qav[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bq[r]));
+      qsv[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bs[r]));
+    }
+    for (int j = 0; j < C; ++j) {
+      std::memcpy(bx[j], xp[j] + p, t);
+      xv[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bx[j]));
+    }
+    step(qav, qsv, xv);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) {
+      const float scale = c.x_scale[xi[j]] * c.q_scale[qi[r]];
+      out[r * C + j] = (float)hsum256i(acc[r][j]) * scale;
+    }
+}
+
+// ---- fp32 / fp16 storage, AVX-512F (32 registers: a 4 x 6 tile needs 24 accumulators) -----
+template <int R, int C, bool HALF>
+SOLAR_AVX512 void tile_f_avx512(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
+  const int64_t d = c.d;
+  const float* qp[R];
+  const float* xf[C];
+  const uint16_t* xh[C];
+  for (int r = 0; r < R; ++r) qp[r] = static_cast<const float*>(c.q) + qi[r] * d;
+  for (int j = 0; j < C; ++j) {
+    xf[j] = static_cast<const float*>(c.x) + xi[j] * d;
+    xh[j] = static_cast<const uint16_t*>(c.x) + xi[j] * d;
+  }
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 16 <= d; p += 16) {
+    __m512 qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm512_loadu_ps(qp[r] + p);
+    for (int j = 0; j < C; ++j) {
+      __m512 xv = HALF ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh[j] + p)))
+                       : _mm512_loadu_ps(xf[j] + p);
+      SOLAR_KEEP_IN_REG(xv);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(qv[r], xv, acc[r][j]);
+    }
+  }
+  if (p < d) {
+    const int64_t t = d - p;
+    const __mmask16 m = (__mmask16)((1u << (unsigned)t) - 1u);  // t < 16
+    __m512 qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm512_maskz_loadu_ps(m, qp[r] + p);
+    for (int j = 0; j < C; ++j) {
+      __m512 xv;
+      if (HALF) {
+        alignas(32) uint16_t buf[16] = {};
+        std::memcpy(buf, xh[j] + p, (size_t)t * sizeof(uint16_t));
+        xv = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(buf)));
+      } else {
+        xv = _mm512_maskz_loadu_ps(m, xf[j] + p);
+      }
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(qv[r], xv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) out[r * C + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+// ---- int8, AVX-512 VNNI ----------------------------------------------------------------
+template <int R, int C>
+SOLAR_AVX512 void tile_i8_vnni(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
+  const int64_t d = c.d;
+  const uint8_t* qu[R];  // q + 128
+  const int8_t* xp[C];
+  for (int r = 0; r < R; ++r) qu[r] = c.q_prep + qi[r] * d;
+  for (int j = 0; j < C; ++j) xp[j] = static_cast<const int8_t*>(c.x) + xi[j] * d;
+  __m512i acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j] = _mm512_setzero_si512();
+  int64_t p = 0;
+  for (; p + 64 <= d; p += 64) {
+    __m512i qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm512_loadu_si512(qu[r] + p);
+    for (int j = 0; j < C; ++j) {
+      __m512i xv = _mm512_loadu_si512(xp[j] + p);
+      SOLAR_KEEP_IN_REG(xv);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], qv[r], xv);
+    }
+  }
+  if (p < d) {
+    const __mmask64 m = (__mmask64)((1ull << (unsigned)(d - p)) - 1ull);  // d - p < 64
+    __m512i qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = _mm512_maskz_loadu_epi8(m, qu[r] + p);
+    for (int j = 0; j < C; ++j) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(m, xp[j] + p);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], qv[r], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) {
+      const int32_t dot = _mm512_reduce_add_epi32(acc[r][j]) - 128 * c.x_sum[xi[j]];
+      const float scale = c.x_scale[xi[j]] * c.q_scale[qi[r]];
+      out[r * C + j] = (float)dot * scale;
+    }
+}
+
+}  // namespace
+
+Kernel avx2_kernel(DType dt, bool few) {
+  switch (dt) {
+    case DType::F32:
+      return few ? Kernel{1, 8, &tile_f32_avx2<1, 8>, "avx2-f32-1x8", 0} : Kernel{2, 6, &tile_f32_avx2<2, 6>, "avx2-f32-2x6", 0};
+    case DType::F16:
+      return few ? Kernel{1, 8, &tile_f16_avx2<1, 8>, "avx2-f16-1x8", 0} : Kernel{2, 6, &tile_f16_avx2<2, 6>, "avx2-f16-2x6", 0};
+    case DType::I8:
+      return few ? Kernel{1, 8, &tile_i8_avx2<1, 8>, "avx2-i8-1x8", 1} : Kernel{2, 4, &tile_i8_avx2<2, 4>, "avx2-i8-2x4", 1};
+  }
+  return Kernel{};
+}
+
+Kernel avx512_kernel(DType dt, bool few) {
+  if (dt == DType::F32)
+    return few ? Kernel{1, 8, &tile_f_avx512<1, 8, false>, "avx512-f32-1x8", 0}
+               : Kernel{4, 6, &tile_f_avx512<4, 6, false>, "avx512-f32-4x6", 0};
+  if (dt == DType::F16)
+    return few ? Kernel{1, 8, &tile_f_avx512<1, 8, true>, "avx512-f16-1x8", 0}
+               : Kernel{4, 6, &tile_f_avx512<4, 6, true>, "avx512-f16-4x6", 0};
+  return few ? Kernel{1, 8, &tile_i8_vnni<1, 8>, "avx512vnni-i8-1x8", 2} : Kernel{4, 6, &tile_i8_vnni<4, 6>, "avx512vnni-i8-4x6", 2};
+}
+
+}  // namespace search
+}  // namespace solar
+
+#else  // not x86: only the scalar tiles exist (best_simd_level() reports kScalar)
+
+namespace solar {
+namespace search {
+Kernel avx2_kernel(DType dt, bool few) { return scalar_kernel(dt, few); }
+Kernel avx512_kernel(DType dt, bool few) { return scalar_kernel(dt, few); }
+}  // namespace search
+}  // namespace solar
+
+#endif

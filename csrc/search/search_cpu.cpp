@@ -1,0 +1,260 @@
+// CPU driver of the exact top-k search: work split, bounded heaps, merge.
+//
+// Work items are (query chunk, row part) pairs run by an OpenMP team:
+//  * many queries: the rows are not split (one part); the queries are cut into chunks
+//    that stay in L2 while the rows stream past, each thread owning whole queries;
+//  * few queries (all fit in one chunk): the rows are split into one part per thread,
+//    each part keeps its own heaps, and the parts are merged at the end.
+// Inside an item, a group of C rows (in L1) is scored against every R-query tile of the
+// chunk by the micro-kernel; each query keeps a bounded min-heap of its k best
+// (score, id), whose root is the current threshold, so most scores cost one compare.
+// Rows are visited in increasing id order inside an item, so a score equal to the
+// threshold never displaces an entry (the earlier id wins a tie); the merge orders by
+// (score desc, id asc) explicitly.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "checks.h"
+#include "cpu_features.h"
+#include "search/kernels.h"
+#include "search/search.h"
+
+namespace solar {
+namespace search {
+
+int best_simd_level() {
+  const auto& f = cpu_features();
+  if (f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vnni) return kAvx512;
+  if (f.avx2 && f.fma && f.f16c) return kAvx2;
+  return kScalar;
+}
+
+int effective_simd_level(int requested) {
+  const int best = best_simd_level();
+  if (requested < 0) return best;
+  return std::min(requested, best);
+}
+
+Kernel select_kernel(DType dt, int simd_level, bool few) {
+  switch (effective_simd_level(simd_level)) {
+    case kAvx512:
+      return avx512_kernel(dt, few);
+    case kAvx2:
+      return avx2_kernel(dt, few);
+    default:
+      return scalar_kernel(dt, few);
+  }
+}
+
+namespace {
+
+constexpr int64_t kSentinelId = std::numeric_limits<int64_t>::max();
+
+// a is worse than b: lower score, or the same score and a higher id.
+inline bool worse(float a, int64_t ia, float b, int64_t ib) { return a < b || (a == b && ia > ib); }
+
+// Replace the root (the worst entry) of a k-entry heap by (v, vi) and restore the heap.
+inline void replace_top(float* s, int64_t* id, int64_t k, float v, int64_t vi) {
+  int64_t i = 0;
+  for (;;) {
+    const int64_t l = 2 * i + 1;
+    if (l >= k) break;
+    const int64_t r = l + 1;
+    const int64_t w = (r < k && worse(s[r], id[r], s[l], id[l])) ? r : l;
+    if (!worse(s[w], id[w], v, vi)) break;
+    s[i] = s[w];
+    id[i] = id[w];
+    i = w;
+  }
+  s[i] = v;
+  id[i] = vi;
+}
+
+DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return DType::F32;
+    case at::kHalf:
+      return DType::F16;
+    case at::kChar:
+      return DType::I8;
+    default:
+      TORCH_CHECK(false, "x (the database rows) must be float32, float16 or int8, got ", x.scalar_type());
+  }
+  return DType::F32;
+}
+
+int64_t bytes_per_query(DType dt, int64_t d) { return dt == DType::I8 ? 2 * d : 4 * d; }
+
+struct Plan {
+  int64_t parts = 1, chunk = 1, nchunks = 1;
+  int threads = 1;
+};
+
+Plan make_plan(const Kernel& K, DType dt, int64_t m, int64_t n, int64_t d, int64_t strategy, int64_t num_threads) {
+  Plan p;
+  int T = num_threads > 0 ? (int)num_threads : at::get_num_threads();
+  T = std::max(1, T);
+  // Tiny problems are not worth waking a team.
+  if ((double)m * (double)n * (double)d < 2e5) T = 1;
+  p.threads = T;
+  // A query chunk of about 192 KiB stays in L2 while rows stream past.
+  int64_t chunk = std::max<int64_t>(K.R, (192 * 1024 / bytes_per_query(dt, d)) / K.R * K.R);
+  bool split_rows = strategy == 1 || (strategy < 0 && m <= chunk);
+  if (strategy == 0) split_rows = false;
+  if (split_rows) {
+    // More parts than threads (dynamic schedule) so a thread that is descheduled on a busy
+    // machine does not hold the whole search; each part keeps >= 2048 rows.
+    p.parts = T == 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(4 * T, n / 2048));
+    if (p.parts < T) p.parts = std::max<int64_t>(1, std::min<int64_t>(T, n));
+    p.chunk = std::max<int64_t>(1, std::min(chunk, m));
+    if (strategy == 1) p.chunk = m;  // forced: one chunk, all queries
+  } else {
+    const int64_t per_thread = (m + T - 1) / T;
+    p.chunk = std::max<int64_t>(1, std::min(chunk, (per_thread + K.R - 1) / K.R * K.R));
+  }
+  p.nchunks = (m + p.chunk - 1) / p.chunk;
+  return p;
+}
+
+}  // namespace
+}  // namespace search
+
+using namespace search;
+
+int64_t search_simd_level(int64_t requested) { return effective_simd_level((int)requested); }
+
+std::string search_kernel_name(int64_t dtype, int64_t simd, int64_t m) {
+  TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype code must be 0 (fp32), 1 (fp16) or 2 (int8), got ", dtype);
+  return select_kernel((DType)dtype, (int)simd, m < 3).name;
+}
+
+std::vector<at::Tensor> search_topk_cpu(const at::Tensor& q, const c10::optional<at::Tensor>& q_scale,
+                                        const at::Tensor& x, const c10::optional<at::Tensor>& x_scale,
+                                        const c10::optional<at::Tensor>& x_sum, int64_t k, int64_t simd,
+                                        int64_t strategy, int64_t num_threads) {
+  SOLAR_CHECK_CPU(q);
+  SOLAR_CHECK_CPU(x);
+  SOLAR_CHECK_DIM(q, 2);
+  SOLAR_CHECK_DIM(x, 2);
+  SOLAR_CHECK_CONTIGUOUS(q);
+  SOLAR_CHECK_CONTIGUOUS(x);
+  const DType dt = dtype_of(x);
+  const int64_t m = q.size(0), d = q.size(1), n = x.size(0);
+  TORCH_CHECK(x.size(1) == d, "q has dimension ", d, " but x has dimension ", x.size(1));
+  TORCH_CHECK(n >= 1, "x (the database) is empty");
+  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (the number of rows), got ", k);
+  TORCH_CHECK(strategy >= -1 && strategy <= 1, "strategy must be -1 (auto), 0 or 1, got ", strategy);
+
+  Ctx ctx;
+  ctx.d = d;
+  at::Tensor prep;
+  const bool few = m < 3;
+  const Kernel K = select_kernel(dt, (int)simd, few);
+  if (dt == DType::I8) {
+    SOLAR_CHECK_DTYPE(q, at::kChar);
+    TORCH_CHECK(q_scale.has_value() && x_scale.has_value() && x_sum.has_value(),
+                "int8 search needs q_scale, x_scale and x_sum");
+    const at::Tensor &qs = *q_scale, &xs = *x_scale, &xsum = *x_sum;
+    SOLAR_CHECK_DTYPE(qs, at::kFloat);
+    SOLAR_CHECK_DTYPE(xs, at::kFloat);
+    SOLAR_CHECK_DTYPE(xsum, at::kInt);
+    SOLAR_CHECK_CONTIGUOUS(qs);
+    SOLAR_CHECK_CONTIGUOUS(xs);
+    SOLAR_CHECK_CONTIGUOUS(xsum);
+    SOLAR_CHECK_SHAPE(qs, m);
+    SOLAR_CHECK_SHAPE(xs, n);
+    SOLAR_CHECK_SHAPE(xsum, n);
+    ctx.q_scale = qs.data_ptr<float>();
+    ctx.x_scale = xs.data_ptr<float>();
+    ctx.x_sum = xsum.data_ptr<int32_t>();
+    if (K.q_prep == 1) {
+      prep = q.abs().view(at::kByte).contiguous();  // codes are in [-127, 127]: |q| fits u8
+    } else if (K.q_prep == 2) {
+      prep = (q.to(at::kShort) + 128).to(at::kByte).contiguous();
+    }
+    if (prep.defined()) ctx.q_prep = prep.data_ptr<uint8_t>();
+  } else {
+    SOLAR_CHECK_DTYPE(q, at::kFloat);
+  }
+  ctx.q = q.data_ptr();
+  ctx.x = x.data_ptr();
+
+  const Plan plan = make_plan(K, dt, m, n, d, strategy, num_threads);
+  const int64_t P = plan.parts;
+  std::vector<float> hs((size_t)(P * m * k), -std::numeric_limits<float>::infinity());
+  std::vector<int64_t> hi((size_t)(P * m * k), kSentinelId);
+  const int64_t items = plan.nchunks * P;
+
+  {
+    at::NoGradGuard guard;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t c = item / P, part = item % P;
+      const int64_t q0 = c * plan.chunk, q1 = std::min(m, q0 + plan.chunk);
+      const int64_t x0 = part * n / P, x1 = (part + 1) * n / P;
+      std::vector<float> thr((size_t)(q1 - q0), -std::numeric_limits<float>::infinity());
+      int64_t qi[16], xi[16];
+      float tile[256];
+      for (int64_t xb = x0; xb < x1; xb += K.C) {
+        const int64_t nx = std::min<int64_t>(K.C, x1 - xb);
+        for (int j = 0; j < K.C; ++j) xi[j] = xb + std::min<int64_t>(j, nx - 1);
+        for (int64_t qb = q0; qb < q1; qb += K.R) {
+          const int64_t nq = std::min<int64_t>(K.R, q1 - qb);
+          for (int r = 0; r < K.R; ++r) qi[r] = qb + std::min<int64_t>(r, nq - 1);
+          K.fn(ctx, qi, xi, tile);
+          for (int64_t r = 0; r < nq; ++r) {
+            float t = thr[qb - q0 + r];
+            const float* row = tile + r * K.C;
+            for (int64_t j = 0; j < nx; ++j) {
+              if (row[j] > t) {
+                const int64_t off = (part * m + qb + r) * k;
+                replace_top(hs.data() + off, hi.data() + off, k, row[j], xb + j);
+                t = hs[off];
+              }
+            }
+            thr[qb - q0 + r] = t;
+          }
+        }
+      }
+    }
+  }
+
+  at::Tensor scores = at::empty({m, k}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor ids = at::empty({m, k}, at::TensorOptions().dtype(at::kLong));
+  float* so = scores.data_ptr<float>();
+  int64_t* io = ids.data_ptr<int64_t>();
+  std::atomic<bool> unfilled{false};
+#pragma omp parallel for schedule(static) num_threads(plan.threads)
+  for (int64_t qq = 0; qq < m; ++qq) {
+    std::vector<std::pair<float, int64_t>> all;
+    all.reserve((size_t)(P * k));
+    for (int64_t part = 0; part < P; ++part) {
+      const int64_t off = (part * m + qq) * k;
+      for (int64_t e = 0; e < k; ++e) all.emplace_back(hs[off + e], hi[off + e]);
+    }
+    auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+      return worse(b.first, b.second, a.first, a.second);
+    };
+    std::partial_sort(all.begin(), all.begin() + k, all.end(), better);
+    for (int64_t e = 0; e < k; ++e) {
+      so[qq * k + e] = all[e].first;
+      io[qq * k + e] = all[e].second;
+      if (all[e].second == kSentinelId) unfilled = true;
+    }
+  }
+  TORCH_CHECK(!unfilled, "search produced fewer than k finite scores: the inner products overflowed float32 "
+              "(NaN or -inf scores); rescale the vectors");
+  return {scores, ids};
+}
+
+}  // namespace solar
