@@ -105,3 +105,43 @@ def contrastive_loss_reference(q: torch.Tensor, k: torch.Tensor | None = None, *
 
 
 __all__ += ["contrastive_loss_reference"]
+
+
+# --- topk_search -----------------------------------------------------------------------
+def topk_search_reference(q: torch.Tensor, db: torch.Tensor, k: int, dtype: str = "fp32"):
+    """Brute-force reference of `solar_kernels.Index(dtype=...).search` / `topk_search`.
+
+    q [m, d], db [n, d] (float).  Scores of every (query, row) pair, then the top-k by
+    (score descending, row id ascending).  Returns (scores [m, k], ids [m, k] int64):
+      * "fp32": float64 scores of the fp32 values;
+      * "fp16": float64 scores of fp32 queries against the rows rounded to float16;
+      * "int8": both sides quantised per row (scale = max|x| / 127, codes = round(x / scale)
+        clamped to [-127, 127], zero rows -> scale 0), exact integer dots, and the float32
+        score float(dot) * (scale_row * scale_query), as the int8 index defines it.
+    """
+    qf = q.to(torch.float32)
+    xf = db.to(torch.float32)
+    if dtype == "fp32":
+        scores = qf.double() @ xf.double().T
+    elif dtype == "fp16":
+        scores = qf.double() @ xf.half().double().T
+    elif dtype == "int8":
+        def quant(t):
+            s = t.abs().amax(dim=1) / 127.0
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            c = torch.round(t / safe[:, None]).clamp(-127, 127)
+            c = torch.where(s[:, None] > 0, c, torch.zeros_like(c))
+            return c.to(torch.int64), s
+
+        cq, sq = quant(qf)
+        cx, sx = quant(xf)
+        dots = cq @ cx.T
+        scores = dots.to(torch.float32) * (sx[None, :] * sq[:, None])
+    else:
+        raise ValueError(f"dtype must be fp32, fp16 or int8, got {dtype!r}")
+    # Columns are in id order, so a stable descending sort keeps ties in id order.
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), order
+
+
+__all__ += ["topk_search_reference"]
