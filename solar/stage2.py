@@ -249,12 +249,22 @@ class Miner:
         self.bank: Optional[torch.Tensor] = None
         self.index = None
         self.refreshed_at = -1
-        # bank index -> pool row
+        # bank index -> pool row, and sample key -> pool row (streaming data identifies pairs by key)
         self._pos = {int(b): i for i, b in enumerate(self.pool_ids.tolist())}
+        keys = pool.fields.get("key") if pool is not None and hasattr(pool, "fields") else None
+        self._key_pos = {keys[int(b)]: i for i, b in enumerate(self.pool_ids.tolist())} if keys else {}
 
     def pool_rows(self, bank_index: torch.Tensor) -> torch.Tensor:
         """Pool row of each bank index (-1 when not in the pool)."""
         return torch.tensor([self._pos.get(int(b), -1) for b in bank_index.tolist()], dtype=torch.long)
+
+    def self_rows(self, batch: dict) -> torch.Tensor:
+        """Pool row of each pair of `batch` (by bank_index, else by key; -1 when not in the pool)."""
+        if "bank_index" in batch:
+            return self.pool_rows(batch["bank_index"].cpu())
+        if "key" in batch:
+            return torch.tensor([self._key_pos.get(k, -1) for k in batch["key"]], dtype=torch.long)
+        return torch.full((batch["input_ids"].shape[0],), -1, dtype=torch.long)
 
     @torch.no_grad()
     def refresh(self, model, step: int, dist_info: Optional[DistInfo] = None) -> None:
@@ -354,8 +364,7 @@ class Stage2Loss(nn.Module):
         n_views = len(hn)
         metrics = {}
         if self.miner is not None and cfg.mine_k > 0:
-            self_rows = self.miner.pool_rows(batch["bank_index"].cpu()) if "bank_index" in batch \
-                else torch.full((B,), -1, dtype=torch.long)
+            self_rows = self.miner.self_rows(batch)
             mined = self.miner.neighbours(rows[0], self_rows, cfg.mine_k)      # [B, k, E]
             hn += list(mined.unbind(1))
             metrics["mined_sim"] = float((mined * rows[0].detach()[:, None]).sum(-1).mean())
@@ -379,14 +388,14 @@ class Stage2Loss(nn.Module):
 
 def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = False, log=None, seed: int = 0,
                dist_info: Optional[DistInfo] = None, teacher=None, ckpt_every: int = 100, log_every: int = 10,
-               progress: bool = True) -> dict:
+               progress: bool = True, pool=None) -> dict:
     """Train `model` (initialised from stage 1) with stage 2's loss for cfg.steps steps.
 
-    data: a `PairBank` (mining pool = a seeded subset of it) or a `StreamBatches`
-    (mining disabled unless it has a pool).  The frozen teacher is a copy of `model`
-    taken now (or the given one).  Checkpoints in {out_dir}/ckpt; returns the loop's
-    summary dict."""
-    from .trainer import PairBank, train_loop
+    data: a `PairBank` (the mining pool is a seeded subset of it) or a `StreamBatches`
+    (then `pool`, a PairBank of training pairs with keys, is the mining pool; without
+    one, mining is off).  The frozen teacher is a copy of `model` taken now (or the
+    given one).  Checkpoints in {out_dir}/ckpt; returns the loop's summary dict."""
+    from .trainer import train_loop
     di = dist_info or get_dist()
     if teacher is None:
         teacher = copy.deepcopy(model)
@@ -394,11 +403,13 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
     if cfg.n_pos_views < 1:
         raise ValueError(f"stage2.n_pos_views: need at least 1 positive view, got {cfg.n_pos_views}")
     miner = None
-    if cfg.mine_k > 0 and isinstance(data, PairBank):
+    if pool is None and hasattr(data, "rows") and hasattr(data, "__len__"):
+        pool = data
+    if cfg.mine_k > 0 and pool is not None:
         g = torch.Generator().manual_seed(seed + 17)
-        n_pool = len(data) if cfg.mine_pool_size <= 0 else min(cfg.mine_pool_size, len(data))
-        pool_ids = torch.randperm(len(data), generator=g)[:n_pool].sort().values
-        miner = Miner(data, pool_ids, dtype=cfg.mine_dtype, exclude_top=cfg.mine_exclude_top)
+        n_pool = len(pool) if cfg.mine_pool_size <= 0 else min(cfg.mine_pool_size, len(pool))
+        pool_ids = torch.randperm(len(pool), generator=g)[:n_pool].sort().values
+        miner = Miner(pool, pool_ids, dtype=cfg.mine_dtype, exclude_top=cfg.mine_exclude_top)
     loss_mod = Stage2Loss(model, teacher, cfg, seed=seed, miner=miner, dist_info=di)
 
     def on_step(step):

@@ -18,6 +18,7 @@ clip_sf/ (checkpoints and final models), results.json and results.md.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -170,11 +171,55 @@ class _FloatBank:
     def __len__(self):
         return len(self.bank)
 
+    @property
+    def fields(self):
+        return self.bank.fields
+
+    def iter_chunks(self, chunk, rank=0, world=1):
+        for b in self.bank.iter_chunks(chunk, rank, world):
+            yield _float_pixels(b)
+
     def batch(self, step, global_batch, rank=0, world=1):
         return _float_pixels(self.bank.batch(step, global_batch, rank, world))
 
     def rows(self, idx):
         return _float_pixels(self.bank.rows(idx))
+
+
+class _Streams:
+    """Streaming training data (real shards): one reader per phase, split by rank and by
+    DataLoader worker (`solar.data.reader`), each rank reading global_batch / world pairs
+    per step.  Resume skips the batches already consumed."""
+
+    def __init__(self, urls, tokenizer, cfg: TrainConfig, di: DistInfo):
+        self.urls, self.tokenizer, self.cfg, self.di = urls, tokenizer, cfg, di
+
+    def make(self, global_batch: int, salt: int):
+        from .data.reader import make_loader
+        if global_batch % self.di.world:
+            raise ValueError(f"batch_size: global batch {global_batch} is not divisible by the world size "
+                             f"{self.di.world}")
+        m = self.cfg.model
+        return make_loader(self.urls, self.tokenizer, num_workers=self.cfg.data.num_workers,
+                           image_size=m.image_size, patch_size=m.patch_size, max_length=m.max_text_len,
+                           batch_size=global_batch // self.di.world, drop_last=True, shuffle_buffer=2000,
+                           shard_shuffle=True, seed=self.cfg.run.seed * 1000 + salt, rank=self.di.rank,
+                           world_size=self.di.world, crop="random", repeat=True)
+
+    @property
+    def stage1_loader(self):
+        return self.make(self.cfg.data.batch_size, 1)
+
+    def phase(self, global_batch: int, salt: int):
+        from .trainer import StreamBatches
+        return StreamBatches(lambda: self.make(global_batch, salt))
+
+
+def _streams(urls, tokenizer, cfg: TrainConfig, di: DistInfo):
+    pool = None
+    if cfg.stage2.mine_k > 0:
+        pool = _FloatBank(load_pair_bank(urls, tokenizer, cfg, limit=max(cfg.stage2.mine_pool_size, 1)))
+    return _Streams(urls, tokenizer, cfg, di), pool
 
 
 # --------------------------------------------------------------------------- models
@@ -223,7 +268,7 @@ def _stage1_log(log):
     return f
 
 
-def run_phase_stage1(cfg, bank, tokenizer, di, log):
+def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
     from .model import SolarModel
     from .stage1 import run_stage1
     out = os.path.join(cfg.run.out_dir, "stage1")
@@ -238,17 +283,19 @@ def run_phase_stage1(cfg, bank, tokenizer, di, log):
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
     ckpt = os.path.join(out, "stage1_ckpt")
     resume = cfg.run.resume and os.path.isdir(ckpt)
-    eval_batches = [_float_pixels(b) for b in bank.bank.iter_chunks(128)][:4] \
-        if "gt_patch_mask" in bank.bank.fields and "gt_token_mask" in bank.bank.fields else None
+    gt_src = pool if pool is not None else (data if isinstance(data, _FloatBank) else None)
+    eval_batches = [b for b in itertools.islice(gt_src.iter_chunks(128), 4)] \
+        if gt_src is not None and "gt_patch_mask" in gt_src.fields and "gt_token_mask" in gt_src.fields else None
     s1 = cfg.stage1
-    run_stage1(model, _BankBatches(bank.bank, cfg.data.batch_size, di), s1,
+    loader = _BankBatches(data.bank, cfg.data.batch_size, di) if isinstance(data, _FloatBank) else data.stage1_loader
+    run_stage1(model, loader, s1,
                out_dir=out, resume=resume, log=_stage1_log(log), eval_loader=eval_batches,
                progress=cfg.run.progress and di.is_main)
     _write_kind(final, "solar", s1.steps)
     return model
 
 
-def run_phase_stage2(cfg, bank, stage1_model, di, log):
+def run_phase_stage2(cfg, bank, stage1_model, di, log, pool=None):
     from .model import SolarModel
     from .stage2 import run_stage2
     final = model_dir(cfg.run.out_dir, "stage2")
@@ -267,9 +314,10 @@ def run_phase_stage2(cfg, bank, stage1_model, di, log):
                                if k.startswith(("tau_", "qda_"))}, strict=False)
     torch.manual_seed(cfg.run.seed + 2)
     out = os.path.join(cfg.run.out_dir, "stage2")
-    run_stage2(model, bank, cfg.stage2, out_dir=out, resume=cfg.run.resume, log=log, seed=cfg.run.seed,
+    data = bank if isinstance(bank, _FloatBank) else bank.phase(cfg.stage2.batch_size, 2)
+    run_stage2(model, data, cfg.stage2, out_dir=out, resume=cfg.run.resume, log=log, seed=cfg.run.seed,
                dist_info=di, teacher=teacher, ckpt_every=cfg.run.ckpt_every, log_every=cfg.run.log_every,
-               progress=cfg.run.progress)
+               progress=cfg.run.progress, pool=pool)
     if di.is_main:
         model.save_pretrained(final)
         _write_kind(final, "solar", cfg.stage2.steps)
@@ -294,7 +342,8 @@ def run_phase_clip_sf(cfg, bank, tokenizer, di, log):
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
     torch.manual_seed(cfg.run.seed + 3)
     b = cfg.baseline
-    run_clip_sf(model, bank, steps=steps, global_batch=cfg.data.batch_size,
+    data = bank if isinstance(bank, _FloatBank) else bank.phase(cfg.data.batch_size, 3)
+    run_clip_sf(model, data, steps=steps, global_batch=cfg.data.batch_size,
                 lr=b.clip_sf_lr if b.clip_sf_lr > 0 else cfg.stage1.lr, temperature=b.clip_sf_temperature,
                 out_dir=os.path.join(cfg.run.out_dir, "clip_sf"), resume=cfg.run.resume, log=log, dist_info=di,
                 warmup=cfg.stage1.warmup_steps, weight_decay=cfg.stage1.weight_decay, grad_clip=cfg.stage1.grad_clip,
@@ -334,15 +383,19 @@ def run(cfg: TrainConfig) -> dict:
     from .data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(cfg.data.tokenizer or "shapesworld", model_max_length=cfg.model.max_text_len)
     urls, bench = prepare_data(cfg, di)
-    if not cfg.data.in_memory:
-        raise NotImplementedError("data.in_memory=false (streaming training) is not wired into solar.train yet")
-    bank = _FloatBank(load_pair_bank(urls, tokenizer, cfg))
-    _say(di, f"[data] {len(bank)} training pairs, benchmark {bench}, world size {di.world}, device {di.device}")
+    if cfg.data.in_memory:
+        bank, pool = _FloatBank(load_pair_bank(urls, tokenizer, cfg)), None
+        _say(di, f"[data] {len(bank)} training pairs in memory, benchmark {bench}, world size {di.world}, "
+                 f"device {di.device}")
+    else:
+        bank, pool = _streams(urls, tokenizer, cfg, di)
+        _say(di, f"[data] streaming {len(urls)} shard(s) (mining pool {len(pool) if pool else 0} pairs), "
+                 f"benchmark {bench}, world size {di.world}, device {di.device}")
     timings = {}
     stage1_model = stage2_model = clip_model = None
     if cfg.run.stage in ("1", "all"):
         t = time.time()
-        stage1_model = run_phase_stage1(cfg, bank, tokenizer, di, log)
+        stage1_model = run_phase_stage1(cfg, bank, tokenizer, di, log, pool)
         timings["stage1_s"] = time.time() - t
     if cfg.run.stage in ("2", "all"):
         if stage1_model is None:
@@ -350,7 +403,7 @@ def run(cfg: TrainConfig) -> dict:
             path = cfg.run.stage1_ckpt or model_dir(out, "stage1")
             stage1_model = SolarModel.from_pretrained(path, map_location=di.device)
         t = time.time()
-        stage2_model = run_phase_stage2(cfg, bank, stage1_model, di, log)
+        stage2_model = run_phase_stage2(cfg, bank, stage1_model, di, log, pool)
         timings["stage2_s"] = time.time() - t
     if cfg.run.stage == "all" and cfg.baseline.clip_sf:
         t = time.time()
