@@ -41,7 +41,8 @@ def distributed_contrastive_loss(q, k=None, *, groups=None, hard_negatives=None,
     """
     import torch.distributed as dist
 
-    from .ops.contrastive import Mined, _backend, _check_counts, _ContrastiveFunction, _group_counts
+    from .ops.contrastive import (Mined, _backend, _cache_rows, _check_counts, _ContrastiveFunction,
+                                   _group_counts, _need_grad)
 
     group = process_group
     world = dist.get_world_size(group)
@@ -65,21 +66,22 @@ def distributed_contrastive_loss(q, k=None, *, groups=None, hard_negatives=None,
         n_pos_rows, min_neg = N, N - 1 + H
     _check_counts(n_pos_rows, min_neg, mine_k, single)
     backend = _backend(q)
+    rc = _cache_rows(n, N, q.shape[1], backend, _need_grad(q, k, hard_negatives))
     T, beta = float(temperature), float(hardness)
     q_all = _gather_grad(q, group) if (single or symmetric) else None
     g_loc = groups.contiguous() if groups is not None else None
     if single:
         row_loss, _, top_v, top_i = _ContrastiveFunction.apply(q, q_all, hard_negatives, g_loc, g_all, offset, T,
-                                                               beta, True, False, int(mine_k), backend)
+                                                               beta, True, False, int(mine_k), backend, rc)
         local = row_loss.sum() / n_pos_rows
     else:
         k_all = _gather_grad(k, group)
         row_loss, _, top_v, top_i = _ContrastiveFunction.apply(q, k_all, hard_negatives, g_loc, g_all, offset, T,
-                                                               beta, False, False, int(mine_k), backend)
+                                                               beta, False, False, int(mine_k), backend, rc)
         local = row_loss.sum() / N
         if symmetric:
             col_loss = _ContrastiveFunction.apply(k, q_all, None, g_loc, g_all, offset, T, beta, False, False, 0,
-                                                  backend)[0]
+                                                  backend, rc)[0]
             local = 0.5 * (local + col_loss.sum() / N)
     total = local.detach().clone()
     dist.all_reduce(total, group=group)

@@ -208,6 +208,45 @@ def test_backends_agree_on_a_tiled_batch(backend):
     assert q.device == dev
 
 
+@pytest.mark.parametrize("cache_per_nd", [0, 0.3, 20])
+@pytest.mark.parametrize("single", [False, True])
+def test_torch_tiles_and_logits_cache(monkeypatch, cache_per_nd, single):
+    """Several row/column tiles, with no / a partial / a full cache of forward logits."""
+    monkeypatch.setattr(cl, "CPU_TILE_ELEMS", 64 * 48)
+    monkeypatch.setattr(cl, "CPU_CACHE_PER_ND", cache_per_nd)
+    monkeypatch.setattr(cl, "_cpu_tiles", lambda n, N: (min(n, 48), min(N, 64)))
+    for hardness, mine_k in ((0.0, 0), (0.7, 3)):
+        q, k, hn, groups = _make(150, 16, 2, torch.float32, 21, single, "uneven")
+        kw = dict(groups=groups, hard_negatives=hn, temperature=0.05, hardness=hardness, mine_k=mine_k)
+        with sk.use_backend("torch"):
+            out = sk.contrastive_loss(q, k, **kw)
+        loss = out[0] if mine_k else out
+        tensors = [t for t in (q, k, hn) if t is not None]
+        got = torch.autograd.grad(loss, tensors)
+        out64 = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+        loss64 = out64[0] if mine_k else out64
+        ref = torch.autograd.grad(loss64, tensors)
+        torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+        if mine_k:
+            assert torch.equal(out[1].indices, out64[1][0])
+
+
+def test_torch_wide_logit_range_takes_the_exact_path():
+    """Logit spreads beyond the shared-exp range (unnormalised inputs, small temperature)."""
+    q, k, _, _ = _make(40, 8, 0, torch.float32, 3, False, "none")
+    q = (q.detach() * torch.linspace(0.1, 30, 40)[:, None]).requires_grad_()
+    with sk.use_backend("torch"):
+        loss = sk.contrastive_loss(q, k, temperature=0.05)
+    got = torch.autograd.grad(loss, (q, k))
+    loss64 = contrastive_loss_reference(q, k, temperature=0.05, dtype=torch.float64)
+    ref = torch.autograd.grad(loss64, (q, k))
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4)
+
+
 def test_cpu_memory_is_not_quadratic(monkeypatch):
     """fwd+bwd at N=2048 on CPU with 64K-element tiles: peak RSS growth far below N x N fp32 (16 MiB)."""
     if not hasattr(__import__("os"), "sched_getaffinity"):
@@ -256,13 +295,14 @@ def test_opcheck():
     k = torch.randn(9, 6, generator=gen, requires_grad=True)
     hn = torch.randn(9, 2, 6, generator=gen, requires_grad=True)
     g = torch.arange(9) // 3
-    args = (q, k, g, g, hn, 0, 0.1, 0.5, False, True, 2, "torch")
+    args = (q, k, g, g, hn, 0, 0.1, 0.5, False, True, 2, "torch", 4)
     torch.library.opcheck(torch.ops.solar.contrastive_fwd.default, args)
-    row_loss, col_loss, rs, cs, _, _ = torch.ops.solar.contrastive_fwd(*args)
+    row_loss, col_loss, rs, cs, _, _, cache = torch.ops.solar.contrastive_fwd(*args)
+    assert cache.shape == (4, 9)
     bargs = (torch.ones_like(row_loss), torch.ones_like(col_loss), q.detach(), k.detach(), g, g, hn.detach(), rs, cs,
-             0, 0.1, 0.5, False, True, "torch")
+             0, 0.1, 0.5, False, True, "torch", cache)
     torch.library.opcheck(torch.ops.solar.contrastive_bwd.default, bargs)
-    single = (q, q, g, g, None, 0, 0.2, 0.0, True, False, 1, "torch")
+    single = (q, q, g, g, None, 0, 0.2, 0.0, True, False, 1, "torch", 0)
     torch.library.opcheck(torch.ops.solar.contrastive_fwd.default, single)
 
 

@@ -60,7 +60,10 @@ _dispatch.register_op("contrastive_loss", cuda="Triton", cpu_symbol=None,
 # uses "ieee" so that CPU results are exact.
 FP32_DOT_PRECISION = os.environ.get("SOLAR_CL_FP32_PRECISION", "ieee")
 # CPU tile budget (elements of one S tile).
-CPU_TILE_ELEMS = 1 << 20
+CPU_TILE_ELEMS = 1 << 22
+# CPU: logits of the first rows kept from forward to backward (when gradients are needed) so
+# that backward skips their recompute; at most this many times n * D elements (O(N * D)).
+CPU_CACHE_PER_ND = 2
 _INT_BIG = 2 ** 31 - 1
 
 
@@ -342,7 +345,7 @@ def _bwd_triton(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats):
 
 
 def _cpu_tiles(n: int, N: int) -> tuple[int, int]:
-    C = min(N, 4096)
+    C = min(N, 8192)
     R = min(n, max(32, CPU_TILE_ELEMS // max(C, 1)))
     return max(R, 1), max(C, 1)
 
@@ -395,16 +398,25 @@ def _lse_merge(run, x):
     return x if run is None else torch.logaddexp(run, x)
 
 
-def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both):
-    """Chunked-PyTorch statistics: row stats (and column stats when `both`) in one sweep."""
+def _cache_rows(n: int, N: int, D: int, backend: str, need_grad: bool) -> int:
+    """Rows of S the CPU forward keeps for the backward (0 on Triton or without gradients)."""
+    if backend == "triton" or not need_grad:
+        return 0
+    return int(min(n, CPU_CACHE_PER_ND * n * D // max(N, 1)))
+
+
+def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=None):
+    """Chunked-PyTorch statistics: row stats (and column stats when `both`) in one sweep.
+
+    `cache` ([rc, N] fp32 or None) receives the logits of the first rc rows."""
     n, D = q.shape
     N = k.shape[0]
     hard = beta > 0
-    qf = q.float()
+    qf = q.float() * inv_t  # pre-scaled rows: S tiles come straight out of the matmul
     kf = k.float()
     R, C = _cpu_tiles(n, N)
     diag_pos = gq is None and not single
-    rows_A = torch.full((n,), float("-inf")) if not diag_pos else (qf * kf[offset:offset + n]).sum(1) * inv_t
+    rows_A = torch.full((n,), float("-inf")) if not diag_pos else (qf * kf[offset:offset + n]).sum(1)
     rows_B = torch.full((n,), float("-inf"))
     rows_C = torch.full((n,), float("-inf")) if hard else None
     cols = None
@@ -420,10 +432,13 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both):
         tv = ti = None
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
-            s = torch.mm(qf[r0:r1], kf[c0:c1].t()).mul_(inv_t)
+            s = torch.mm(qf[r0:r1], kf[c0:c1].t())
             pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
             if single and diag is not None:
                 s[diag] = float("-inf")
+            if cache is not None and r0 < cache.shape[0]:
+                h = min(r1, cache.shape[0]) - r0
+                cache[r0:r0 + h, c0:c1].copy_(s[:h])
             need_neg = hard or mine_k > 0
             pos_t = _pos_full(pos, diag, s) if (need_neg or not diag_pos) else None
             if not diag_pos:
@@ -441,10 +456,12 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both):
                     cols[1][c0:c1] = torch.logaddexp(cols[1][c0:c1], torch.logsumexp(t1, 0))
                     cols[2][c0:c1] = torch.logaddexp(cols[2][c0:c1], torch.logsumexp(t2, 0))
                 del t1, t2
+            elif both:
+                lse_r, lse_c = _lse_rows_cols(s)
+                rB = torch.logaddexp(rB, lse_r)
+                cols[1][c0:c1] = torch.logaddexp(cols[1][c0:c1], lse_c)
             else:
                 rB = torch.logaddexp(rB, torch.logsumexp(s, 1))
-                if both:
-                    cols[1][c0:c1] = torch.logaddexp(cols[1][c0:c1], torch.logsumexp(s, 0))
             if mine_k > 0:
                 v, i = _topk_lowest_index(sn, mine_k)
                 tv, ti = _merge_topk(tv, ti, v, i + c0, mine_k)
@@ -467,12 +484,14 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both):
     return (rows_A, rows_B, rows_C), cols, mined
 
 
-def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats):
-    """Chunked-PyTorch backward: recompute each S tile, G = dL/dS, dq += G k, dk += G^T q."""
+def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=None):
+    """Chunked-PyTorch backward: recompute each S tile (or read the forward's cached rows),
+    G = dL/dS, dq += G k, dk += G^T q.  Tiles read from `cache` are never written to."""
+    n_cached = 0 if cache is None else cache.shape[0]
     n, D = q.shape
     N = k.shape[0]
     hard = beta > 0
-    qf = q.float()
+    qf = q.float() * inv_t  # pre-scaled: S = qf k^T, dS/dk = qf, dS/dq = k * inv_t
     kf = k.float()
     dq = torch.zeros((n, D), dtype=torch.float32)
     dk = torch.zeros((N, D), dtype=torch.float32)
@@ -500,19 +519,76 @@ def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats):
         rr, ra, rb, rc = (rstats[j][r0:r1] for j in range(4))
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
-            s = torch.mm(qf[r0:r1], kf[c0:c1].t()).mul_(inv_t)
+            h = max(0, min(r1, n_cached) - r0)
+            if h == r1 - r0:
+                s = cache[r0:r1, c0:c1]  # read-only: the diagonal was masked in forward
+            else:
+                s = torch.empty((r1 - r0, c1 - c0))
+                if h:
+                    s[:h].copy_(cache[r0:r0 + h, c0:c1])
+                torch.mm(qf[r0 + h:r1], kf[c0:c1].t(), out=s[h:])
             pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
-            if single and diag is not None:
+            if single and diag is not None and h < r1 - r0:
                 s[diag] = float("-inf")
-            g = direction(s, pos, diag, rr, ra, rb, rc, 1)
+            g = None
             if both:
                 cr, ca, cb, cc = (cstats[j][c0:c1] for j in range(4))
-                g.add_(direction(s, pos, diag, cr, ca, cb, cc, 0))
+                if not hard:
+                    g = _both_directions_plain(s, pos, diag, rr, ra, rb, cr, ca, cb)
+            if g is None:
+                g = direction(s, pos, diag, rr, ra, rb, rc, 1)
+                if both:
+                    g.add_(direction(s, pos, diag, cr, ca, cb, cc, 0))
             dq[r0:r1].addmm_(g, kf[c0:c1])
             dk[c0:c1].addmm_(g.t(), qf[r0:r1])
     dq.mul_(inv_t)
-    dk.mul_(inv_t)
     return dq, dk
+
+
+# Largest spread of log-sum-exp shifts for which one exp per element serves both
+# directions (exp(-80) is still a normal fp32 number); wider tiles take the exact path.
+_SHARED_EXP_RANGE = 80.0
+
+
+def _lse_rows_cols(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column log-sum-exp of a tile with one exp pass when the tile's range allows.
+
+    e = exp(s - rowmax) gives the row sums; the column sums are e^T exp(rowmax - mu), a
+    matrix-vector product (mu = the tile max).  Exact unless a row or column max lies more
+    than _SHARED_EXP_RANGE below mu, in which case the two plain logsumexps are used.
+    """
+    m_r = s.amax(1)
+    m_c = s.amax(0)
+    mu = m_r.max()
+    if float(mu - torch.minimum(m_r.min(), m_c.min())) >= _SHARED_EXP_RANGE:
+        return torch.logsumexp(s, 1), torch.logsumexp(s, 0)
+    e = s.sub(m_r[:, None]).exp_()
+    lse_r = e.sum(1).log_().add_(m_r)
+    lse_c = torch.mv(e.t(), torch.exp(m_r - mu)).log_().add_(mu)
+    return lse_r, lse_c
+
+
+def _both_directions_plain(s, pos, diag, r, a, b, rc, ac, bc):
+    """G of both directions for hardness 0 with one exp per element (None: range too wide).
+
+    r_i exp(s - b_i) + c_j exp(s - bc_j) = e_ij (r_i + u_i c_j v_j), e = exp(s - b_i),
+    u_i = exp(b_i - rho), v_j = exp(rho - bc_j), rho = max_i b_i; both factors stay finite
+    and normal when b and bc span less than _SHARED_EXP_RANGE.
+    """
+    rho = b.max()
+    if float(rho - torch.minimum(b.min(), bc.min())) >= _SHARED_EXP_RANGE:
+        return None
+    e = s.sub(b[:, None]).exp_()
+    fac = torch.outer(torch.exp(b - rho), rc * torch.exp(rho - bc)).add_(r[:, None])
+    g = e.mul_(fac)
+    del fac
+    if pos is None:  # diagonal positives: exp(S_ii - A_i) == 1 in both directions
+        if diag is not None:
+            g[diag] -= r[diag[0]] + rc[diag[1]]
+    else:
+        g.sub_(s.sub(a[:, None]).exp_().mul_(r[:, None]).add_(s.sub(ac[None, :]).exp_().mul_(rc[None, :]))
+               .masked_fill_(~pos, 0.0))
+    return g
 
 
 def _pos_full(pos_t, diag, s):
@@ -567,7 +643,7 @@ def _backend(q: torch.Tensor) -> str:
 
 
 def contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness,
-                        single_set, both, mine_k, backend=None):
+                        single_set, both, mine_k, backend=None, cache_rows=0):
     """Loss statistics of the rows of q against the columns of k; no autograd.
 
     Args:
@@ -581,7 +657,8 @@ def contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temper
     Returns:
         row_loss [n] fp32, col_loss [N] (or [0]), row_stats [3, n] (A, B, C; C == B - log n_neg
         placeholder when hardness == 0), col_stats [3, N] (or [3, 0]), top_v [n, mine_k] fp32,
-        top_i [n, mine_k] int64.
+        top_i [n, mine_k] int64, s_cache [cache_rows, N] fp32 (the first rows of S, CPU only,
+        handed to the backward so that it skips their recompute; [0, N] when not kept).
     """
     backend = backend or _backend(q)
     inv_t = 1.0 / float(temperature)
@@ -596,9 +673,10 @@ def contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temper
         if both:
             Ac, Bc, Cc, _ = _stats_triton(k, q, groups_k, groups_q, offset, inv_t, beta, single_set, 0)
             cols = [Ac, Bc, Cc]
-    else:
+    s_cache = torch.empty((cache_rows if backend != "triton" else 0, N), device=dev)
+    if backend != "triton":
         (A, B, C), cols, mined = _stats_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set,
-                                              mine_k, both)
+                                              mine_k, both, s_cache if cache_rows else None)
     hard_s = _hard_logits(q, hard_negatives, inv_t) if H > 0 else None
     row_loss, A, B, C, _ = _finish_stats(A, B, C if C is not None else B, hard_s, beta, n_neg)
     row_stats = torch.stack([A, B, C])
@@ -627,7 +705,7 @@ def contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temper
     else:
         top_v = torch.zeros((n, 0), device=dev)
         top_i = torch.zeros((n, 0), device=dev, dtype=torch.int64)
-    return row_loss, col_loss, row_stats, col_stats, top_v, top_i
+    return row_loss, col_loss, row_stats, col_stats, top_v, top_i, s_cache
 
 
 def _coeffs(grad, stats, beta, n_neg):
@@ -646,7 +724,7 @@ def _coeffs(grad, stats, beta, n_neg):
 
 
 def contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats, col_stats,
-                         offset, temperature, hardness, single_set, both, backend=None):
+                         offset, temperature, hardness, single_set, both, backend=None, s_cache=None):
     """Gradients of sum(grad_row * row_loss) + sum(grad_col * col_loss); no autograd.
 
     Returns dq [n, D], dk [N, D] (in the inputs' dtypes) and dhn [n, H, D] (or [0]).
@@ -661,7 +739,8 @@ def contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_nega
     if backend == "triton":
         dq, dk = _bwd_triton(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, rs, cs)
     else:
-        dq, dk = _bwd_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, rs, cs)
+        cache = s_cache if s_cache is not None and s_cache.shape[0] > 0 else None
+        dq, dk = _bwd_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, rs, cs, cache)
     if H > 0:
         hs = _hard_logits(q, hard_negatives, inv_t)
         r, b, c = rs[0][:, None], rs[2][:, None], rs[3][:, None]
@@ -684,23 +763,24 @@ def contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_nega
 def _contrastive_fwd_op(q: torch.Tensor, k: torch.Tensor, groups_q: Optional[torch.Tensor],
                         groups_k: Optional[torch.Tensor], hard_negatives: Optional[torch.Tensor],
                         offset: int, temperature: float, hardness: float, single_set: bool, both: bool,
-                        mine_k: int, backend: str
+                        mine_k: int, backend: str, cache_rows: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                   torch.Tensor]:
+                                   torch.Tensor, torch.Tensor]:
     """Custom-op form of :func:`contrastive_forward`."""
     return contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness,
-                               single_set, both, mine_k, backend)
+                               single_set, both, mine_k, backend, cache_rows)
 
 
 @_contrastive_fwd_op.register_fake
 def _(q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness, single_set, both, mine_k,
-      backend):
+      backend, cache_rows):
     n, N = q.shape[0], k.shape[0]
     f32 = dict(dtype=torch.float32)
     nc = N if both else 0
+    rc = cache_rows if backend != "triton" else 0
     return (q.new_empty((n,), **f32), q.new_empty((nc,), **f32), q.new_empty((3, n), **f32),
             q.new_empty((3, nc), **f32), q.new_empty((n, mine_k), **f32),
-            q.new_empty((n, mine_k), dtype=torch.int64))
+            q.new_empty((n, mine_k), dtype=torch.int64), q.new_empty((rc, N), **f32))
 
 
 @torch.library.custom_op("solar::contrastive_bwd", mutates_args=())
@@ -708,43 +788,48 @@ def _contrastive_bwd_op(grad_row: torch.Tensor, grad_col: torch.Tensor, q: torch
                         groups_q: Optional[torch.Tensor], groups_k: Optional[torch.Tensor],
                         hard_negatives: Optional[torch.Tensor], row_stats: torch.Tensor,
                         col_stats: torch.Tensor, offset: int, temperature: float, hardness: float,
-                        single_set: bool, both: bool, backend: str
+                        single_set: bool, both: bool, backend: str, s_cache: Optional[torch.Tensor]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Custom-op form of :func:`contrastive_backward`."""
     return contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats,
-                                col_stats, offset, temperature, hardness, single_set, both, backend)
+                                col_stats, offset, temperature, hardness, single_set, both, backend, s_cache)
 
 
 @_contrastive_bwd_op.register_fake
 def _(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats, col_stats, offset,
-      temperature, hardness, single_set, both, backend):
+      temperature, hardness, single_set, both, backend, s_cache):
     dhn = torch.empty_like(hard_negatives) if hard_negatives is not None else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), dhn
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness, single_set, both, mine_k, backend = inputs
-    _, _, rstats, cstats, top_v, top_i = output
-    ctx.save_for_backward(q, k, hard_negatives, groups_q, groups_k, rstats, cstats)
-    ctx.args = (offset, temperature, hardness, single_set, both, backend)
-    ctx.mark_non_differentiable(rstats, cstats, top_v, top_i)
-
-
-def _fwd_backward(ctx, g_row, g_col, _g_rs, _g_cs, _g_v, _g_i):
-    dq, dk, dhn = _backward_from_ctx(ctx, g_row, g_col)
-    return dq, dk, None, None, dhn, None, None, None, None, None, None, None
+def _save(ctx, q, k, hard_negatives, groups_q, groups_k, rstats, cstats, s_cache, args):
+    ctx.save_for_backward(q, k, hard_negatives, groups_q, groups_k, rstats, cstats, s_cache)
+    ctx.args = args
 
 
 def _backward_from_ctx(ctx, g_row, g_col):
-    q, k, hn, gq, gk, rstats, cstats = ctx.saved_tensors
+    q, k, hn, gq, gk, rstats, cstats, s_cache = ctx.saved_tensors
     offset, temperature, hardness, single_set, both, backend = ctx.args
     if g_row is None:
         g_row = torch.zeros(q.shape[0], device=q.device)
     if g_col is None or g_col.numel() == 0:
         g_col = torch.zeros(k.shape[0] if both else 0, device=q.device)
     dq, dk, dhn = torch.ops.solar.contrastive_bwd(g_row.contiguous(), g_col.contiguous(), q, k, gq, gk, hn, rstats,
-                                                  cstats, offset, temperature, hardness, single_set, both, backend)
+                                                  cstats, offset, temperature, hardness, single_set, both, backend,
+                                                  s_cache)
     return dq, dk, (dhn if hn is not None else None)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, gq, gk, hn, offset, temperature, hardness, single_set, both, mine_k, backend, cache_rows = inputs
+    _, _, rstats, cstats, top_v, top_i, s_cache = output
+    _save(ctx, q, k, hn, gq, gk, rstats, cstats, s_cache, (offset, temperature, hardness, single_set, both, backend))
+    ctx.mark_non_differentiable(rstats, cstats, top_v, top_i, s_cache)
+
+
+def _fwd_backward(ctx, g_row, g_col, *_unused):
+    dq, dk, dhn = _backward_from_ctx(ctx, g_row, g_col)
+    return (dq, dk, None, None, dhn) + (None,) * 8
 
 
 # Direct callers of torch.ops.solar.contrastive_fwd (and opcheck / torch.compile) get gradients too.
@@ -756,19 +841,23 @@ class _ContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, hard_negatives, groups_q, groups_k, offset, temperature, hardness, single_set,
-                both, mine_k, backend):
-        row_loss, col_loss, rstats, cstats, top_v, top_i = torch.ops.solar.contrastive_fwd(
+                both, mine_k, backend, cache_rows):
+        row_loss, col_loss, rstats, cstats, top_v, top_i, s_cache = torch.ops.solar.contrastive_fwd(
             q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness, single_set, both,
-            mine_k, backend)
-        ctx.save_for_backward(q, k, hard_negatives, groups_q, groups_k, rstats, cstats)
-        ctx.args = (offset, temperature, hardness, single_set, both, backend)
+            mine_k, backend, cache_rows)
+        _save(ctx, q, k, hard_negatives, groups_q, groups_k, rstats, cstats, s_cache,
+              (offset, temperature, hardness, single_set, both, backend))
         ctx.mark_non_differentiable(top_v, top_i)
         return row_loss, col_loss, top_v, top_i
 
     @staticmethod
     def backward(ctx, g_row, g_col, _gv, _gi):
         dq, dk, dhn = _backward_from_ctx(ctx, g_row, g_col)
-        return (dq, dk, dhn) + (None,) * 9
+        return (dq, dk, dhn) + (None,) * 10
+
+
+def _need_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------
@@ -815,11 +904,18 @@ def _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k):
         raise ValueError(f"hardness must be >= 0, got {hardness}")
     if isinstance(mine_k, bool) or not isinstance(mine_k, int) or mine_k < 0:
         raise ValueError(f"mine_k must be an int >= 0, got {mine_k!r}")
-    _checks.check_finite("q", q)
-    if k is not None:
-        _checks.check_finite("k", k)
-    if hard_negatives is not None:
-        _checks.check_finite("hard_negatives", hard_negatives)
+    for name, t in (("q", q), ("k", k), ("hard_negatives", hard_negatives)):
+        if t is not None and t.numel():
+            _check_finite_fast(name, t)
+
+
+def _check_finite_fast(name: str, t: torch.Tensor) -> None:
+    """Two reductions (max and min propagate NaN/inf) instead of an [N, D] isfinite mask; the
+    detailed count comes from the shared check only when something is wrong."""
+    with torch.no_grad():
+        ends = torch.stack([t.amax(), t.amin()])
+    if not bool(torch.isfinite(ends).all()):
+        _checks.check_finite(name, t)
 
 
 def _check_counts(n_rows_pos: int, min_neg: int, mine_k: int, single: bool):
@@ -887,9 +983,10 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
     backend = _backend(q)
     kk = q if single else k
     g = groups.contiguous() if groups is not None else None
+    cache_rows = _cache_rows(n, n, q.shape[1], backend, _need_grad(q, k, hard_negatives))
     row_loss, col_loss, top_v, top_i = _ContrastiveFunction.apply(
         q, kk, hard_negatives, g, g, 0, float(temperature), float(hardness), single, both, int(mine_k),
-        backend)
+        backend, cache_rows)
     loss = row_loss.sum() / n_pos_rows
     if both:
         loss = 0.5 * (loss + col_loss.sum() / n)

@@ -29,7 +29,8 @@ class _PooledContrastiveFunction(torch.autograd.Function):
                 both, mine_k, backend):
         fq, aux_q = pool_forward(xq, mask_q, normalize, eps)  # [1, N, D] fp32
         fk, aux_k = pool_forward(xk, mask_k, normalize, eps)
-        row_loss, col_loss, rstats, cstats, top_v, top_i = contrastive_forward(
+        # no logits cache here: the [N, N]-free bound is what this fused op is for
+        row_loss, col_loss, rstats, cstats, top_v, top_i, _ = contrastive_forward(
             fq[0], fk[0], groups, groups, hard_negatives, 0, temperature, hardness, False, both, mine_k, backend)
         ctx.save_for_backward(xq, mask_q, xk, mask_k, hard_negatives, groups, fq, aux_q, fk, aux_k, rstats, cstats)
         ctx.args = (normalize, eps, temperature, hardness, both, backend)
