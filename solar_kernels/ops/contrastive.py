@@ -108,6 +108,7 @@ if HAS_TRITON:
         mode); pos = same group (or the diagonal column in two-tower mode)."""
         valid = row_ok[:, None] & col_ok[None, :]
         is_diag = cols[None, :] == (rows + offset)[:, None]
+        off_diag = cols[None, :] != (rows + offset)[:, None]
         if HAS_GROUPS:
             gq = tl.load(GQ_ptr + rows, mask=row_ok, other=-1)
             gk = tl.load(GK_ptr + cols, mask=col_ok, other=-2)
@@ -115,7 +116,7 @@ if HAS_TRITON:
         else:
             same = is_diag
         if SINGLE:
-            valid = valid & (is_diag == 0)
+            valid = valid & off_diag
             pos = same & valid
         else:
             pos = (same | is_diag) & valid
@@ -164,7 +165,7 @@ if HAS_TRITON:
             s = _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
                          stride_kd, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
             valid, pos = _cl_masks(rows, cols, row_ok, col_ok, GQ_ptr, GK_ptr, offset, HAS_GROUPS, SINGLE)
-            neg = valid & (pos == 0)
+            neg = valid & ~pos
             m_a, l_a = _lse_update(m_a, l_a, tl.where(pos, s, float("-inf")))
             if HARD:
                 m_b, l_b = _lse_update(m_b, l_b, tl.where(neg, (1.0 + beta) * s, float("-inf")))
@@ -240,7 +241,7 @@ if HAS_TRITON:
         s = _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
                      stride_kd, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
         valid, pos = _cl_masks(rows, cols, row_ok, col_ok, GQ_ptr, GK_ptr, offset, HAS_GROUPS, SINGLE)
-        neg = valid & (pos == 0)
+        neg = valid & ~pos
         r = tl.load(RS_ptr + rows, mask=row_ok, other=0.0)
         a = tl.load(RS_ptr + stride_rs + rows, mask=row_ok, other=0.0)
         b = tl.load(RS_ptr + 2 * stride_rs + rows, mask=row_ok, other=0.0)
