@@ -379,7 +379,9 @@ def run(cfg: TrainConfig) -> dict:
         with open(os.path.join(out, "config.json"), "w") as fh:
             json.dump(config_to_dict(cfg), fh, indent=1)
     barrier()
-    log = MetricsLogger(os.path.join(out, "metrics.jsonl"), enabled=di.is_main, truncate=not cfg.run.resume)
+    # a fresh run starts a fresh metrics file; --resume and --stage 2 (after --stage 1) append
+    log = MetricsLogger(os.path.join(out, "metrics.jsonl"), enabled=di.is_main,
+                        truncate=not cfg.run.resume and cfg.run.stage != "2")
     from .data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(cfg.data.tokenizer or "shapesworld", model_max_length=cfg.model.max_text_len)
     urls, bench = prepare_data(cfg, di)
