@@ -194,21 +194,18 @@ class _Streams:
     def __init__(self, urls, tokenizer, cfg: TrainConfig, di: DistInfo):
         self.urls, self.tokenizer, self.cfg, self.di = urls, tokenizer, cfg, di
 
-    def make(self, global_batch: int, salt: int):
+    def make(self, global_batch: int, salt: int, di: Optional[DistInfo] = None):
         from .data.reader import make_loader
-        if global_batch % self.di.world:
+        di = di or self.di
+        if global_batch % di.world:
             raise ValueError(f"batch_size: global batch {global_batch} is not divisible by the world size "
-                             f"{self.di.world}")
+                             f"{di.world}")
         m = self.cfg.model
         return make_loader(self.urls, self.tokenizer, num_workers=self.cfg.data.num_workers,
                            image_size=m.image_size, patch_size=m.patch_size, max_length=m.max_text_len,
-                           batch_size=global_batch // self.di.world, drop_last=True, shuffle_buffer=2000,
-                           shard_shuffle=True, seed=self.cfg.run.seed * 1000 + salt, rank=self.di.rank,
-                           world_size=self.di.world, crop="random", repeat=True)
-
-    @property
-    def stage1_loader(self):
-        return self.make(self.cfg.data.batch_size, 1)
+                           batch_size=global_batch // di.world, drop_last=True, shuffle_buffer=2000,
+                           shard_shuffle=True, seed=self.cfg.run.seed * 1000 + salt, rank=di.rank,
+                           world_size=di.world, crop="random", repeat=True)
 
     def phase(self, global_batch: int, salt: int):
         from .trainer import StreamBatches
@@ -277,9 +274,15 @@ def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
         _say(di, f"[stage1] done already: {final}")
         return SolarModel.from_pretrained(final, map_location=di.device)
     if di.enabled:
-        raise NotImplementedError("stage 1 under torch.distributed: solar.stage1.run_stage1 has no process_group "
-                                  "support yet; run stage 1 on one process (--stage 1), then stage 2 / the "
-                                  "baselines with torchrun (--stage 2 --run.stage1_ckpt ...)")
+        # solar.stage1.run_stage1 has no process-group support: rank 0 trains stage 1 on its
+        # own (the whole batch), the other ranks wait, then everyone loads its result
+        if di.is_main:
+            print("[stage1] torch.distributed: stage 1 runs on rank 0 only (no process-group support in "
+                  "solar.stage1 yet); stage 2 and the baselines use every rank", flush=True)
+            single = DistInfo(0, 1, di.local_rank, di.device, None)
+            run_phase_stage1(cfg, data, tokenizer, single, log, pool)
+        barrier()
+        return SolarModel.from_pretrained(final, map_location=di.device)
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
     ckpt = os.path.join(out, "stage1_ckpt")
     resume = cfg.run.resume and os.path.isdir(ckpt)
@@ -287,7 +290,8 @@ def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
     eval_batches = [b for b in itertools.islice(gt_src.iter_chunks(128), 4)] \
         if gt_src is not None and "gt_patch_mask" in gt_src.fields and "gt_token_mask" in gt_src.fields else None
     s1 = cfg.stage1
-    loader = _BankBatches(data.bank, cfg.data.batch_size, di) if isinstance(data, _FloatBank) else data.stage1_loader
+    loader = _BankBatches(data.bank, cfg.data.batch_size, di) if isinstance(data, _FloatBank) \
+        else data.make(cfg.data.batch_size, 1, di)
     run_stage1(model, loader, s1,
                out_dir=out, resume=resume, log=_stage1_log(log), eval_loader=eval_batches,
                progress=cfg.run.progress and di.is_main)

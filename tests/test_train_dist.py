@@ -118,3 +118,19 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         # and training moved the weights (the comparison is not vacuous)
         init = {k: v.flatten()[:64].tolist() for k, v in _model().state_dict().items() if v.is_floating_point()}
         assert any(init[k] != pytest.approx(v, abs=1e-6) for k, v in ref["params"].items())
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_processes(tmp_path):
+    """`torchrun --nproc_per_node=2 -m solar.train ...` runs the whole job (tiny sizes)."""
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train_e2e import TINY
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "solar.train", *TINY,
+           "--data.cache_dir", str(tmp_path / "cache"), "--run.out_dir", str(tmp_path / "run")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    assert set(res["models"]) == {"SOLAR", "SOLAR stage 1 only", "CLIP-SF"}

@@ -196,3 +196,13 @@ def test_encode_and_retriever(full_run):
         solar.encode(imgs[:2], caps[:1], model=path)
     with pytest.raises(ValueError, match="k:"):
         r.search(imgs[:1], caps[:1], k=99)
+
+
+@pytest.mark.slow
+def test_streaming_training_data(cache, tmp_path):
+    """--data.in_memory false: the reader streams the shards (split by rank and worker)."""
+    from solar.train import main
+    out = tmp_path / "stream"
+    assert main(_argv(cache, out, "--data.in_memory", "false", "--data.num_workers", "1")) == 0
+    res = json.load(open(out / "results.json"))
+    assert set(res["models"]) == {"SOLAR", "SOLAR stage 1 only", "CLIP-SF"}
