@@ -83,13 +83,16 @@ def embed_collection(model, kind: str, urls, tokenizer, *, image_size: int, patc
 
 
 def _int8_codes(x: torch.Tensor):
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
-    return torch.round(x / scale).clamp(-127, 127), scale
+    # the same fp32 arithmetic as solar_kernels.search's quantiser (scale = max|x| / 127)
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(x / safe).clamp(-127, 127)
+    return codes.double(), scale.double()
 
 
 def quantized_scores(a: torch.Tensor, b: torch.Tensor, dtype: str) -> torch.Tensor:
     """Row-wise scores <a_i, b_i> as an index of `dtype` computes them ([n] float64)."""
-    a, b = a.double(), b.double()
     if dtype == "fp32":
         return (a.float() * b.float()).sum(-1).double()
     if dtype == "fp16":

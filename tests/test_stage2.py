@@ -234,3 +234,21 @@ def test_metrics_logger_and_plot(tmp_path):
     assert png and os.path.getsize(png) > 1000
     MetricsLogger(str(tmp_path / "off.jsonl"), enabled=False)({"loss": 1}, stage="x", step=1)
     assert not os.path.exists(tmp_path / "off.jsonl")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_eval_pair_scores_match_the_index(dtype):
+    """Prec uses score(q, pos) / score(q, neg) computed as the index of that dtype scores."""
+    import solar_kernels as sk
+    if not hasattr(sk, "Index"):
+        pytest.skip("solar_kernels.Index not available yet")
+    from solar.evaluate import quantized_scores
+    x = torch.nn.functional.normalize(torch.randn(30, 24, generator=torch.Generator().manual_seed(2)), dim=-1)
+    index = sk.Index(24, dtype=dtype)
+    index.add(x)
+    scores, ids = index.search(x[:5], 30)
+    for i in range(5):
+        got = quantized_scores(x[i:i + 1].expand(30, -1), x, dtype)
+        ref = torch.zeros(30, dtype=torch.float64)
+        ref[ids[i].long()] = scores[i].double()
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
