@@ -65,10 +65,11 @@ def step_eager(q, k, **kw):
 def step_infcl(q, k):
     from inf_cl import cal_inf_loss
 
+    scale = torch.tensor(1.0 / TEMPERATURE, device=q.device)  # cal_inf_loss(q, k, labels=None, scale=None)
+
     def run():
         q.grad = k.grad = None
-        scale = 1.0 / TEMPERATURE
-        loss = 0.5 * (cal_inf_loss(q, k, scale=scale).mean() + cal_inf_loss(k, q, scale=scale).mean())
+        loss = 0.5 * (cal_inf_loss(q, k, scale=scale) + cal_inf_loss(k, q, scale=scale))
         loss.backward()
         return loss.detach()
     return run
@@ -96,6 +97,12 @@ def _eager_child(n: int, d: int, cap_gb: float) -> dict:
 
 def cpu(rec: Recorder, args) -> None:
     d = 768
+    if not args.skip_time:
+        cpu_time(rec, args, d)
+    cpu_memory(rec, args, d)
+
+
+def cpu_time(rec: Recorder, args, d: int) -> None:
     n = 1024 if args.quick else 4096
     q, k = setup(n, d)
     reps = 3 if args.quick else 5
@@ -121,14 +128,16 @@ def cpu(rec: Recorder, args) -> None:
     print(f"CPU N={n} groups+hn+hardness+mine_k=8: solar {st_s2}  eager {st_e2}", flush=True)
     del q, k, hn
 
+
+def cpu_memory(rec: Recorder, args, d: int) -> None:
     nm = args.mem_n or (8192 if args.quick else 32768)
     q, k = setup(nm, d)
     p_s = peak_memory(step_solar(q, k), "cpu")
     del q, k
     rec.add(impl="solar", case={"N": nm, "D": d, "dtype": "fp32", "what": "peak memory"}, peak_mib=p_s / 2 ** 20)
     print(f"CPU N={nm}: solar peak {p_s / 2 ** 20:.1f} MiB", flush=True)
-    # eager at a size that surely fits, then at nm under the cap
-    small = min(nm, 4096)
+    # eager at half the size (a quarter of the logits), then at nm under the cap
+    small = nm // 2
     e_small = _eager_child(small, d, args.eager_cap_gb)
     if "peak" in e_small:
         rec.add(impl="eager", case={"N": small, "D": d, "dtype": "fp32", "what": "peak memory"},
@@ -188,6 +197,7 @@ def gpu(rec: Recorder, args) -> None:
                 rec.add(impl="eager", case=case, note="out of memory")
         del q, k
         torch.cuda.empty_cache()
+        rec.write_csv(os.path.join(args.out, "contrastive_loss.csv"))  # keep what is done if a later N times out
 
 
 def main(argv=None) -> int:
@@ -196,10 +206,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cpu"))
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--mem-n", type=int, default=0, help="N of the CPU peak-memory case (default 32768)")
+    ap.add_argument("--skip-time", action="store_true", help="CPU: only the peak-memory case")
     ap.add_argument("--eager-cap-gb", type=float, default=12.0,
                     help="address-space cap of the eager peer's child process in the memory case")
     args = ap.parse_args(argv)
     rec = Recorder("contrastive_loss", device=args.device)
+    os.makedirs(args.out, exist_ok=True)
     if args.device == "cuda":
         gpu(rec, args)
     else:

@@ -64,6 +64,7 @@ CPU_TILE_ELEMS = 1 << 22
 # CPU: logits of the first rows kept from forward to backward (when gradients are needed) so
 # that backward skips their recompute; at most this many times n * D elements (O(N * D)).
 CPU_CACHE_PER_ND = 2
+CPU_CACHE_MAX_ELEMS = 1 << 24  # and at most 64 MiB: at large N the saved share is small anyway
 _INT_BIG = 2 ** 31 - 1
 
 
@@ -403,7 +404,7 @@ def _cache_rows(n: int, N: int, D: int, backend: str, need_grad: bool) -> int:
     """Rows of S the CPU forward keeps for the backward (0 on Triton or without gradients)."""
     if backend == "triton" or not need_grad:
         return 0
-    return int(min(n, CPU_CACHE_PER_ND * n * D // max(N, 1)))
+    return int(min(n, min(CPU_CACHE_PER_ND * n * D, CPU_CACHE_MAX_ELEMS) // max(N, 1)))
 
 
 def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=None):
