@@ -102,6 +102,24 @@ def test_simd_and_scalar_paths_agree(dtype, m):
     _check_against_reference(*out[BEST], q, x, 25, dtype, exact=dtype == "int8")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("m,n,d", [(48, 97, 33), (61, 300, 129), (130, 64, 7)])
+@pytest.mark.parametrize("integer", [False, True])
+def test_many_queries_block_and_panel_paths(dtype, m, n, d, integer):
+    """m >= 48 takes the packed-panel path on AVX-512 (fp32/fp16): edges of 12-query tiles
+    and 32-row panels, duplicates, every strategy."""
+    q, x = _data(m * n + d, n, m, d, integer=integer, dup=True)
+    q[5] = q[0]
+    index = Index(d, dtype=dtype)
+    index.add(x)
+    for strategy in ("auto", "split_queries", "split_rows"):
+        for simd in SIMDS:
+            k = min(n, 17)
+            s, i = index.search(q, k, simd=simd, strategy=strategy)
+            _check_against_reference(s, i, q, x, k, dtype, exact=(dtype == "int8" or integer))
+            assert torch.equal(i[5], i[0]) and torch.equal(s[5], s[0])
+
+
 def test_kernel_dispatch_and_env(monkeypatch):
     assert "scalar" in kernel_name("fp32", 16, simd=0)
     assert "scalar" in kernel_name("int8", 1, simd="scalar")
@@ -109,6 +127,8 @@ def test_kernel_dispatch_and_env(monkeypatch):
         assert kernel_name("int8", 16, simd=1).startswith("avx2")
     if BEST >= 2:
         assert "vnni" in kernel_name("int8", 16)
+        assert "panel" in kernel_name("fp32", 1024) and "panel" in kernel_name("fp16", 48)
+        assert "panel" not in kernel_name("fp32", 1024, simd=1)
     monkeypatch.setenv("SOLAR_SEARCH_SIMD", "0")
     assert simd_level() == 0 and "scalar" in kernel_name("fp16", 4)
     monkeypatch.setenv("SOLAR_SEARCH_SIMD", "bogus")

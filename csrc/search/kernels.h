@@ -55,6 +55,23 @@ Kernel scalar_kernel(DType dt, bool few_queries);
 Kernel avx2_kernel(DType dt, bool few_queries);
 Kernel avx512_kernel(DType dt, bool few_queries);  // int8 VNNI; fp32/fp16 use the AVX2 tile
 
+// GEMM-style panel path for many queries over fp32/fp16 rows (AVX-512): C rows are packed
+// dimension-major into a panel [d][C] (fp16 widened to fp32 once per panel), R queries
+// into [d][R]; the micro-kernel broadcasts one query value and FMAs it with C row values,
+// so each accumulator lane holds one (query, row) score and no horizontal sums are needed.
+// Every pair is still summed in the same order (p = 0..d-1), whatever its tile position.
+struct PanelKernel {
+  int R = 0, C = 0;
+  // Scores R queries x C rows into out[R][C]; returns a bit mask of the queries that have
+  // at least one score > thr[r] (so the caller only walks those).
+  uint32_t (*fn)(const float* qpack, const float* panel, int64_t d, const float* thr, float* out) = nullptr;
+  // Packs rows xi[0..C) of x (fp32 or fp16 bits, [n, d]) into panel [d][C] fp32.
+  void (*pack)(const void* x, bool half, int64_t d, const int64_t* xi, float* panel) = nullptr;
+  const char* name = "";
+};
+// Available when the CPU (and build) has AVX-512F; fn == nullptr otherwise.
+PanelKernel avx512_panel_kernel();
+
 // IEEE half bits -> float without F16C (the scalar path).
 inline float half_bits_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;

@@ -223,6 +223,54 @@ SOLAR_AVX512 void tile_f_avx512(const Ctx& c, const int64_t* qi, const int64_t* 
     for (int j = 0; j < C; ++j) out[r * C + j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
+// ---- fp32 panel micro-kernel, AVX-512F: 12 queries x 32 rows, 24 accumulators --------
+constexpr int kPanelR = 12, kPanelC = 32;
+
+SOLAR_AVX512 uint32_t panel_12x32(const float* qpack, const float* panel, int64_t d, const float* thr, float* out) {
+  __m512 acc[kPanelR][2];
+  for (int r = 0; r < kPanelR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < d; ++p) {
+    __m512 x0 = _mm512_loadu_ps(panel + p * kPanelC);
+    __m512 x1 = _mm512_loadu_ps(panel + p * kPanelC + 16);
+    SOLAR_KEEP_IN_REG(x0);
+    SOLAR_KEEP_IN_REG(x1);
+    const float* qp = qpack + p * kPanelR;
+    for (int r = 0; r < kPanelR; ++r) {
+      const __m512 qb = _mm512_set1_ps(qp[r]);
+      acc[r][0] = _mm512_fmadd_ps(qb, x0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(qb, x1, acc[r][1]);
+    }
+  }
+  uint32_t hit = 0;
+  for (int r = 0; r < kPanelR; ++r) {
+    _mm512_storeu_ps(out + r * kPanelC, acc[r][0]);
+    _mm512_storeu_ps(out + r * kPanelC + 16, acc[r][1]);
+    const __m512 t = _mm512_set1_ps(thr[r]);
+    const __mmask16 m0 = _mm512_cmp_ps_mask(acc[r][0], t, _CMP_GT_OQ);
+    const __mmask16 m1 = _mm512_cmp_ps_mask(acc[r][1], t, _CMP_GT_OQ);
+    if ((m0 | m1) != 0) hit |= 1u << r;
+  }
+  return hit;
+}
+
+SOLAR_AVX512 void pack_panel_32(const void* x, bool half, int64_t d, const int64_t* xi, float* panel) {
+  alignas(64) float tmp[16];
+  for (int j = 0; j < kPanelC; ++j) {
+    if (half) {
+      const uint16_t* row = static_cast<const uint16_t*>(x) + xi[j] * d;
+      int64_t p = 0;
+      for (; p + 16 <= d; p += 16) {
+        _mm512_store_ps(tmp, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p))));
+        for (int t = 0; t < 16; ++t) panel[(p + t) * kPanelC + j] = tmp[t];
+      }
+      for (; p < d; ++p) panel[p * kPanelC + j] = _cvtsh_ss(row[p]);
+    } else {
+      const float* row = static_cast<const float*>(x) + xi[j] * d;
+      for (int64_t p = 0; p < d; ++p) panel[p * kPanelC + j] = row[p];
+    }
+  }
+}
+
 // ---- int8, AVX-512 VNNI ----------------------------------------------------------------
 template <int R, int C>
 SOLAR_AVX512 void tile_i8_vnni(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
@@ -263,6 +311,16 @@ SOLAR_AVX512 void tile_i8_vnni(const Ctx& c, const int64_t* qi, const int64_t* x
 
 }  // namespace
 
+PanelKernel avx512_panel_kernel() {
+  PanelKernel k;
+  k.R = kPanelR;
+  k.C = kPanelC;
+  k.fn = &panel_12x32;
+  k.pack = &pack_panel_32;
+  k.name = "avx512-f32-panel-12x32";
+  return k;
+}
+
 Kernel avx2_kernel(DType dt, bool few) {
   switch (dt) {
     case DType::F32:
@@ -293,6 +351,7 @@ Kernel avx512_kernel(DType dt, bool few) {
 namespace solar {
 namespace search {
 Kernel avx2_kernel(DType dt, bool few) { return scalar_kernel(dt, few); }
+PanelKernel avx512_panel_kernel() { return PanelKernel{}; }
 Kernel avx512_kernel(DType dt, bool few) { return scalar_kernel(dt, few); }
 }  // namespace search
 }  // namespace solar

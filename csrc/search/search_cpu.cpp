@@ -126,6 +126,70 @@ Plan make_plan(const Kernel& K, DType dt, int64_t m, int64_t n, int64_t d, int64
   return p;
 }
 
+bool use_panel(DType dt, int simd_level, int64_t m) {
+  return (dt == DType::F32 || dt == DType::F16) && effective_simd_level(simd_level) == kAvx512 && m >= 48 &&
+         avx512_panel_kernel().fn != nullptr;
+}
+
+// The panel path (see PanelKernel): items are (query chunk, row part) as in the generic
+// path; inside an item each 32-row panel is packed once and scored against every 12-query
+// tile of the chunk.  Fills the same heaps as the generic path.
+void run_panel(const float* q, const void* x, bool half, int64_t m, int64_t n, int64_t d, int64_t k, int T,
+               int64_t P, int64_t strategy, float* hs, int64_t* hi) {
+  const PanelKernel PK = avx512_panel_kernel();
+  const int64_t R = PK.R, C = PK.C;
+  const int64_t tiles = (m + R - 1) / R;
+  // Query tiles packed dimension-major, zero-padded: qpack[tile][d][R].
+  std::vector<float> qpack((size_t)(tiles * d * R), 0.f);
+#pragma omp parallel for schedule(static) num_threads(T)
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t r = 0; r < R && t * R + r < m; ++r) {
+      const float* src = q + (t * R + r) * d;
+      float* dst = qpack.data() + t * d * R + r;
+      for (int64_t p = 0; p < d; ++p) dst[p * R] = src[p];
+    }
+  // Chunks: all queries when the rows are split, else about two chunks per thread.
+  int64_t chunk_tiles = tiles;
+  if (P == 1 && strategy != 1) chunk_tiles = std::max<int64_t>(1, (tiles + 2 * T - 1) / (2 * T));
+  const int64_t nchunks = (tiles + chunk_tiles - 1) / chunk_tiles;
+  const int64_t items = nchunks * P;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t c = item / P, part = item % P;
+    const int64_t t0 = c * chunk_tiles, t1 = std::min(tiles, t0 + chunk_tiles);
+    const int64_t x0 = part * n / P, x1 = (part + 1) * n / P;
+    std::vector<float> thr((size_t)((t1 - t0) * R), -std::numeric_limits<float>::infinity());
+    for (int64_t qq = std::min(m, t1 * R); qq < t1 * R; ++qq) thr[qq - t0 * R] = std::numeric_limits<float>::infinity();
+    std::vector<float> panel((size_t)(d * C) + 16);
+    alignas(64) float out[12 * 32];
+    int64_t xi[32];
+    for (int64_t xb = x0; xb < x1; xb += C) {
+      const int64_t nx = std::min<int64_t>(C, x1 - xb);
+      for (int64_t j = 0; j < C; ++j) xi[j] = xb + std::min<int64_t>(j, nx - 1);
+      PK.pack(x, half, d, xi, panel.data());
+      for (int64_t t = t0; t < t1; ++t) {
+        float* th = thr.data() + (t - t0) * R;
+        uint32_t hit = PK.fn(qpack.data() + t * d * R, panel.data(), d, th, out);
+        while (hit) {
+          const int r = __builtin_ctz(hit);
+          hit &= hit - 1;
+          const int64_t qq = t * R + r;
+          float tt = th[r];
+          const int64_t off = (part * m + qq) * k;
+          for (int64_t j = 0; j < nx; ++j) {
+            const float v = out[r * C + j];
+            if (v > tt) {
+              replace_top(hs + off, hi + off, k, v, xb + j);
+              tt = hs[off];
+            }
+          }
+          th[r] = tt;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace search
 
@@ -135,6 +199,7 @@ int64_t search_simd_level(int64_t requested) { return effective_simd_level((int)
 
 std::string search_kernel_name(int64_t dtype, int64_t simd, int64_t m) {
   TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype code must be 0 (fp32), 1 (fp16) or 2 (int8), got ", dtype);
+  if (use_panel((DType)dtype, (int)simd, m)) return avx512_panel_kernel().name;
   return select_kernel((DType)dtype, (int)simd, m < 3).name;
 }
 
@@ -195,8 +260,10 @@ std::vector<at::Tensor> search_topk_cpu(const at::Tensor& q, const c10::optional
   std::vector<int64_t> hi((size_t)(P * m * k), kSentinelId);
   const int64_t items = plan.nchunks * P;
 
-  {
-    at::NoGradGuard guard;
+  if (use_panel(dt, (int)simd, m)) {
+    run_panel(q.data_ptr<float>(), x.data_ptr(), dt == DType::F16, m, n, d, k, plan.threads, P, strategy, hs.data(),
+              hi.data());
+  } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t c = item / P, part = item % P;
