@@ -306,8 +306,8 @@ def build_parser(cfg: Optional[TrainConfig] = None, prog: str = "python -m solar
     p.add_argument("--preset", default=cfg.preset, choices=sorted(PRESETS), help="named configuration to start from")
     p.add_argument("--config", default="", help="json file with (part of) a config, applied before the flags")
     for name, _owner, f, value, hint in _leaf_fields(cfg):
-        if name == "preset":
-            continue
+        if name == "preset" or isinstance(value, dict) or dict in typing.get_args(hint) or hint is dict:
+            continue   # resolved sub-configs (e.g. model.vision_tower_config) are not flags
         conv = _converter(name, value, hint)
         flags = ["--" + name]
         dashed = "--" + name.replace(".", "-").replace("_", "-")
