@@ -155,7 +155,8 @@ def cpu_memory(rec: Recorder, args, d: int) -> None:
                 solar_fraction_vs_cap=p_s / (args.eager_cap_gb * 2 ** 30),
                 solar_fraction_vs_extrapolated=(p_s / extrap) if extrap else float("nan"))
         print(f"CPU N={nm}: eager out of memory under {args.eager_cap_gb} GiB ({e['oom']}); "
-              f"extrapolated eager peak {extrap / 2 ** 20:.0f} MiB; solar / cap = {p_s / (args.eager_cap_gb * 2 ** 30):.4f}")
+              f"extrapolated eager peak {extrap / 2 ** 20:.0f} MiB; "
+              f"solar / cap = {p_s / (args.eager_cap_gb * 2 ** 30):.4f}")
 
 
 # ---------------------------------------------------------------------------------------- CUDA

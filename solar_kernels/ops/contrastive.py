@@ -65,7 +65,6 @@ CPU_TILE_ELEMS = 1 << 22
 # that backward skips their recompute; at most this many times n * D elements (O(N * D)).
 CPU_CACHE_PER_ND = 2
 CPU_CACHE_MAX_ELEMS = 1 << 24  # and at most 64 MiB: at large N the saved share is small anyway
-_INT_BIG = 2 ** 31 - 1
 
 
 class Mined(NamedTuple):
@@ -396,10 +395,6 @@ def _merge_topk(v0, i0, v1, i1, k):
     return v.gather(1, order), i.gather(1, order)
 
 
-def _lse_merge(run, x):
-    return x if run is None else torch.logaddexp(run, x)
-
-
 def _cache_rows(n: int, N: int, D: int, backend: str, need_grad: bool) -> int:
     """Rows of S the CPU forward keeps for the backward (0 on Triton or without gradients)."""
     if backend == "triton" or not need_grad:
@@ -413,24 +408,26 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
     `cache` ([rc, N] fp32 or None) receives the logits of the first rc rows."""
     n, D = q.shape
     N = k.shape[0]
+    dev = q.device
     hard = beta > 0
     qf = q.float() * inv_t  # pre-scaled rows: S tiles come straight out of the matmul
     kf = k.float()
     R, C = _cpu_tiles(n, N)
     diag_pos = gq is None and not single
-    rows_A = torch.full((n,), float("-inf")) if not diag_pos else (qf * kf[offset:offset + n]).sum(1)
-    rows_B = torch.full((n,), float("-inf"))
-    rows_C = torch.full((n,), float("-inf")) if hard else None
+    rows_A = torch.full((n,), float("-inf"), device=dev) if not diag_pos else (qf * kf[offset:offset + n]).sum(1)
+    rows_B = torch.full((n,), float("-inf"), device=dev)
+    rows_C = torch.full((n,), float("-inf"), device=dev) if hard else None
     cols = None
     if both:
-        cols_A = torch.full((N,), float("-inf")) if not diag_pos else rows_A.clone()
-        cols = [cols_A, torch.full((N,), float("-inf")), torch.full((N,), float("-inf")) if hard else None]
+        cols_A = torch.full((N,), float("-inf"), device=dev) if not diag_pos else rows_A.clone()
+        cols = [cols_A, torch.full((N,), float("-inf"), device=dev),
+                torch.full((N,), float("-inf"), device=dev) if hard else None]
     top_v = top_i = None
     for r0 in range(0, n, R):
         r1 = min(n, r0 + R)
-        rA = None if diag_pos else torch.full((r1 - r0,), float("-inf"))
-        rB = torch.full((r1 - r0,), float("-inf"))
-        rC = torch.full((r1 - r0,), float("-inf")) if hard else None
+        rA = None if diag_pos else torch.full((r1 - r0,), float("-inf"), device=dev)
+        rB = torch.full((r1 - r0,), float("-inf"), device=dev)
+        rC = torch.full((r1 - r0,), float("-inf"), device=dev) if hard else None
         tv = ti = None
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
@@ -475,11 +472,11 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
         if mine_k > 0:
             if tv.shape[1] < mine_k:  # fewer in-batch columns than mine_k: pad with -inf
                 pad = mine_k - tv.shape[1]
-                tv = torch.cat([tv, torch.full((tv.shape[0], pad), float("-inf"))], 1)
-                ti = torch.cat([ti, torch.full((ti.shape[0], pad), N, dtype=torch.int64)], 1)
+                tv = torch.cat([tv, torch.full((tv.shape[0], pad), float("-inf"), device=dev)], 1)
+                ti = torch.cat([ti, torch.full((ti.shape[0], pad), N, dtype=torch.int64, device=dev)], 1)
             if top_v is None:
-                top_v = torch.empty((n, mine_k))
-                top_i = torch.empty((n, mine_k), dtype=torch.int64)
+                top_v = torch.empty((n, mine_k), device=dev)
+                top_i = torch.empty((n, mine_k), dtype=torch.int64, device=dev)
             top_v[r0:r1] = tv
             top_i[r0:r1] = ti
     mined = (top_v, top_i) if mine_k > 0 else None
@@ -492,11 +489,12 @@ def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=
     n_cached = 0 if cache is None else cache.shape[0]
     n, D = q.shape
     N = k.shape[0]
+    dev = q.device
     hard = beta > 0
     qf = q.float() * inv_t  # pre-scaled: S = qf k^T, dS/dk = qf, dS/dq = k * inv_t
     kf = k.float()
-    dq = torch.zeros((n, D), dtype=torch.float32)
-    dk = torch.zeros((N, D), dtype=torch.float32)
+    dq = torch.zeros((n, D), dtype=torch.float32, device=dev)
+    dk = torch.zeros((N, D), dtype=torch.float32, device=dev)
     R, C = _cpu_tiles(n, N)
     both = cstats is not None
 
@@ -525,7 +523,7 @@ def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=
             if h == r1 - r0:
                 s = cache[r0:r1, c0:c1]  # read-only: the diagonal was masked in forward
             else:
-                s = torch.empty((r1 - r0, c1 - c0))
+                s = torch.empty((r1 - r0, c1 - c0), device=dev)
                 if h:
                     s[:h].copy_(cache[r0:r0 + h, c0:c1])
                 torch.mm(qf[r0 + h:r1], kf[c0:c1].t(), out=s[h:])
