@@ -1,6 +1,6 @@
 """Benchmark of solar_kernels.masked_pool against the plain PyTorch formulations.
 
-    python bench/bench_pool.py [--device cpu|cuda] [--out DIR] [--quick] [--thp]
+    python bench/bench_pool.py [--device cpu|cuda] [--out DIR] [--quick] [--thp] [--threads N]
 
 Shapes (issue 2): B=64, L in {77, 196, 257}, D=768, V in {1, 3}; float32 on CPU,
 bfloat16 on CUDA.  Masks are bool: "dense" (every token kept: no padding to skip, the
@@ -96,10 +96,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="dense masks only, fewer repetitions")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for torch's allocator too")
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP CPU threads (default: torch's)")
     ap.add_argument("--L", type=int, nargs="*", default=[77, 196, 257])
     ap.add_argument("--V", type=int, nargs="*", default=[1, 3])
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # also sets the OpenMP pool our kernels use
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     B, D = 64, 768
@@ -116,7 +119,7 @@ def main(argv=None):
         fns = impls(x, mask)
         check_peers_agree(x, mask, fns)
         case = {"mask": mask_kind, "B": B, "L": L, "D": D, "V": V, "dtype": str(dtype).replace("torch.", ""),
-                "thp_alloc": thp}
+                "threads": torch.get_num_threads() if device.type == "cpu" else "", "thp_alloc": thp}
         elt = x.element_size()
         x_bytes = x.numel() * elt
         mask_bytes = mask.numel() * mask.element_size()

@@ -24,6 +24,11 @@
 namespace solar {
 namespace {
 
+// Loops over the small [V, B, D] tensors run on one thread below this many elements: a
+// parallel region's fork and join cost more than the work (and, on a busy machine, a
+// descheduled worker stalls the whole region).
+constexpr int64_t kParallelMin = int64_t(1) << 18;
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -267,7 +272,7 @@ void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, floa
 // dp = dy / s and c = y . dp for every (v, b) row (formulas in ops/masked_pool.py).
 void backward_prep(const float* g, const float* out, const float* s, const float* n, float* dp, float* c,
                    int64_t rows, int64_t D, bool normalize, float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * D >= kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const float* gr = g + r * D;
     const float* o = out + r * D;
@@ -339,7 +344,7 @@ void backward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, con
   {
     std::vector<float> buf(kFloat ? 0 : D), xbuf(kFloat ? 0 : D), w(V), dots(V);
     std::vector<const float*> dps(V);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / nl, l0 = (t % nl) * lchunk, l1 = std::min(L, l0 + lchunk);
       for (int64_t v = 0; v < V; ++v) dps[v] = dp + (v * B + b) * D;
@@ -444,7 +449,7 @@ std::vector<at::Tensor> masked_pool_forward_cpu(const at::Tensor& x_in, const at
   // Norms of the mean rows (always kept: the backward of normalize needs them).
   float* n = a + V * B;
   const float feps = float(eps);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (V * B * D >= kParallelMin)
   for (int64_t r = 0; r < V * B; ++r) {
     float* row = o + r * D;
     n[r] = std::sqrt(dot(row, row, D));
