@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["contrastive_loss", "Mined", "contrastive_forward", "contrastive_backward"]
 
 _dispatch.register_op("contrastive_loss", cuda="Triton", cpu_symbol=None,
-                      cpu_fallback="chunked PyTorch (tiled online log-sum-exp)")
+                      cpu_fallback="chunked PyTorch (tiled)")
 
 # fp32 inputs on CUDA: "ieee" (exact, default) or "tf32" (faster).  The interpreter always
 # uses "ieee" so that CPU results are exact.
@@ -410,17 +410,17 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
     N = k.shape[0]
     dev = q.device
     hard = beta > 0
-    qf = q.float() * inv_t  # pre-scaled rows: S tiles come straight out of the matmul
+    qf = q.float()  # no copy for fp32 inputs
     kf = k.float()
     R, C = _cpu_tiles(n, N)
+    buf = torch.empty(R * C, device=dev)  # one tile buffer, reused
     diag_pos = gq is None and not single
-    rows_A = torch.full((n,), float("-inf"), device=dev) if not diag_pos else (qf * kf[offset:offset + n]).sum(1)
+    rows_A = torch.full((n,), float("-inf"), device=dev)
     rows_B = torch.full((n,), float("-inf"), device=dev)
     rows_C = torch.full((n,), float("-inf"), device=dev) if hard else None
     cols = None
     if both:
-        cols_A = torch.full((N,), float("-inf"), device=dev) if not diag_pos else rows_A.clone()
-        cols = [cols_A, torch.full((N,), float("-inf"), device=dev),
+        cols = [torch.full((N,), float("-inf"), device=dev), torch.full((N,), float("-inf"), device=dev),
                 torch.full((N,), float("-inf"), device=dev) if hard else None]
     top_v = top_i = None
     for r0 in range(0, n, R):
@@ -429,9 +429,11 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
         rB = torch.full((r1 - r0,), float("-inf"), device=dev)
         rC = torch.full((r1 - r0,), float("-inf"), device=dev) if hard else None
         tv = ti = None
+        if diag_pos:  # the positive is the diagonal logit itself
+            rows_A[r0:r1] = (qf[r0:r1] * kf[offset + r0:offset + r1]).sum(1) * inv_t
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
-            s = torch.mm(qf[r0:r1], kf[c0:c1].t())
+            s = _logits(buf, qf[r0:r1], kf[c0:c1], inv_t)
             pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
             if single and diag is not None:
                 s[diag] = float("-inf")
@@ -479,6 +481,8 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
                 top_i = torch.empty((n, mine_k), dtype=torch.int64, device=dev)
             top_v[r0:r1] = tv
             top_i[r0:r1] = ti
+    if both and diag_pos:
+        cols[0] = rows_A.clone()
     mined = (top_v, top_i) if mine_k > 0 else None
     return (rows_A, rows_B, rows_C), cols, mined
 
@@ -491,11 +495,12 @@ def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=
     N = k.shape[0]
     dev = q.device
     hard = beta > 0
-    qf = q.float() * inv_t  # pre-scaled: S = qf k^T, dS/dk = qf, dS/dq = k * inv_t
+    qf = q.float()
     kf = k.float()
     dq = torch.zeros((n, D), dtype=torch.float32, device=dev)
     dk = torch.zeros((N, D), dtype=torch.float32, device=dev)
     R, C = _cpu_tiles(n, N)
+    buf = torch.empty(R * C, device=dev)
     both = cstats is not None
 
     def direction(s, pos_t, diag, r, a, b, c, dim):
@@ -523,10 +528,10 @@ def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=
             if h == r1 - r0:
                 s = cache[r0:r1, c0:c1]  # read-only: the diagonal was masked in forward
             else:
-                s = torch.empty((r1 - r0, c1 - c0), device=dev)
+                s = buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
                 if h:
                     s[:h].copy_(cache[r0:r0 + h, c0:c1])
-                torch.mm(qf[r0 + h:r1], kf[c0:c1].t(), out=s[h:])
+                s[h:].addmm_(qf[r0 + h:r1], kf[c0:c1].t(), beta=0, alpha=inv_t)
             pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
             if single and diag is not None and h < r1 - r0:
                 s[diag] = float("-inf")
@@ -539,10 +544,15 @@ def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=
                 g = direction(s, pos, diag, rr, ra, rb, rc, 1)
                 if both:
                     g.add_(direction(s, pos, diag, cr, ca, cb, cc, 0))
-            dq[r0:r1].addmm_(g, kf[c0:c1])
-            dk[c0:c1].addmm_(g.t(), qf[r0:r1])
-    dq.mul_(inv_t)
+            dq[r0:r1].addmm_(g, kf[c0:c1], alpha=inv_t)
+            dk[c0:c1].addmm_(g.t(), qf[r0:r1], alpha=inv_t)
     return dq, dk
+
+
+def _logits(buf: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """S tile = a b^T * inv_t written into the reused buffer (the scale rides on the GEMM)."""
+    out = buf[:a.shape[0] * b.shape[0]].view(a.shape[0], b.shape[0])
+    return out.addmm_(a, b.t(), beta=0, alpha=inv_t)
 
 
 # Largest spread of log-sum-exp shifts for which one exp per element serves both
