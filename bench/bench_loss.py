@@ -99,7 +99,8 @@ def cpu(rec: Recorder, args) -> None:
     d = 768
     if not args.skip_time:
         cpu_time(rec, args, d)
-    cpu_memory(rec, args, d)
+    if not args.skip_memory:
+        cpu_memory(rec, args, d)
 
 
 def cpu_time(rec: Recorder, args, d: int) -> None:
@@ -208,6 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--mem-n", type=int, default=0, help="N of the CPU peak-memory case (default 32768)")
     ap.add_argument("--skip-time", action="store_true", help="CPU: only the peak-memory case")
+    ap.add_argument("--skip-memory", action="store_true", help="CPU: only the timing cases")
     ap.add_argument("--eager-cap-gb", type=float, default=12.0,
                     help="address-space cap of the eager peer's child process in the memory case")
     args = ap.parse_args(argv)
