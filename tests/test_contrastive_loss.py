@@ -248,6 +248,21 @@ def test_torch_wide_logit_range_takes_the_exact_path():
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_hard_negatives_and_no_grad(backend):
+    q, k, _, groups = _make(10, 8, 0, torch.float32, 4, False, "pairs")
+    hn = torch.zeros(10, 0, 8, device=q.device, requires_grad=True)
+    with sk.use_backend(backend):
+        loss = sk.contrastive_loss(q, k, groups=groups, hard_negatives=hn, temperature=0.1)
+        with torch.no_grad():
+            loss_ng = sk.contrastive_loss(q, k, groups=groups, temperature=0.1)
+    dq, dk, dh = torch.autograd.grad(loss, (q, k, hn))
+    assert dh.shape == hn.shape
+    ref = contrastive_loss_reference(q, k, groups=groups, temperature=0.1, dtype=torch.float64)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_ng, loss.detach())
+
+
 def test_cpu_memory_is_not_quadratic(monkeypatch):
     """fwd+bwd at N=2048 on CPU with 64K-element tiles: peak RSS growth far below N x N fp32 (16 MiB)."""
     if not hasattr(__import__("os"), "sched_getaffinity"):

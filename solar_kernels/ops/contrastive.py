@@ -761,6 +761,8 @@ def contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_nega
         gh = gh * r * inv_t
         dq += torch.einsum("nh,nhd->nd", gh, hard_negatives.float())
         dhn = (gh[:, :, None] * q.float()[:, None, :]).to(hard_negatives.dtype)
+    elif hard_negatives is not None:  # H == 0
+        dhn = torch.zeros_like(hard_negatives)
     else:
         dhn = q.new_zeros((0,))
     return dq.to(q.dtype), dk.to(k.dtype), dhn
