@@ -33,6 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_pool_backward_cpu", &solar::masked_pool_backward_cpu, "masked_pool backward (CPU)",
         py::arg("grad_out"), py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("aux"), py::arg("normalize"),
         py::arg("eps"), py::arg("need_mask_grad"));
+  m.def("masked_pool_grad_cache_mb", &solar::masked_pool_grad_cache_mb,
+        "cap (MiB) of recycled masked_pool grad_x buffers; returns the previous cap (negative: only read)",
+        py::arg("max_mb"));
 
   // search (csrc/search): exact top-k inner-product search, {scores [m,k] f32, ids [m,k] i64}
   m.def("search_topk_cpu", &solar::search_topk_cpu, "exact top-k search (CPU)", py::arg("q"), py::arg("q_scale"),

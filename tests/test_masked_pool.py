@@ -208,6 +208,34 @@ def test_backends_agree_and_module():
     assert "normalize=True" in repr(mod)
 
 
+@pytest.mark.skipif(not _ext.available("masked_pool_grad_cache_mb"), reason="native extension unavailable")
+def test_native_grad_buffer_recycling():
+    """Recycled grad_x buffers (>= 4 MiB) are reused and never leak stale values."""
+    from solar_kernels.ops.masked_pool import grad_buffer_cache_mb
+
+    prev = grad_buffer_cache_mb(64)
+    try:
+        assert grad_buffer_cache_mb() == 64
+        x, mask = make_inputs(4, 6, 256, 768, 2, torch.float32, device="cpu")  # 4.7 MB grad_x
+        mask[:, :, 100:] = 0  # padded rows must come back as zeros, not as the previous grad
+        x.requires_grad_()
+        with use_backend("native"):
+            g1 = torch.autograd.grad(masked_pool(x, mask).sum(), x)[0]
+            ptr, want = g1.data_ptr(), g1.clone()
+            g1.fill_(123.0)
+            del g1
+            g2 = torch.autograd.grad(masked_pool(x, mask).sum(), x)[0]
+        assert g2.data_ptr() == ptr, "the freed buffer was not reused"
+        torch.testing.assert_close(g2, want, rtol=0, atol=0)
+        grad_buffer_cache_mb(0)  # frees the cache; later buffers come from torch's allocator
+        del g2
+        with use_backend("native"):
+            g3 = torch.autograd.grad(masked_pool(x, mask).sum(), x)[0]
+        torch.testing.assert_close(g3, want, rtol=0, atol=0)
+    finally:
+        grad_buffer_cache_mb(prev)
+
+
 def test_opcheck():
     """torch.library.opcheck on both custom ops (schema, fake kernels, dispatch)."""
     x, mask = make_inputs(1, 2, 17, 33, 2, torch.float32)

@@ -24,4 +24,8 @@ std::vector<at::Tensor> masked_pool_backward_cpu(const at::Tensor& grad_out, con
                                                  const at::Tensor& aux, bool normalize, double eps,
                                                  bool need_mask_grad);
 
+// Byte cap (MiB) of the recycled grad_x buffers (see pool_cpu.cpp); returns the previous cap.
+// max_mb < 0 only reads it.
+int64_t masked_pool_grad_cache_mb(int64_t max_mb);
+
 }  // namespace solar

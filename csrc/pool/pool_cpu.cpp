@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 
 #ifdef _OPENMP
@@ -140,6 +142,100 @@ void advise_huge_pages(void* p, size_t nbytes) {
   (void)p;
   (void)nbytes;
 #endif
+}
+
+// ---- recycled grad_x buffers ----------------------------------------------------------
+// Even with huge pages, a fresh grad_x costs the kernel's zeroing of every page before our
+// single write (torch's CPU allocator returns large blocks to the OS on free).  In a
+// training loop grad_x of the same shape is freed every step, so its buffer is kept (up
+// to a byte cap) and handed to the next backward instead: warm, already mapped pages.
+// Cap: SOLAR_POOL_GRAD_CACHE_MB (default 256; 0 disables), or set_grad_cache_mb().
+// Buffers below kCacheMin bytes use torch's allocator.
+constexpr size_t kCacheMin = size_t(4) << 20;
+constexpr size_t kHugePage = size_t(1) << 21;
+
+struct BufferCache {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> free_list;
+  size_t cached = 0;
+  size_t cap = 0;
+  BufferCache() {
+    const char* env = std::getenv("SOLAR_POOL_GRAD_CACHE_MB");
+    cap = size_t(env ? std::max(0L, std::atol(env)) : 256L) << 20;
+  }
+};
+
+BufferCache& buffer_cache() {
+  static BufferCache* c = new BufferCache();  // never destroyed: tensors may outlive static destructors
+  return *c;
+}
+
+void release_buffer(void* p, size_t n) {
+  BufferCache& c = buffer_cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (c.cached + n <= c.cap) {
+      c.free_list.emplace_back(p, n);
+      c.cached += n;
+      return;
+    }
+  }
+  std::free(p);
+}
+
+// An uninitialised contiguous tensor, from the cache when a buffer of at least `nbytes`
+// (and at most twice that) is free; every element must be written by the caller.
+at::Tensor recycled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts, size_t nbytes) {
+  BufferCache& c = buffer_cache();
+  void* p = nullptr;
+  size_t n = 0;
+  bool use_cache = nbytes >= kCacheMin;
+  if (use_cache) {
+    std::lock_guard<std::mutex> lock(c.mu);
+    use_cache = c.cap > 0;
+    size_t best = c.free_list.size();
+    for (size_t i = 0; use_cache && i < c.free_list.size(); ++i) {
+      const size_t sz = c.free_list[i].second;
+      if (sz >= nbytes && sz <= 2 * nbytes && (best == c.free_list.size() || sz < c.free_list[best].second)) best = i;
+    }
+    if (use_cache && best < c.free_list.size()) {
+      p = c.free_list[best].first;
+      n = c.free_list[best].second;
+      c.free_list.erase(c.free_list.begin() + best);
+      c.cached -= n;
+    }
+  }
+  if (!use_cache) {
+    at::Tensor t = at::empty(sizes, opts);
+    advise_huge_pages(t.data_ptr(), t.nbytes());
+    return t;
+  }
+  if (p == nullptr) {
+    n = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    p = std::aligned_alloc(kHugePage, n);
+    TORCH_CHECK(p != nullptr, "masked_pool: out of memory allocating ", n, " bytes for grad_x");
+    advise_huge_pages(p, n);
+  }
+  return at::from_blob(p, sizes, [n](void* q) { release_buffer(q, n); }, opts);
+}
+
+// Sets the cache's byte cap (frees what no longer fits); returns the previous cap in MiB.
+int64_t set_grad_cache_mb(int64_t mb) {
+  BufferCache& c = buffer_cache();
+  std::vector<std::pair<void*, size_t>> drop;
+  int64_t prev;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    prev = int64_t(c.cap >> 20);
+    c.cap = size_t(std::max<int64_t>(0, mb)) << 20;
+    while (c.cached > c.cap && !c.free_list.empty()) {
+      drop.push_back(c.free_list.back());
+      c.cached -= c.free_list.back().second;
+      c.free_list.pop_back();
+    }
+  }
+  for (auto& b : drop) std::free(b.first);
+  return prev;
 }
 
 // Mask weights as either raw bytes (bool) or float32 with their strides.
@@ -420,6 +516,15 @@ void dispatch_x(at::ScalarType t, F&& f) {
 
 }  // namespace
 
+int64_t masked_pool_grad_cache_mb(int64_t max_mb) {
+  if (max_mb < 0) {
+    BufferCache& c = buffer_cache();
+    std::lock_guard<std::mutex> lock(c.mu);
+    return int64_t(c.cap >> 20);
+  }
+  return set_grad_cache_mb(max_mb);
+}
+
 std::vector<at::Tensor> masked_pool_forward_cpu(const at::Tensor& x_in, const at::Tensor& mask_in, bool normalize,
                                                 double eps) {
   check_inputs(x_in, mask_in);
@@ -476,10 +581,9 @@ std::vector<at::Tensor> masked_pool_backward_cpu(const at::Tensor& grad_out_in, 
   SOLAR_CHECK_SHAPE(out, V, B, D);
   SOLAR_CHECK_SHAPE(aux, 2, V, B);
   auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor grad_x = at::empty({B, L, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_x = recycled_empty({B, L, D}, x.options(), size_t(B * L * D) * x.element_size());
   at::Tensor grad_mask = need_mask_grad ? at::zeros({V, B, L}, f32) : at::empty({0}, f32);
   if (B * L * D == 0) return {grad_x, grad_mask};
-  advise_huge_pages(grad_x.data_ptr(), grad_x.nbytes());
   if (V == 0) {
     grad_x.zero_();
     return {grad_x, grad_mask};

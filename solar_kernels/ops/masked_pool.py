@@ -39,7 +39,7 @@ try:  # triton is optional on CPU-only installs; the native/torch paths do not n
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
-__all__ = ["masked_pool", "pool_forward", "pool_backward", "CPU_SYMBOL_FWD", "CPU_SYMBOL_BWD"]
+__all__ = ["masked_pool", "pool_forward", "pool_backward", "grad_buffer_cache_mb", "CPU_SYMBOL_FWD", "CPU_SYMBOL_BWD"]
 
 CPU_SYMBOL_FWD = "masked_pool_forward_cpu"
 CPU_SYMBOL_BWD = "masked_pool_backward_cpu"
@@ -402,6 +402,18 @@ def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, o
                                               bool(normalize), float(eps), bool(need_mask_grad))
         return gx, (gm if need_mask_grad else None)
     return _backward_torch(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad)
+
+
+def grad_buffer_cache_mb(max_mb: int | None = None) -> int:
+    """Read (no argument) or set the cap, in MiB, of the native CPU backward's recycled grad_x buffers.
+
+    The C++ backward keeps freed grad_x buffers of 4 MiB and more (up to this cap) and hands
+    them to the next backward, which skips the kernel's page zeroing of a fresh allocation;
+    default 256 MiB, or SOLAR_POOL_GRAD_CACHE_MB.  0 disables it and frees the kept buffers.
+    Returns the previous cap.
+    """
+    fn = _ext.require("masked_pool_grad_cache_mb")
+    return int(fn(-1 if max_mb is None else int(max_mb)))
 
 
 # ----------------------------------------------------------------------------------------
