@@ -132,10 +132,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _cl_stats_kernel(Q_ptr, K_ptr, GQ_ptr, GK_ptr, A_ptr, B_ptr, C_ptr, TV_ptr, TI_ptr,
-                         n_rows, n_cols, D, offset, inv_t, beta,
+                         n_rows, n_cols, D, offset, inv_t, beta, mine_k,
                          stride_qn, stride_qd, stride_kn, stride_kd, stride_tn,
                          HAS_GROUPS: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
-                         MINE_K: tl.constexpr, KP: tl.constexpr,
+                         MINE: tl.constexpr, KP: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
         """Row statistics over the in-batch columns for BLOCK_M rows of q.
@@ -143,7 +143,7 @@ if HAS_TRITON:
         S = q k^T * inv_t tile by tile ([BLOCK_M, BLOCK_N], fp32 accumulation over D);
         A[i] = LSE over positives of S, B[i] = LSE over all columns of S (HARD: over the
         negatives of (1+beta) S), C[i] = LSE over the negatives of beta S (HARD only); -inf
-        when the set is empty.  MINE_K > 0: the MINE_K best negatives per row (values TV,
+        when the set is empty.  MINE: the mine_k (<= KP) best negatives per row (values TV,
         column indices TI, unsorted; the caller sorts), ties to the lower column.
         """
         pid = tl.program_id(0).to(tl.int64)
@@ -157,7 +157,7 @@ if HAS_TRITON:
         l_c = tl.zeros((BLOCK_M,), tl.float32)
         slots = tl.arange(0, KP)
         # padding slots hold +inf so that they are never the worst entry
-        tv = tl.where(slots[None, :] < MINE_K, float("-inf"), float("inf")) + tl.zeros((BLOCK_M, KP), tl.float32)
+        tv = tl.where(slots[None, :] < mine_k, float("-inf"), float("inf")) + tl.zeros((BLOCK_M, KP), tl.float32)
         ti = tl.full((BLOCK_M, KP), -1, tl.int64)
         for n0 in range(0, n_cols, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -172,7 +172,7 @@ if HAS_TRITON:
                 m_c, l_c = _lse_update(m_c, l_c, tl.where(neg, beta * s, float("-inf")))
             else:
                 m_b, l_b = _lse_update(m_b, l_b, tl.where(valid, s, float("-inf")))
-            if MINE_K > 0:
+            if MINE:
                 # Running top-k, unsorted: repeatedly take the tile's best remaining negative
                 # (lowest column on ties) and let it replace the row's worst kept entry (the
                 # highest index on ties) when strictly better.  Tiles come in column order, so
@@ -200,8 +200,8 @@ if HAS_TRITON:
         if HARD:
             c = tl.where(l_c > 0, m_c + tl.log(l_c), float("-inf"))
             tl.store(C_ptr + rows, c, mask=row_ok)
-        if MINE_K > 0:
-            smask = row_ok[:, None] & (slots[None, :] < MINE_K)
+        if MINE:
+            smask = row_ok[:, None] & (slots[None, :] < mine_k)
             tl.store(TV_ptr + rows[:, None] * stride_tn + slots[None, :], tv, mask=smask)
             tl.store(TI_ptr + rows[:, None] * stride_tn + slots[None, :], ti, mask=smask)
 
@@ -316,9 +316,9 @@ def _stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k):
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     _cl_stats_kernel[grid](
         q, k, gq if has_groups else dummy, gk if has_groups else dummy, A, B, C, tv, ti,
-        n, N, D, offset, inv_t, beta,
+        n, N, D, offset, inv_t, beta, mine_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), tv.stride(0),
-        HAS_GROUPS=has_groups, SINGLE=single, HARD=hard, MINE_K=mine_k, KP=_next_pow2(max(1, mine_k)),
+        HAS_GROUPS=has_groups, SINGLE=single, HARD=hard, MINE=mine_k > 0, KP=_next_pow2(max(1, mine_k)),
         **cfg)
     if not hard:
         C = None
