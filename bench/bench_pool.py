@@ -16,6 +16,8 @@ Modes: fwd (no autograd) and fwd+bwd (forward, then torch.autograd.grad for x).
 GB/s counts the minimal traffic: fwd reads x and the mask and writes out; fwd+bwd also
 reads grad_out and the mask and writes grad_x (x's size); copy reads and writes x's size.
 `speedup` is the fastest torch peer's time over ours for the same case and mode.
+solar_nocache (CPU): ours with the recycling of freed grad_x buffers switched off
+(grad_buffer_cache_mb(0)), i.e. every backward gets fresh pages as the peers do.
 
 --thp sets THP_MEM_ALLOC_ENABLE=1 for the whole process (torch then asks for huge pages
 on every large CPU tensor, as our kernel does for grad_x): use it to see the peers with
@@ -37,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from harness import Recorder, bench  # noqa: E402
 
-from solar_kernels import masked_pool  # noqa: E402
+from solar_kernels import _ext, masked_pool  # noqa: E402
+from solar_kernels.ops.masked_pool import grad_buffer_cache_mb  # noqa: E402
 from solar_kernels.reference import masked_pool_reference  # noqa: E402
 
 PEERS = ("eager", "bmm", "einsum")
@@ -74,7 +77,10 @@ def impls(x, mask):
         m = mask.to(a.dtype)
         return torch.einsum("vbl,bld->vbd", m, a) / m.sum(-1, keepdim=True)
 
-    return {"solar": ours, "eager": eager, "bmm": bmm, "einsum": einsum}
+    fns = {"solar": ours, "eager": eager, "bmm": bmm, "einsum": einsum}
+    if x.device.type == "cpu" and _ext.available("masked_pool_grad_cache_mb"):
+        fns["solar_nocache"] = ours  # timed with the grad_x buffer recycling switched off
+    return fns
 
 
 def check_peers_agree(x, mask, fns):
@@ -143,16 +149,20 @@ def main(argv=None):
                 else:
                     def run(fn=fn):
                         return torch.autograd.grad(fn(xg), xg, grad_out)
-                st = bench(run, warmup=warmup, reps=reps, device=device)
+                prev_cap = grad_buffer_cache_mb(0) if name == "solar_nocache" else None
+                try:
+                    st = bench(run, warmup=warmup, reps=reps, device=device)
+                finally:
+                    if prev_cap is not None:
+                        grad_buffer_cache_mb(prev_cap)
                 results[(mode, name)] = st
                 rec.add(impl=name, case=case, stats=st, mode=mode, gbps=nbytes[mode] / st.median_s / 1e9)
         for mode in ("fwd", "fwd+bwd"):
             best = min(results[(mode, p)].median_ms for p in PEERS)
-            ours = results[(mode, "solar")].median_ms
             for row in rec.rows:
-                if row["impl"] == "solar" and row.get("mode") == mode and row["L"] == L and row["V"] == V \
+                if row["impl"].startswith("solar") and row.get("mode") == mode and row["L"] == L and row["V"] == V \
                         and row["mask"] == mask_kind:
-                    row["speedup"] = round(best / ours, 3)
+                    row["speedup"] = round(best / row["median_ms"], 3)
                     row["pct_copy"] = round(100 * row["gbps"] / copy_gbps, 1)
         del x, xg, dst, fns
 
