@@ -59,9 +59,9 @@ class ModelConfig:
     preset: str = "tiny"
     # --- vision tower E_V (CLIPVisionConfig fields) ---
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     vision_hidden: int = 96
-    vision_layers: int = 2
+    vision_layers: int = 0
     vision_heads: int = 4
     vision_mlp: int = 192
     vision_pretrained: Optional[str] = None
@@ -69,7 +69,7 @@ class ModelConfig:
     vocab_size: int = 512
     max_text_len: int = 64
     text_hidden: int = 96
-    text_layers: int = 2
+    text_layers: int = 0
     text_heads: int = 4
     text_mlp: int = 192
     bos_token_id: int = 0
@@ -134,8 +134,14 @@ class ModelConfig:
         return dataclasses.replace(self, vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
 
 
-# Named presets.  `tiny`: CPU-sized towers trained from scratch on ShapesWorld (64x64 images,
-# 8x8 patches -> 64 patches).  `clip-b16`: the paper's SOLAR-C shape (CLIP ViT-B/16 towers,
+# Named presets.  `tiny`: CPU-sized, trained from scratch on ShapesWorld: 64x64 images with
+# 16x16 patches (16 patches, one per cell of ShapesWorld's 4x4 board).  Its CLIP towers have
+# no transformer layers (embeddings + layer norms: per-position token encoders); all mixing
+# across positions happens in E_VL.  Our choice, from measurements: towers trained from
+# scratch with attention learn to copy the whole image / caption into every position (that
+# maximises the mean-pooled local-to-global similarity), so s_V / s_L stop being local and
+# the stage-1 masks fall below the random baseline; per-position towers keep them local.
+# Pretrained towers (clip-b16) keep their layers.  `clip-b16`: the paper's SOLAR-C shape (CLIP ViT-B/16 towers,
 # 768-d embedding); its adapter/fusion sizes are our choice (the paper gives only 0.20B total).
 PRESETS: dict[str, dict] = {
     "tiny": dict(),
@@ -250,6 +256,12 @@ class SolarModel(nn.Module):
                 max_position_embeddings=cfg.max_text_len, bos_token_id=cfg.bos_token_id,
                 eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
                 attention_dropout=cfg.dropout))
+        if not cfg.text_pretrained and cfg.text_tower_config is None and cfg.text_layers == 0:
+            # a tower without layers is a bag of words: caption positions are arbitrary (phrases
+            # come in random order), so start the position embeddings at 0 (our choice; they are
+            # still trained) instead of adding position noise to every word
+            with torch.no_grad():
+                getattr(self.text, "text_model", self.text).embeddings.position_embedding.weight.zero_()
         vc, tc = self.vision.config, self.text.config
         cfg.vision_tower_config = _jsonable(vc.to_dict())
         cfg.text_tower_config = _jsonable(tc.to_dict())
@@ -274,6 +286,9 @@ class SolarModel(nn.Module):
         self.register_buffer("qda_v", torch.zeros(4))  # mu_pos, var_pos, mu_neg, var_neg
         self.register_buffer("qda_l", torch.zeros(4))
         self.register_buffer("qda_initialized", torch.tensor(0, dtype=torch.int64))
+        # running means of the image / text globals (see similarities_from_tokens)
+        self.register_buffer("center_v", torch.zeros(W))
+        self.register_buffer("center_t", torch.zeros(W))
         self.set_freeze(vision=cfg.freeze_vision, text=cfg.freeze_text)
 
     # ------------------------------------------------------------------ options
@@ -377,18 +392,24 @@ class SolarModel(nn.Module):
         return self.pool_global(self.text_tokens(input_ids, attention_mask),
                                 self.text_valid_mask(input_ids, attention_mask))
 
-    @staticmethod
-    def similarities_from_tokens(v: torch.Tensor, t: torch.Tensor, text_valid: torch.Tensor):
+    def similarities_from_tokens(self, v: torch.Tensor, t: torch.Tensor, text_valid: torch.Tensor):
         """Local-to-global similarities from adapted tokens.
 
         v [B, P, W], t [B, T, W], text_valid [B, T] bool ->
-        (s_V [B, P] = cos(patch p, global text), s_L [B, T] = cos(token t, global image),
-         g_I [B, W], g_T [B, W]).  s_L is 0 at invalid positions.
+        (s_V [B, P], s_L [B, T], g_I [B, W], g_T [B, W]), s_L 0 at invalid positions.
+
+        s_V(p) = <normalize(patch p), g_T - c_T> and s_L(t) = <normalize(token t), g_I - c_I>,
+        where c_T / c_I (buffers ``center_t`` / ``center_v``) are running means of the text /
+        image globals over the training data (stage 1 keeps them; zero = plain cosine).  Our
+        choice: the part of a global shared by every pair (background patches, "a", "and")
+        says nothing about which positions this pair shares, and without the centering a
+        position that matches every caption scores as high as the intersection.  The centering
+        is linear and batch-independent, so masks of a pair do not depend on its batch.
         """
-        g_i = SolarModel.pool_global(v)
-        g_t = SolarModel.pool_global(t, text_valid)
-        s_v = torch.einsum("bpw,bw->bp", F.normalize(v, dim=-1), g_t)
-        s_l = torch.einsum("btw,bw->bt", F.normalize(t, dim=-1), g_i) * text_valid
+        g_i = self.pool_global(v)
+        g_t = self.pool_global(t, text_valid)
+        s_v = torch.einsum("bpw,bw->bp", F.normalize(v, dim=-1), g_t - self.center_t)
+        s_l = torch.einsum("btw,bw->bt", F.normalize(t, dim=-1), g_i - self.center_v) * text_valid
         return s_v, s_l, g_i, g_t
 
     def _batch_tensors(self, batch: Mapping[str, Any]):

@@ -100,13 +100,27 @@ class Stage1Config:
     teacher: str = "none"
     qda_momentum: float = 0.05
     rho_schedule: str = "linear"
-    rho_hold_frac: float = 0.1
-    rho_end_frac: float = 0.6
+    rho_hold_frac: float = 0.3
+    rho_end_frac: float = 0.9
     log_every: int = 20
     eval_every: int = 200
     eval_batches: int = 8
     ckpt_every: int = 200
     seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Stage1Config":
+        """Named presets: ``tiny`` (CPU, from scratch, the defaults) and ``clip-b16`` (fine-tuning
+        real CLIP towers: lower learning rates, distillation from the initial towers; our choice)."""
+        presets = {
+            "tiny": {},
+            "clip-b16": dict(steps=5000, lr=1e-4, tower_lr_scale=0.1, warmup_steps=200, temperature=0.05,
+                             teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500,
+                             ckpt_every=1000),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown stage-1 preset {name!r}; available: {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
 
     def __post_init__(self):
         if self.steps < 1:
@@ -162,10 +176,11 @@ def _with_best(hard: torch.Tensor, s: torch.Tensor, valid: Optional[torch.Tensor
 
 
 @torch.no_grad()
-def _negative_moments(tokens: torch.Tensor, valid: Optional[torch.Tensor], other_global: torch.Tensor):
-    """Moments of cos(token of i, global of j) over all j != i and valid positions."""
+def _negative_moments(tokens: torch.Tensor, valid: Optional[torch.Tensor], other_global: torch.Tensor,
+                      center: torch.Tensor):
+    """Moments of the local-to-global similarity of token of i with the global of j, j != i."""
     n = F.normalize(tokens, dim=-1)
-    s = torch.einsum("blw,jw->bjl", n, other_global)        # [B, B, L]
+    s = torch.einsum("blw,jw->bjl", n, other_global - center)  # [B, B, L]
     B, _, L = s.shape
     w = (~torch.eye(B, dtype=torch.bool, device=s.device))[:, :, None].expand(B, B, L)
     if valid is not None:
@@ -178,6 +193,7 @@ class _Stage1State:
 
     def __init__(self, model: SolarModel, momentum: float):
         self.model = model
+        self.momentum = momentum
         self.pos_v = RunningGaussian(model.qda_v[0:2], momentum)
         self.neg_v = RunningGaussian(model.qda_v[2:4], momentum)
         self.pos_l = RunningGaussian(model.qda_l[0:2], momentum)
@@ -188,8 +204,12 @@ class _Stage1State:
         first = int(self.model.qda_initialized) == 0
         _, mpv, vpv = batch_moments(s_v, torch.ones_like(s_v, dtype=torch.bool))
         _, mpl, vpl = batch_moments(s_l, text_valid)
-        _, mnv, vnv = _negative_moments(v, None, g_t)
-        _, mnl, vnl = _negative_moments(t, text_valid, g_i)
+        _, mnv, vnv = _negative_moments(v, None, g_t, self.model.center_t)
+        _, mnl, vnl = _negative_moments(t, text_valid, g_i, self.model.center_v)
+        # the centres follow the globals (used from the next step on)
+        m = 1.0 if first else self.momentum
+        self.model.center_v.lerp_(g_i.mean(0), m)
+        self.model.center_t.lerp_(g_t.mean(0), m)
         self.pos_v.update(mpv, vpv, first)
         self.neg_v.update(mnv, vnv, first)
         self.pos_l.update(mpl, vpl, first)
