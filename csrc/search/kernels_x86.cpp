@@ -373,6 +373,28 @@ SOLAR_AVX512 void tile_i8_vnni(const Ctx& c, const int64_t* qi, const int64_t* x
       for (int r = 0; r < R; ++r) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], qv[r], xv);
     }
   }
+  if (R == 4) {
+    // Four queries of one row at a time: 4 horizontal sums in 13 instructions instead of
+    // 4 x ~10, then the offset correction and the scale as 4-lane vector ops (the same
+    // fp32 roundings as the scalar epilogue: float(dot) * (s_x * s_q)).
+    const __m128 qsc = _mm_setr_ps(c.q_scale[qi[0]], c.q_scale[qi[R > 1 ? 1 : 0]], c.q_scale[qi[R > 2 ? 2 : 0]],
+                                   c.q_scale[qi[R > 3 ? 3 : 0]]);
+    for (int j = 0; j < C; ++j) {
+      __m256i h[4];
+      for (int r = 0; r < 4; ++r)
+        h[r] = _mm256_add_epi32(_mm512_castsi512_si256(acc[r][j]), _mm512_extracti64x4_epi64(acc[r][j], 1));
+      const __m256i h01 = _mm256_hadd_epi32(h[0], h[1]);
+      const __m256i h23 = _mm256_hadd_epi32(h[2], h[3]);
+      const __m256i hh = _mm256_hadd_epi32(h01, h23);
+      __m128i dots = _mm_add_epi32(_mm256_castsi256_si128(hh), _mm256_extracti128_si256(hh, 1));
+      dots = _mm_sub_epi32(dots, _mm_set1_epi32(128 * c.x_sum[xi[j]]));
+      const __m128 scale = _mm_mul_ps(_mm_set1_ps(c.x_scale[xi[j]]), qsc);
+      alignas(16) float v[4];
+      _mm_store_ps(v, _mm_mul_ps(_mm_cvtepi32_ps(dots), scale));
+      for (int r = 0; r < 4; ++r) out[r * C + j] = v[r];
+    }
+    return;
+  }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < C; ++j) {
       const int32_t dot = _mm512_reduce_add_epi32(acc[r][j]) - 128 * c.x_sum[xi[j]];
