@@ -14,8 +14,9 @@
   patch tokens and the adapted text tokens (plus a learned modality embedding each).  Keep
   masks are key-padding masks: [CLS] (and every query) attends only to kept positions.  The
   [CLS] output is projected to ``embed_dim`` and L2-normalised: the pair embedding f.
-* Stage-1 thresholds ``tau_v`` / ``tau_l`` and the QDA running statistics are buffers, so they
-  travel with the checkpoint (stage 2 and users reuse them).
+* Stage-1 thresholds ``tau_v`` / ``tau_l``, the QDA running statistics and the running means
+  of the globals (``center_v`` / ``center_t``, see ``similarities_from_tokens``) are buffers,
+  so they travel with the checkpoint (stage 2 and users reuse them).
 
 Checkpoints are ``model.safetensors`` + ``config.json``: loading never executes code.
 Token pooling goes through ``solar_kernels.masked_pool``.
