@@ -58,7 +58,8 @@ class Stage1Config:
     """Stage-1 hyper-parameters.  Values the paper does not give are our choices (marked *).
 
     steps:            optimizer steps (*)
-    lr:               AdamW peak learning rate (*; 1e-3 suits the from-scratch tiny towers)
+    lr:               AdamW peak learning rate (*; 3e-3 for the from-scratch tiny model: measured
+                      to halve the ITC loss ~2x sooner than 1e-3 at the same mask IoU)
     tower_lr_scale:   lr multiplier for the pretrained towers (*; 1.0 from scratch, lower when
                       fine-tuning real CLIP weights)
     weight_decay:     AdamW weight decay (*)
@@ -85,7 +86,7 @@ class Stage1Config:
     """
 
     steps: int = 600
-    lr: float = 1e-3
+    lr: float = 3e-3
     tower_lr_scale: float = 1.0
     weight_decay: float = 0.05
     warmup_steps: int = 50
