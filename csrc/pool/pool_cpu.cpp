@@ -26,7 +26,7 @@
 namespace solar {
 namespace {
 
-// Loops over the small [V, B, D] tensors run on one thread below this many elements: a
+// Work below this many elements (half of it for the x sweeps) runs on one thread: a
 // parallel region's fork and join cost more than the work (and, on a busy machine, a
 // descheduled worker stalls the whole region).
 constexpr int64_t kParallelMin = int64_t(1) << 18;
@@ -324,7 +324,7 @@ void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, floa
   const int64_t nd = (D + dchunk - 1) / dchunk;
   const int64_t tasks = B * nd;
 
-#pragma omp parallel
+#pragma omp parallel if (B * L * D * std::max<int64_t>(V, 1) >= kParallelMin / 2)
   {
     std::vector<float> acc(V * dchunk), rowbuf(kFloat ? 0 : kRows * dchunk), wt(L * V), wsum(V);
     std::vector<int64_t> active(L);
@@ -436,7 +436,7 @@ void backward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, con
   const int64_t nl = (L + lchunk - 1) / lchunk;
   const int64_t tasks = B * nl;
   constexpr bool kFloat = std::is_same<T, float>::value;
-#pragma omp parallel
+#pragma omp parallel if (B * L * D * std::max<int64_t>(V, 1) >= kParallelMin / 2)
   {
     std::vector<float> buf(kFloat ? 0 : D), xbuf(kFloat ? 0 : D), w(V), dots(V);
     std::vector<const float*> dps(V);

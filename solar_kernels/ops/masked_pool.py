@@ -426,12 +426,23 @@ def _check_weights(mask: torch.Tensor) -> None:
                          f"(min {float(mask.min()):.4g})")
 
 
+def _fwd_impl(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_weights(mask)
+    return pool_forward(x, mask, normalize, eps)
+
+
+def _bwd_impl(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad) -> tuple[torch.Tensor, torch.Tensor]:
+    gx, gm = pool_backward(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad)
+    if gm is None:
+        gm = x.new_empty((0,), dtype=torch.float32)
+    return gx, gm
+
+
 @torch.library.custom_op("solar::masked_pool_fwd", mutates_args=())
 def _masked_pool_fwd_op(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Custom-op form of :func:`pool_forward` (mask is [V, B, L]); checks the weights' sign."""
-    _check_weights(mask)
-    return pool_forward(x, mask, normalize, eps)
+    return _fwd_impl(x, mask, normalize, eps)
 
 
 @_masked_pool_fwd_op.register_fake
@@ -445,10 +456,7 @@ def _masked_pool_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Ten
                         aux: torch.Tensor, normalize: bool, eps: float, need_mask_grad: bool
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Custom-op form of :func:`pool_backward`; grad_mask is an empty tensor when not needed."""
-    gx, gm = pool_backward(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad)
-    if gm is None:
-        gm = x.new_empty((0,), dtype=torch.float32)
-    return gx, gm
+    return _bwd_impl(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad)
 
 
 @_masked_pool_bwd_op.register_fake
@@ -465,7 +473,10 @@ class _MaskedPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, normalize, eps):
-        out32, aux = torch.ops.solar.masked_pool_fwd(x, mask, normalize, eps)
+        # torch.compile traces the registered ops; eager calls skip the dispatcher's
+        # per-call cost (same code underneath: the ops' bodies are these functions)
+        fwd = torch.ops.solar.masked_pool_fwd if torch.compiler.is_compiling() else _fwd_impl
+        out32, aux = fwd(x, mask, normalize, eps)
         ctx.save_for_backward(x, mask, out32, aux)
         ctx.normalize, ctx.eps = normalize, eps
         return out32.to(x.dtype)
@@ -474,8 +485,8 @@ class _MaskedPoolFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mask, out32, aux = ctx.saved_tensors
         need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gx, gm = torch.ops.solar.masked_pool_bwd(grad_out.to(torch.float32), x, mask, out32, aux,
-                                                 ctx.normalize, ctx.eps, bool(need_mask))
+        bwd = torch.ops.solar.masked_pool_bwd if torch.compiler.is_compiling() else _bwd_impl
+        gx, gm = bwd(grad_out.to(torch.float32), x, mask, out32, aux, ctx.normalize, ctx.eps, bool(need_mask))
         return (gx if need_x else None), (gm.to(mask.dtype) if need_mask else None), None, None
 
 
