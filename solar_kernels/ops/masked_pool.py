@@ -389,7 +389,8 @@ def pool_backward(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, o
         need_mask_grad: also compute the gradient of the (float) mask weights.
 
     Returns:
-        grad_x:    [B, L, D] in x.dtype (contiguous).
+        grad_x:    [B, L, D] in x.dtype (contiguous; on the native CPU path it may live in a
+            recycled buffer, see :func:`grad_buffer_cache_mb`).
         grad_mask: [V, B, L] float32, or None when `need_mask_grad` is False.
             grad_mask[v, b, l] = (x[b, l] - y[v, b]) . dy[v, b] / s[v, b]; 0 where s == 0.
     """
