@@ -51,26 +51,26 @@ class Stage2Config:
 
     steps: int = 300                 # optimizer steps of stage 2
     batch_size: int = 64             # pairs per step (global batch over all ranks)
-    lr: float = 3e-4                 # AdamW peak learning rate (cosine decay, linear warm-up)
+    lr: float = 1e-3                 # AdamW peak learning rate (cosine decay, linear warm-up)
     min_lr_ratio: float = 0.1        # final lr = lr * min_lr_ratio
     warmup_steps: int = 20
     weight_decay: float = 0.05
     grad_clip: float = 1.0           # max global grad norm; <= 0 disables
     temperature: float = 0.05        # eta of the multi-positive InfoNCE (our choice)
-    text_pos_drop: float = 0.5       # share of intersection tokens hidden in the text positive view
+    text_pos_drop: float = 0.8       # share of intersection tokens hidden in the text positive view
     text_min_keep: int = 1           # never hide every token of a view
     n_segments: int = 4              # k of the k-means over patch features (+ position)
     kmeans_iters: int = 5            # Lloyd iterations (torch, batched)
     position_weight: float = 1.0     # weight of the (row, col) coordinates in the clustering features
-    img_pos_drop: float = 0.5        # probability to hide each above-tau_V segment in the positive
-    n_pos_views: int = 1             # positive views per pair (besides the full pair); one E_VL pass each
+    img_pos_drop: float = 0.8        # probability to hide each above-tau_V segment in the positive
+    n_pos_views: int = 2             # positive views per pair (besides the full pair); one E_VL pass each
     n_hard_views: int = 1            # constructed hard-negative views per pair (0 disables); one pass each
-    mine_k: int = 4                  # offline-mined hard negatives per pair (0 disables mining)
+    mine_k: int = 8                  # offline-mined hard negatives per pair (0 disables mining)
     mine_exclude_top: int = 0        # skip the first j neighbours (guard against near-duplicates)
     refresh_every: int = 100         # R: re-embed the pool and re-mine every R steps
     mine_pool_size: int = 4096       # pairs of the training pool embedded for mining (<=0: all)
     mine_dtype: str = "fp32"         # Index dtype used for mining
-    hardness: float = 0.0            # beta of contrastive_loss (0 = plain InfoNCE)
+    hardness: float = 0.5            # beta of contrastive_loss (0 = plain InfoNCE)
     threshold_margin: float = 0.0    # views use s > tau + margin / s <= tau - margin
     init_from_stage1: bool = True    # start from the stage-1 weights (the paper does)
 
