@@ -16,9 +16,14 @@ import torch
 
 from .contrastive import (Mined, _backend, _check_counts, _group_counts, _validate as _validate_loss,
                           contrastive_backward, contrastive_forward)
+from .. import _dispatch
 from .masked_pool import _validate as _validate_pool, pool_backward, pool_forward
 
 __all__ = ["pooled_contrastive_loss"]
+
+# CPU: the pooling is the C++ kernel (masked_pool's), the loss the tiled PyTorch path.
+_dispatch.register_op("pooled_contrastive_loss", cuda="Triton (pool + loss kernels)", cpu_symbol=None,
+                      cpu_fallback="C++ pool + tiled PyTorch loss")
 
 
 class _PooledContrastiveFunction(torch.autograd.Function):
