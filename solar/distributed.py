@@ -70,7 +70,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            # long waits happen (rank 0 alone runs stage 1): SOLAR_DIST_TIMEOUT_MIN, default 24 h
+            # long waits happen (rank 0 alone builds data / evaluates): SOLAR_DIST_TIMEOUT_MIN, default 24 h
             timeout = timedelta(minutes=float(os.environ.get("SOLAR_DIST_TIMEOUT_MIN", 24 * 60)))
             dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout)
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -195,8 +195,9 @@ def _negative_moments(tokens: torch.Tensor, valid: Optional[torch.Tensor], other
 class _Stage1State:
     """QDA running Gaussians bound to the model's buffers."""
 
-    def __init__(self, model: SolarModel, momentum: float):
+    def __init__(self, model: SolarModel, momentum: float, group=None):
         self.model = model
+        self.group = group   # torch.distributed group: moments and centres over the global batch
         self.momentum = momentum
         self.pos_v = RunningGaussian(model.qda_v[0:2], momentum)
         self.neg_v = RunningGaussian(model.qda_v[2:4], momentum)
@@ -206,14 +207,20 @@ class _Stage1State:
     @torch.no_grad()
     def update(self, s_v, s_l, text_valid, v, t, g_i, g_t) -> dict:
         first = int(self.model.qda_initialized) == 0
-        _, mpv, vpv = batch_moments(s_v, torch.ones_like(s_v, dtype=torch.bool))
-        _, mpl, vpl = batch_moments(s_l, text_valid)
-        _, mnv, vnv = _negative_moments(v, None, g_t, self.model.center_t)
-        _, mnl, vnl = _negative_moments(t, text_valid, g_i, self.model.center_v)
+        if self.group is not None:
+            from .stage1_dist import qda_moments
+            (mpv, vpv), (mpl, vpl), (mnv, vnv), (mnl, vnl), c_i, c_t = qda_moments(
+                self.model, s_v, s_l, text_valid, v, t, g_i, g_t, None, self.group)
+        else:
+            _, mpv, vpv = batch_moments(s_v, torch.ones_like(s_v, dtype=torch.bool))
+            _, mpl, vpl = batch_moments(s_l, text_valid)
+            _, mnv, vnv = _negative_moments(v, None, g_t, self.model.center_t)
+            _, mnl, vnl = _negative_moments(t, text_valid, g_i, self.model.center_v)
+            c_i, c_t = g_i.mean(0), g_t.mean(0)
         # the centres follow the globals (used from the next step on)
         m = 1.0 if first else self.momentum
-        self.model.center_v.lerp_(g_i.mean(0), m)
-        self.model.center_t.lerp_(g_t.mean(0), m)
+        self.model.center_v.lerp_(c_i, m)
+        self.model.center_t.lerp_(c_t, m)
         self.pos_v.update(mpv, vpv, first)
         self.neg_v.update(mnv, vnv, first)
         self.pos_l.update(mpl, vpl, first)
@@ -231,16 +238,27 @@ class _Stage1State:
 
 
 def stage1_losses(model: SolarModel, batch: Mapping[str, Any], cfg: Stage1Config, rho: float,
-                  state: Optional[_Stage1State] = None, teacher=None) -> tuple[torch.Tensor, dict]:
+                  state: Optional[_Stage1State] = None, teacher=None,
+                  process_group=None) -> tuple[torch.Tensor, dict]:
     """One stage-1 forward: (total loss, metrics dict).  Updates the QDA statistics/thresholds
-    when `state` is given (training); otherwise uses the stored thresholds."""
+    when `state` is given (training); otherwise uses the stored thresholds.
+
+    process_group: a torch.distributed group (None: this process only).  `batch` is then this
+    rank's share of the global batch; the losses are those of the global batch (every rank gets
+    the same value, its gradient is its share: sum the ranks' gradients, see solar.stage1_dist)."""
+    pg = process_group
+    if pg is not None:
+        from . import stage1_dist as sd
     pv, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
     v = model.patch_tokens(pv)
     t = model.text_tokens(ids, am)
     valid = model.text_valid_mask(ids, am)
     s_v, s_l, g_i, g_t = model.similarities_from_tokens(v, t, valid)
     metrics: dict[str, Any] = {}
-    loss_gla = gla_hinge(v, None, g_t, cfg.gla_margin) + gla_hinge(t, valid, g_i, cfg.gla_margin)
+    if pg is not None:
+        loss_gla = sd.gla_hinge_dist(v, None, g_t, cfg.gla_margin, pg) + sd.gla_hinge_dist(t, valid, g_i, cfg.gla_margin, pg)
+    else:
+        loss_gla = gla_hinge(v, None, g_t, cfg.gla_margin) + gla_hinge(t, valid, g_i, cfg.gla_margin)
     if state is not None:
         metrics.update(state.update(s_v, s_l, valid, v, t, g_i.detach(), g_t.detach()))
     with torch.no_grad():
@@ -252,7 +270,11 @@ def stage1_losses(model: SolarModel, batch: Mapping[str, Any], cfg: Stage1Config
     total = cfg.gla_weight * loss_gla
     metrics["loss_gla"] = float(loss_gla.detach())
     if cfg.itc_weight:
-        loss_itc = sk.pooled_contrastive_loss(v, m_v, t, m_l, normalize=True, temperature=cfg.temperature)
+        if pg is not None:   # pool locally, gather the pooled rows: same math as the fused op
+            loss_itc = sk.contrastive_loss(sk.masked_pool(v, m_v, normalize=True), sk.masked_pool(t, m_l, normalize=True),
+                                           temperature=cfg.temperature, process_group=pg)
+        else:
+            loss_itc = sk.pooled_contrastive_loss(v, m_v, t, m_l, normalize=True, temperature=cfg.temperature)
         total = total + cfg.itc_weight * loss_itc
         metrics["loss_itc"] = float(loss_itc.detach())
     if cfg.fusion_itc_weight:
@@ -260,7 +282,7 @@ def stage1_losses(model: SolarModel, batch: Mapping[str, Any], cfg: Stage1Config
         T = t.shape[1]
         f_v = model.fuse(v, t, m_v, torch.zeros(B, T, dtype=torch.bool, device=v.device))
         f_l = model.fuse(v, t, torch.zeros(B, P, dtype=torch.bool, device=v.device), m_l)
-        loss_f = sk.contrastive_loss(f_v, f_l, temperature=cfg.temperature)
+        loss_f = sk.contrastive_loss(f_v, f_l, temperature=cfg.temperature, process_group=pg)
         total = total + cfg.fusion_itc_weight * loss_f
         metrics["loss_fusion_itc"] = float(loss_f.detach())
     if teacher is not None and (cfg.gd_weight or cfg.ld_weight):
@@ -269,13 +291,15 @@ def stage1_losses(model: SolarModel, batch: Mapping[str, Any], cfg: Stage1Config
             tv = tv_tower(pixel_values=pv).last_hidden_state[:, 1:]
             tl = tl_tower(input_ids=ids, attention_mask=am.long()).last_hidden_state
         if cfg.ld_weight:
-            l_ld = local_distill_loss(v, tv) + local_distill_loss(t, tl, valid)
+            l_ld = (sd.local_distill_dist(v, tv, None, pg) + sd.local_distill_dist(t, tl, valid, pg)) if pg is not None \
+                else local_distill_loss(v, tv) + local_distill_loss(t, tl, valid)
             total = total + cfg.ld_weight * l_ld
             metrics["loss_ld"] = float(l_ld.detach())
         if cfg.gd_weight:
             tg_v = sk.masked_pool(tv, torch.ones(tv.shape[:2], dtype=torch.bool, device=tv.device), normalize=True)
             tg_l = sk.masked_pool(tl, valid, normalize=True)
-            l_gd = global_distill_loss(g_i, tg_v) + global_distill_loss(g_t, tg_l)
+            l_gd = (sd.global_distill_dist(g_i, tg_v, pg) + sd.global_distill_dist(g_t, tg_l, pg)) if pg is not None \
+                else global_distill_loss(g_i, tg_v) + global_distill_loss(g_t, tg_l)
             total = total + cfg.gd_weight * l_gd
             metrics["loss_gd"] = float(l_gd.detach())
     metrics["loss"] = float(total.detach())
@@ -380,8 +404,16 @@ def _make_teacher(model: SolarModel):
 
 def run_stage1(model: SolarModel, train_loader: Iterable[Mapping[str, Any]], cfg: Stage1Config, *,
                out_dir: str | Path, resume: bool = False, log: Optional[Callable[[dict], None]] = None,
-               eval_loader: Optional[Iterable[Mapping[str, Any]]] = None, progress: bool = True) -> dict:
+               eval_loader: Optional[Iterable[Mapping[str, Any]]] = None, progress: bool = True,
+               process_group=None) -> dict:
     """Train stage 1 for ``cfg.steps`` optimizer steps; returns the final metrics dict.
+
+    process_group: train over the ranks of this torch.distributed group (default: the default
+    group when torch.distributed is initialised with several ranks).  Every rank passes a loader
+    of its own share of each global batch (same size on every rank); the losses, the QDA
+    statistics and thresholds are those of the global batch, gradients are summed over ranks
+    (each rank's is its share), rank 0's weights are broadcast first, so the ranks stay equal
+    and match one process over the global batch.  Rank 0 writes checkpoints and evaluates.
 
     train_loader: any re-iterable of batches (dicts: pixel_values, input_ids, attention_mask,
     optionally gt_patch_mask / gt_token_mask); it is iterated again when exhausted.
@@ -399,6 +431,13 @@ def run_stage1(model: SolarModel, train_loader: Iterable[Mapping[str, Any]], cfg
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "stage1_ckpt"
+    from .stage1_dist import allreduce_grads, broadcast_model, resolve_group
+    pg = resolve_group(process_group)
+    if pg is not None:
+        import torch.distributed as dist
+        broadcast_model(model, pg)
+    main = pg is None or dist.get_rank(pg) == 0
+    world = 1 if pg is None else dist.get_world_size(pg)
     torch.manual_seed(cfg.seed)
     model.train()
     groups = _param_groups(model, cfg)
@@ -414,18 +453,20 @@ def run_stage1(model: SolarModel, train_loader: Iterable[Mapping[str, Any]], cfg
             teacher = _make_teacher(load_model(teacher_path, map_location=model.device))
         else:
             teacher = _make_teacher(model)
-            model.save_pretrained(teacher_path)
+            if main:
+                model.save_pretrained(teacher_path)
     if resume:
         if not ckpt_dir.exists():
             raise CheckpointError(f"resume: no stage-1 checkpoint at {ckpt_dir}")
         extra, _ = load_training_state(ckpt_dir, model, opt)
         step, consumed = int(extra["step"]), int(extra["consumed"])
         torch.manual_seed(cfg.seed + step)
-    state = _Stage1State(model, cfg.qda_momentum)
+    state = _Stage1State(model, cfg.qda_momentum, group=pg)
 
     def save():
-        save_training_state(ckpt_dir, model, opt, {"step": step, "consumed": consumed,
-                                                   "stage1_config": dataclasses.asdict(cfg)})
+        if main:
+            save_training_state(ckpt_dir, model, opt, {"step": step, "consumed": consumed,
+                                                       "stage1_config": dataclasses.asdict(cfg)})
 
     def batches():
         skip = consumed
@@ -450,32 +491,37 @@ def run_stage1(model: SolarModel, train_loader: Iterable[Mapping[str, Any]], cfg
         for g, sc in zip(opt.param_groups, scales):
             g["lr"] = cfg.lr * sc * f
         rho = rho_at(step, cfg)
-        loss, metrics = stage1_losses(model, batch, cfg, rho, state, teacher)
+        loss, metrics = stage1_losses(model, batch, cfg, rho, state, teacher, process_group=pg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"stage 1: non-finite loss at step {step}: {metrics}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if pg is not None:
+            allreduce_grads([p for g in groups for p in g["params"]], pg)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         step += 1
-        pairs += batch["pixel_values"].shape[0]
+        pairs += batch["pixel_values"].shape[0] * world
         rate = pairs / max(time.perf_counter() - t0, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", pairs_s=f"{rate:.0f}", rho=f"{rho:.2f}")
         last = metrics
         if step % cfg.log_every == 0 or step == cfg.steps:
             log({"event": "train", "stage": 1, "step": step, "lr": cfg.lr * f, "pairs_per_s": rate, **metrics})
-        if eval_loader is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if main and eval_loader is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             ev = evaluate_masks(model, eval_loader, max_batches=cfg.eval_batches, seed=cfg.seed)
             log({"event": "eval", "stage": 1, "step": step, **ev})
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
             save()
     bar.close()
     save()
-    model.save_pretrained(out / "stage1_model")
+    if main:
+        model.save_pretrained(out / "stage1_model")
+    if pg is not None:
+        dist.barrier(group=pg)
     final = {"event": "final", "stage": 1, "step": step, "wall_s": time.perf_counter() - t0, **last}
-    if eval_loader is not None:
+    if main and eval_loader is not None:
         final.update(evaluate_masks(model, eval_loader, max_batches=0, seed=cfg.seed))
     log(final)
     return final

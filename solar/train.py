@@ -273,16 +273,6 @@ def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
     if cfg.run.resume and _phase_done(final, cfg.stage1.steps):
         _say(di, f"[stage1] done already: {final}")
         return SolarModel.from_pretrained(final, map_location=di.device)
-    if di.enabled:
-        # solar.stage1.run_stage1 has no process-group support: rank 0 trains stage 1 on its
-        # own (the whole batch), the other ranks wait, then everyone loads its result
-        if di.is_main:
-            print("[stage1] torch.distributed: stage 1 runs on rank 0 only (no process-group support in "
-                  "solar.stage1 yet); stage 2 and the baselines use every rank", flush=True)
-            single = DistInfo(0, 1, di.local_rank, di.device, None)
-            run_phase_stage1(cfg, data, tokenizer, single, log, pool)
-        barrier()
-        return SolarModel.from_pretrained(final, map_location=di.device)
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
     ckpt = os.path.join(out, "stage1_ckpt")
     resume = cfg.run.resume and os.path.isdir(ckpt)
@@ -292,10 +282,14 @@ def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
     s1 = cfg.stage1
     loader = _BankBatches(data.bank, cfg.data.batch_size, di) if isinstance(data, _FloatBank) \
         else data.make(cfg.data.batch_size, 1, di)
+    # under torchrun every rank trains on its share of each global batch (the loader is split
+    # by rank); the losses and QDA thresholds are the global batch's (run_stage1's process_group)
     run_stage1(model, loader, s1,
                out_dir=out, resume=resume, log=_stage1_log(log), eval_loader=eval_batches,
-               progress=cfg.run.progress and di.is_main)
-    _write_kind(final, "solar", s1.steps)
+               progress=cfg.run.progress and di.is_main, process_group=di.group)
+    if di.is_main:
+        _write_kind(final, "solar", s1.steps)
+    barrier()
     return model
 
 
