@@ -225,3 +225,108 @@ def test_real_weights_path_offline(tmp_path, monkeypatch):
     # a missing local path with the hub offline fails loudly
     with pytest.raises(OSError):
         SolarModel(ModelConfig(vision_pretrained=str(clip_dir)))
+
+
+def test_local_context_is_local_residual_and_ignores_padding():
+    from solar.model import LocalContext
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 11, 6, generator=g)
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, 8:] = False
+    ctx = LocalContext(6, 5)
+    # zero-initialised: starts as the identity (the per-position towers)
+    assert torch.equal(ctx(x, valid), x)
+    with torch.no_grad():
+        ctx.conv.weight.normal_(generator=g)
+        ctx.conv.bias.zero_()
+    y = ctx(x, valid)
+    # direct formula: y_i = x_i + sum_{|d| <= 2} W[:, :, d + 2] x_{i+d} over valid neighbours
+    xv = x * valid[..., None]
+    ref = x.clone()
+    for i in range(11):
+        for d in range(-2, 3):
+            if 0 <= i + d < 11:
+                ref[:, i] += xv[:, i + d] @ ctx.conv.weight[:, :, d + 2].T
+    assert torch.allclose(y, ref, atol=1e-5)
+    # a change 3 positions away does not reach position 0; padded values never matter
+    x2 = x.clone()
+    x2[:, 3:] += 5.0
+    x2[1, 8:] = 123.0
+    y2 = ctx(x2, valid)
+    assert torch.allclose(y2[:, 0], y[:, 0], atol=1e-5)
+    x3 = x.clone()
+    x3[1, 8:] = -7.0
+    assert torch.allclose(ctx(x3, valid)[1, :8], y[1, :8], atol=1e-6)
+    # the grid form mixes 3 x 3 neighbourhoods of a 4 x 4 patch grid only
+    grid = LocalContext(6, 3, grid=True)
+    with torch.no_grad():
+        grid.conv.weight.normal_(generator=g)
+    p = torch.randn(1, 16, 6, generator=g)
+    p2 = p.clone()
+    p2[0, 15] += 3.0  # patch (3, 3): outside the 3 x 3 neighbourhood of patch (0, 0)
+    assert torch.allclose(grid(p)[0, 0], grid(p2)[0, 0], atol=1e-6)
+    assert not torch.allclose(grid(p)[0, 10], grid(p2)[0, 10])  # patch (2, 2) is a neighbour
+    with pytest.raises(ValueError, match="odd"):
+        LocalContext(6, 4)
+    with pytest.raises(ValueError, match="square"):
+        grid(torch.randn(1, 15, 6))
+
+
+def test_tiny_preset_has_text_context_and_checkpoints_keep_it(tmp_path):
+    cfg = ModelConfig.preset_config("tiny")
+    assert cfg.text_context_window > 0 and ModelConfig.preset_config("clip-b16").text_context_window == 0
+    torch.manual_seed(0)
+    m = SolarModel(_tiny_cfg(text_layers=0, vision_layers=0, text_context_window=3, vision_context_window=3)).eval()
+    with torch.no_grad():
+        m.context_l.conv.weight.normal_()
+    b = _batch(cfg=m.cfg)
+    m.save_pretrained(tmp_path / "m")
+    m2 = SolarModel.from_pretrained(tmp_path / "m").eval()
+    assert m2.context_l is not None and m2.context_v is not None
+    with torch.no_grad():
+        assert torch.allclose(m.text_tokens(b["input_ids"], b["attention_mask"]),
+                              m2.text_tokens(b["input_ids"], b["attention_mask"]), atol=1e-6)
+        # padding content does not change a row's tokens
+        ids = b["input_ids"].clone()
+        ids[1, ~b["attention_mask"][1]] = 5
+        t1 = m.text_tokens(b["input_ids"], b["attention_mask"])
+        t2 = m.text_tokens(ids, b["attention_mask"])
+        am = b["attention_mask"][1]
+        assert torch.allclose(t1[1, am], t2[1, am], atol=1e-6)
+
+
+def test_text_segments_and_phrase_level_similarities():
+    torch.manual_seed(0)
+    # ids 7 and 8 delimit phrases ("and", ","); 38 / 39 are BOS / EOS (= padding)
+    m = SolarModel(_tiny_cfg(text_segment_ids=[7, 8])).eval()
+    ids = torch.tensor([[38, 3, 4, 7, 5, 6, 9, 8, 10, 39, 39],
+                        [38, 3, 39, 39, 39, 39, 39, 39, 39, 39, 39]])
+    am = torch.tensor([[1] * 10 + [0], [1] * 3 + [0] * 8]).bool()
+    seg = m.text_segments(ids, am)
+    assert seg.tolist() == [[-1, 0, 0, -1, 1, 1, 1, -1, 2, -1, -1], [-1, 0] + [-1] * 9]
+    assert SolarModel(_tiny_cfg()).text_segments(ids, am) is None
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 11, 32, generator=g)
+    n = m.local_text_features(t, seg)
+    u = torch.nn.functional.normalize(t, dim=-1)
+    assert torch.allclose(n[0, 1], (u[0, 1] + u[0, 2]) / 2, atol=1e-6)
+    assert torch.allclose(n[0, 5], (u[0, 4] + u[0, 5] + u[0, 6]) / 3, atol=1e-6)
+    assert torch.allclose(n[0, 3], u[0, 3]) and torch.allclose(n[0, 8], u[0, 8], atol=1e-6)
+    assert torch.equal(m.local_text_features(t, None), u)
+    # s_L is constant over a phrase, so each phrase is kept or dropped as a whole
+    b = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": am}
+    s_v, s_l = m.local_similarities(b)
+    assert torch.allclose(s_l[0, 4], s_l[0, 5]) and torch.allclose(s_l[0, 5], s_l[0, 6])
+    m.tau_l.fill_(float(s_l[0, 4]) - 1e-4)
+    _, m_l = m.intersection_masks(b)
+    assert m_l[0, 4:7].all()
+    # the tokenizer resolves the words of text_segment_words (single-token words only)
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 38, 39, 39
+        def __len__(self):
+            return 40
+        def encode(self, w, add_special_tokens=False):
+            return {"and": [7], ",": [8], "as well": [11, 12]}[w]
+    cfg = _tiny_cfg(text_segment_words=["and", ",", "as well"]).with_tokenizer(Tok())
+    assert cfg.text_segment_ids == [7, 8]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from solar.losses import gla_hinge, global_distill_loss, local_distill_loss, pearson_rows
-from solar.qda import RunningGaussian, batch_moments, qda_threshold
+from solar.qda import RunningGaussian, batch_moments, mixture_threshold, qda_threshold
 from solar.stage1 import Stage1Config, evaluate_masks, mask_iou, rho_at
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -65,6 +65,34 @@ def test_qda_no_crossing_and_not_separated():
         qda_threshold(1.0, 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="finite"):
         qda_threshold(float("nan"), 1.0, 0.0, 1.0)
+
+
+def test_mixture_threshold_recovers_the_intersection_component():
+    # true pairs: 20% intersection N(0.6, 0.01), 80% difference positions like the negatives N(0, 0.01)
+    pi, mu_i, mu0, var0 = 0.2, 0.6, 0.0, 0.01
+    mu1 = pi * mu_i + (1 - pi) * mu0
+    var1 = var0 + pi * (1 - pi) * (mu_i - mu0) ** 2
+    tau, case, pi_hat = mixture_threshold(mu1, var1, mu0, var0)
+    assert case == "mixture" and tau == pytest.approx(0.3, abs=1e-12) and pi_hat == pytest.approx(0.2, abs=1e-12)
+    # the direct QDA of the whole true-pair Gaussian lands elsewhere (below the midpoint here)
+    assert qda_threshold(mu1, var1, mu0, var0)[0] < 0.25
+    # from samples of the mixture
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    inter = torch.rand(n, generator=g) < pi
+    x = torch.where(inter, mu_i, mu0) + 0.1 * torch.randn(n, generator=g)
+    neg = mu0 + 0.1 * torch.randn(n, generator=g)
+    _, m1, v1 = batch_moments(x, torch.ones(n, dtype=torch.bool))
+    _, m0, v0 = batch_moments(neg, torch.ones(n, dtype=torch.bool))
+    tau, case, pi_hat = mixture_threshold(m1, v1, m0, v0)
+    assert case == "mixture" and tau == pytest.approx(0.3, abs=0.01) and pi_hat == pytest.approx(0.2, abs=0.01)
+    # no mixture fits (var1 < var0): the direct QDA answers; not separated: nothing is kept
+    assert mixture_threshold(0.1, 0.01, 0.0, 0.04)[:2] == qda_threshold(0.1, 0.01, 0.0, 0.04)
+    assert mixture_threshold(0.0, 0.1, 0.1, 0.1)[:2] == (math.inf, "not_separated")
+    with pytest.raises(ValueError, match="variances"):
+        mixture_threshold(0.5, 0.0, 0.0, 0.1)
+    with pytest.raises(ValueError, match="qda_mode"):
+        Stage1Config(qda_mode="lda")
 
 
 def test_running_gaussian_tracks_a_stream():
@@ -173,7 +201,8 @@ def _small_model(tok):
     torch.manual_seed(0)
     cfg = ModelConfig(image_size=32, patch_size=8, vision_hidden=48, vision_layers=0, vision_heads=2, vision_mlp=96,
                       max_text_len=64, text_hidden=48, text_layers=0, text_heads=2, text_mlp=96, width=48,
-                      adapter_hidden=96, fusion_layers=1, fusion_heads=2, fusion_mlp=96, embed_dim=32)
+                      adapter_hidden=96, fusion_layers=1, fusion_heads=2, fusion_mlp=96, embed_dim=32,
+                      text_context_window=5, text_segment_words=["and", ",", ".", ";"])  # as the tiny preset
     return SolarModel(cfg.with_tokenizer(tok))
 
 
