@@ -89,6 +89,12 @@ class DataConfig:
     bench_pool: int = 3000              # benchmark distractor pairs (the paper: about 1M)
     seed: int = 0                       # data generation seed (training items and benchmark)
     bench_seed: int = 12345             # benchmark build seed (items disjoint from training)
+    # validation benchmark: built like the test benchmark (same sizes and builder) from another
+    # seed and a disjoint item-id range (VAL_ITEM_BASE..); every model-selection or
+    # hyperparameter choice looks at it only, never at the test benchmark
+    val_bench: bool = True              # build / evaluate the validation benchmark
+    val_bench_dir: str = ""             # validation benchmark folder; empty = built in cache_dir
+    val_bench_seed: int = 777           # validation build seed (differs from bench_seed)
     num_workers: int = 0                # reader workers per rank (0 = in-process)
     in_memory: bool = True              # decode the training pairs once and keep them (small data)
     tokenizer: str = ""                 # path of a tokenizer; empty = the ShapesWorld tokenizer

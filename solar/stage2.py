@@ -212,7 +212,14 @@ def build_views(teacher, batch: dict, cfg: Stage2Config, *, seed: int, step: int
     v = teacher.patch_tokens(pv)
     t = teacher.text_tokens(ids, am)
     valid = teacher.text_valid_mask(ids, am)
-    s_v, s_l, _, _ = teacher.similarities_from_tokens(v, t, valid)
+    # the same s_L as stage 1 computed when it fitted tau_L: phrase-level when the model
+    # groups tokens into phrases (text_segments), per token otherwise
+    seg_fn = getattr(teacher, "text_segments", None)
+    segments = seg_fn(ids, am) if seg_fn is not None else None
+    if segments is not None:
+        s_v, s_l, _, _ = teacher.similarities_from_tokens(v, t, valid, segments)
+    else:
+        s_v, s_l, _, _ = teacher.similarities_from_tokens(v, t, valid)
     k = min(cfg.n_segments, v.shape[1])
     seg = segment_patches(v, k, cfg.kmeans_iters, cfg.position_weight)
     G = global_rows if global_rows is not None else B

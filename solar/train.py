@@ -56,6 +56,60 @@ def _bench_dir(cfg: TrainConfig) -> str:
     return os.path.join(d.cache_dir, f"bench-s{d.bench_seed}-t{d.bench_triplets}-p{d.bench_pool}-i{cfg.model.image_size}")
 
 
+# validation benchmark item ids start here: above every test-benchmark id the default builder
+# uses (BENCHMARK_ITEM_BASE + 2 * triplets + pool) and below nothing training may use
+VAL_ITEM_BASE_OFFSET = 500_000_000
+
+
+def _val_bench_dir(cfg: TrainConfig) -> str:
+    d = cfg.data
+    if d.val_bench_dir:
+        return d.val_bench_dir
+    return os.path.join(d.cache_dir, f"val-s{d.val_bench_seed}-t{d.bench_triplets}-p{d.bench_pool}"
+                                      f"-i{cfg.model.image_size}")
+
+
+def prepare_val_benchmark(cfg: TrainConfig, di: DistInfo, bench: str) -> Optional[str]:
+    """The validation benchmark folder (None when data.val_bench is off).
+
+    Built like the test benchmark (`solar.benchmark.build_benchmark`, same sizes) from
+    data.val_bench_seed and the item ids from BENCHMARK_ITEM_BASE + VAL_ITEM_BASE_OFFSET on, so it
+    shares no item with training data or with the test benchmark; when it is built, that is
+    verified with `solar.benchmark.check_no_overlap` (item ids and item contents) against the
+    generated training data and the test benchmark.  Use it, never the test benchmark, for any
+    hyperparameter or design choice."""
+    d = cfg.data
+    if not d.val_bench:
+        return None
+    from . import benchmark as bm
+    from .data.shapesworld import BENCHMARK_ITEM_BASE
+    val = _val_bench_dir(cfg)
+    if d.val_bench_dir and not os.path.isdir(val):
+        raise FileNotFoundError(f"data.val_bench_dir: {val!r} does not exist")
+    if os.path.abspath(val) == os.path.abspath(bench):
+        raise ValueError(f"data.val_bench_dir: the validation benchmark must differ from the test benchmark {bench!r}")
+    if di.is_main and not bm.benchmark_exists(val):
+        if d.val_bench_dir:
+            raise FileNotFoundError(f"data.val_bench_dir: {val!r} is not a benchmark folder")
+        if d.val_bench_seed == d.bench_seed:
+            raise ValueError(f"data.val_bench_seed: must differ from data.bench_seed ({d.bench_seed})")
+        print(f"[data] building the validation benchmark ({d.bench_triplets} triplets, {d.bench_pool} pool pairs, "
+              f"seed {d.val_bench_seed}) in {val}", flush=True)
+        bm.build_benchmark(val, triplets=d.bench_triplets, pool=d.bench_pool, seed=d.val_bench_seed,
+                           image_size=cfg.model.image_size, item_base=BENCHMARK_ITEM_BASE + VAL_ITEM_BASE_OFFSET,
+                           progress=cfg.run.progress)
+        try:
+            if not d.train_shards:
+                bm.check_no_overlap(_shapesworld_dir(cfg), val)
+            bm.check_no_overlap(bm.load_benchmark(bench).shards, val)
+        except ValueError:
+            import shutil
+            shutil.rmtree(val, ignore_errors=True)
+            raise
+    barrier()
+    return val
+
+
 def prepare_data(cfg: TrainConfig, di: DistInfo) -> tuple:
     """(training urls, benchmark folder): generate / build them in the cache when absent
     (rank 0 writes, the others wait).  A given --data.train_shards / --data.bench_dir that
@@ -383,6 +437,7 @@ def run(cfg: TrainConfig) -> dict:
     from .data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(cfg.data.tokenizer or "shapesworld", model_max_length=cfg.model.max_text_len)
     urls, bench = prepare_data(cfg, di)
+    val_bench = prepare_val_benchmark(cfg, di, bench)
     if cfg.data.in_memory:
         bank, pool = _FloatBank(load_pair_bank(urls, tokenizer, cfg)), None
         _say(di, f"[data] {len(bank)} training pairs in memory, benchmark {bench}, world size {di.world}, "
@@ -418,10 +473,13 @@ def run(cfg: TrainConfig) -> dict:
             models["SOLAR stage 1 only"] = (stage1_model, "solar")
         if clip_model is not None:
             models["CLIP-SF"] = (clip_model, "clip_sf")
-        results = evaluate_models(models, bench, tokenizer=tokenizer, image_size=cfg.model.image_size,
-                                  patch_size=cfg.model.patch_size, max_length=cfg.model.max_text_len,
-                                  batch_size=cfg.eval.batch_size, index_dtypes=cfg.eval.index_dtypes,
-                                  device=di.device, progress=cfg.run.progress)
+        ekw = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, patch_size=cfg.model.patch_size,
+                   max_length=cfg.model.max_text_len, batch_size=cfg.eval.batch_size,
+                   index_dtypes=cfg.eval.index_dtypes, device=di.device, progress=cfg.run.progress)
+        results = evaluate_models(models, bench, **ekw)
+        if val_bench is not None:
+            # the validation benchmark: the one to compare settings on (the test table is for reporting)
+            results["val"] = evaluate_models(models, val_bench, **ekw)
         timings["eval_s"] = time.time() - t
         timings["total_s"] = time.time() - t_start
         results["timings"] = timings
@@ -429,6 +487,8 @@ def run(cfg: TrainConfig) -> dict:
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh, indent=1)
         table = format_table(results)
+        if "val" in results:
+            table = "VALIDATION (model selection)\n" + format_table(results["val"]) + "\nTEST\n" + table
         with open(os.path.join(out, "results.md"), "w") as fh:
             fh.write(table + "\n")
         print(table, flush=True)

@@ -60,6 +60,17 @@ def test_train_then_eval_writes_table(full_run, cache, tmp_path, capsys):
             assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100
             assert m["Avg"] == pytest.approx((m["mR"] + m["Prec"]) / 2)
     assert res["models"]["CLIP-SF"]["embedding"] == "clip_sf"
+    # the validation benchmark (model selection) is evaluated too and shares no item with the
+    # test benchmark or the training data
+    assert set(res["val"]["models"]) == set(res["models"])
+    from solar import benchmark as bm
+    val, test = bm.load_benchmark(res["val"]["benchmark"]["path"]), bm.load_benchmark(res["benchmark"]["path"])
+    assert val.root != test.root and val.spec["seed"] != test.spec["seed"]
+    (vlo, vhi), (tlo, thi) = val.spec["item_id_range"], test.spec["item_id_range"]
+    assert vhi <= tlo or thi <= vlo
+    assert bm.check_no_overlap(test.shards, val).ok
+    train_dir = [p for p in cache.iterdir() if p.name.startswith("shapesworld-")][0]
+    assert bm.check_no_overlap(str(train_dir), val).ok
     table = (out / "results.md").read_text()
     assert "SOLAR stage 1 only" in table and "R@10" in table and "[int8 index]" in table
     assert os.path.getsize(out / "curves.png") > 1000
