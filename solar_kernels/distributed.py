@@ -42,7 +42,7 @@ def distributed_contrastive_loss(q, k=None, *, groups=None, hard_negatives=None,
     import torch.distributed as dist
 
     from .ops.contrastive import (Mined, _backend, _cache_rows, _check_counts, _ContrastiveFunction,
-                                   _group_counts, _need_grad)
+                                   _need_grad)
 
     group = process_group
     world = dist.get_world_size(group)
@@ -58,13 +58,7 @@ def distributed_contrastive_loss(q, k=None, *, groups=None, hard_negatives=None,
     offset = rank * n
     single = k is None
     g_all = _gather_nograd(groups, group, world) if groups is not None else None
-    if g_all is not None:
-        counts = _group_counts(g_all, g_all)
-        n_pos_rows = int((counts > 1).sum()) if single else N
-        min_neg = int((N - counts).min()) + H
-    else:
-        n_pos_rows, min_neg = N, N - 1 + H
-    _check_counts(n_pos_rows, min_neg, mine_k, single)
+    n_pos_rows = _check_counts(g_all, N, H, mine_k, single)
     backend = _backend(q)
     rc = _cache_rows(n, N, q.shape[1], backend, _need_grad(q, k, hard_negatives))
     T, beta = float(temperature), float(hardness)

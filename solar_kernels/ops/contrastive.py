@@ -930,13 +930,26 @@ def _check_finite_fast(name: str, t: torch.Tensor) -> None:
         _checks.check_finite(name, t)
 
 
-def _check_counts(n_rows_pos: int, min_neg: int, mine_k: int, single: bool):
+def _check_counts(groups: torch.Tensor | None, n: int, H: int, mine_k: int, single: bool):
+    """The number of rows that have a positive (the loss's divisor); raises when there is none
+    (single-set mode) or when mine_k exceeds some row's number of negatives.
+
+    groups: the [n] group ids of all rows the loss sees (None: each row is its own group);
+    H: hard negatives per row.
+    """
+    if groups is not None:
+        counts = _group_counts(groups, groups)
+        n_rows_pos = int((counts > 1).sum()) if single else n
+        min_neg = int((n - counts).min()) + H
+    else:
+        n_rows_pos, min_neg = n, n - 1 + H
     if single and n_rows_pos == 0:
         raise ValueError("no row has a positive: in single-set mode every group has one member "
                          "(give at least two rows the same group id)")
     if mine_k > min_neg:
         raise ValueError(f"mine_k = {mine_k} is larger than the number of negatives of some row "
                          f"(the smallest is {min_neg})")
+    return n_rows_pos
 
 
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: torch.Tensor | None = None,
@@ -984,13 +997,7 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
     single = k is None
     n = q.shape[0]
     H = 0 if hard_negatives is None else hard_negatives.shape[1]
-    if groups is not None:
-        counts = _group_counts(groups, groups)
-        n_pos_rows = int((counts > 1).sum()) if single else n
-        min_neg = int((n - counts).min()) + H
-    else:
-        n_pos_rows, min_neg = n, n - 1 + H
-    _check_counts(n_pos_rows, min_neg, mine_k, single)
+    n_pos_rows = _check_counts(groups, n, H, mine_k, single)
     both = bool(symmetric) and not single
     backend = _backend(q)
     kk = q if single else k

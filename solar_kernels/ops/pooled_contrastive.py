@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .contrastive import (Mined, _backend, _check_counts, _group_counts, _validate as _validate_loss,
+from .contrastive import (Mined, _backend, _check_counts, _validate as _validate_loss,
                           contrastive_backward, contrastive_forward)
 from .. import _dispatch
 from .masked_pool import _validate as _validate_pool, pool_backward, pool_forward
@@ -99,12 +99,7 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
     check_finite("xq", xq)
     check_finite("xk", xk)
     H = 0 if hn is None else hn.shape[1]
-    if groups is not None:
-        counts = _group_counts(groups, groups)
-        min_neg = int((n - counts).min()) + H
-    else:
-        min_neg = n - 1 + H
-    _check_counts(n, min_neg, mine_k, False)
+    _check_counts(groups, n, H, mine_k, False)
     mq = mask_q.unsqueeze(0)
     mk = mask_k.unsqueeze(0)
     both = bool(symmetric)
