@@ -72,6 +72,7 @@ def _worker(rank, port, path):
         q, k, hn, groups = _batch()
         out = {name: _run_case(name, q, k, hn, groups, dist.group.WORLD, rank) for name in CASES}
         torch.save(out, os.path.join(path, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (aborted otherwise)
     finally:
         dist.destroy_process_group()
 
