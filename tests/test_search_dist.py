@@ -45,6 +45,7 @@ def _worker(rank, world, init_file, out_dir):
             for k in (1, 10, 40, sum(SIZES)):
                 s, i = index.search(q, k, process_group=dist.group.WORLD)
                 torch.save((s, i), os.path.join(out_dir, f"r{rank}_{dtype}_{k}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

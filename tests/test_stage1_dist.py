@@ -77,6 +77,8 @@ def _worker(rank, world, port, out_dir):
         res = _train(os.path.join(out_dir, "dist"), rank, world)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(res, fh)
+        from solar.distributed import barrier
+        barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         import torch.distributed as dist
         dist.destroy_process_group()

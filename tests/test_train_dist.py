@@ -82,6 +82,8 @@ def _worker(rank, world, port, out_dir, mine_k):
         res = _train(out_dir, di, mine_k)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(res, fh)
+        from solar.distributed import barrier
+        barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         import torch.distributed as dist
         dist.destroy_process_group()
