@@ -1,7 +1,6 @@
 """contrastive_loss(process_group=...) on 2 gloo CPU processes equals the single-process loss
 over the concatenated batch, with the same gradients and global mined indices."""
 import os
-import socket
 import tempfile
 
 import pytest
@@ -14,12 +13,6 @@ WORLD = 2
 N_LOCAL = 9
 D = 12
 H = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch():
@@ -63,11 +56,11 @@ def _run_case(name, q, k, hn, groups, pg=None, rank=0):
     return res
 
 
-def _worker(rank, port, path):
+def _worker(rank, init_file, path):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         q, k, hn, groups = _batch()
         out = {name: _run_case(name, q, k, hn, groups, dist.group.WORLD, rank) for name in CASES}
@@ -80,7 +73,7 @@ def _worker(rank, port, path):
 def test_gloo_two_processes_match_single_process():
     q, k, hn, groups = _batch()
     with tempfile.TemporaryDirectory() as path:
-        mp.spawn(_worker, args=(_free_port(), path), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(os.path.join(path, "init"), path), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(path, f"rank{r}.pt")) for r in range(WORLD)]
     for name in CASES:
         full = _run_case(name, q, k, hn, groups)
