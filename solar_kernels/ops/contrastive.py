@@ -952,6 +952,17 @@ def _check_counts(groups: torch.Tensor | None, n: int, H: int, mine_k: int, sing
     return n_rows_pos
 
 
+def _reduce(row_loss, col_loss, n_pos_rows: int, n: int, both: bool, mine_k: int, top_v, top_i):
+    """The public result from per-row losses: the mean over rows with a positive (q->k), averaged
+    with the k->q mean when symmetric; plus the mined negatives when mine_k > 0."""
+    loss = row_loss.sum() / n_pos_rows
+    if both:
+        loss = 0.5 * (loss + col_loss.sum() / n)
+    if mine_k > 0:
+        return loss, Mined(top_i, top_v)
+    return loss
+
+
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: torch.Tensor | None = None,
                      hard_negatives: torch.Tensor | None = None, temperature: float = 0.05,
                      symmetric: bool = True, hardness: float = 0.0, mine_k: int = 0, process_group=None):
@@ -1006,9 +1017,4 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
     row_loss, col_loss, top_v, top_i = _ContrastiveFunction.apply(
         q, kk, hard_negatives, g, g, 0, float(temperature), float(hardness), single, both, int(mine_k),
         backend, cache_rows)
-    loss = row_loss.sum() / n_pos_rows
-    if both:
-        loss = 0.5 * (loss + col_loss.sum() / n)
-    if mine_k > 0:
-        return loss, Mined(top_i, top_v)
-    return loss
+    return _reduce(row_loss, col_loss, n_pos_rows, n, both, mine_k, top_v, top_i)

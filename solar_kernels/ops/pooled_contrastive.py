@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .contrastive import (Mined, _backend, _check_counts, _validate as _validate_loss,
+from .contrastive import (_backend, _check_counts, _reduce, _validate as _validate_loss,
                           contrastive_backward, contrastive_forward)
 from .. import _dispatch
 from .masked_pool import _validate as _validate_pool, pool_backward, pool_forward
@@ -99,16 +99,11 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
     check_finite("xq", xq)
     check_finite("xk", xk)
     H = 0 if hn is None else hn.shape[1]
-    _check_counts(groups, n, H, mine_k, False)
+    n_pos_rows = _check_counts(groups, n, H, mine_k, False)
     mq = mask_q.unsqueeze(0)
     mk = mask_k.unsqueeze(0)
     both = bool(symmetric)
     row_loss, col_loss, top_v, top_i = _PooledContrastiveFunction.apply(
         xq, mq, xk, mk, hn, groups.contiguous() if groups is not None else None, bool(normalize), float(eps),
         float(temperature), float(hardness), both, int(mine_k), _backend(xq))
-    loss = row_loss.sum() / n
-    if both:
-        loss = 0.5 * (loss + col_loss.sum() / n)
-    if mine_k > 0:
-        return loss, Mined(top_i, top_v)
-    return loss
+    return _reduce(row_loss, col_loss, n_pos_rows, n, both, mine_k, top_v, top_i)
