@@ -79,6 +79,12 @@ class Stage2Config:
     mine_dtype: str = "fp32"         # Index dtype used for mining
     hardness: float = 0.5            # beta of contrastive_loss (0 = plain InfoNCE)
     threshold_margin: float = 0.0    # views use s > tau + margin / s <= tau - margin
+    # neutral positions, never hidden by any view (our addition, see solar.stage2): caption tokens
+    # in more than this share of the training captions (function words; <=0 or >=1: none) ...
+    text_neutral_df: float = 0.7
+    # ... and patches whose adapted token norm is below this share of the largest in their image
+    # (they add ~nothing to the global image embedding: flat background; 0: none)
+    img_neutral_ratio: float = 0.25
     init_from_stage1: bool = True    # start from the stage-1 weights (the paper does)
 
 

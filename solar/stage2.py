@@ -51,7 +51,7 @@ import solar_kernels as sk
 from .config import Stage2Config
 from .distributed import DistInfo, get_dist
 
-__all__ = ["segment_patches", "text_views", "image_views", "Views", "build_views", "Miner", "Stage2Loss",
+__all__ = ["frequent_token_ids", "low_norm_patches", "segment_patches", "text_views", "image_views", "Views", "build_views", "Miner", "Stage2Loss",
            "run_stage2", "step_generator"]
 
 
@@ -60,11 +60,50 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt * 104_729) % (2 ** 62))
 
 
+# --------------------------------------------------------------------------- neutral positions
+
+@torch.no_grad()
+def frequent_token_ids(input_ids: torch.Tensor, valid: torch.Tensor, max_df: float) -> torch.Tensor:
+    """Token ids that occur in more than `max_df` of the captions (document frequency).
+
+    input_ids [N, T], valid [N, T] bool (content tokens).  These are the corpus' function
+    words ("a", "and", "of" in English captions): they say nothing about which content a
+    pair has, so stage 2 never hides them.  Returns a sorted int64 tensor (empty when
+    max_df <= 0 or >= 1, or there are no captions)."""
+    if input_ids.shape != valid.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids / valid: expected two [N, T] tensors, got {tuple(input_ids.shape)} "
+                         f"and {tuple(valid.shape)}")
+    n = input_ids.shape[0]
+    if not 0 < max_df < 1 or n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    ids = input_ids.long().cpu()
+    valid = valid.bool().cpu()
+    V = int(ids.max()) + 1
+    present = torch.zeros(n, V, dtype=torch.bool)
+    present.scatter_(1, ids.masked_fill(~valid, 0), valid)   # position 0 of padding scatters False
+    present[:, 0] |= ((ids == 0) & valid).any(1)
+    df = present.float().mean(0)
+    return (df > max_df).nonzero().flatten()
+
+
+@torch.no_grad()
+def low_norm_patches(v: torch.Tensor, ratio: float) -> torch.Tensor:
+    """[B, P] bool: patches whose adapted token norm is below `ratio` x the largest in their image.
+
+    The global image embedding is the mean of the adapted patch tokens, so such a patch adds
+    almost nothing to it: stage 1 has learnt that it carries no content (flat background in
+    ShapesWorld).  Stage 2 never hides it.  ratio <= 0: no patch is neutral."""
+    n = v.float().norm(dim=-1)
+    if ratio <= 0:
+        return torch.zeros_like(n, dtype=torch.bool)
+    return n < ratio * n.amax(1, keepdim=True)
+
+
 # --------------------------------------------------------------------------- segments
 
 @torch.no_grad()
 def segment_patches(feats: torch.Tensor, k: int, iters: int = 5, position_weight: float = 1.0,
-                    grid: Optional[tuple] = None) -> torch.Tensor:
+                    grid: Optional[tuple] = None, active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cluster each image's patches into `k` segments by Lloyd's k-means.
 
     feats [B, P, W] patch features; the clustering features are the L2-normalised patch
@@ -72,6 +111,9 @@ def segment_patches(feats: torch.Tensor, k: int, iters: int = 5, position_weight
     spatially coherent).  Initial centres: k patches evenly spaced in raster order
     (deterministic).  Returns seg [B, P] int64 in [0, k); every id that occurs is one
     connected-by-assignment set of patches (a segment is always hidden or kept whole).
+
+    active [B, P] bool (optional): only these patches are clustered (initial centres are
+    evenly spaced among them); the others get segment id -1 (no segment, never hidden).
     """
     if feats.dim() != 3:
         raise ValueError(f"feats: expected [B, P, W], got {tuple(feats.shape)}")
@@ -90,38 +132,54 @@ def segment_patches(feats: torch.Tensor, k: int, iters: int = 5, position_weight
     cols = torch.arange(P, device=dev) % gw
     pos = torch.stack([rows / max(1, gh - 1), cols / max(1, gw - 1)], dim=-1).float()
     x = torch.cat([F.normalize(feats.float(), dim=-1), position_weight * pos.expand(B, P, 2)], dim=-1)
-    init = torch.linspace(0, P - 1, k, device=dev).round().long()
-    centres = x[:, init]                                     # [B, k, D]
+    if active is None:
+        init = torch.linspace(0, P - 1, k, device=dev).round().long().expand(B, k)
+        act = torch.ones(B, P, dtype=torch.bool, device=dev)
+    else:
+        if active.shape != (B, P):
+            raise ValueError(f"active: expected shape {(B, P)}, got {tuple(active.shape)}")
+        act = active.to(dev).bool()
+        # the j-th initial centre is the active patch of rank round(j (count - 1) / (k - 1))
+        rank = act.long().cumsum(1) - 1                                      # [B, P]
+        cnt = act.sum(1, keepdim=True)                                       # [B, 1]
+        frac = torch.linspace(0, 1, k, device=dev)[None]                     # [1, k]
+        want = (frac * (cnt - 1).clamp_min(0)).round().long()                # [B, k]
+        hit = act[:, None, :] & (rank[:, None, :] == want[:, :, None])       # [B, k, P]
+        init = hit.float().argmax(-1)                                        # [B, k] (0 when none active)
+    centres = torch.gather(x, 1, init[..., None].expand(B, k, x.shape[-1]))  # [B, k, D]
+    w = act.float()[..., None]
     assign = None
     for _ in range(max(1, iters)):
         d = torch.cdist(x, centres)                          # [B, P, k]
         assign = d.argmin(-1)                                # [B, P]
-        onehot = F.one_hot(assign, k).float()                # [B, P, k]
+        onehot = F.one_hot(assign, k).float() * w            # [B, P, k]
         counts = onehot.sum(1)                               # [B, k]
         sums = onehot.transpose(1, 2) @ x                    # [B, k, D]
         # an empty cluster keeps its previous centre
         centres = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centres)
-    return assign
+    return assign.masked_fill(~act, -1)
 
 
 # --------------------------------------------------------------------------- views
 
 def text_views(s_l: torch.Tensor, valid: torch.Tensor, attention: torch.Tensor, tau: float, *, drop: float,
-               u: torch.Tensor, margin: float = 0.0):
+               u: torch.Tensor, margin: float = 0.0, neutral: Optional[torch.Tensor] = None):
     """Text keep masks for the positive and the hard-negative view.
 
     s_l [B, T] token-to-global-image similarities; valid [B, T] content tokens;
     attention [B, T] every real position (content + special tokens); u [B, T] uniform
     draws in [0, 1).  Intersection = valid & (s_l > tau + margin); difference = valid &
-    (s_l <= tau - margin) (tokens in the margin band are never hidden).
+    (s_l <= tau - margin) (tokens in the margin band are never hidden); `neutral` [B, T]
+    bool marks tokens that are neither (function words, see `frequent_token_ids`).
     Returns (pos_keep, neg_keep, neg_changed [B]): the positive hides each intersection
     token with probability `drop` (and at least one when the pair has any); the hard
     negative hides every difference token; neg_changed says whether it hid anything.
     """
     valid = valid.bool()
     attention = attention.bool() | valid
-    inter = valid & (s_l > tau + margin)
-    diff = valid & (s_l <= tau - margin)
+    content = valid if neutral is None else valid & ~neutral.bool()
+    inter = content & (s_l > tau + margin)
+    diff = content & (s_l <= tau - margin)
     hide = inter & (u < drop)
     # at least one hidden intersection token: the one with the smallest draw
     has_inter = inter.any(1)
@@ -139,15 +197,16 @@ def image_views(s_v: torch.Tensor, seg: torch.Tensor, k: int, tau: float, *, dro
                 margin: float = 0.0):
     """Image keep masks for the positive and the hard-negative view, by whole segments.
 
-    s_v [B, P] patch-to-global-text similarities; seg [B, P] segment ids in [0, k);
-    u [B, k] uniform draws.  A segment's score is the mean s_v of its patches; segments
+    s_v [B, P] patch-to-global-text similarities; seg [B, P] segment ids in [0, k), -1 for
+    patches in no segment (never hidden); u [B, k] uniform draws.  A segment's score is the mean s_v of its patches; segments
     above tau + margin are intersection, at or below tau - margin difference.
     Returns (pos_keep, neg_keep, neg_changed [B]): the positive hides each intersection
     segment with probability `drop` (at least one when any exists); the hard negative
     hides every difference segment.
     """
     B, P = s_v.shape
-    onehot = F.one_hot(seg, k).float()                       # [B, P, k]
+    member = seg >= 0
+    onehot = F.one_hot(seg.clamp_min(0), k).float() * member[..., None].float()   # [B, P, k]
     counts = onehot.sum(1)                                   # [B, k]
     score = (onehot * s_v.float()[..., None]).sum(1) / counts.clamp_min(1)
     present = counts > 0
@@ -158,8 +217,8 @@ def image_views(s_v: torch.Tensor, seg: torch.Tensor, k: int, tau: float, *, dro
     if none_hidden.any():
         first = torch.where(inter, u, torch.full_like(u, 2.0)).argmin(1)
         hide = hide | (F.one_hot(first, k).bool() & none_hidden[:, None])
-    seg_hide_pos = torch.gather(hide, 1, seg)                # [B, P]
-    seg_hide_neg = torch.gather(diff, 1, seg)
+    seg_hide_pos = torch.gather(hide, 1, seg.clamp_min(0)) & member     # [B, P]
+    seg_hide_neg = torch.gather(diff, 1, seg.clamp_min(0)) & member
     return ~seg_hide_pos, ~seg_hide_neg, diff.any(1)
 
 
@@ -202,11 +261,14 @@ def _one_side(u, text_ok, img_ok, text_keep, img_keep, text_full):
 
 @torch.no_grad()
 def build_views(teacher, batch: dict, cfg: Stage2Config, *, seed: int, step: int, row_offset: int = 0,
-                global_rows: Optional[int] = None) -> Views:
+                global_rows: Optional[int] = None, neutral_ids: Optional[torch.Tensor] = None) -> Views:
     """Build the stage-2 views of `batch` with the frozen stage-1 `teacher`.
 
     Random draws come from step_generator(seed, step) over `global_rows` rows; this
-    process's rows are [row_offset, row_offset + B) of them (distributed ranks)."""
+    process's rows are [row_offset, row_offset + B) of them (distributed ranks).
+    Neutral positions are never hidden: caption tokens whose id is in `neutral_ids`
+    (`frequent_token_ids`) and patches picked by `low_norm_patches(v, cfg.img_neutral_ratio)`
+    (these are in no segment)."""
     pv, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
     B, T = ids.shape
     v = teacher.patch_tokens(pv)
@@ -221,7 +283,11 @@ def build_views(teacher, batch: dict, cfg: Stage2Config, *, seed: int, step: int
     else:
         s_v, s_l, _, _ = teacher.similarities_from_tokens(v, t, valid)
     k = min(cfg.n_segments, v.shape[1])
-    seg = segment_patches(v, k, cfg.kmeans_iters, cfg.position_weight)
+    active = ~low_norm_patches(v, cfg.img_neutral_ratio) if cfg.img_neutral_ratio > 0 else None
+    seg = segment_patches(v, k, cfg.kmeans_iters, cfg.position_weight, active=active)
+    neutral_t = None
+    if neutral_ids is not None and neutral_ids.numel():
+        neutral_t = torch.isin(ids, neutral_ids.to(ids.device)) & valid
     G = global_rows if global_rows is not None else B
     g = step_generator(seed, step, salt=2)
     u_text = torch.rand(G, T, generator=g)[row_offset:row_offset + B].to(ids.device)
@@ -229,7 +295,7 @@ def build_views(teacher, batch: dict, cfg: Stage2Config, *, seed: int, step: int
     u_pos = torch.rand(max(1, cfg.n_pos_views), G, generator=g)[:, row_offset:row_offset + B].to(ids.device)
     u_neg = torch.rand(max(1, cfg.n_hard_views), G, generator=g)[:, row_offset:row_offset + B].to(ids.device)
     tp, tn, tch = text_views(s_l, valid, am, float(teacher.tau_l), drop=cfg.text_pos_drop, u=u_text,
-                             margin=cfg.threshold_margin)
+                             margin=cfg.threshold_margin, neutral=neutral_t)
     ip, ineg, ich = image_views(s_v, seg, k, float(teacher.tau_v), drop=cfg.img_pos_drop, u=u_img,
                                 margin=cfg.threshold_margin)
     return Views(tp, tn, tch, ip, ineg, ich, valid, seg, text_pos_changed=(valid & ~tp).any(1),
@@ -337,8 +403,9 @@ class Stage2Loss(nn.Module):
     forward(batch, step) -> (loss, metrics); `model` is trained, `teacher` frozen."""
 
     def __init__(self, model, teacher, cfg: Stage2Config, *, seed: int, miner: Optional[Miner] = None,
-                 dist_info: Optional[DistInfo] = None):
+                 dist_info: Optional[DistInfo] = None, neutral_ids: Optional[torch.Tensor] = None):
         super().__init__()
+        self.neutral_ids = neutral_ids
         self.model = model
         self.teacher = teacher
         self.cfg = cfg
@@ -350,7 +417,7 @@ class Stage2Loss(nn.Module):
         cfg, di = self.cfg, self.dist_info
         B = batch["input_ids"].shape[0]
         views = build_views(self.teacher, batch, cfg, seed=self.seed, step=step, row_offset=di.rank * B,
-                            global_rows=B * di.world)
+                            global_rows=B * di.world, neutral_ids=self.neutral_ids)
         m = self.model
         v = m.patch_tokens(batch["pixel_values"])
         t = m.text_tokens(batch["input_ids"], batch["attention_mask"])
@@ -400,7 +467,8 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
 
     data: a `PairBank` (the mining pool is a seeded subset of it) or a `StreamBatches`
     (then `pool`, a PairBank of training pairs with keys, is the mining pool; without
-    one, mining is off).  The frozen teacher is a copy of `model` taken now (or the
+    one, mining is off and no caption token is neutral).  The neutral (never hidden)
+    caption tokens are those in more than cfg.text_neutral_df of the pool's captions.  The frozen teacher is a copy of `model` taken now (or the
     given one).  Checkpoints in {out_dir}/ckpt; returns the loop's summary dict."""
     from .trainer import train_loop
     di = dist_info or get_dist()
@@ -417,7 +485,14 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
         n_pool = len(pool) if cfg.mine_pool_size <= 0 else min(cfg.mine_pool_size, len(pool))
         pool_ids = torch.randperm(len(pool), generator=g)[:n_pool].sort().values
         miner = Miner(pool, pool_ids, dtype=cfg.mine_dtype, exclude_top=cfg.mine_exclude_top)
-    loss_mod = Stage2Loss(model, teacher, cfg, seed=seed, miner=miner, dist_info=di)
+    neutral_ids = None
+    fields = getattr(pool, "fields", None)
+    if cfg.text_neutral_df > 0 and fields is not None and "input_ids" in fields:
+        # document frequencies over the training pool (every rank sees the same pool: same ids)
+        ids, am = fields["input_ids"], fields["attention_mask"]
+        valid = teacher.text_valid_mask(ids, am).cpu()
+        neutral_ids = frequent_token_ids(ids, valid, cfg.text_neutral_df)
+    loss_mod = Stage2Loss(model, teacher, cfg, seed=seed, miner=miner, dist_info=di, neutral_ids=neutral_ids)
 
     def on_step(step):
         if miner is not None and (miner.refreshed_at < 0 or step - miner.refreshed_at >= cfg.refresh_every):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from solar.config import Stage2Config, build_parser, config_to_dict, get_preset, parse_args
-from solar.stage2 import image_views, segment_patches, step_generator, text_views
+from solar.stage2 import (frequent_token_ids, image_views, low_norm_patches, segment_patches, step_generator,
+                          text_views)
 
 
 def _rand(seed, *shape):
@@ -95,6 +96,59 @@ def test_segments_follow_feature_clusters():
     seg = segment_patches(f, 2, iters=5, position_weight=0.1)
     left, right = seg[0, cols < 4], seg[0, cols >= 4]
     assert (left == left[0]).all() and (right == right[0]).all() and left[0] != right[0]
+
+
+def test_neutral_tokens_are_never_hidden():
+    B, T = 16, 20
+    s = _rand(11, B, T) * 2 - 1
+    valid = torch.ones(B, T, dtype=torch.bool)
+    neutral = _rand(12, B, T) < 0.3
+    u = _rand(13, B, T)
+    pos, neg, changed = text_views(s, valid, valid, 0.0, drop=1.0, u=u, neutral=neutral)
+    assert pos[neutral].all() and neg[neutral].all()
+    content = valid & ~neutral
+    # the rest behaves as without neutral tokens: drop=1 hides every content intersection token
+    assert torch.equal(~pos, content & (s > 0))
+    assert torch.equal(~neg, content & (s <= 0))
+    assert torch.equal(changed, (content & (s <= 0)).any(1))
+
+
+def test_frequent_token_ids_is_document_frequency():
+    ids = torch.tensor([[0, 5, 5, 7, 1, 1],      # 5 twice in one caption counts once
+                        [0, 5, 8, 1, 1, 1],
+                        [0, 5, 7, 9, 9, 1],
+                        [0, 6, 7, 1, 1, 1]])
+    valid = (ids > 1)
+    assert frequent_token_ids(ids, valid, 0.5).tolist() == [5, 7]      # df 0.75 each
+    assert frequent_token_ids(ids, valid, 0.75).tolist() == []         # strictly more than
+    assert frequent_token_ids(ids, valid, 0.2).tolist() == [5, 6, 7, 8, 9]
+    assert frequent_token_ids(ids, valid, 0.0).numel() == 0            # off
+    # padding / special positions do not count, even when their id is frequent
+    assert 1 not in frequent_token_ids(ids, valid, 0.1).tolist()
+    with pytest.raises(ValueError, match="input_ids"):
+        frequent_token_ids(ids, valid[:, :3], 0.5)
+
+
+def test_low_norm_patches_and_segments_skip_them():
+    B, P, W = 3, 16, 8
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(B, P, W, generator=g) * 0.01            # flat background
+    obj = torch.zeros(B, P, dtype=torch.bool)
+    obj[0, [1, 5, 6]] = True
+    obj[1, [0, 15]] = True                                  # image 2: no object at all
+    v[obj] = torch.randn(int(obj.sum()), W, generator=g) * 5
+    low = low_norm_patches(v, 0.25)
+    assert torch.equal(low[:2], ~obj[:2])
+    assert not low_norm_patches(v, 0.0).any()
+    seg = segment_patches(v, 4, active=~low)
+    assert torch.equal(seg < 0, low)
+    assert int(seg.max()) < 4
+    # patches in no segment are never hidden, whatever their score
+    s_v = torch.randn(B, P, generator=g)
+    pos, neg, _ = image_views(s_v, seg, 4, 0.0, drop=1.0, u=_rand(5, B, 4))
+    assert pos[low].all() and neg[low].all()
+    with pytest.raises(ValueError, match="active"):
+        segment_patches(v, 4, active=low[:, :3])
 
 
 def test_step_generator_is_a_function_of_seed_and_step():
