@@ -57,10 +57,14 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return d
 
 
-def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistInfo:
+def init_distributed(device: str = "auto", backend: Optional[str] = None,
+                     init_method: Optional[str] = None) -> DistInfo:
     """Join the process group torchrun describes (if any) and choose this rank's device.
 
-    backend: None = "nccl" for CUDA devices, "gloo" otherwise."""
+    backend: None = "nccl" for CUDA devices, "gloo" otherwise.  init_method: None = the
+    environment (torchrun's MASTER_ADDR / MASTER_PORT); else e.g. "file:///shared/rdzv" (a
+    file rendezvous needs no free TCP port; RANK and WORLD_SIZE still come from the
+    environment)."""
     global _CURRENT
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -72,7 +76,9 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         if not dist.is_initialized():
             # long waits happen (rank 0 alone builds data / evaluates): SOLAR_DIST_TIMEOUT_MIN, default 24 h
             timeout = timedelta(minutes=float(os.environ.get("SOLAR_DIST_TIMEOUT_MIN", 24 * 60)))
-            dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout)
+            kw = {} if init_method is None else dict(init_method=init_method, rank=rank, world_size=world)
+            dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=timeout,
+                                    **kw)
         rank, world = dist.get_rank(), dist.get_world_size()
         _CURRENT = DistInfo(rank, world, local_rank, dev, dist.group.WORLD)
     else:

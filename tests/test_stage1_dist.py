@@ -3,7 +3,6 @@ split by rank give the same losses, QDA thresholds/statistics and weights as one
 the same global batch (masked ITC, GLA, distillation and QDA negatives over the global batch)."""
 import json
 import os
-import socket
 import sys
 
 import pytest
@@ -68,11 +67,11 @@ def _comparable(name, values):
     return values
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _worker(rank, world, rdzv, out_dir):
+    # a file rendezvous: no probed TCP port that another process could take in between
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from solar.distributed import init_distributed
-    init_distributed("cpu")
+    init_distributed("cpu", init_method="file://" + rdzv)
     try:
         res = _train(os.path.join(out_dir, "dist"), rank, world)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
@@ -84,17 +83,11 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_stage1_two_process_gloo_matches_single_process(tmp_path):
     single = _train(str(tmp_path / "single"))
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    rdzv = str(tmp_path / "rdzv")
+    procs = [ctx.Process(target=_worker, args=(r, 2, rdzv, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -73,11 +73,11 @@ def _train(out_dir: str, di, mine_k: int) -> dict:
     return result
 
 
-def _worker(rank, world, port, out_dir, mine_k):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _worker(rank, world, rdzv, out_dir, mine_k):
+    # a file rendezvous: no probed TCP port that another process could take in between
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from solar.distributed import init_distributed
-    di = init_distributed("cpu")
+    di = init_distributed("cpu", init_method="file://" + rdzv)
     try:
         res = _train(out_dir, di, mine_k)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
@@ -90,6 +90,7 @@ def _worker(rank, world, port, out_dir, mine_k):
 
 
 def _free_port():
+    """A free TCP port for torchrun's rendezvous (the torchrun test only)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -101,8 +102,8 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     mine_k = 2 if hasattr(sk, "Index") else 0
     single = _train(str(tmp_path / "single"), DistInfo(), mine_k)
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path), mine_k)) for r in range(2)]
+    rdzv = str(tmp_path / "rdzv")
+    procs = [ctx.Process(target=_worker, args=(r, 2, rdzv, str(tmp_path), mine_k)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
