@@ -61,8 +61,8 @@ import solar_kernels as sk
 from .config import Stage2Config
 from .distributed import DistInfo, get_dist
 
-__all__ = ["frequent_token_ids", "low_norm_patches", "segment_patches", "text_views", "image_views", "Views", "build_views", "Miner", "Stage2Loss",
-           "run_stage2", "step_generator"]
+__all__ = ["frequent_token_ids", "low_norm_patches", "segment_patches", "text_views", "image_views", "Views",
+           "build_views", "Miner", "Stage2Loss", "run_stage2", "step_generator"]
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -89,10 +89,9 @@ def frequent_token_ids(input_ids: torch.Tensor, valid: torch.Tensor, max_df: flo
     ids = input_ids.long().cpu()
     valid = valid.bool().cpu()
     V = int(ids.max()) + 1
-    present = torch.zeros(n, V, dtype=torch.bool)
-    present.scatter_(1, ids.masked_fill(~valid, 0), valid)   # position 0 of padding scatters False
-    present[:, 0] |= ((ids == 0) & valid).any(1)
-    df = present.float().mean(0)
+    present = torch.zeros(n, V + 1, dtype=torch.bool)          # column V collects non-content positions
+    present.scatter_(1, ids.masked_fill(~valid, V), True)
+    df = present[:, :V].float().mean(0)
     return (df > max_df).nonzero().flatten()
 
 
@@ -208,8 +207,9 @@ def image_views(s_v: torch.Tensor, seg: torch.Tensor, k: int, tau: float, *, dro
     """Image keep masks for the positive and the hard-negative view, by whole segments.
 
     s_v [B, P] patch-to-global-text similarities; seg [B, P] segment ids in [0, k), -1 for
-    patches in no segment (never hidden); u [B, k] uniform draws.  A segment's score is the mean s_v of its patches; segments
-    above tau + margin are intersection, at or below tau - margin difference.
+    patches in no segment (never hidden); u [B, k] uniform draws.  A segment's score is the
+    mean s_v of its patches; segments above tau + margin are intersection, at or below
+    tau - margin difference.
     Returns (pos_keep, neg_keep, neg_changed [B]): the positive hides each intersection
     segment with probability `drop` (at least one when any exists); the hard negative
     hides every difference segment.
@@ -478,8 +478,8 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
     data: a `PairBank` (the mining pool is a seeded subset of it) or a `StreamBatches`
     (then `pool`, a PairBank of training pairs with keys, is the mining pool; without
     one, mining is off and no caption token is neutral).  The neutral (never hidden)
-    caption tokens are those in more than cfg.text_neutral_df of the pool's captions.  The frozen teacher is a copy of `model` taken now (or the
-    given one).  Checkpoints in {out_dir}/ckpt; returns the loop's summary dict."""
+    caption tokens are those in more than cfg.text_neutral_df of the pool's captions.
+    The frozen teacher is a copy of `model` taken now (or the given one).  Checkpoints in {out_dir}/ckpt; returns the loop's summary dict."""
     from .trainer import train_loop
     di = dist_info or get_dist()
     if teacher is None:
@@ -500,7 +500,8 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
     if cfg.text_neutral_df > 0 and fields is not None and "input_ids" in fields:
         # document frequencies over the training pool (every rank sees the same pool: same ids)
         ids, am = fields["input_ids"], fields["attention_mask"]
-        valid = teacher.text_valid_mask(ids, am).cpu()
+        valid = torch.cat([teacher.text_valid_mask(ids[s:s + 65536], am[s:s + 65536]).cpu()
+                           for s in range(0, len(ids), 65536)])       # in chunks: a large pool on a GPU
         neutral_ids = frequent_token_ids(ids, valid, cfg.text_neutral_df)
     loss_mod = Stage2Loss(model, teacher, cfg, seed=seed, miner=miner, dist_info=di, neutral_ids=neutral_ids)
 
