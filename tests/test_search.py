@@ -106,8 +106,9 @@ def test_simd_and_scalar_paths_agree(dtype, m):
 @pytest.mark.parametrize("m,n,d", [(48, 97, 33), (61, 300, 129), (130, 64, 7)])
 @pytest.mark.parametrize("integer", [False, True])
 def test_many_queries_block_and_panel_paths(dtype, m, n, d, integer):
-    """m >= 48 takes the packed-panel path on AVX-512 (fp32/fp16): edges of 12-query tiles
-    and 32-row panels, duplicates, every strategy."""
+    """m >= 48 takes the packed-panel path on AVX-512 (fp32/fp16; int8 with VNNI, where d
+    that is not a multiple of 4 pads the last dword): edges of 12-query tiles and 32-row
+    panels, duplicates, every strategy."""
     q, x = _data(m * n + d, n, m, d, integer=integer, dup=True)
     q[5] = q[0]
     index = Index(d, dtype=dtype)
@@ -120,6 +121,18 @@ def test_many_queries_block_and_panel_paths(dtype, m, n, d, integer):
             assert torch.equal(i[5], i[0]) and torch.equal(s[5], s[0])
 
 
+def test_int8_panel_at_embedding_width_is_exact():
+    """The int8 panel path at d = 768 (12 x 64-byte steps per 4 dims, long accumulations):
+    ids and scores equal the integer reference, and equal the 4x6 dot-product tile's."""
+    q, x = _data(768, 301, 100, 768, integer=False, dup=True)
+    index = Index(768, dtype="int8")
+    index.add(x)
+    s, i = index.search(q, 10)
+    _check_against_reference(s, i, q, x, 10, "int8", exact=True)
+    s1, i1 = index.search(q, 10, simd=1)          # AVX2 tile (no panel)
+    assert torch.equal(i, i1) and torch.equal(s, s1)
+
+
 def test_kernel_dispatch_and_env(monkeypatch):
     assert "scalar" in kernel_name("fp32", 16, simd=0)
     assert "scalar" in kernel_name("int8", 1, simd="scalar")
@@ -128,6 +141,7 @@ def test_kernel_dispatch_and_env(monkeypatch):
     if BEST >= 2:
         assert "vnni" in kernel_name("int8", 16)
         assert "panel" in kernel_name("fp32", 1024) and "panel" in kernel_name("fp16", 48)
+        assert "panel" in kernel_name("int8", 48) and "panel" not in kernel_name("int8", 47)
         assert "panel" not in kernel_name("fp32", 1024, simd=1)
     monkeypatch.setenv("SOLAR_SEARCH_SIMD", "0")
     assert simd_level() == 0 and "scalar" in kernel_name("fp16", 4)

@@ -72,6 +72,18 @@ struct PanelKernel {
 // Available when the CPU (and build) has AVX-512F; fn == nullptr otherwise.
 PanelKernel avx512_panel_kernel();
 
+// The int8 (VNNI) counterpart: R queries (packed as q + 128 bytes, [d4][R][4]) x C rows
+// (packed [d4][C][4] codes, zero past d) -> out[R][C] scores, hit mask as above.
+struct PanelI8Kernel {
+  int R = 0, C = 0;
+  uint32_t (*fn)(const uint8_t* qpack, const int8_t* panel, int64_t d4, const int32_t* corr, const float* xscale,
+                 const float* qscale, const float* thr, float* out) = nullptr;
+  void (*pack)(const int8_t* x, const int32_t* x_sum, const float* x_scale, int64_t d, const int64_t* xi,
+               int8_t* panel, int32_t* corr, float* xscale) = nullptr;
+  const char* name = "";
+};
+PanelI8Kernel avx512_panel_i8_kernel();
+
 // IEEE half bits -> float without F16C (the scalar path).
 inline float half_bits_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;

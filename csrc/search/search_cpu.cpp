@@ -127,34 +127,32 @@ Plan make_plan(const Kernel& K, DType dt, int64_t m, int64_t n, int64_t d, int64
 }
 
 bool use_panel(DType dt, int simd_level, int64_t m) {
-  return (dt == DType::F32 || dt == DType::F16) && effective_simd_level(simd_level) == kAvx512 && m >= 48 &&
-         avx512_panel_kernel().fn != nullptr;
+  if (effective_simd_level(simd_level) != kAvx512 || m < 48) return false;
+  if (dt == DType::I8) return avx512_panel_i8_kernel().fn != nullptr;
+  return avx512_panel_kernel().fn != nullptr;
 }
 
-// The panel path (see PanelKernel): items are (query chunk, row part) as in the generic
-// path; inside an item each 32-row panel is packed once and scored against every 12-query
-// tile of the chunk.  Fills the same heaps as the generic path.
-void run_panel(const float* q, const void* x, bool half, int64_t m, int64_t n, int64_t d, int64_t k, int T,
-               int64_t P, int64_t strategy, float* hs, int64_t* hi) {
-  const PanelKernel PK = avx512_panel_kernel();
-  const int64_t R = PK.R, C = PK.C;
+// The panel paths (see PanelKernel, PanelI8Kernel): items are (query chunk, row part) as in
+// the generic path; inside an item each C-row panel is packed once and scored against every
+// R-query tile of the chunk.  Fills the same heaps as the generic path.
+//   pack(xi, buf): packs rows xi[0..C) into the item's buffer (buf_bytes);
+//   score(t, buf, thr, out): scores query tile t against it into out[R][C], returns the mask
+//   of the tile's queries with a score above their threshold thr[r].
+// qtile_bytes: the size of one packed query tile (it sets the chunk size).
+template <class Pack, class Score>
+void drive_panels(int64_t m, int64_t n, int64_t k, int T, int64_t P, int64_t strategy, int64_t R, int64_t C,
+                  int64_t qtile_bytes, size_t buf_bytes, const Pack& pack, const Score& score, float* hs,
+                  int64_t* hi) {
+  constexpr int64_t kMaxC = 64;
+  TORCH_CHECK(C <= kMaxC && R <= 32, "panel kernel too wide");
   const int64_t tiles = (m + R - 1) / R;
-  // Query tiles packed dimension-major, zero-padded: qpack[tile][d][R].
-  std::vector<float> qpack((size_t)(tiles * d * R), 0.f);
-#pragma omp parallel for schedule(static) num_threads(T)
-  for (int64_t t = 0; t < tiles; ++t)
-    for (int64_t r = 0; r < R && t * R + r < m; ++r) {
-      const float* src = q + (t * R + r) * d;
-      float* dst = qpack.data() + t * d * R + r;
-      for (int64_t p = 0; p < d; ++p) dst[p * R] = src[p];
-    }
   // Chunks: when the rows are split, as many queries as fit in 8 MiB of packed tiles (all
-  // of them up to m = 2730 at d = 768), so each 32-row panel is packed once per chunk and the
+  // of them up to m = 2730 at d = 768, fp32), so each panel is packed once per chunk and the
   // packing is amortised over every query tile (packing once per query share of a thread cost
   // ~6% at m = 1024); else about two chunks per thread.
   int64_t chunk_tiles = tiles;
   if (P == 1 && strategy != 1) chunk_tiles = std::max<int64_t>(1, (tiles + 2 * T - 1) / (2 * T));
-  else chunk_tiles = std::min<int64_t>(tiles, std::max<int64_t>(1, (int64_t)(8 << 20) / (d * R * 4)));
+  else chunk_tiles = std::min<int64_t>(tiles, std::max<int64_t>(1, (int64_t)(8 << 20) / qtile_bytes));
   const int64_t nchunks = (tiles + chunk_tiles - 1) / chunk_tiles;
   const int64_t items = nchunks * P;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(T)
@@ -164,16 +162,16 @@ void run_panel(const float* q, const void* x, bool half, int64_t m, int64_t n, i
     const int64_t x0 = part * n / P, x1 = (part + 1) * n / P;
     std::vector<float> thr((size_t)((t1 - t0) * R), -std::numeric_limits<float>::infinity());
     for (int64_t qq = std::min(m, t1 * R); qq < t1 * R; ++qq) thr[qq - t0 * R] = std::numeric_limits<float>::infinity();
-    std::vector<float> panel((size_t)(d * C) + 16);
-    alignas(64) float out[12 * 32];
-    int64_t xi[32];
+    std::vector<uint8_t> buf(buf_bytes + 64);
+    std::vector<float> out((size_t)(R * C));
+    int64_t xi[kMaxC];
     for (int64_t xb = x0; xb < x1; xb += C) {
       const int64_t nx = std::min<int64_t>(C, x1 - xb);
       for (int64_t j = 0; j < C; ++j) xi[j] = xb + std::min<int64_t>(j, nx - 1);
-      PK.pack(x, half, d, xi, panel.data());
+      pack(xi, buf.data());
       for (int64_t t = t0; t < t1; ++t) {
         float* th = thr.data() + (t - t0) * R;
-        uint32_t hit = PK.fn(qpack.data() + t * d * R, panel.data(), d, th, out);
+        uint32_t hit = score(t, buf.data(), th, out.data());
         while (hit) {
           const int r = __builtin_ctz(hit);
           hit &= hit - 1;
@@ -194,6 +192,61 @@ void run_panel(const float* q, const void* x, bool half, int64_t m, int64_t n, i
   }
 }
 
+// fp32 / fp16 rows: query tiles packed dimension-major, zero-padded: qpack[tile][d][R].
+void run_panel(const float* q, const void* x, bool half, int64_t m, int64_t n, int64_t d, int64_t k, int T,
+               int64_t P, int64_t strategy, float* hs, int64_t* hi) {
+  const PanelKernel PK = avx512_panel_kernel();
+  const int64_t R = PK.R, C = PK.C;
+  const int64_t tiles = (m + R - 1) / R;
+  std::vector<float> qpack((size_t)(tiles * d * R), 0.f);
+#pragma omp parallel for schedule(static) num_threads(T)
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t r = 0; r < R && t * R + r < m; ++r) {
+      const float* src = q + (t * R + r) * d;
+      float* dst = qpack.data() + t * d * R + r;
+      for (int64_t p = 0; p < d; ++p) dst[p * R] = src[p];
+    }
+  drive_panels(
+      m, n, k, T, P, strategy, R, C, d * R * 4, (size_t)(d * C + 16) * sizeof(float),
+      [&](const int64_t* xi, uint8_t* buf) { PK.pack(x, half, d, xi, reinterpret_cast<float*>(buf)); },
+      [&](int64_t t, const uint8_t* buf, const float* th, float* out) {
+        return PK.fn(qpack.data() + t * d * R, reinterpret_cast<const float*>(buf), d, th, out);
+      },
+      hs, hi);
+}
+
+// int8 rows (VNNI): query tiles as q + 128 bytes, 4 dimensions per dword: qpack[tile][d4][R][4]
+// (zero past d and for the padding queries of the last tile).
+void run_panel_i8(const Ctx& c, int64_t m, int64_t n, int64_t d, int64_t k, int T, int64_t P, int64_t strategy,
+                  float* hs, int64_t* hi) {
+  const PanelI8Kernel PK = avx512_panel_i8_kernel();
+  const int64_t R = PK.R, C = PK.C, d4 = (d + 3) / 4;
+  const int64_t tiles = (m + R - 1) / R;
+  std::vector<uint8_t> qpack((size_t)(tiles * d4 * R * 4), 0);
+  std::vector<float> qscale((size_t)(tiles * R), 0.f);
+#pragma omp parallel for schedule(static) num_threads(T)
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t r = 0; r < R && t * R + r < m; ++r) {
+      const uint8_t* src = c.q_prep + (t * R + r) * d;
+      uint8_t* dst = qpack.data() + (t * d4 * R + r) * 4;
+      for (int64_t p = 0; p < d; ++p) dst[(p / 4) * R * 4 + p % 4] = src[p];
+      qscale[t * R + r] = c.q_scale[t * R + r];
+    }
+  const size_t panel_bytes = (size_t)(d4 * C * 4);
+  drive_panels(
+      m, n, k, T, P, strategy, R, C, d4 * R * 4, panel_bytes + (size_t)C * 8,
+      [&](const int64_t* xi, uint8_t* buf) {
+        PK.pack(static_cast<const int8_t*>(c.x), c.x_sum, c.x_scale, d, xi, reinterpret_cast<int8_t*>(buf),
+                reinterpret_cast<int32_t*>(buf + panel_bytes), reinterpret_cast<float*>(buf + panel_bytes + C * 4));
+      },
+      [&](int64_t t, const uint8_t* buf, const float* th, float* out) {
+        return PK.fn(qpack.data() + t * d4 * R * 4, reinterpret_cast<const int8_t*>(buf), d4,
+                     reinterpret_cast<const int32_t*>(buf + panel_bytes),
+                     reinterpret_cast<const float*>(buf + panel_bytes + C * 4), qscale.data() + t * R, th, out);
+      },
+      hs, hi);
+}
+
 }  // namespace
 }  // namespace search
 
@@ -203,7 +256,8 @@ int64_t search_simd_level(int64_t requested) { return effective_simd_level((int)
 
 std::string search_kernel_name(int64_t dtype, int64_t simd, int64_t m) {
   TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype code must be 0 (fp32), 1 (fp16) or 2 (int8), got ", dtype);
-  if (use_panel((DType)dtype, (int)simd, m)) return avx512_panel_kernel().name;
+  if (use_panel((DType)dtype, (int)simd, m))
+    return dtype == 2 ? avx512_panel_i8_kernel().name : avx512_panel_kernel().name;
   return select_kernel((DType)dtype, (int)simd, m < 3).name;
 }
 
@@ -266,10 +320,11 @@ std::vector<at::Tensor> search_topk_cpu(const at::Tensor& q, const c10::optional
   std::vector<int64_t> hi((size_t)(P * m * k), kSentinelId);
   const int64_t items = plan.nchunks * P;
 
-  if (panel) {
+  if (panel && dt == DType::I8) {
+    run_panel_i8(ctx, m, n, d, k, plan.threads, P, strategy < 0 ? 1 : strategy, hs.data(), hi.data());
+  } else if (panel) {
     run_panel(q.data_ptr<float>(), x.data_ptr(), dt == DType::F16, m, n, d, k, plan.threads, P,
-              strategy < 0 ? 1 : strategy, hs.data(),
-              hi.data());
+              strategy < 0 ? 1 : strategy, hs.data(), hi.data());
   } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads)
     for (int64_t item = 0; item < items; ++item) {
