@@ -268,7 +268,8 @@ class _Streams:
 
 def _streams(urls, tokenizer, cfg: TrainConfig, di: DistInfo):
     pool = None
-    if cfg.stage2.mine_k > 0:
+    # the pool serves mining and the document frequencies of the neutral caption tokens
+    if cfg.stage2.mine_k > 0 or 0 < cfg.stage2.text_neutral_df < 1:
         pool = _FloatBank(load_pair_bank(urls, tokenizer, cfg, limit=max(cfg.stage2.mine_pool_size, 1)))
     return _Streams(urls, tokenizer, cfg, di), pool
 
