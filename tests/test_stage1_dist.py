@@ -1,13 +1,11 @@
 """Stage 1 under torch.distributed (gloo, 2 CPU processes): a few steps over a global batch
 split by rank give the same losses, QDA thresholds/statistics and weights as one process over
 the same global batch (masked ITC, GLA, distillation and QDA negatives over the global batch)."""
-import json
 import os
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.dist
 
@@ -67,33 +65,15 @@ def _comparable(name, values):
     return values
 
 
-def _worker(rank, world, rdzv, out_dir):
-    # a file rendezvous: no probed TCP port that another process could take in between
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    from solar.distributed import init_distributed
-    init_distributed("cpu", init_method="file://" + rdzv)
-    try:
-        res = _train(os.path.join(out_dir, "dist"), rank, world)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(res, fh)
-        from solar.distributed import barrier
-        barrier()  # no rank tears gloo down while the other still talks to it
-    finally:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+def _dist_train(di, out_dir):
+    return _train(os.path.join(out_dir, "dist"), di.rank, di.world)
 
 
 def test_stage1_two_process_gloo_matches_single_process(tmp_path):
     single = _train(str(tmp_path / "single"))
-    ctx = mp.get_context("spawn")
-    rdzv = str(tmp_path / "rdzv")
-    procs = [ctx.Process(target=_worker, args=(r, 2, rdzv, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    sys.path.insert(0, os.path.dirname(__file__))
+    from dist_harness import run_ranks
+    ranks = run_ranks(_dist_train, tmp_path, str(tmp_path))
     assert len(single["logs"]) == STEPS
     for r in ranks:
         for got, ref in zip(r["logs"], single["logs"]):

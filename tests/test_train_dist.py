@@ -4,10 +4,10 @@ one process over the same global batch."""
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.dist
 
@@ -73,20 +73,8 @@ def _train(out_dir: str, di, mine_k: int) -> dict:
     return result
 
 
-def _worker(rank, world, rdzv, out_dir, mine_k):
-    # a file rendezvous: no probed TCP port that another process could take in between
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    from solar.distributed import init_distributed
-    di = init_distributed("cpu", init_method="file://" + rdzv)
-    try:
-        res = _train(out_dir, di, mine_k)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(res, fh)
-        from solar.distributed import barrier
-        barrier()  # no rank tears gloo down while the other still talks to it
-    finally:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+def _dist_train(di, out_dir, mine_k):
+    return _train(out_dir, di, mine_k)
 
 
 def _free_port():
@@ -101,15 +89,9 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     from solar.distributed import DistInfo
     mine_k = 2 if hasattr(sk, "Index") else 0
     single = _train(str(tmp_path / "single"), DistInfo(), mine_k)
-    ctx = mp.get_context("spawn")
-    rdzv = str(tmp_path / "rdzv")
-    procs = [ctx.Process(target=_worker, args=(r, 2, rdzv, str(tmp_path), mine_k)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    sys.path.insert(0, os.path.dirname(__file__))
+    from dist_harness import run_ranks
+    ranks = run_ranks(_dist_train, tmp_path, str(tmp_path), mine_k)
     for phase in ("stage2", "clip_sf"):
         ref = single[phase]
         assert len(ref["losses"]) == STEPS

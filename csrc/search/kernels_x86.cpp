@@ -470,24 +470,10 @@ SOLAR_AVX512 void tile_i8_vnni(const Ctx& c, const int64_t* qi, const int64_t* x
 }  // namespace
 
 PanelI8Kernel avx512_panel_i8_kernel() {
-  PanelI8Kernel k;
-  k.R = kPanelI8R;
-  k.C = kPanelI8C;
-  k.fn = &panel_i8_12x32;
-  k.pack = &pack_panel_i8_32;
-  k.name = "avx512vnni-i8-panel-12x32";
-  return k;
+  return PanelI8Kernel{kPanelI8R, kPanelI8C, &panel_i8_12x32, &pack_panel_i8_32, "avx512vnni-i8-panel-12x32"};
 }
 
-PanelKernel avx512_panel_kernel() {
-  PanelKernel k;
-  k.R = kPanelR;
-  k.C = kPanelC;
-  k.fn = &panel_12x32;
-  k.pack = &pack_panel_32;
-  k.name = "avx512-f32-panel-12x32";
-  return k;
-}
+PanelKernel avx512_panel_kernel() { return PanelKernel{kPanelR, kPanelC, &panel_12x32, &pack_panel_32, "avx512-f32-panel-12x32"}; }
 
 Kernel avx2_kernel(DType dt, bool few) {
   switch (dt) {
