@@ -109,8 +109,8 @@ def build_benchmark(out: str, seed: int = 1234, triplets: int = 200, pool: int =
     samples, records = [], []
     it = range(n_triplets)
     if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="benchmark triplets", unit="triplet")
+        from .logging import progress_bar
+        it = progress_bar(it, desc="benchmark triplets", unit="triplet")
     for t in it:
         s, rec = _triplet(seed, t, item_base, image_size)
         samples += s
@@ -118,8 +118,8 @@ def build_benchmark(out: str, seed: int = 1234, triplets: int = 200, pool: int =
     pool_base = item_base + 2 * n_triplets
     pool_ids = range(pool_base, pool_base + pool_size)
     if progress:
-        from tqdm import tqdm
-        pool_ids = tqdm(pool_ids, desc="benchmark pool", unit="pair")
+        from .logging import progress_bar
+        pool_ids = progress_bar(pool_ids, desc="benchmark pool", unit="pair")
     samples += [make_pair(seed, i, 0, image_size) for i in pool_ids]
     shards = []
     for s in range(0, len(samples), shard_size):

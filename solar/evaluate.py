@@ -59,7 +59,7 @@ def load_for_eval(path: str, device="cpu"):
 def embed_collection(model, kind: str, urls, tokenizer, *, image_size: int, patch_size: int, max_length: int,
                      batch_size: int = 128, device="cpu", progress: bool = True, desc: str = "embed"):
     """Embed every pair of the shards `urls` in order: (emb [N, E] float32, keys list)."""
-    from tqdm.auto import tqdm
+    from .logging import progress_bar
 
     from .data.reader import make_loader
     from .trainer import batch_to
@@ -68,7 +68,7 @@ def embed_collection(model, kind: str, urls, tokenizer, *, image_size: int, patc
     was = model.training
     model.eval()
     embs, keys = [], []
-    bar = tqdm(desc=desc, unit="pair", disable=not progress)
+    bar = progress_bar(desc=desc, unit="pair", disable=not progress)
     try:
         for b in loader:
             keys += list(b["key"])

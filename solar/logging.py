@@ -17,7 +17,22 @@ import os
 import time
 from typing import Iterable, Optional
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "progress_bar"]
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar for the long jobs (kwargs as tqdm's).
+
+    On a terminal it redraws as usual.  When stderr is not a terminal (a log file, CI) it
+    refreshes at most every 30 s (``mininterval``), so a log keeps a short readable trace
+    instead of thousands of carriage-return updates."""
+    import sys
+
+    from tqdm.auto import tqdm
+    isatty = getattr(sys.stderr, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.1)), 30.0)
+    return tqdm(iterable, **kwargs)
 
 
 def _jsonable(v):

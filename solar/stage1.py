@@ -477,7 +477,7 @@ def run_stage1(model: SolarModel, train_loader: Iterable[Mapping[str, Any]], cfg
     (``{"event": "eval", ...}``) and at the end (``{"event": "final", ...}``).
     eval_loader: batches with ground truth for ``evaluate_masks`` during and after training.
     """
-    from tqdm.auto import tqdm
+    from .logging import progress_bar
 
     log = log or (lambda m: None)
     out = Path(out_dir)
@@ -534,7 +534,7 @@ def run_stage1(model: SolarModel, train_loader: Iterable[Mapping[str, Any]], cfg
                 raise ValueError("run_stage1: train_loader yielded no batches")
 
     it = batches()
-    bar = tqdm(total=cfg.steps, initial=step, desc="stage 1", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=step, desc="stage 1", disable=not progress, dynamic_ncols=True)
     t0, pairs, last = time.perf_counter(), 0, {}
     while step < cfg.steps:
         batch = _to(next(it), model.device)

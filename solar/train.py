@@ -155,7 +155,7 @@ def prepare_data(cfg: TrainConfig, di: DistInfo) -> tuple:
 
 def load_pair_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0):
     """Decode every training pair once into a `PairBank` (pixels kept as float16)."""
-    from tqdm.auto import tqdm
+    from .logging import progress_bar
 
     from .data.reader import make_loader
     from .trainer import PairBank
@@ -165,7 +165,7 @@ def load_pair_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0):
                          num_workers=cfg.data.num_workers)
     fields: dict = {}
     n = 0
-    bar = tqdm(desc="load pairs", unit="pair", disable=not cfg.run.progress, total=limit or None)
+    bar = progress_bar(desc="load pairs", unit="pair", disable=not cfg.run.progress, total=limit or None)
     for b in loader:
         for k, v in b.items():
             if k == "pixel_values":

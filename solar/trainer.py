@@ -215,7 +215,7 @@ def train_loop(*, name: str, model: nn.Module, loss_fn: Callable, data, steps: i
     loop continues from there (the same batches, RNG streams and optimizer state as an
     uninterrupted run). Returns {"step", "loss", "seconds"}.
     """
-    from tqdm.auto import tqdm
+    from .logging import progress_bar
 
     generators = generators or {}
     device = dist_info.device
@@ -235,7 +235,7 @@ def train_loop(*, name: str, model: nn.Module, loss_fn: Callable, data, steps: i
         wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=True, broadcast_buffers=False)
     model.train()
-    bar = tqdm(total=steps, initial=start, desc=name, disable=not (progress and dist_info.is_main),
+    bar = progress_bar(total=steps, initial=start, desc=name, disable=not (progress and dist_info.is_main),
                dynamic_ncols=True, mininterval=1.0)
     t0 = time.time()
     seen = 0

@@ -308,3 +308,23 @@ def test_eval_pair_scores_match_the_index(dtype):
         ref = torch.zeros(30, dtype=torch.float64)
         ref[ids[i].long()] = scores[i].double()
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_progress_bar_is_quiet_in_logs(monkeypatch):
+    import io
+    import sys
+
+    from solar.logging import progress_bar
+
+    class _Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())          # a log file / CI
+    bar = progress_bar(total=10, desc="x", file=io.StringIO())
+    assert bar.mininterval >= 30
+    bar.close()
+    monkeypatch.setattr(sys, "stderr", _Tty())                  # a terminal
+    bar = progress_bar(total=10, desc="x", file=io.StringIO(), mininterval=0.5)
+    assert bar.mininterval == 0.5
+    bar.close()

@@ -412,8 +412,8 @@ def write_shards(out: str, pairs: int, seed: int = 0, shard_size: int = 10000, w
     t0 = time.perf_counter()
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=pairs, desc="shapesworld", unit="pair")
+        from ..logging import progress_bar
+        bar = progress_bar(total=pairs, desc="shapesworld", unit="pair")
     if workers == 1:
         for j in jobs:
             n = _write_shard(j)
