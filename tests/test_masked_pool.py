@@ -69,9 +69,13 @@ def assert_oracle(name, got, ref64, plain, atol):
     ref64 = ref64.detach().cpu()
     plain_err = (plain.detach().to(torch.float64).cpu() - ref64).abs()
     tol = 2 * (float(plain_err.max()) if plain_err.numel() else 0.0) + atol
+    # plus one unit in the last place of got's dtype: a result stored in a coarser dtype than
+    # it was computed in (a bf16 mask's gradient) may round to the neighbour of the reference
+    # rounded the same way (that left plain_err at 0 and failed ~1 draw in 200)
+    ulp = torch.finfo(got.dtype).eps * ref64.abs() if got.is_floating_point() else 0.0
     err = (got64 - ref64).abs()
     err = torch.where(torch.isnan(got64), torch.full_like(err, float("inf")), err)
-    bad = err > tol
+    bad = err > tol + ulp
     if bool(bad.any()):
         i = int(err.flatten().argmax())
         idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape))
@@ -172,7 +176,7 @@ def test_empty_dimensions(backend, shape):
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_strided_mask_and_reduced_precision_weights(backend):
     x, _ = make_inputs(5, 3, 33, 40, 1, torch.float32)
-    base = torch.rand(33, 3, 2, device=DEVICE)
+    base = torch.rand(33, 3, 2, generator=torch.Generator().manual_seed(116)).to(DEVICE)
     mask = base.permute(2, 1, 0)  # [2, 3, 33] with no unit stride
     for m in (mask, mask.to(torch.bfloat16), mask.to(torch.float64)):
         check_case(backend, x, m, False, mask_grad=True)
