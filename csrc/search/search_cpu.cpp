@@ -312,19 +312,20 @@ std::vector<at::Tensor> search_topk_cpu(const at::Tensor& q, const c10::optional
   ctx.q = q.data_ptr();
   ctx.x = x.data_ptr();
 
-  // The packed-panel path splits the rows in auto mode (see run_panel: one packing per panel).
+  // The packed-panel paths split the rows in auto mode (see drive_panels: one packing per panel).
   const bool panel = use_panel(dt, (int)simd, m);
-  const Plan plan = make_plan(K, dt, m, n, d, (panel && strategy < 0) ? 1 : strategy, num_threads);
+  const int64_t split = (panel && strategy < 0) ? 1 : strategy;
+  const Plan plan = make_plan(K, dt, m, n, d, split, num_threads);
   const int64_t P = plan.parts;
   std::vector<float> hs((size_t)(P * m * k), -std::numeric_limits<float>::infinity());
   std::vector<int64_t> hi((size_t)(P * m * k), kSentinelId);
   const int64_t items = plan.nchunks * P;
 
   if (panel && dt == DType::I8) {
-    run_panel_i8(ctx, m, n, d, k, plan.threads, P, strategy < 0 ? 1 : strategy, hs.data(), hi.data());
+    run_panel_i8(ctx, m, n, d, k, plan.threads, P, split, hs.data(), hi.data());
   } else if (panel) {
-    run_panel(q.data_ptr<float>(), x.data_ptr(), dt == DType::F16, m, n, d, k, plan.threads, P,
-              strategy < 0 ? 1 : strategy, hs.data(), hi.data());
+    run_panel(q.data_ptr<float>(), x.data_ptr(), dt == DType::F16, m, n, d, k, plan.threads, P, split, hs.data(),
+              hi.data());
   } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads)
     for (int64_t item = 0; item < items; ++item) {
