@@ -217,8 +217,12 @@ def _clip_b16() -> TrainConfig:
     """SOLAR-C shape: CLIP ViT-B/16 towers (real weights from a local path or the hub
     cache), 768-d embeddings, real webdataset shards given with --data.train_shards."""
     cfg = TrainConfig(preset="clip-b16", model=_model_preset("clip-b16"), stage1=_stage1_preset("clip-b16"))
+    # img_neutral_ratio off: the low-norm rule was measured on ShapesWorld's flat backgrounds
+    # only, and pretrained ViTs put a few very high-norm tokens in an image, next to which
+    # most patches would count as neutral; function words (text_neutral_df) stay neutral
     cfg.stage2 = Stage2Config(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
-                              mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10)
+                              mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10,
+                              img_neutral_ratio=0.0)
     cfg.data = DataConfig(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
                           in_memory=False)
     cfg.eval = EvalConfig(batch_size=512)
