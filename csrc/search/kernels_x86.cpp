@@ -12,6 +12,7 @@
 //                sum((q + 128) x) - 128 sum(x), with sum(x) stored per row.
 // Dimension tails use zero-filled (masked) loads, so every pair runs the same sequence.
 #include <cstring>
+#include <type_traits>
 
 #include "search/kernels.h"
 
@@ -55,14 +56,15 @@ SOLAR_AVX2 inline int32_t hsum256i(__m256i v) {
 
 alignas(32) static const int32_t kMaskTable[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 
-// ---- fp32, AVX2 + FMA -------------------------------------------------------------------
-template <int R, int C>
-SOLAR_AVX2 void tile_f32_avx2(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
+// ---- fp32 / fp16 storage, AVX2 + F16C + FMA (HALF: rows are IEEE half bits) ---------------
+template <int R, int C, bool HALF>
+SOLAR_AVX2 void tile_f_avx2(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
+  using Row = typename std::conditional<HALF, uint16_t, float>::type;
   const int64_t d = c.d;
   const float* qp[R];
-  const float* xp[C];
+  const Row* xp[C];
   for (int r = 0; r < R; ++r) qp[r] = static_cast<const float*>(c.q) + qi[r] * d;
-  for (int j = 0; j < C; ++j) xp[j] = static_cast<const float*>(c.x) + xi[j] * d;
+  for (int j = 0; j < C; ++j) xp[j] = static_cast<const Row*>(c.x) + xi[j] * d;
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < C; ++j) acc[r][j] = _mm256_setzero_ps();
@@ -71,43 +73,11 @@ SOLAR_AVX2 void tile_f32_avx2(const Ctx& c, const int64_t* qi, const int64_t* xi
     __m256 qv[R];
     for (int r = 0; r < R; ++r) qv[r] = _mm256_loadu_ps(qp[r] + p);
     for (int j = 0; j < C; ++j) {
-      SOLAR_PREFETCH_AHEAD(xp[j] + p, 2 * C * d * 4);
-      __m256 xv = _mm256_loadu_ps(xp[j] + p);
+      SOLAR_PREFETCH_AHEAD(xp[j] + p, 2 * C * d * (int64_t)sizeof(Row));
+      __m256 xv;
+      if constexpr (HALF) xv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xp[j] + p)));
+      else xv = _mm256_loadu_ps(xp[j] + p);
       SOLAR_KEEP_IN_REG(xv);
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], xv, acc[r][j]);
-    }
-  }
-  if (p < d) {
-    const __m256i mask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMaskTable + 8 - (d - p)));
-    __m256 qv[R];
-    for (int r = 0; r < R; ++r) qv[r] = _mm256_maskload_ps(qp[r] + p, mask);
-    for (int j = 0; j < C; ++j) {
-      const __m256 xv = _mm256_maskload_ps(xp[j] + p, mask);
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], xv, acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < C; ++j) out[r * C + j] = hsum256(acc[r][j]);
-}
-
-// ---- fp16 storage, AVX2 + F16C + FMA ---------------------------------------------------
-template <int R, int C>
-SOLAR_AVX2 void tile_f16_avx2(const Ctx& c, const int64_t* qi, const int64_t* xi, float* out) {
-  const int64_t d = c.d;
-  const float* qp[R];
-  const uint16_t* xp[C];
-  for (int r = 0; r < R; ++r) qp[r] = static_cast<const float*>(c.q) + qi[r] * d;
-  for (int j = 0; j < C; ++j) xp[j] = static_cast<const uint16_t*>(c.x) + xi[j] * d;
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < C; ++j) acc[r][j] = _mm256_setzero_ps();
-  int64_t p = 0;
-  for (; p + 8 <= d; p += 8) {
-    __m256 qv[R];
-    for (int r = 0; r < R; ++r) qv[r] = _mm256_loadu_ps(qp[r] + p);
-    for (int j = 0; j < C; ++j) {
-      SOLAR_PREFETCH_AHEAD(xp[j] + p, 2 * C * d * 2);
-      const __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xp[j] + p)));
       for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], xv, acc[r][j]);
     }
   }
@@ -117,9 +87,14 @@ SOLAR_AVX2 void tile_f16_avx2(const Ctx& c, const int64_t* qi, const int64_t* xi
     __m256 qv[R];
     for (int r = 0; r < R; ++r) qv[r] = _mm256_maskload_ps(qp[r] + p, mask);
     for (int j = 0; j < C; ++j) {
-      alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      std::memcpy(buf, xp[j] + p, (size_t)t * sizeof(uint16_t));
-      const __m256 xv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+      __m256 xv;
+      if constexpr (HALF) {
+        alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(buf, xp[j] + p, (size_t)t * sizeof(uint16_t));
+        xv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+      } else {
+        xv = _mm256_maskload_ps(xp[j] + p, mask);
+      }
       for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], xv, acc[r][j]);
     }
   }
@@ -478,9 +453,9 @@ PanelKernel avx512_panel_kernel() { return PanelKernel{kPanelR, kPanelC, &panel_
 Kernel avx2_kernel(DType dt, bool few) {
   switch (dt) {
     case DType::F32:
-      return few ? Kernel{1, 8, &tile_f32_avx2<1, 8>, "avx2-f32-1x8", 0} : Kernel{2, 6, &tile_f32_avx2<2, 6>, "avx2-f32-2x6", 0};
+      return few ? Kernel{1, 8, &tile_f_avx2<1, 8, false>, "avx2-f32-1x8", 0} : Kernel{2, 6, &tile_f_avx2<2, 6, false>, "avx2-f32-2x6", 0};
     case DType::F16:
-      return few ? Kernel{1, 8, &tile_f16_avx2<1, 8>, "avx2-f16-1x8", 0} : Kernel{2, 6, &tile_f16_avx2<2, 6>, "avx2-f16-2x6", 0};
+      return few ? Kernel{1, 8, &tile_f_avx2<1, 8, true>, "avx2-f16-1x8", 0} : Kernel{2, 6, &tile_f_avx2<2, 6, true>, "avx2-f16-2x6", 0};
     case DType::I8:
       return few ? Kernel{1, 8, &tile_i8_avx2<1, 8>, "avx2-i8-1x8", 1} : Kernel{2, 4, &tile_i8_avx2<2, 4>, "avx2-i8-2x4", 1};
   }
