@@ -8,7 +8,8 @@
 Peers measured in the same run (CPU): faiss IndexFlatIP, faiss IndexScalarQuantizer
 QT_fp16 and QT_8bit, torch.mm + torch.topk.  Rows report queries/s, the ratio of our
 queries/s to each peer's (ratio_<peer>), recall@k against exact fp32 search, whether the
-ids equal IndexFlatIP's (fp32), and the index size in bytes.
+ids equal IndexFlatIP's (fp32), and the index size in bytes.  At m = 1 a read_floor_int8 row
+times one plain read of the int8 codes: the memory floor of any one-query int8 scan here.
 """
 from __future__ import annotations
 
@@ -54,6 +55,22 @@ def _reps(m, n):
     if work >= 1024 * 100_000:
         return dict(warmup=1, reps=2)
     return dict(warmup=2, reps=7)
+
+
+def _read_floor(idx, case, qps, rec):
+    """The m = 1 memory floor: one plain read of the int8 index's code bytes (torch amax over
+    them as int64 words, the fastest plain read we found here).  A one-query scan must read
+    every code once, so no exact int8 scan on this machine gets faster than this row; its
+    ratio_faiss_sq_8bit is the best ratio to QT_8bit that an m = 1 scan can reach here."""
+    codes = idx._rows_view()[0]
+    words = codes.reshape(-1)[: codes.numel() // 8 * 8].view(torch.int64)
+    st = bench(lambda: words.amax(), device="cpu", warmup=2, reps=7)
+    floor = 1.0 / st.median_s
+    rec.add(impl="read_floor_int8", case=case, stats=st, qps=floor, index_bytes=codes.numel(),
+            **{f"ratio_{p}": floor / v for p, v in qps.items()})
+    gbps = codes.numel() / st.median_s / 1e9
+    print(f"  N={case['N']} m=1 read_floor_int8 {st}  {floor:10.1f} q/s  ({gbps:.1f} GB/s; "
+          f"best possible ratio_faiss_sq_8bit={floor / qps['faiss_sq_8bit']:.2f}x)", flush=True)
 
 
 def run_cpu(args, rec):
@@ -105,6 +122,8 @@ def run_cpu(args, rec):
                         same_ids_as_flatip=bool(np.array_equal(ids.numpy(), exact)), **ratios)
                 print(f"  N={n} m={m} {name:<14} {st}  {our:10.1f} q/s  "
                       + " ".join(f"{p}={r:.2f}x" for p, r in ratios.items()), flush=True)
+            if m == 1:
+                _read_floor(ours["solar_int8"], case, qps, rec)
         del peers, ours, x, xn, flat
 
 
