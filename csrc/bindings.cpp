@@ -41,6 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("search_topk_cpu", &solar::search_topk_cpu, "exact top-k search (CPU)", py::arg("q"), py::arg("q_scale"),
         py::arg("x"), py::arg("x_scale"), py::arg("x_sum"), py::arg("k"), py::arg("simd") = -1,
         py::arg("strategy") = -1, py::arg("num_threads") = 0);
+  m.def("quantize_int8_cpu", &solar::quantize_int8_cpu, "per-row symmetric int8 quantisation (CPU)", py::arg("x"));
   m.def("search_simd_level", &solar::search_simd_level, "SIMD level a search would use", py::arg("requested") = -1);
   m.def("search_kernel_name", &solar::search_kernel_name, "micro-kernel a search would use", py::arg("dtype"),
         py::arg("simd"), py::arg("m"));

@@ -241,6 +241,43 @@ def test_quantize_int8_symmetric_scale():
     assert scales.tolist() == [pytest.approx(1 / 127), 0.0]
 
 
+def _quantize_int8_torch(x):
+    """The torch expression quantize_int8 is specified by (and runs on CUDA tensors)."""
+    s = x.abs().amax(dim=1) / 127.0
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    c = torch.round(x / safe[:, None]).clamp(-127, 127)
+    return torch.where(s[:, None] > 0, c, torch.zeros_like(c)).to(torch.int8), s
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), d=st.sampled_from(DIMS + [768]), seed=st.integers(0, 2**31 - 1),
+       kind=st.sampled_from(["normal", "halves", "tiny", "huge", "zeros"]))
+def test_native_quantize_int8_matches_the_torch_expression(n, d, seed, kind):
+    """The CPU quantiser (one native pass) gives the torch expression's codes and scales bit for
+    bit: true division by the scale and round-half-to-even included ("halves": values that sit
+    exactly on k + 0.5 code steps), all-zero rows (scale 0), subnormal and huge magnitudes."""
+    assert _ext.available("quantize_int8_cpu")
+    g = torch.Generator().manual_seed(seed)
+    if kind == "halves":  # max 127 -> scale exactly 1.0, then every x/scale is an exact half
+        x = torch.randint(-127, 127, (n, d), generator=g).float() + 0.5
+        x[:, 0] = 127.0
+    else:
+        x = torch.randn(n, d, generator=g) * {"normal": 1.0, "tiny": 1e-42, "huge": 1e37, "zeros": 1.0}[kind]
+    if kind == "zeros" or n > 2:
+        x[torch.randint(0, n, (max(1, n // 3),), generator=g)] = 0.0
+    codes, scales = quantize_int8(x)
+    want_c, want_s = _quantize_int8_torch(x)
+    assert torch.equal(scales, want_s)
+    assert torch.equal(codes, want_c)
+
+
+def test_native_quantize_int8_nan_row():
+    x = torch.tensor([[1.0, float("nan"), -2.0], [1.0, -2.0, 0.5]])
+    codes, scales = quantize_int8(x)
+    assert torch.isnan(scales[0]) and codes[0].tolist() == [0, 0, 0]
+    assert codes[1].tolist() == [64, -127, 32]
+
+
 # ---- save / load -----------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("mmap", [False, True])

@@ -26,6 +26,13 @@ std::vector<at::Tensor> search_topk_cpu(const at::Tensor& q, const c10::optional
                                         const c10::optional<at::Tensor>& x_sum, int64_t k, int64_t simd,
                                         int64_t strategy, int64_t num_threads);
 
+// Per-row symmetric int8 quantisation of fp32 rows [n, d]: scale = max|x| / 127 (fp32),
+// codes = round-half-even(x / scale) clamped to [-127, 127]; an all-zero row gets scale 0
+// and zero codes; a row with a NaN gets scale NaN and zero codes.  Bit-identical to the
+// torch expression in solar_kernels.reference (true division, not a reciprocal).
+// Returns {codes int8 [n, d], scales fp32 [n]}.
+std::vector<at::Tensor> quantize_int8_cpu(const at::Tensor& x);
+
 // Which SIMD level and micro-kernel a search would use (for tests and `info`).
 int64_t search_simd_level(int64_t requested);
 std::string search_kernel_name(int64_t dtype, int64_t simd, int64_t m);

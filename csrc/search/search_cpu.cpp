@@ -252,6 +252,44 @@ void run_panel_i8(const Ctx& c, int64_t m, int64_t n, int64_t d, int64_t k, int 
 
 using namespace search;
 
+std::vector<at::Tensor> quantize_int8_cpu(const at::Tensor& x) {
+  SOLAR_CHECK_CPU(x);
+  SOLAR_CHECK_DIM(x, 2);
+  SOLAR_CHECK_CONTIGUOUS(x);
+  SOLAR_CHECK_DTYPE(x, at::kFloat);
+  const int64_t n = x.size(0), d = x.size(1);
+  at::Tensor codes = at::empty({n, d}, x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({n}, x.options().dtype(at::kFloat));
+  const float* src = x.data_ptr<float>();
+  int8_t* dst = codes.data_ptr<int8_t>();
+  float* sc = scales.data_ptr<float>();
+  // One pass for the maximum, one for the codes, row by row (each row stays in L1).
+  at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, d)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = src + r * d;
+      int8_t* out = dst + r * d;
+      float amax = 0.f;
+      bool nan = false;
+      for (int64_t p = 0; p < d; ++p) {
+        const float a = std::fabs(row[p]);
+        nan |= a != a;
+        amax = a > amax ? a : amax;
+      }
+      const float s = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+      sc[r] = s;
+      if (!(s > 0.f)) {
+        std::fill(out, out + d, (int8_t)0);
+        continue;
+      }
+      for (int64_t p = 0; p < d; ++p) {
+        const float c = std::nearbyint(row[p] / s);  // default rounding: half to even, as torch.round
+        out[p] = (int8_t)std::min(127.f, std::max(-127.f, c));
+      }
+    }
+  });
+  return {codes, scales};
+}
+
 int64_t search_simd_level(int64_t requested) { return effective_simd_level((int)requested); }
 
 std::string search_kernel_name(int64_t dtype, int64_t simd, int64_t m) {
@@ -280,7 +318,7 @@ std::vector<at::Tensor> search_topk_cpu(const at::Tensor& q, const c10::optional
 
   Ctx ctx;
   ctx.d = d;
-  at::Tensor prep;
+  std::vector<uint8_t> prep;
   const bool few = m < 3;
   const Kernel K = select_kernel(dt, (int)simd, few);
   if (dt == DType::I8) {
@@ -300,12 +338,14 @@ std::vector<at::Tensor> search_topk_cpu(const at::Tensor& q, const c10::optional
     ctx.q_scale = qs.data_ptr<float>();
     ctx.x_scale = xs.data_ptr<float>();
     ctx.x_sum = xsum.data_ptr<int32_t>();
-    if (K.q_prep == 1) {
-      prep = q.abs().view(at::kByte).contiguous();  // codes are in [-127, 127]: |q| fits u8
-    } else if (K.q_prep == 2) {
-      prep = (q.to(at::kShort) + 128).to(at::kByte).contiguous();
+    if (K.q_prep != 0) {
+      // 1: |q| (codes are in [-127, 127], so it fits u8); 2: q + 128 (the VNNI u8 operand).
+      const int8_t* qc = q.data_ptr<int8_t>();
+      prep.resize((size_t)(m * d));
+      const bool absolute = K.q_prep == 1;
+      for (int64_t i = 0; i < m * d; ++i) prep[i] = absolute ? (uint8_t)std::abs((int)qc[i]) : (uint8_t)(qc[i] + 128);
+      ctx.q_prep = prep.data();
     }
-    if (prep.defined()) ctx.q_prep = prep.data_ptr<uint8_t>();
   } else {
     SOLAR_CHECK_DTYPE(q, at::kFloat);
   }
