@@ -8,17 +8,20 @@
 #
 # Set-up: a virtual env in $SOLAR_VENV (default .venv, created with
 # --system-site-packages so that a torch already installed on a GPU box is kept
-# as it is); torch==2.13.0 (CPU build) is installed only when no torch is
-# importable; then the package and its native extension are built against that
-# torch (--no-build-isolation, torch pinned by a constraint so pip can never
-# resolve another one).  The build re-runs only when setup.py, pyproject.toml or
+# as it is); torch==2.13.0+cpu is installed only when no torch is importable
+# (the +cpu local version exists only in CPU wheel sources: a local wheel folder, or
+# PyTorch's CPU index via PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu;
+# where neither is configured pip fails with "no matching distribution" instead of
+# pulling a multi-GB CUDA build from PyPI); then the package and its native
+# extension are built against that torch (--no-build-isolation, torch pinned by a
+# constraint so pip can never resolve another one).  The build re-runs only when setup.py, pyproject.toml or
 # csrc/ change.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV=${SOLAR_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
-TORCH_CPU_PIN=${SOLAR_TORCH_PIN:-torch==2.13.0}
+TORCH_CPU_PIN=${SOLAR_TORCH_PIN:-torch==2.13.0+cpu}
 
 log() { echo "[run.sh] $*" >&2; }
 
