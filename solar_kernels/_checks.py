@@ -1,8 +1,12 @@
 """Input validation shared by every op: errors name the argument, what came, what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Iterable
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,6 +38,47 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf)")
+
+
+def check_finite_fast(name: str, t: torch.Tensor) -> None:
+    """:func:`check_finite` in one min/max reduction (NaN and inf propagate into it) instead of an
+    isfinite mask of t's size; the detailed count is only computed when something is wrong."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    with torch.no_grad():
+        ends = torch.stack(torch.aminmax(t))
+    if not bool(torch.isfinite(ends).all()):
+        check_finite(name, t)
+
+
+def as_float(name: str, value) -> float:
+    """`value` as a finite python float: python/numpy real numbers and 0-d tensors that need no
+    gradient are accepted (the ops take these arguments as constants)."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise TypeError(f"{name} must be a number, got a torch.Tensor that requires grad ({name} is used as "
+                            f"a constant and would get no gradient; pass {name}.detach() or a python float)")
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be a finite number or a 0-d real tensor, got a "
+                             f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def as_int(name: str, value, minimum: int = 0) -> int:
+    """`value` as a python int >= minimum: python/numpy integers and 0-d integer tensors (not bool)."""
+    out = None
+    if not isinstance(value, (bool, np.bool_)) and not (isinstance(value, torch.Tensor)
+                                                         and (value.dtype == torch.bool or value.dim() != 0)):
+        try:
+            out = operator.index(value)
+        except TypeError:
+            pass
+    if out is None or out < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return out
 
 
 def check_positive(name: str, value: float) -> None:

@@ -38,7 +38,33 @@ def forced_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force every op inside the block onto one backend ("auto" restores dispatch by device)."""
+    """Force every op inside the ``with`` block onto one backend (thread-local; blocks nest).
+
+    Args:
+        name: one of
+
+            * ``"auto"``: dispatch by device (overriding SOLAR_BACKEND): CUDA tensors -> Triton/CUDA
+              kernels, CPU tensors -> the C++ extension where it provides the op, else the
+              chunked PyTorch path.
+            * ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``
+              set before triton is imported (RuntimeError otherwise).
+            * ``"native"``: the C++ extension on CPU tensors (RuntimeError when it is not built
+              or lacks the op; ops without a C++ kernel use their CPU fallback); CUDA tensors
+              still take the Triton/CUDA kernels, their native path.
+            * ``"torch"``: the chunked plain-PyTorch path, on any device.
+
+    It governs masked_pool, contrastive_loss and pooled_contrastive_loss; search
+    (``Index``, ``topk_search``) always runs its C++ / CUDA kernels.  Outside any block the
+    ``SOLAR_BACKEND`` environment variable (same names) applies.
+
+    Raises:
+        ValueError: `name` is not one of ``("auto", "triton", "native", "torch")``.
+
+    Example::
+
+        with solar_kernels.use_backend("torch"):
+            loss = solar_kernels.contrastive_loss(q, k)
+    """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     prev = getattr(_state, "backend", None)

@@ -44,6 +44,9 @@ def distributed_contrastive_loss(q, k=None, *, groups=None, hard_negatives=None,
     from .ops.contrastive import (Mined, _backend, _cache_rows, _check_counts, _ContrastiveFunction,
                                    _need_grad)
 
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")
     group = process_group
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)

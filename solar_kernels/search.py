@@ -51,6 +51,7 @@ File format (little-endian; `Index.save` / `Index.load`), no pickle:
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zlib
 from typing import Optional, Tuple, Union
@@ -146,28 +147,71 @@ def _as_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
-def _as_matrix(name: str, x, dim: int, device: torch.device) -> torch.Tensor:
-    """Validate `x` as [m, dim] floats on `device`; return it as contiguous float32."""
+def _as_matrix(name: str, x, dim: int, device: torch.device, home: str = "the index") -> torch.Tensor:
+    """Validate `x` as [m, dim] floats on `device` (where `home` lives); return it as contiguous float32."""
     x = _as_tensor(name, x)
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.dim() != 2 or x.shape[1] != dim:
         raise ValueError(f"{name} must have shape [m, {dim}] (or [{dim}]), got {tuple(x.shape)}")
     if x.device.type != device.type:
-        raise ValueError(f"{name} is on {x.device} but the index lives on {device}; move it with .to('{device}')")
+        raise ValueError(f"{name} is on {x.device} but {home} lives on {device}; move it with .to('{device}')")
     check_finite(name, x)
     return x.to(torch.float32).contiguous()
 
 
-def _check_k(k, n: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) and not (isinstance(k, torch.Tensor) and k.numel() == 1):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+def _as_ids(ids) -> torch.Tensor:
+    """Row ids (tensor, ndarray or sequence of ints) as int64; bool masks and floats are refused."""
+    try:
+        t = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"ids must be integers (a tensor, ndarray or sequence of ints), got {type(ids).__name__}") \
+            from None
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+        hint = "; for a bool mask pass mask.nonzero()[:, 0]" if t.dtype == torch.bool else ""
+        raise TypeError(f"ids must be integers (a tensor, ndarray or sequence of ints), got "
+                        f"{str(t.dtype).replace('torch.', '')} values{hint}")
+    return t.to(torch.int64)
+
+
+def _check_k(k, n: int, rows: str = "index") -> int:
+    """k as an int in [1, n]; `rows` names what holds the n vectors ("index" or "db")."""
+    is_int_tensor = (isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point()
+                     and not k.is_complex() and k.dtype != torch.bool)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) and not is_int_tensor:
+        what = f"a {str(k.dtype).replace('torch.', '')} tensor" if isinstance(k, torch.Tensor) else type(k).__name__
+        raise TypeError(f"k must be an int, got {what}")
     k = int(k)
     if n == 0:
+        if rows == "db":
+            raise ValueError("db is empty (0 rows): there is nothing to search")
         raise ValueError("the index is empty: add vectors before searching")
     if k < 1 or k > n:
-        raise ValueError(f"k must be in [1, {n}] (the number of indexed vectors), got {k}")
+        where = "the rows of db" if rows == "db" else "the number of indexed vectors"
+        raise ValueError(f"k must be in [1, {n}] ({where}), got {k}")
     return k
+
+
+def _parse_device(device) -> torch.device:
+    """`device` as a cpu or cuda torch.device; raises naming the argument otherwise."""
+    want = "device must be 'cpu', 'cuda' or 'cuda:N' (or a torch.device)"
+    if isinstance(device, str):
+        m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
+        if m is None:
+            raise ValueError(f"{want}, got {device!r}")
+        device = torch.device(device)
+    elif not isinstance(device, torch.device):
+        raise TypeError(f"{want}, got {type(device).__name__} {device!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{want}, got {str(device)!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {str(device)!r} needs CUDA, but torch.cuda.is_available() is False "
+                               f"(a CPU-only torch build, or no visible GPU)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r} does not exist: {count} CUDA device(s) are visible")
+    return device
 
 
 def _run_search(q32, data, scales, sums, dtype: str, k: int, simd, strategy, num_threads):
@@ -190,6 +234,17 @@ def _run_search(q32, data, scales, sums, dtype: str, k: int, simd, strategy, num
     return s, i
 
 
+def _check_fp16_range(name: str, x: torch.Tensor) -> None:
+    """x (finite float32) must fit float16: a larger value would be stored as inf."""
+    top = float(torch.finfo(torch.float16).max)
+    big = float(x.abs().amax()) if x.numel() else 0.0
+    if big > top:
+        bad = int((x.abs() > top).sum())
+        raise ValueError(f"{name} has {bad} value(s) beyond float16's range (|{name}| > {top:g}, largest {big:.6g}) "
+                         f"that an fp16 index cannot store (they would become inf): use dtype='fp32' or rescale "
+                         f"the vectors (e.g. L2-normalise them)")
+
+
 class Index:
     """Exact inner-product index over fp32, fp16 or int8 rows (ids 0.. in insertion order).
 
@@ -198,7 +253,8 @@ class Index:
         dtype: storage, "fp32" (exact), "fp16" (half rows, fp32 accumulation) or "int8"
             (per-row symmetric scale, integer dot products).
         metric: "ip" (inner product; L2-normalise the vectors for cosine similarity).
-        device: "cpu" or a CUDA device (needs the extension built with CUDA).
+        device: "cpu", "cuda" or "cuda:N", or a torch.device of those types (CUDA needs a
+            visible GPU and the extension built with CUDA).
     """
 
     def __init__(self, dim: int, dtype: str = "fp32", metric: str = "ip", device: Union[str, torch.device] = "cpu"):
@@ -207,9 +263,7 @@ class Index:
         _check_dtype_name(dtype)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        device = torch.device(device)
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {device}")
+        device = _parse_device(device)
         if device.type == "cuda" and not _ext.available("search_topk_cuda"):
             raise RuntimeError(
                 "a CUDA index needs the native extension built with CUDA (search_topk_cuda is missing: "
@@ -276,7 +330,10 @@ class Index:
         self._rows, self._scales, self._sums, self._mmap = rows, scales, sums, None
 
     def add(self, x) -> torch.Tensor:
-        """Append vectors x [n, dim] (tensor or ndarray, any float dtype); returns their ids."""
+        """Append vectors x [n, dim] (tensor or ndarray, any float dtype); returns their ids.
+
+        Raises ValueError for NaN/inf, and in an fp16 index for |x| > 65504 (float16's range).
+        """
         x = _as_matrix("x", x, self._dim, self._device)
         n = x.shape[0]
         start = self._n
@@ -290,15 +347,21 @@ class Index:
                 self._scales[start : start + n].copy_(scales)
                 self._sums[start : start + n].copy_(codes.sum(dim=1, dtype=torch.int32))
             else:
+                if self._dtype == "fp16":
+                    _check_fp16_range("x", x)
                 self._rows[start : start + n].copy_(x.to(_STORAGE[self._dtype]))
         self._n = start + n
         return torch.arange(start, start + n, dtype=torch.int64)
 
     def reconstruct(self, ids=None) -> torch.Tensor:
-        """The stored vectors (decoded to float32) for `ids` (default: all), [len(ids), dim]."""
+        """The stored vectors (decoded to float32) for `ids` (default: all), [len(ids), dim].
+
+        ids: integer row ids (int tensor, ndarray or sequence of ints) in [0, len(index));
+        TypeError for bool masks or floats, IndexError for ids out of range.
+        """
         rows, scales, _ = self._rows_view()
         if ids is not None:
-            ids = torch.as_tensor(ids, dtype=torch.int64, device=self._device)
+            ids = _as_ids(ids).to(self._device)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self._n):
                 raise IndexError(f"ids must be in [0, {self._n}), got range [{int(ids.min())}, {int(ids.max())}]")
             rows, scales = rows[ids], scales[ids]
@@ -394,6 +457,7 @@ class Index:
         `add` then copies them into memory).  verify=True checks the payload CRC-32.
         Raises IndexFileError on a foreign, truncated or corrupt file.
         """
+        device = _parse_device(device)
         path = os.fspath(path)
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -426,7 +490,7 @@ class Index:
                 raise IndexFileError(f"{path}: corrupt: int8 codes must be in [-127, 127]")
         index._rows, index._n = rows, count
         index._mmap = raw if (mmap and payload > 0) else None
-        if torch.device(device).type != "cpu":
+        if device.type != "cpu":
             index = index.to(device)
         return index
 
@@ -454,18 +518,43 @@ def topk_search(q, db, k: int, *, simd=None, strategy: str = "auto",
                 num_threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One-shot exact fp32 top-k of q [m, d] against db [n, d] by inner product.
 
-    Returns (scores float32 [m, k], ids int64 [m, k]) best first, ties broken by the lower
-    row id.  `db` is used in place when it is a contiguous float32 tensor.
+    Both are converted to float32 (`db` is used in place when it is a contiguous float32
+    tensor) and scored exactly, as by an fp32 :class:`Index` without building one.
+
+    Args:
+        q: queries [m, d] (or one query [d]): a torch.Tensor or numpy.ndarray of float16,
+            bfloat16, float32 or float64, finite, on the same device type as `db`; m may be 0.
+        db: the rows to search [n, d], n >= 1: a float torch.Tensor or numpy.ndarray (same
+            dtypes), finite, on CPU or CUDA (CUDA needs the extension built with CUDA).
+        k: results per query, an int (python, numpy, or a one-element integer tensor) in
+            [1, n]; on CUDA also k <= 1024.
+        simd: CPU SIMD level: None (SOLAR_SEARCH_SIMD, else the best the CPU has), -1/"auto",
+            0/"scalar", 1/"avx2", 2/"avx512"; clamped down to what the CPU supports.  Ignored on CUDA.
+        strategy: CPU work split: "auto", "split_queries" (each thread owns queries) or
+            "split_rows" (rows split across threads, per-thread top-k merged).  Ignored on CUDA.
+        num_threads: CPU threads (None or 0: torch.get_num_threads()).  Ignored on CUDA.
+
+    Returns:
+        (scores float32 [m, k], ids int64 [m, k]) on db's device, best first; ties are
+        broken by the lower row id of db.
+
+    Raises:
+        TypeError: q or db not a tensor/ndarray or not floating; k not an integer.
+        ValueError: db not 2-D or empty; q not [m, d] / [d]; NaN or inf in q or db; k outside
+            [1, n]; q and db on different devices; an unknown simd or strategy.
+        RuntimeError: the native extension (CPU) or its CUDA build (CUDA) is missing, or k > 1024
+            on CUDA.
     """
     db_t = _as_tensor("db", db)
     if db_t.dim() != 2:
         raise ValueError(f"db must have shape [n, d], got {tuple(db_t.shape)}")
     check_finite("db", db_t)
-    k = _check_k(k, db_t.shape[0])
-    q32 = _as_matrix("q", q, db_t.shape[1], db_t.device)
+    k = _check_k(k, db_t.shape[0], "db")
+    q32 = _as_matrix("q", q, db_t.shape[1], db_t.device, home="db")
     db32 = db_t.to(torch.float32).contiguous()
     if q32.shape[0] == 0:
-        return torch.empty(0, k, dtype=torch.float32), torch.empty(0, k, dtype=torch.int64)
+        return (torch.empty(0, k, dtype=torch.float32, device=db_t.device),
+                torch.empty(0, k, dtype=torch.int64, device=db_t.device))
     return _run_search(q32, db32, None, None, "fp32", k, simd, strategy, num_threads)
 
 

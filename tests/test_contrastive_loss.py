@@ -57,8 +57,12 @@ def _expected_error(n, h, single, groups, mine_k):
         min_neg = int((n - counts).min()) + h
         if single and not bool((counts > 1).any()):
             return "no row has a positive"
+        if int((n - counts).max()) + h == 0:
+            return "no row has a negative"
     else:
         min_neg = n - 1 + h
+        if min_neg == 0:
+            return "no row has a negative"
     if mine_k > min_neg:
         return "mine_k"
     return None
@@ -385,11 +389,44 @@ def _ok():
     (lambda q, k: sk.contrastive_loss(q, groups=torch.arange(6)), ValueError, "no row has a positive"),
     (lambda q, k: sk.contrastive_loss(q[:0], k[:0]), ValueError, "N >= 1"),
     (lambda q, k: sk.contrastive_loss(q, "k"), TypeError, "k must be a torch.Tensor"),
+    # no negative anywhere: the loss would be 0 with zero gradients
+    (lambda q, k: sk.contrastive_loss(q[:1], k[:1]), ValueError, "no row has a negative: N = 1"),
+    (lambda q, k: sk.contrastive_loss(q, groups=torch.zeros(6, dtype=torch.long)), ValueError,
+     "no row has a negative: every row is in one group"),
+    (lambda q, k: sk.contrastive_loss(q, k, groups=torch.zeros(6, dtype=torch.long)), ValueError,
+     "no row has a negative: every row is in one group"),
+    (lambda q, k: sk.contrastive_loss(q, k, groups=torch.zeros(6, dtype=torch.long), mine_k=1), ValueError,
+     "no row has a negative"),
+    (lambda q, k: sk.contrastive_loss(q, k, process_group="nccl"), TypeError,
+     "process_group must be a torch.distributed ProcessGroup or None, got str"),
+    (lambda q, k: sk.contrastive_loss(q, k, mine_k=True), ValueError, "mine_k must be an int"),
+    (lambda q, k: sk.contrastive_loss(q, k, temperature=torch.tensor(0.05, requires_grad=True)), TypeError,
+     "temperature must be a number, got a torch.Tensor that requires grad"),
+    (lambda q, k: sk.contrastive_loss(q, k, temperature=torch.tensor([0.05, 0.1])), ValueError,
+     "temperature must be a finite number or a 0-d real tensor"),
 ])
 def test_bad_inputs(case, exc, match):
     q, k = _ok()
     with pytest.raises(exc, match=match):
         case(q, k)
+
+
+def test_one_row_with_hard_negatives_is_fine():
+    q, k = _ok()
+    hn = torch.randn(1, 2, 4)
+    loss = sk.contrastive_loss(q[:1], k[:1], hard_negatives=hn)
+    torch.testing.assert_close(loss, contrastive_loss_reference(q[:1], k[:1], hard_negatives=hn))
+
+
+def test_numpy_and_tensor_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    q, k = _ok()
+    want, mined = sk.contrastive_loss(q, k, temperature=0.05, hardness=0.5, mine_k=2)
+    for t, h, m in ((torch.tensor(0.05), torch.tensor(0.5), np.int64(2)),
+                    (np.float32(0.05), np.float64(0.5), np.int32(2))):
+        got, got_mined = sk.contrastive_loss(q, k, temperature=t, hardness=h, mine_k=m)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(got_mined.indices, mined.indices)
 
 
 # -- pooled_contrastive_loss -------------------------------------------------------------
@@ -437,6 +474,43 @@ def test_pooled_bad_inputs():
         sk.pooled_contrastive_loss(x, m[:, :2], x, m)
     with pytest.raises(ValueError, match="non-finite"):
         sk.pooled_contrastive_loss(x.clone().fill_(float("nan")), m, x, m)
+
+
+def _pooled_bad_cases():
+    xq, xk = torch.randn(6, 5, 4), torch.randn(6, 3, 4)
+    mq, mk = torch.ones(6, 5), torch.ones(6, 3)
+    mq_pad = mq.clone()
+    mq_pad[:, 4] = 0
+    xq_nan_pad = xq.clone()
+    xq_nan_pad[0, 4, 0] = float("nan")  # masked out, still refused
+    nan, meta = float("nan"), "meta"
+    return [
+        ("mask_q shape", (xq, mq[:, :2], xk, mk), {}, ValueError, r"mask_q must have shape .* xq .* got mask_q"),
+        ("mask_k shape", (xq, mq, xk, mk[:5]), {}, ValueError, r"mask_k must have shape .* xk"),
+        ("N = 0", (xq[:0], mq[:0], xk[:0], mk[:0]), {}, ValueError, r"xq must have N >= 1 rows"),
+        ("mask_q device", (xq, mq.to(meta), xk, mk), {}, ValueError, "xq on cpu, mask_q on meta"),
+        ("xk device", (xq, mq, xk.to(meta), mk.to(meta)), {}, ValueError, "xq on cpu, xk on meta"),
+        ("groups", (xq, mq, xk, mk), dict(groups=torch.arange(5)), ValueError, r"\(rows of xq\)"),
+        ("hard_negatives list", (xq, mq, xk, mk), dict(hard_negatives=[1]), TypeError,
+         "hard_negatives must be a torch.Tensor, got list"),
+        ("hard_negatives dtype", (xq, mq, xk, mk), dict(hard_negatives=torch.randn(6, 2, 4).half()), TypeError,
+         "hard_negatives must have xq's dtype float32, got float16"),
+        ("xk dtype", (xq, mq, xk.half(), mk), {}, TypeError, "xk must have xq's dtype float32, got float16"),
+        ("NaN mask_q", (xq, torch.full((6, 5), nan), xk, mk), {}, ValueError, "mask_q has 30 non-finite"),
+        ("inf mask_k", (xq, mq, xk, mk.clone().fill_(float("inf"))), {}, ValueError, "mask_k has 18 non-finite"),
+        ("negative mask_k", (xq, mq, xk, -mk), {}, ValueError, "mask_k must hold non-negative"),
+        ("NaN xq under a zero weight", (xq_nan_pad, mq_pad, xk, mk), {}, ValueError, "xq has 1 non-finite"),
+        ("N = 1", (xq[:1], mq[:1], xk[:1], mk[:1]), {}, ValueError, "no row has a negative"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _pooled_bad_cases(), ids=lambda c: c[0])
+def test_pooled_bad_inputs_name_the_arguments(backend, case):
+    _, args, kw, exc, match = case
+    with sk.use_backend(backend):
+        with pytest.raises(exc, match=match):
+            sk.pooled_contrastive_loss(*args, **kw)
 
 
 def test_modules():

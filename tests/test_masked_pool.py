@@ -350,6 +350,42 @@ def test_bad_input(case):
         masked_pool(x, mask)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_values_raise_on_every_backend(backend):
+    """NaN/inf weights raise on every backend; NaN in x under a nonzero weight comes out as NaN
+    on every backend (x is deliberately not scanned: a second full read of it)."""
+    x = torch.randn(2, 5, 4, device=DEVICE)
+    mask = torch.ones(2, 5, device=DEVICE)
+    mask[:, 4] = 0
+    inf_mask = mask.clone()
+    inf_mask[1, 2] = float("inf")
+    x_nan = x.clone()
+    with use_backend(backend):
+        with pytest.raises(ValueError, match=r"mask has 10 non-finite value\(s\)"):
+            masked_pool(x, torch.full((2, 5), float("nan"), device=DEVICE))
+        with pytest.raises(ValueError, match=r"mask has 3 non-finite value\(s\)"):
+            masked_pool(x, inf_mask[None].expand(3, 2, 5))
+        x_nan[1, 1, 2] = float("nan")  # under weight 1: row 1 of the result is NaN in column 2 only
+        out = masked_pool(x_nan, mask)
+        assert bool(torch.isnan(out[1, 2])) and bool(torch.isfinite(out[1, [0, 1, 3]]).all())
+
+
+def test_numpy_eps_is_accepted():
+    np = pytest.importorskip("numpy")
+    x, m = torch.randn(2, 3, 4), torch.ones(2, 3)
+    torch.testing.assert_close(masked_pool(x, m, normalize=True, eps=np.float32(1e-6)),
+                               masked_pool(x, m, normalize=True, eps=1e-6))
+
+
+def test_use_backend_documents_every_backend():
+    from solar_kernels._dispatch import BACKENDS as NAMES
+
+    doc = use_backend.__doc__
+    for name in NAMES:
+        assert f'``"{name}"``' in doc, name
+    assert "Raises:" in doc and "SOLAR_BACKEND" in doc
+
+
 @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan")])
 def test_bad_eps(eps):
     with pytest.raises(ValueError, match="eps"):

@@ -395,6 +395,82 @@ def test_bad_input_raises_clear_errors():
         index.search(q, 2, process_group=object())
 
 
+def test_reconstruct_and_k_need_integers():
+    index = Index(4)
+    x = torch.randn(10, 4)
+    index.add(x)
+    with pytest.raises(TypeError, match="ids must be integers.*got bool values.*nonzero"):
+        index.reconstruct(torch.arange(10) == 3)
+    with pytest.raises(TypeError, match="ids must be integers.*got float32 values"):
+        index.reconstruct([1.5])
+    with pytest.raises(TypeError, match="ids must be integers.*got float64 values"):
+        index.reconstruct(np.array([1.0]))
+    with pytest.raises(TypeError, match="ids must be integers.*got str"):
+        index.reconstruct("ab")
+    torch.testing.assert_close(index.reconstruct(np.array([3, 1], dtype=np.int32)), x[[3, 1]])
+    torch.testing.assert_close(index.reconstruct([2]), x[[2]])
+    assert index.reconstruct([]).shape == (0, 4)
+    with pytest.raises(TypeError, match="k must be an int, got a float32 tensor"):
+        index.search(x, torch.tensor(2.7))
+    with pytest.raises(TypeError, match="k must be an int, got a bool tensor"):
+        index.search(x, torch.tensor(True))
+    assert index.search(x, torch.tensor(2))[1].shape == (10, 2)
+
+
+def test_fp16_index_refuses_values_beyond_float16():
+    index = Index(4, "fp16")
+    with pytest.raises(ValueError, match=r"x has 1 value\(s\) beyond float16's range \(\|x\| > 65504.*fp32"):
+        index.add(torch.tensor([[1e6, 0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        index.add(np.array([[0.0, -7e4, 0.0, 0.0]]))
+    assert len(index) == 0
+    index.add(torch.tensor([[65504.0, -65504.0, 0.0, 1.0]]))
+    assert torch.isfinite(index.reconstruct()).all()
+    Index(4, "fp32").add(torch.tensor([[1e6, 0.0, 0.0, 0.0]]))  # fp32 and int8 store it
+    Index(4, "int8").add(torch.tensor([[1e6, 0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("device", ["gpu", "CPU", "cuda:x", "meta", torch.device("meta")],
+                         ids=lambda d: f"device={d!r}")  # not "gpu": conftest skips that keyword without CUDA
+def test_bad_device_names_the_argument(tmp_path, device):
+    want = r"device must be 'cpu', 'cuda' or 'cuda:N' \(or a torch.device\), got '(gpu|CPU|cuda:x|meta)'"
+    with pytest.raises(ValueError, match=want):
+        Index(4, device=device)
+    index = Index(4)
+    index.add(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=want):
+        index.to(device)
+    index.save(tmp_path / "i.idx")
+    with pytest.raises(ValueError, match=want):
+        Index.load(tmp_path / "i.idx", device=device)
+
+
+def test_device_type_and_missing_cuda():
+    with pytest.raises(TypeError, match=r"device must be 'cpu', 'cuda' or 'cuda:N' .*got int 0"):
+        Index(4, device=0)
+    assert Index(4, device=torch.device("cpu")).device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"device 'cuda:1' needs CUDA.*torch.cuda.is_available\(\) is False"):
+            Index(4, device="cuda:1")
+
+
+def test_topk_search_errors_name_db():
+    q = torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"db is empty"):
+        topk_search(q, torch.randn(0, 4), 1)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 3\] \(the rows of db\), got 5"):
+        topk_search(q, torch.randn(3, 4), 5)
+    with pytest.raises(ValueError, match=r"q is on meta but db lives on cpu"):
+        topk_search(torch.randn(2, 4, device="meta"), torch.randn(3, 4), 1)
+
+
+def test_topk_search_is_documented():
+    doc = topk_search.__doc__
+    for word in ("Args:", "q:", "db:", "k:", "simd:", "strategy:", "num_threads:", "Returns:", "Raises:",
+                 "numpy.ndarray", "[1, n]"):
+        assert word in doc, word
+
+
 # ---- CUDA ----------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])

@@ -35,7 +35,6 @@ Layers, in order (STYLE.md):
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple, Optional
 
@@ -879,60 +878,55 @@ def _dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k):
-    _checks.check_tensor("q", q, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+def _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k, names=("q", "k")):
+    """Check the arguments of contrastive_loss; returns (temperature, hardness, mine_k) as python
+    numbers.  `names`: how errors call q and k (pooled_contrastive_loss passes [N, D] stand-ins
+    for its token tensors xq and xk)."""
+    qn, kn = names
+    _checks.check_tensor(qn, q, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     n, D = q.shape
     if k is not None:
-        _checks.check_tensor("k", k, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+        _checks.check_tensor(kn, k, ndim=2, dtypes=_checks.FLOAT_DTYPES)
         if tuple(k.shape) != (n, D):
-            raise ValueError(f"k must have the shape of q [N, D] = {tuple(q.shape)}, got {tuple(k.shape)}")
+            raise ValueError(f"{kn} must have the shape of {qn} [N, D] = {tuple(q.shape)}, got {tuple(k.shape)}")
         if k.dtype != q.dtype:
-            raise TypeError(f"k must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(k.dtype)}")
+            raise TypeError(f"{kn} must have {qn}'s dtype {_dtype_name(q.dtype)}, got {_dtype_name(k.dtype)}")
     else:
         if groups is None:
             raise ValueError("single-set mode (k=None) needs groups: [N] int64 group ids of the rows of q")
     if n == 0 or D == 0:
-        raise ValueError(f"q must have N >= 1 rows and D >= 1 columns, got shape {tuple(q.shape)}")
+        raise ValueError(f"{qn} must have N >= 1 rows and D >= 1 columns, got shape {tuple(q.shape)}")
     if groups is not None:
         _checks.check_tensor("groups", groups, ndim=1)
         if groups.dtype != torch.int64:
             raise TypeError(f"groups must have dtype int64, got {_dtype_name(groups.dtype)}")
         if groups.shape[0] != n:
-            raise ValueError(f"groups must have length N = {n} (rows of q), got {groups.shape[0]}")
+            raise ValueError(f"groups must have length N = {n} (rows of {qn}), got {groups.shape[0]}")
     if hard_negatives is not None:
         _checks.check_tensor("hard_negatives", hard_negatives, ndim=3, dtypes=_checks.FLOAT_DTYPES)
         if hard_negatives.shape[0] != n or hard_negatives.shape[2] != D:
             raise ValueError(f"hard_negatives must have shape [N, H, D] = [{n}, H, {D}], "
                              f"got {tuple(hard_negatives.shape)}")
         if hard_negatives.dtype != q.dtype:
-            raise TypeError(f"hard_negatives must have q's dtype {_dtype_name(q.dtype)}, "
+            raise TypeError(f"hard_negatives must have {qn}'s dtype {_dtype_name(q.dtype)}, "
                             f"got {_dtype_name(hard_negatives.dtype)}")
-    _checks.check_same_device(q=q, k=k, groups=groups, hard_negatives=hard_negatives)
-    for name, v in (("temperature", temperature), ("hardness", hardness)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    _checks.check_same_device(**{qn: q, kn: k}, groups=groups, hard_negatives=hard_negatives)
+    temperature = _checks.as_float("temperature", temperature)
+    hardness = _checks.as_float("hardness", hardness)
     _checks.check_positive("temperature", temperature)
     if hardness < 0:
         raise ValueError(f"hardness must be >= 0, got {hardness}")
-    if isinstance(mine_k, bool) or not isinstance(mine_k, int) or mine_k < 0:
-        raise ValueError(f"mine_k must be an int >= 0, got {mine_k!r}")
-    for name, t in (("q", q), ("k", k), ("hard_negatives", hard_negatives)):
-        if t is not None and t.numel():
-            _check_finite_fast(name, t)
-
-
-def _check_finite_fast(name: str, t: torch.Tensor) -> None:
-    """Two reductions (max and min propagate NaN/inf) instead of an [N, D] isfinite mask; the
-    detailed count comes from the shared check only when something is wrong."""
-    with torch.no_grad():
-        ends = torch.stack([t.amax(), t.amin()])
-    if not bool(torch.isfinite(ends).all()):
-        _checks.check_finite(name, t)
+    mine_k = _checks.as_int("mine_k", mine_k)
+    for name, t in ((qn, q), (kn, k), ("hard_negatives", hard_negatives)):
+        if t is not None:
+            _checks.check_finite_fast(name, t)
+    return temperature, hardness, mine_k
 
 
 def _check_counts(groups: torch.Tensor | None, n: int, H: int, mine_k: int, single: bool):
     """The number of rows that have a positive (the loss's divisor); raises when there is none
-    (single-set mode) or when mine_k exceeds some row's number of negatives.
+    (single-set mode), when no row has a negative (the loss would be 0 with no gradient) or
+    when mine_k exceeds some row's number of negatives.
 
     groups: the [n] group ids of all rows the loss sees (None: each row is its own group);
     H: hard negatives per row.
@@ -941,11 +935,17 @@ def _check_counts(groups: torch.Tensor | None, n: int, H: int, mine_k: int, sing
         counts = _group_counts(groups, groups)
         n_rows_pos = int((counts > 1).sum()) if single else n
         min_neg = int((n - counts).min()) + H
+        max_neg = n - int(counts.min()) + H
     else:
         n_rows_pos, min_neg = n, n - 1 + H
+        max_neg = min_neg
     if single and n_rows_pos == 0:
         raise ValueError("no row has a positive: in single-set mode every group has one member "
                          "(give at least two rows the same group id)")
+    if max_neg == 0:
+        raise ValueError(f"no row has a negative: {'N = 1' if n == 1 else 'every row is in one group'} and "
+                         "there are no hard negatives, so the loss is 0 and carries no gradient (use a batch "
+                         "of at least two groups, or pass hard_negatives)")
     if mine_k > min_neg:
         raise ValueError(f"mine_k = {mine_k} is larger than the number of negatives of some row "
                          f"(the smallest is {min_neg})")
@@ -988,7 +988,9 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
     Args:
         q: [N, D] float32/float16/bfloat16.  k: [N, D] (same dtype) or None.
         groups: [N] int64 or None.  hard_negatives: [N, H, D] or None.
-        temperature: > 0.  hardness: >= 0.  mine_k: int >= 0.
+        temperature: > 0.  hardness: >= 0 (python or numpy numbers, or 0-d tensors that do not
+        require grad: both are constants).  mine_k: int >= 0 (python or numpy integer).
+        process_group: a torch.distributed ProcessGroup or None.
 
     Returns:
         The scalar loss (float32), or ``(loss, Mined)`` when mine_k > 0.
@@ -996,9 +998,11 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
     Raises:
         TypeError / ValueError: bad shapes or dtypes, groups of the wrong length or dtype,
         temperature <= 0, hardness < 0, mine_k larger than a row's number of negatives,
-        non-finite inputs, single-set mode without any positive pair.
+        non-finite inputs, single-set mode without any positive pair, no row with any negative
+        (N = 1 or every row in one group, without hard negatives: the loss would be 0 with no
+        gradient).  TypeError: process_group that is not a ProcessGroup.
     """
-    _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k)
+    temperature, hardness, mine_k = _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k)
     if process_group is not None:
         from ..distributed import distributed_contrastive_loss
 

@@ -25,8 +25,6 @@ The backward formulas (s = sum_l w_l, y = p / s the un-normalised mean, n = ||y|
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _checks, _dispatch, _ext
@@ -420,14 +418,26 @@ def grad_buffer_cache_mb(max_mb: int | None = None) -> int:
 # ----------------------------------------------------------------------------------------
 # 4. torch.library registration (custom ops with fake kernels)
 # ----------------------------------------------------------------------------------------
-def _check_weights(mask: torch.Tensor) -> None:
-    if mask.is_floating_point() and mask.numel() and bool((mask < 0).any()):
-        bad = int((mask < 0).sum())
-        raise ValueError(f"mask must hold non-negative weights, got {bad} negative value(s) "
-                         f"(min {float(mask.min()):.4g})")
+def _check_weights(mask: torch.Tensor, name: str = "mask") -> None:
+    """Float weights must be finite and non-negative; one min/max reduction when they are."""
+    if not mask.is_floating_point() or mask.numel() == 0:
+        return
+    with torch.no_grad():
+        lo, hi = torch.aminmax(mask)
+        ok = torch.isfinite(torch.stack([lo, hi])).all() & (lo >= 0)
+    if bool(ok):
+        return
+    _checks.check_finite(name, mask)
+    bad = int((mask < 0).sum())
+    raise ValueError(f"{name} must hold non-negative weights, got {bad} negative value(s) "
+                     f"(min {float(mask.min()):.4g})")
 
 
 def _fwd_impl(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # x is not scanned for NaN/inf: that would be a second full read of the largest tensor, and
+    # this op exists to read it once.  Non-finite values under a nonzero weight propagate into the
+    # output on every backend; under weight 0 the native and Triton kernels skip them, the torch
+    # backend's bmm propagates them (0 * NaN).
     _check_weights(mask)
     return pool_forward(x, mask, normalize, eps)
 
@@ -442,7 +452,8 @@ def _bwd_impl(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad) -> tu
 @torch.library.custom_op("solar::masked_pool_fwd", mutates_args=())
 def _masked_pool_fwd_op(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Custom-op form of :func:`pool_forward` (mask is [V, B, L]); checks the weights' sign."""
+    """Custom-op form of :func:`pool_forward` (mask is [V, B, L]); checks that the weights are
+    finite and non-negative (x is not scanned: see :func:`_fwd_impl`)."""
     return _fwd_impl(x, mask, normalize, eps)
 
 
@@ -494,24 +505,27 @@ class _MaskedPoolFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 # The checked public entry point
 # ----------------------------------------------------------------------------------------
-def _validate(x, mask, eps):
-    _checks.check_tensor("x", x)
-    _checks.check_tensor("mask", mask)
+def _validate(x, mask, eps, names=("x", "mask")):
+    """Check masked_pool's arguments (not their values: see :func:`_fwd_impl`).  `names`: how
+    errors call x and mask (pooled_contrastive_loss passes xq/mask_q and xk/mask_k)."""
+    xn, mn = names
+    _checks.check_tensor(xn, x)
+    _checks.check_tensor(mn, mask)
     if not x.is_floating_point() or x.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{xn} must be float32, float16 or bfloat16, got {str(x.dtype).replace('torch.', '')}")
     if mask.dtype not in MASK_DTYPES:
-        raise TypeError(f"mask must be bool or floating (non-negative weights), got "
+        raise TypeError(f"{mn} must be bool or floating (non-negative weights), got "
                         f"{str(mask.dtype).replace('torch.', '')}")
-    _checks.check_tensor("x", x, ndim=3)
-    _checks.check_tensor("mask", mask, ndim=(2, 3))
-    _checks.check_same_device(x=x, mask=mask)
+    _checks.check_tensor(xn, x, ndim=3)
+    _checks.check_tensor(mn, mask, ndim=(2, 3))
+    _checks.check_same_device(**{xn: x, mn: mask})
     if tuple(mask.shape[-2:]) != tuple(x.shape[:2]):
-        raise ValueError(f"mask must have shape [B, L] or [V, B, L] matching x [B, L, D] = {tuple(x.shape)}, "
-                         f"got mask of shape {tuple(mask.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{mn} must have shape [B, L] or [V, B, L] matching {xn} [B, L, D] = {tuple(x.shape)}, "
+                         f"got {mn} of shape {tuple(mask.shape)}")
+    if _checks.as_float("eps", eps) <= 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if mask.dtype == torch.bool and mask.requires_grad:  # pragma: no cover - torch forbids it
-        raise TypeError("mask: a bool mask cannot require grad")
+        raise TypeError(f"{mn}: a bool mask cannot require grad")
 
 
 def masked_pool(x: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False, eps: float = 1e-6
@@ -532,7 +546,8 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False,
     Raises:
         TypeError: x not a float16/bfloat16/float32 tensor; mask not bool/floating.
         ValueError: wrong rank, mask's [B, L] not matching x, tensors on different devices,
-            negative mask weights, eps <= 0.
+            negative or non-finite mask weights, non-finite x (also where the mask is 0),
+            eps <= 0.
     """
     _validate(x, mask, eps)
     squeeze = mask.dim() == 2

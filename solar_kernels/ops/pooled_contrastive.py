@@ -16,8 +16,8 @@ import torch
 
 from .contrastive import (_backend, _check_counts, _reduce, _validate as _validate_loss,
                           contrastive_backward, contrastive_forward)
-from .. import _dispatch
-from .masked_pool import _validate as _validate_pool, pool_backward, pool_forward
+from .. import _checks, _dispatch
+from .masked_pool import _check_weights, _validate as _validate_pool, pool_backward, pool_forward
 
 __all__ = ["pooled_contrastive_loss"]
 
@@ -73,31 +73,43 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
 
     Args:
         xq: [N, Lq, D] query tokens; mask_q: [N, Lq] (bool or non-negative float weights).
-        xk: [N, Lk, D] key tokens;   mask_k: [N, Lk].
+        xk: [N, Lk, D] key tokens (xq's dtype); mask_k: [N, Lk].
         normalize: L2-normalise each pooled row (max(||row||, eps)) before the loss.
-        groups, hard_negatives ([N, H, D] float32 embeddings), temperature, symmetric,
-        hardness, mine_k: as in :func:`solar_kernels.contrastive_loss` (two-tower mode).
+        groups, hard_negatives ([N, H, D] embeddings in xq's dtype, used in float32),
+        temperature, symmetric, hardness, mine_k: as in :func:`solar_kernels.contrastive_loss`
+        (two-tower mode).
 
     Returns:
         The scalar loss, or ``(loss, Mined)`` when mine_k > 0.  Gradients reach xq, xk, float
         masks that require grad, and hard_negatives.
+
+    Raises:
+        TypeError / ValueError: as :func:`solar_kernels.masked_pool` for each tower (non-finite
+        tokens or mask weights included) and :func:`solar_kernels.contrastive_loss` for the
+        loss arguments (xk or hard_negatives not in xq's dtype included), naming xq, mask_q,
+        xk, mask_k.
     """
-    _validate_pool(xq, mask_q, eps)
-    _validate_pool(xk, mask_k, eps)
+    _validate_pool(xq, mask_q, eps, names=("xq", "mask_q"))
+    _validate_pool(xk, mask_k, eps, names=("xk", "mask_k"))
     if mask_q.dim() != 2 or mask_k.dim() != 2:
         raise ValueError(f"mask_q and mask_k must be [N, L], got {tuple(mask_q.shape)} and {tuple(mask_k.shape)}")
     if xq.shape[0] != xk.shape[0] or xq.shape[2] != xk.shape[2]:
         raise ValueError(f"xq [N, Lq, D] and xk [N, Lk, D] must agree on N and D, got {tuple(xq.shape)} "
                          f"and {tuple(xk.shape)}")
     n, _, D = xq.shape
-    probe = xq.new_zeros((n, D), dtype=torch.float32)
+    if n == 0 or D == 0:
+        raise ValueError(f"xq must have N >= 1 rows and D >= 1 features, got shape {tuple(xq.shape)}")
+    # the loss arguments are checked on [N, D] stand-ins of the pooled rows, with xq's and xk's
+    # dtype, device and names (so xq and xk are also checked against each other there)
+    probe_q = xq.new_zeros(()).expand(n, D)
+    probe_k = xk.new_zeros(()).expand(n, D)
+    temperature, hardness, mine_k = _validate_loss(probe_q, probe_k, groups, hard_negatives, temperature, hardness,
+                                                   mine_k, names=("xq", "xk"))
+    _checks.check_finite_fast("xq", xq)
+    _checks.check_finite_fast("xk", xk)
+    _check_weights(mask_q, "mask_q")
+    _check_weights(mask_k, "mask_k")
     hn = hard_negatives.float() if hard_negatives is not None else None
-    # the loss arguments are checked on [N, D] stand-ins; token tensors were checked above
-    _validate_loss(probe, probe, groups, hn, temperature, hardness, mine_k)
-    from .._checks import check_finite
-
-    check_finite("xq", xq)
-    check_finite("xk", xk)
     H = 0 if hn is None else hn.shape[1]
     n_pos_rows = _check_counts(groups, n, H, mine_k, False)
     mq = mask_q.unsqueeze(0)
