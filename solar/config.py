@@ -13,23 +13,123 @@ Both spellings work for nested fields: ``--stage1.lr`` and ``--stage1-lr``
 ``--config file.json`` loads a saved config (e.g. a run's ``config.json``) before
 the flags are applied.
 
+Each field is declared with `option(default, help, ...)`: the help is the flag's ``--help``
+line, and its checks (``choices``, bounds ``ge`` / ``gt`` / ``le``) run in the dataclass's
+``__post_init__`` (`check_fields`) and again on the final values after ``--config`` and the
+flags are applied (`validate_config`), so a bad value is a clear error (exit status 2 from
+the CLI), never silently replaced by a default branch.
+
 Values the paper does not give (temperatures, schedules, segment counts, ...) are
-our choices; each field's comment says so.
+our choices; each class's docstring says so.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = [
     "Stage2Config", "DataConfig", "EvalConfig", "BaselineConfig", "RunConfig", "TrainConfig",
-    "PRESETS", "get_preset", "build_parser", "parse_args", "config_to_dict", "config_from_dict",
+    "PRESETS", "INDEX_DTYPES", "ConfigError", "option", "check_fields", "validate_config",
+    "get_preset", "build_parser", "parse_args", "config_to_dict", "config_from_dict",
 ]
+
+INDEX_DTYPES = ("fp32", "fp16", "int8")   # storage dtypes of solar_kernels.Index
+
+
+# --------------------------------------------------------------------------- fields and checks
+
+class ConfigError(ValueError):
+    """A config field holds a bad value.  `owner` is the dataclass (or, from `validate_config`,
+    the section: "stage1"), `name` the field, `detail` what is wrong and what was expected; str(e)
+    reads e.g. "Stage1Config.rho_schedule must be one of 'linear', 'cosine', 'step', got 'cosin'"."""
+
+    def __init__(self, owner: str, name: str, detail: str):
+        super().__init__(f"{owner}.{name} {detail}")
+        self.owner, self.name, self.detail = owner, name, detail
+
+    def __reduce__(self):
+        return type(self), (self.owner, self.name, self.detail)
+
+
+def option(default, help: str, *, choices: Optional[tuple] = None, ge=None, gt=None, le=None):
+    """A config dataclass field: its default, a one-line `help` (the CLI's ``--help`` text) and the
+    checks `check_fields` applies: `choices` (the allowed values; for a tuple field, of each
+    element) and the bounds value >= ge, value > gt, value <= le."""
+    meta = {"help": help}
+    for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le)):
+        if v is not None:
+            meta[k] = v
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=functools.partial(copy.copy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        return {}
+
+
+_TYPE_WORDS = {bool: "a boolean", int: "an int", float: "a number", str: "a string"}
+
+
+def _type_ok(value, hint) -> bool:
+    """Whether `value` fits a field's type hint (only plain bool / int / float / str / tuple / list
+    and Optional of those are checked; anything else passes)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return value is None or _type_ok(value, args[0])
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (tuple, list) or typing.get_origin(hint) in (tuple, list):
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def _show_choices(choices) -> str:
+    return ", ".join(repr(c) for c in choices)
+
+
+def check_fields(cfg) -> None:
+    """ConfigError for the first field of dataclass `cfg` whose value has the wrong type or breaks
+    its `option` checks (choices, bounds).  Config classes call it from ``__post_init__``."""
+    owner = type(cfg).__name__
+    hints = _type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        hint = hints.get(f.name)
+        if hint is not None and not _type_ok(v, hint):
+            what = _TYPE_WORDS.get(hint, "a list" if hint in (tuple, list) else str(hint))
+            raise ConfigError(owner, f.name, f"must be {what}, got {v!r}")
+        m = f.metadata
+        if "choices" in m:
+            for x in (v if isinstance(v, (tuple, list)) else (v,)):
+                if x not in m["choices"]:
+                    raise ConfigError(owner, f.name, f"must be one of {_show_choices(m['choices'])}, got {x!r}")
+        if v is None or not isinstance(v, (int, float)):
+            continue
+        ok = (("ge" not in m or v >= m["ge"]) and ("gt" not in m or v > m["gt"])
+              and ("le" not in m or v <= m["le"]))
+        if not ok:
+            lo = f">= {m['ge']}" if "ge" in m else f"> {m['gt']}" if "gt" in m else ""
+            hi = f"<= {m['le']}" if "le" in m else ""
+            raise ConfigError(owner, f.name, f"must be {' and '.join(b for b in (lo, hi) if b)}, got {v!r}")
 
 
 @dataclass
@@ -65,98 +165,129 @@ class Stage2Config:
     init 29.6, hardness 0 31.5, positive drop 0.5 32.5.
     """
 
-    steps: int = 300                 # optimizer steps of stage 2
-    batch_size: int = 64             # pairs per step (global batch over all ranks)
-    lr: float = 3e-4                 # AdamW peak learning rate (cosine decay, linear warm-up)
-    min_lr_ratio: float = 0.1        # final lr = lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0           # max global grad norm; <= 0 disables
-    temperature: float = 0.05        # eta of the multi-positive InfoNCE (our choice)
-    text_pos_drop: float = 0.8       # share of intersection tokens hidden in the text positive view
-    text_min_keep: int = 1           # never hide every token of a view
-    n_segments: int = 8              # k of the k-means over the non-neutral patch features (+ position)
-    kmeans_iters: int = 5            # Lloyd iterations (torch, batched)
-    position_weight: float = 1.0     # weight of the (row, col) coordinates in the clustering features
-    img_pos_drop: float = 0.8        # probability to hide each above-tau_V segment in the positive
-    n_pos_views: int = 2             # positive views per pair (besides the full pair); one E_VL pass each
-    n_hard_views: int = 1            # constructed hard-negative views per pair (0 disables); one pass each
-    mine_k: int = 8                  # offline-mined hard negatives per pair (0 disables mining)
-    mine_exclude_top: int = 0        # skip the first j neighbours (guard against near-duplicates)
-    refresh_every: int = 100         # R: re-embed the pool and re-mine every R steps
-    mine_pool_size: int = 4096       # pairs of the training pool embedded for mining (<=0: all)
-    mine_dtype: str = "fp32"         # Index dtype used for mining
-    hardness: float = 0.5            # beta of contrastive_loss (0 = plain InfoNCE)
-    threshold_margin: float = 0.0    # views use s > tau + margin / s <= tau - margin
+    steps: int = option(300, "optimizer steps of stage 2", ge=1)
+    batch_size: int = option(64, "pairs per step (global batch over all ranks)", ge=1)
+    lr: float = option(3e-4, "AdamW peak learning rate (linear warm-up, cosine decay)", gt=0)
+    min_lr_ratio: float = option(0.1, "final lr = lr * min_lr_ratio", ge=0, le=1)
+    warmup_steps: int = option(20, "linear warm-up steps", ge=0)
+    weight_decay: float = option(0.05, "AdamW weight decay", ge=0)
+    grad_clip: float = option(1.0, "max global gradient norm; <= 0 disables clipping")
+    temperature: float = option(0.05, "eta, the temperature of the multi-positive InfoNCE", gt=0)
+    text_pos_drop: float = option(0.8, "share of intersection tokens hidden in a text positive view", ge=0, le=1)
+    text_min_keep: int = option(1, "tokens a view always keeps (never hide every token)", ge=0)
+    n_segments: int = option(8, "k of the k-means over the non-neutral patch features (+ position)", ge=1)
+    kmeans_iters: int = option(5, "Lloyd iterations of that k-means", ge=1)
+    position_weight: float = option(1.0, "weight of the (row, col) coordinates in the clustering features", ge=0)
+    img_pos_drop: float = option(0.8, "probability to hide each above-tau_V segment in an image positive view",
+                                 ge=0, le=1)
+    n_pos_views: int = option(2, "positive views per pair besides the full pair (one E_VL pass each)", ge=1)
+    n_hard_views: int = option(1, "constructed hard-negative views per pair (one pass each; 0 disables)", ge=0)
+    mine_k: int = option(8, "offline-mined hard negatives per pair (0 disables mining)", ge=0)
+    mine_exclude_top: int = option(0, "skip the first j mined neighbours (guard against near-duplicates)", ge=0)
+    refresh_every: int = option(100, "R: re-embed the pool and re-mine every R steps", ge=1)
+    mine_pool_size: int = option(4096, "training pairs embedded for mining (<= 0: all)")
+    mine_dtype: str = option("fp32", "solar_kernels.Index dtype used for mining", choices=INDEX_DTYPES)
+    hardness: float = option(0.5, "beta of contrastive_loss: weight on hard negatives (0 = plain InfoNCE)", ge=0)
+    threshold_margin: float = option(0.0, "views use s > tau + margin (intersection) and s <= tau - margin "
+                                          "(difference)")
     # neutral positions, never hidden by any view (our addition, see solar.stage2): caption tokens
-    # in more than this share of the training captions (function words; <=0 or >=1: none) ...
-    text_neutral_df: float = 0.7
+    # in more than this share of the training captions (function words) ...
+    text_neutral_df: float = option(0.7, "caption tokens in more than this share of the training captions are "
+                                         "neutral, hidden by no view (<= 0 or >= 1: none)")
     # ... and patches whose adapted token norm is below this share of the largest in their image
-    # (they add ~nothing to the global image embedding: flat background; 0: none)
-    img_neutral_ratio: float = 0.25
-    init_from_stage1: bool = True    # start from the stage-1 weights (the paper does)
+    # (they add ~nothing to the global image embedding: flat background)
+    img_neutral_ratio: float = option(0.25, "patches whose adapted token norm is below this share of their "
+                                            "image's largest are neutral (0: none)", ge=0, le=1)
+    init_from_stage1: bool = option(True, "start from the stage-1 weights (the paper does); false: fresh init")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
 class DataConfig:
     """Where the training pairs and the benchmark come from."""
 
-    cache_dir: str = "./.solar_cache"   # ShapesWorld + benchmark are generated here if absent
-    train_shards: str = ""              # webdataset pattern; empty = ShapesWorld in cache_dir
-    bench_dir: str = ""                 # benchmark folder; empty = built in cache_dir
-    train_pairs: int = 12000            # ShapesWorld pairs generated for training
-    batch_size: int = 64                # global batch of stage 1 and of CLIP-SF (stage 2: stage2.batch_size)
-    shard_size: int = 2000              # pairs per generated shard
-    bench_triplets: int = 200           # benchmark triplets (the paper: 214)
-    bench_pool: int = 3000              # benchmark distractor pairs (the paper: about 1M)
-    seed: int = 0                       # data generation seed (training items and benchmark)
-    bench_seed: int = 12345             # benchmark build seed (items disjoint from training)
+    cache_dir: str = option("./.solar_cache", "folder where ShapesWorld and the benchmarks are generated if absent")
+    train_shards: str = option("", "webdataset pattern of the training shards; empty = ShapesWorld in cache_dir")
+    bench_dir: str = option("", "test benchmark folder; empty = built in cache_dir")
+    train_pairs: int = option(12000, "ShapesWorld pairs generated for training", ge=1)
+    batch_size: int = option(64, "global batch of stage 1 and of CLIP-SF (stage 2: stage2.batch_size)", ge=1)
+    shard_size: int = option(2000, "pairs per generated shard", ge=1)
+    bench_triplets: int = option(200, "benchmark triplets (the paper: 214)", ge=1)
+    bench_pool: int = option(3000, "benchmark distractor pairs (the paper: about 1M)", ge=0)
+    seed: int = option(0, "data generation seed (training items)")
+    bench_seed: int = option(12345, "test benchmark build seed (items disjoint from training)")
     # validation benchmark: built like the test benchmark (same sizes and builder) from another
     # seed and a disjoint item-id range (VAL_ITEM_BASE..); every model-selection or
     # hyperparameter choice looks at it only, never at the test benchmark
-    val_bench: bool = True              # build / evaluate the validation benchmark
-    val_bench_dir: str = ""             # validation benchmark folder; empty = built in cache_dir
-    val_bench_seed: int = 777           # validation build seed (differs from bench_seed)
-    num_workers: int = 0                # reader workers per rank (0 = in-process)
-    in_memory: bool = True              # decode the training pairs once and keep them (small data)
-    tokenizer: str = ""                 # path of a tokenizer; empty = the ShapesWorld tokenizer
+    val_bench: bool = option(True, "build and evaluate the validation benchmark (for model selection)")
+    val_bench_dir: str = option("", "validation benchmark folder; empty = built in cache_dir")
+    val_bench_seed: int = option(777, "validation benchmark build seed (must differ from bench_seed)")
+    num_workers: int = option(0, "reader worker processes per rank (0 = in-process)", ge=0)
+    in_memory: bool = option(True, "decode the training pairs once and keep them in memory; false: stream shards")
+    tokenizer: str = option("", "tokenizer folder; empty = the ShapesWorld tokenizer")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
 class EvalConfig:
     """Benchmark evaluation (SOLAR.md "The benchmark and its metrics")."""
 
-    batch_size: int = 128
-    index_dtypes: tuple = ("fp32", "int8")   # each reported
-    run: bool = True                         # evaluate at the end of `solar.train`
+    batch_size: int = option(128, "pairs per embedding batch", ge=1)
+    index_dtypes: tuple = option(("fp32", "int8"), "Index dtypes to evaluate, comma-separated (each reported)",
+                                 choices=INDEX_DTYPES)
+    run: bool = option(True, "evaluate on the benchmark at the end of `solar.train`")
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.index_dtypes:
+            raise ConfigError(type(self).__name__, "index_dtypes", f"must name at least one of "
+                              f"{_show_choices(INDEX_DTYPES)}, got none")
 
 
 @dataclass
 class BaselineConfig:
     """Baselines trained on the same data with the same budget."""
 
-    clip_sf: bool = True             # train and evaluate CLIP score fusion
-    clip_sf_steps: int = -1          # <0: stage1.steps + stage2.steps (same budget as SOLAR)
-    clip_sf_lr: float = -1.0         # <0: stage 1's lr
-    clip_sf_temperature: float = 0.05
-    stage1_only: bool = True         # also evaluate the stage-1 model (the ablation)
+    clip_sf: bool = option(True, "train and evaluate the CLIP score-fusion baseline (CLIP-SF)")
+    clip_sf_steps: int = option(-1, "CLIP-SF optimizer steps; < 0: stage1.steps + stage2.steps (same budget)")
+    clip_sf_lr: float = option(-1.0, "CLIP-SF peak learning rate; <= 0: stage1.lr")
+    clip_sf_temperature: float = option(0.05, "InfoNCE temperature of CLIP-SF", gt=0)
+    stage1_only: bool = option(True, "also evaluate the stage-1 model (the ablation)")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+RUN_STAGES = ("1", "2", "all")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
 class RunConfig:
     """Run-level settings: output, seeding, checkpoints, devices."""
 
-    out_dir: str = "runs/solar"
-    seed: int = 0
-    stage: str = "all"               # "1", "2", "all" (stage 1 + stage 2 + baselines + eval)
-    device: str = "auto"             # "auto" = cuda:<local_rank> when available, else cpu
-    resume: bool = False             # continue from out_dir's latest checkpoints
-    ckpt_every: int = 100            # steps between periodic checkpoints
-    log_every: int = 10              # steps between JSONL metric lines
-    num_threads: int = 0             # torch CPU threads; 0 = leave as is
-    deterministic: bool = True       # torch.use_deterministic_algorithms(warn_only) + fixed seeds
-    progress: bool = True            # tqdm progress bars (rank 0)
-    stage1_ckpt: str = ""            # stage 2 only: start from this stage-1 checkpoint
+    out_dir: str = option("runs/solar", "output folder: config, metrics, checkpoints, models, results")
+    seed: int = option(0, "seed of model initialisation, batch order and views")
+    stage: str = option("all", "what to run: stage 1, stage 2, or all (stage 1 + stage 2 + baselines + eval)",
+                        choices=RUN_STAGES)
+    device: str = option("auto", "'auto' (cuda:<local_rank> when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    resume: bool = option(False, "continue from out_dir's latest checkpoints")
+    ckpt_every: int = option(100, "steps between stage-2 / CLIP-SF checkpoints (0: none)", ge=0)
+    log_every: int = option(10, "steps between JSONL metric lines", ge=1)
+    num_threads: int = option(0, "torch CPU threads; 0 = leave as is", ge=0)
+    deterministic: bool = option(True, "torch.use_deterministic_algorithms (warn only) and fixed seeds")
+    progress: bool = option(True, "tqdm progress bars (rank 0)")
+    stage1_ckpt: str = option("", "stage 2 only: start from this stage-1 model folder; empty = out_dir's")
+
+    def __post_init__(self):
+        check_fields(self)
+        if not _DEVICE_RE.fullmatch(self.device):
+            raise ConfigError(type(self).__name__, "device",
+                              f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 
 def _model_config_cls():
@@ -181,7 +312,7 @@ def _default_stage1():
 class TrainConfig:
     """Everything `python -m solar.train` needs. `preset` records which preset it came from."""
 
-    preset: str = "tiny"
+    preset: str = option("tiny", "the named preset this config started from (--preset)")
     model: Any = field(default_factory=_default_model)
     stage1: Any = field(default_factory=_default_stage1)
     stage2: Stage2Config = field(default_factory=Stage2Config)
@@ -256,8 +387,12 @@ def config_to_dict(cfg) -> dict:
     return out
 
 
-def config_from_dict(cfg, d: dict, *, strict: bool = True, _prefix: str = ""):
-    """Update dataclass `cfg` in place from a nested dict (as written by config_to_dict)."""
+def config_from_dict(cfg, d: dict, *, strict: bool = True, validate: bool = True, _prefix: str = ""):
+    """Update dataclass `cfg` in place from a nested dict (as written by config_to_dict).
+
+    Unknown keys raise a ValueError naming them (unless strict=False).  validate: re-run every
+    check on the result (`validate_config`; ConfigError on a bad value); pass False when more
+    values are still to come (the CLI validates after the flags)."""
     names = {f.name: f for f in dataclasses.fields(cfg)}
     for k, v in d.items():
         if k not in names:
@@ -265,32 +400,54 @@ def config_from_dict(cfg, d: dict, *, strict: bool = True, _prefix: str = ""):
                 raise ValueError(f"config: unknown field {_prefix + k!r}; known: {sorted(names)}")
             continue
         cur = getattr(cfg, k)
-        if dataclasses.is_dataclass(cur) and isinstance(v, dict):
-            config_from_dict(cur, v, strict=strict, _prefix=_prefix + k + ".")
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ValueError(f"config: {_prefix + k!r} is a section and needs a dict, got {v!r}")
+            config_from_dict(cur, v, strict=strict, validate=False, _prefix=_prefix + k + ".")
         elif isinstance(cur, tuple) and isinstance(v, list):
             setattr(cfg, k, tuple(v))
         else:
             setattr(cfg, k, v)
+    if validate and not _prefix:
+        validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg, _prefix: str = ""):
+    """Re-run the checks (``__post_init__``) of dataclass `cfg` and of every sub-config on their
+    current values, e.g. after `config_from_dict` or setattr.  A ConfigError names the dotted
+    field: owner "stage1", name "rho_schedule".  Returns `cfg`."""
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub):
+            validate_config(sub, _prefix + f.name + ".")
+    post = getattr(cfg, "__post_init__", None)
+    if post is not None:
+        try:
+            post()
+        except ConfigError as e:
+            if not _prefix:
+                raise
+            raise ConfigError(_prefix[:-1], e.name, e.detail) from None
     return cfg
 
 
 # --------------------------------------------------------------------------- CLI
 
+USAGE = "%(prog)s [-h] [--preset NAME] [--config FILE] [--SECTION.FIELD VALUE ...]"
+DESCRIPTION = """Train SOLAR (stage 1, stage 2, baselines, evaluation).  Every config field is a flag;
+both spellings work: --stage1.lr and --stage1-lr.  Booleans take true/false (alone: true),
+tuples take comma-separated values.  Defaults shown are those of the chosen --preset / --config."""
+
+
 def _leaf_fields(cfg, prefix=""):
-    """Yield (dotted_name, owner, field, current_value) for every leaf field."""
-    hints_cache = {}
+    """Yield (dotted_name, owner, field, current_value, type hint) for every leaf field."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             yield from _leaf_fields(v, prefix + f.name + ".")
         else:
-            cls = type(cfg)
-            if cls not in hints_cache:
-                try:
-                    hints_cache[cls] = typing.get_type_hints(cls)
-                except Exception:
-                    hints_cache[cls] = {}
-            yield prefix + f.name, cfg, f, v, hints_cache[cls].get(f.name)
+            yield prefix + f.name, cfg, f, v, _type_hints(type(cfg)).get(f.name)
 
 
 def _parse_bool(s: str) -> bool:
@@ -330,38 +487,78 @@ def _converter(name: str, value, hint):
     return str
 
 
+def _show_default(value) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(x) for x in value) or "''"
+    if value is None:
+        return "none"
+    return str(value) if value != "" else "''"
+
+
+def _metavar(conv, value, hint) -> str:
+    if conv is _parse_bool:
+        return "BOOL"
+    if conv is int:
+        return "INT"
+    if conv is float:
+        return "FLOAT"
+    if isinstance(value, (tuple, list)) or typing.get_origin(hint) in (tuple, list) or hint in (tuple, list):
+        return "A,B,..."
+    return "STR"
+
+
+def _flag_help(f, value) -> str:
+    """The --help line of a config field: its meaning, allowed values, default (argparse-escaped)."""
+    text = f.metadata.get("help") or f.name.replace("_", " ")
+    if "choices" in f.metadata:
+        text += f"; one of: {', '.join(str(c) for c in f.metadata['choices'])}"
+    return f"{text} (default: {_show_default(value)})".replace("%", "%%")
+
+
 def build_parser(cfg: Optional[TrainConfig] = None, prog: str = "python -m solar.train") -> argparse.ArgumentParser:
-    """An argparse parser with one option per leaf field of `cfg` (both --a.b and --a-b spellings)."""
+    """An argparse parser with one option per leaf field of `cfg` (both --a.b and --a-b spellings;
+    --help lists the --a.b one, with the field's help text and `cfg`'s value as the default)."""
     cfg = cfg if cfg is not None else get_preset("tiny")
-    p = argparse.ArgumentParser(prog=prog, description="Train SOLAR (stage 1, stage 2, baselines, evaluation).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default=cfg.preset, choices=sorted(PRESETS), help="named configuration to start from")
-    p.add_argument("--config", default="", help="json file with (part of) a config, applied before the flags")
-    for name, _owner, f, value, hint in _leaf_fields(cfg):
+    p = argparse.ArgumentParser(prog=prog, usage=USAGE, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=cfg.preset, choices=sorted(PRESETS), metavar="NAME",
+                   help=f"named configuration to start from; one of: {', '.join(sorted(PRESETS))} "
+                        f"(default: {cfg.preset})")
+    p.add_argument("--config", default="", metavar="FILE",
+                   help="json file with (part of) a config, e.g. a run's config.json; applied before the flags")
+    # shortcuts used by the docs and tests
+    p.add_argument("--resume", dest="run.resume", nargs="?", const=True, type=_parse_bool, default=argparse.SUPPRESS,
+                   metavar="BOOL", help="same as --run.resume")
+    p.add_argument("--stage", dest="run.stage", choices=list(RUN_STAGES), default=argparse.SUPPRESS,
+                   help="same as --run.stage")
+    p.add_argument("--out", dest="run.out_dir", default=argparse.SUPPRESS, metavar="DIR", help="same as --run.out_dir")
+    p.add_argument("--seed", dest="run.seed", type=int, default=argparse.SUPPRESS, metavar="INT",
+                   help="same as --run.seed")
+    groups = {}
+    for name, owner, f, value, hint in _leaf_fields(cfg):
         if name == "preset" or isinstance(value, dict) or dict in typing.get_args(hint) or hint is dict:
             continue   # resolved sub-configs (e.g. model.vision_tower_config) are not flags
+        section = name.split(".", 1)[0]
+        if section not in groups:
+            doc = (type(owner).__doc__ or "").strip().split("\n")[0]
+            groups[section] = p.add_argument_group(f"--{section}.*", doc.replace("%", "%%"))
+        g = groups[section]
         conv = _converter(name, value, hint)
-        flags = ["--" + name]
-        dashed = "--" + name.replace(".", "-").replace("_", "-")
-        if dashed not in flags:
-            flags.append(dashed)
-        under = "--" + name.replace(".", "_")
-        if under not in flags:
-            flags.append(under)
-        kw = dict(dest=name, default=argparse.SUPPRESS, type=conv,
-                  help=f"{f.name} (default {value!r})")
+        kw = dict(dest=name, default=argparse.SUPPRESS, type=conv)
         if conv is _parse_bool:
             kw["nargs"] = "?"
             kw["const"] = True
-        p.add_argument(*flags, **kw)
-    # shortcuts used by the docs and tests
-    p.add_argument("--resume", dest="run.resume", nargs="?", const=True, type=_parse_bool, default=argparse.SUPPRESS,
-                   help="same as --run.resume")
-    p.add_argument("--stage", dest="run.stage", choices=["1", "2", "all"], default=argparse.SUPPRESS,
-                   help="same as --run.stage")
-    p.add_argument("--out", dest="run.out_dir", default=argparse.SUPPRESS, help="same as --run.out_dir")
-    p.add_argument("--seed", dest="run.seed", type=int, default=argparse.SUPPRESS,
-                   help="same as --run.seed")
+        g.add_argument("--" + name, metavar=_metavar(conv, value, hint), help=_flag_help(f, value), **kw)
+        # the other spellings: same option, not repeated in --help
+        aliases = []
+        for alias in ("--" + name.replace(".", "-").replace("_", "-"), "--" + name.replace(".", "_")):
+            if alias != "--" + name and alias not in aliases:
+                aliases.append(alias)
+        if aliases:
+            g.add_argument(*aliases, help=argparse.SUPPRESS, **kw)
     return p
 
 
@@ -373,30 +570,52 @@ def _set_dotted(cfg, name: str, value):
     setattr(obj, parts[-1], value)
 
 
+def _dotted_keys(d: dict, prefix: str = "") -> set:
+    out = set()
+    for k, v in d.items():
+        out |= _dotted_keys(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k}
+    return out
+
+
 def parse_args(argv=None, prog: str = "python -m solar.train") -> TrainConfig:
-    """Build a TrainConfig from command-line arguments (preset, then --config json, then flags)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    """Build a TrainConfig from command-line arguments (preset, then --config json, then flags),
+    then check every value (`validate_config`).  Bad input exits with status 2 and an
+    argparse-style one-line error naming the flag (or the --config file and field)."""
+    pre = argparse.ArgumentParser(prog=prog, usage=USAGE, add_help=False)
     pre.add_argument("--preset", default="tiny")
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
     if known.preset not in PRESETS:
-        raise SystemExit(f"{prog}: --preset: unknown preset {known.preset!r}; expected one of {sorted(PRESETS)}")
+        pre.error(f"--preset: unknown preset {known.preset!r}; expected one of {', '.join(sorted(PRESETS))}")
     cfg = get_preset(known.preset)
+    from_json: set = set()
     if known.config:
         if not os.path.isfile(known.config):
-            raise SystemExit(f"{prog}: --config: no such file {known.config!r}")
+            pre.error(f"--config: no such file {known.config!r}")
         with open(known.config) as fh:
             try:
                 d = json.load(fh)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{prog}: --config: {known.config!r} is not valid json ({e})")
+                pre.error(f"--config: {known.config!r} is not valid json ({e})")
+        if not isinstance(d, dict):
+            pre.error(f"--config: {known.config!r} must hold a json object (a dict of sections), "
+                      f"got {type(d).__name__}")
         d.pop("preset", None)
-        config_from_dict(cfg, d)
+        try:
+            config_from_dict(cfg, d, validate=False)
+        except ValueError as e:
+            pre.error(f"--config {known.config}: {str(e).removeprefix('config: ')}")
+        from_json = _dotted_keys(d)
     parser = build_parser(cfg, prog=prog)
     ns = parser.parse_args(argv)
-    for k, v in vars(ns).items():
-        if k in ("preset", "config"):
-            continue
+    flags = {k: v for k, v in vars(ns).items() if k not in ("preset", "config")}
+    for k, v in flags.items():
         _set_dotted(cfg, k, v)
     cfg.preset = known.preset
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        dotted = f"{e.owner}.{e.name}"
+        where = f"--config {known.config}: {dotted}" if dotted in from_json and dotted not in flags else f"--{dotted}"
+        parser.error(f"{where} {e.detail}")
     return cfg

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "get_dist", "barrier", "broadcast_object", "all_reduce_mean"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "get_dist", "barrier", "broadcast_object",
+           "all_reduce_mean"]
 
 
 @dataclass
@@ -44,16 +45,31 @@ def get_dist() -> DistInfo:
     return _CURRENT
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
+def resolve_device(device="auto", local_rank: int = 0, *, name: str = "run.device") -> torch.device:
+    """The torch.device that `device` asks for: "auto" (cuda:<local_rank> when CUDA is available,
+    else cpu), "cpu", "cuda" (cuda:<local_rank>), "cuda:N" or a torch.device.  Anything else, or a
+    CUDA device torch cannot see, is a ValueError naming `name`."""
+    if isinstance(device, str) and device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
         return torch.device("cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device: {device!r} was asked for but torch sees no CUDA device")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name}: expected a device string ('auto', 'cpu', 'cuda', 'cuda:N') or a torch.device, "
+                        f"got {type(device).__name__}")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: {str(device)!r} was asked for but torch sees no CUDA device")
+        n = torch.cuda.device_count()
+        if d.index is None:
+            d = torch.device("cuda", local_rank % max(1, n))
+        elif d.index >= n:
+            raise ValueError(f"{name}: {str(device)!r} was asked for but torch sees {n} CUDA device(s)")
     return d
 
 
@@ -69,7 +85,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None,
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if world > 1:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -3,7 +3,8 @@
 Evaluates one or more trained models (folders written by `solar.train`: */model,
 stage1/stage1_model) on a sym-MM2MM benchmark folder (format: `solar.benchmark`), prints
 the paper-style table (fp32 and int8 index by default) and writes it as json (--out).
-A missing or corrupt checkpoint or benchmark is a clear error (exit status 2).
+A bad flag (e.g. --device gpu) or a missing or corrupt checkpoint or benchmark is a clear
+one-line error with exit status 2.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import os
 import sys
 
 import torch
+
+from .config import INDEX_DTYPES
 
 __all__ = ["main"]
 
@@ -24,21 +27,38 @@ def main(argv=None) -> int:
                     help="model folder, or NAME=folder; repeat for several models")
     ap.add_argument("--bench", required=True, help="benchmark folder (triplets.json + shards)")
     ap.add_argument("--out", default="", help="json file for the results (default: print only)")
-    ap.add_argument("--index-dtypes", default="fp32,int8", help="comma-separated Index dtypes")
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--index-dtypes", default="fp32,int8", metavar="A,B,...",
+                    help=f"comma-separated solar_kernels.Index dtypes, each reported; from: {', '.join(INDEX_DTYPES)} "
+                         f"(default: fp32,int8)")
+    ap.add_argument("--batch-size", type=int, default=128, metavar="INT",
+                    help="pairs per embedding batch (default: 128)")
     ap.add_argument("--tokenizer", default="shapesworld", help="'shapesworld' or a local tokenizer folder")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--device", default="auto",
+                    help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N' (default: auto)")
+    ap.add_argument("--threads", type=int, default=0, metavar="INT",
+                    help="torch CPU threads; 0 = leave torch's default (default: 0)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    dtypes = tuple(s.strip() for s in a.index_dtypes.split(",") if s.strip())
+    bad = [d for d in dtypes if d not in INDEX_DTYPES]
+    if bad or not dtypes:
+        ap.error(f"--index-dtypes: expected a comma-separated list from {', '.join(INDEX_DTYPES)}, "
+                 f"got {a.index_dtypes!r}")
+    if a.batch_size < 1:
+        ap.error(f"--batch-size: expected an int >= 1, got {a.batch_size}")
+    if a.threads < 0:
+        ap.error(f"--threads: expected an int >= 0 (0: torch's default), got {a.threads}")
+    from .distributed import resolve_device
+    try:
+        device = resolve_device(a.device, name="--device")
+    except ValueError as e:
+        ap.error(str(e))
     from .benchmark import load_benchmark
     from .checkpoint import CheckpointError
     from .data.tokenizer import load_tokenizer
     from .evaluate import evaluate_models, format_table, load_for_eval
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    device = torch.device("cuda" if (a.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if a.device == "auto" else a.device))
     try:
         load_benchmark(a.bench)
         models = {}
@@ -54,7 +74,7 @@ def main(argv=None) -> int:
         tok = load_tokenizer(a.tokenizer, model_max_length=first.max_text_len)
         res = evaluate_models(models, a.bench, tokenizer=tok, image_size=first.image_size,
                               patch_size=first.patch_size, max_length=first.max_text_len,
-                              batch_size=a.batch_size, index_dtypes=tuple(s for s in a.index_dtypes.split(",") if s),
+                              batch_size=a.batch_size, index_dtypes=dtypes,
                               device=device, progress=not a.no_progress)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"solar.eval: error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import solar_kernels as sk
+
+from .config import option
 
 __all__ = ["ModelConfig", "SolarModel", "PRESETS", "hub_offline"]
 
@@ -57,55 +59,59 @@ class ModelConfig:
     without touching the hub.
     """
 
-    preset: str = "tiny"
+    preset: str = option("tiny", "the model preset this config was built from")
     # --- vision tower E_V (CLIPVisionConfig fields) ---
-    image_size: int = 64
-    patch_size: int = 16
-    vision_hidden: int = 96
-    vision_layers: int = 0
-    vision_heads: int = 4
-    vision_mlp: int = 192
-    vision_pretrained: Optional[str] = None
+    image_size: int = option(64, "input image side in pixels")
+    patch_size: int = option(16, "ViT patch side in pixels ((image_size / patch_size)^2 patches)")
+    vision_hidden: int = option(96, "hidden size of a from-scratch vision tower")
+    vision_layers: int = option(0, "transformer layers of a from-scratch vision tower (0: embeddings + norms)")
+    vision_heads: int = option(4, "attention heads of a from-scratch vision tower")
+    vision_mlp: int = option(192, "MLP size of a from-scratch vision tower")
+    vision_pretrained: Optional[str] = option(None, "pretrained CLIP vision tower: local folder or hub name "
+                                                    "(none: from scratch)")
     # --- text tower E_L (CLIPTextConfig fields) ---
-    vocab_size: int = 512
-    max_text_len: int = 64
-    text_hidden: int = 96
-    text_layers: int = 0
-    text_heads: int = 4
-    text_mlp: int = 192
-    bos_token_id: int = 0
-    eos_token_id: int = 1
-    pad_token_id: int = 1
-    text_pretrained: Optional[str] = None
+    vocab_size: int = option(512, "vocabulary size of a from-scratch text tower (set from the tokenizer)")
+    max_text_len: int = option(64, "maximum caption length in tokens")
+    text_hidden: int = option(96, "hidden size of a from-scratch text tower")
+    text_layers: int = option(0, "transformer layers of a from-scratch text tower (0: embeddings + norms)")
+    text_heads: int = option(4, "attention heads of a from-scratch text tower")
+    text_mlp: int = option(192, "MLP size of a from-scratch text tower")
+    bos_token_id: int = option(0, "begin-of-text token id (set from the tokenizer)")
+    eos_token_id: int = option(1, "end-of-text token id (set from the tokenizer)")
+    pad_token_id: int = option(1, "padding token id (set from the tokenizer)")
+    text_pretrained: Optional[str] = option(None, "pretrained CLIP text tower: local folder or hub name "
+                                                  "(none: from scratch)")
     # CLIP's text tower is causal.  Pretrained CLIP keeps that; the from-scratch `tiny` tower
     # drops it (our choice): with a causal mask the first words of "a small red circle at top
     # left" cannot know which object they describe, which caps the text-side mask quality.
-    text_causal: bool = False
+    text_causal: bool = option(False, "causal attention in the text tower (pretrained CLIP: true)")
     # local phrase context for per-position (layer-free) text towers: a residual 1-D convolution
     # over this many neighbouring token states (odd; 0 = off) between E_L and A_L.  See
     # ``LocalContext`` for why (stage-1 text masks need phrase context, not whole-caption context).
-    text_context_window: int = 0
+    text_context_window: int = option(0, "odd window of a residual 1-D convolution giving text tokens phrase "
+                                         "context (0: off)")
     # the same for patches: a residual k x k convolution over the patch grid (odd; 0 = off)
-    vision_context_window: int = 0
+    vision_context_window: int = option(0, "odd k of a residual k x k convolution over the patch grid (0: off)")
     # s_L at phrase level: words that end a phrase (conjunctions, punctuation); each token's
     # local feature is the mean over its phrase (see ``SolarModel.text_segments``).  Empty: per
     # token.  ``with_tokenizer`` resolves them to ``text_segment_ids`` (single-token words only).
-    text_segment_words: list = field(default_factory=list)
-    text_segment_ids: list = field(default_factory=list)
+    text_segment_words: list = option([], "comma-separated words that end a phrase; s_L is scored per phrase "
+                                          "(empty: per token)")
+    text_segment_ids: list = option([], "token ids of text_segment_words (resolved from the tokenizer)")
     # --- adapters, fusion encoder, head ---
-    width: int = 96            # shared width W of the adapted tokens and of E_VL
-    adapter_hidden: int = 192
-    fusion_layers: int = 3      # the paper's E_VL has 3 attention layers
-    fusion_heads: int = 4
-    fusion_mlp: int = 192
-    embed_dim: int = 96        # E, the pair embedding (768 in the paper)
-    dropout: float = 0.0
+    width: int = option(96, "shared width W of the adapted tokens and of E_VL")
+    adapter_hidden: int = option(192, "hidden size of the two-layer adapters A_V / A_L")
+    fusion_layers: int = option(3, "attention layers of the fusion encoder E_VL (the paper: 3)")
+    fusion_heads: int = option(4, "attention heads of E_VL (must divide width)")
+    fusion_mlp: int = option(192, "MLP size of E_VL")
+    embed_dim: int = option(96, "E, the size of the pair embedding (the paper: 768)")
+    dropout: float = option(0.0, "dropout rate of the adapters, E_VL and the from-scratch towers' attention")
     # --- training options ---
-    freeze_vision: bool = False  # True: E_V is frozen (no gradients, eval mode)
-    freeze_text: bool = False
+    freeze_vision: bool = option(False, "freeze E_V (no gradients, eval mode)")
+    freeze_text: bool = option(False, "freeze E_L (no gradients, eval mode)")
     # resolved tower configs (filled in when the towers are built; used by from_pretrained)
-    vision_tower_config: Optional[dict] = None
-    text_tower_config: Optional[dict] = None
+    vision_tower_config: Optional[dict] = option(None, "resolved config of the vision tower (not a flag)")
+    text_tower_config: Optional[dict] = option(None, "resolved config of the text tower (not a flag)")
 
     @property
     def num_patches(self) -> int:

@@ -87,76 +87,62 @@ import torch.nn.functional as F
 import solar_kernels as sk
 
 from .checkpoint import CheckpointError, load_training_state, save_training_state
+from .config import ConfigError, check_fields, option, validate_config
 from .losses import gla_hinge, global_distill_loss, local_distill_loss
 from .model import SolarModel
 from .qda import RunningGaussian, batch_moments, mixture_threshold, qda_threshold
 
 __all__ = ["Stage1Config", "run_stage1", "evaluate_masks", "rho_at", "stage1_losses", "mask_iou"]
 
+TEACHERS = ("none", "init")
+QDA_MODES = ("mixture", "direct")
+RHO_SCHEDULES = ("linear", "cosine", "step")
+
 
 @dataclass
 class Stage1Config:
-    """Stage-1 hyper-parameters.  Values the paper does not give are our choices (marked *).
+    """Stage 1: learning the intersection masks (SOLAR.md "Stage 1").
 
-    steps:            optimizer steps (*)
-    lr:               AdamW peak learning rate (*; 3e-3 for the from-scratch tiny model: measured
-                      to halve the ITC loss ~2x sooner than 1e-3 at the same mask IoU)
-    tower_lr_scale:   lr multiplier for the pretrained towers (*; 1.0 from scratch, lower when
-                      fine-tuning real CLIP weights)
-    weight_decay:     AdamW weight decay (*)
-    warmup_steps:     linear warm-up steps, then cosine decay to 10% (*)
-    grad_clip:        max global gradient norm (*; 0 disables)
-    temperature:      InfoNCE temperature of both masked ITC losses (*)
-    gla_margin:       delta of the GLA hinge (*)
-    gla_weight:       lambda1, weight of L_GLA (*)
-    itc_weight:       weight of the pooled masked ITC (*)
-    fusion_itc_weight: weight of the masked ITC through E_VL (*; 0 leaves E_VL untrained)
-    gd_weight:        lambda2, global distillation (needs teacher != "none") (*)
-    ld_weight:        lambda3, local distillation (needs teacher != "none") (*)
-    teacher:          "none" or "init": frozen copies of the towers as they are when stage 1
-                      starts (meaningful with pretrained towers)
-    qda_momentum:     EMA momentum of the QDA Gaussian statistics (*)
-    qda_mode:         "mixture" (default; ``qda.mixture_threshold``: the boundary between the
-                      intersection component of the true-pair similarities and the negatives) or
-                      "direct" (``qda.qda_threshold`` between the whole true-pair Gaussian and the
-                      negatives) (*; see the module docstring for the measurements)
-    rho_schedule:     "linear" (default), "cosine" or "step": how rho goes 1 -> 0 (*)
-    rho_hold_frac:    rho stays 1 for this fraction of the steps (*)
-    rho_end_frac:     rho reaches 0 at this fraction of the steps and stays there (*; 1.0: rho
-                      reaches 0 at the last step.  Measured on the tiny run: with 0.9, training
-                      on the bare hard masks for the last 10% of the steps collapsed the ITC
-                      loss from 1.5 to 4.5 and halved the image-mask IoU)
-    log_every:        steps between metric dicts passed to `log`
-    eval_every:       steps between IoU evaluations on `eval_loader` (0: only at the end)
-    eval_batches:     batches of `eval_loader` per evaluation (0: all)
-    ckpt_every:       steps between checkpoints in out_dir/stage1_ckpt (0: only at the end)
-    seed:             seed of the torch RNG used in stage 1
+    Each field's help (``option``; ``python -m solar.train --help``) says what it means.  The
+    paper gives none of these values: they are our choices.  Notes:
+
+    lr:               3e-3 for the from-scratch tiny model: measured to halve the ITC loss ~2x
+                      sooner than 1e-3 at the same mask IoU
+    tower_lr_scale:   1.0 from scratch, lower when fine-tuning real CLIP weights
+    teacher:          "init" is meaningful with pretrained towers; gd_weight / ld_weight need it
+    qda_mode:         see the module docstring for the measurements behind "mixture"
+    rho_end_frac:     1.0: rho reaches 0 at the last step.  Measured on the tiny run: with 0.9,
+                      training on the bare hard masks for the last 10% of the steps collapsed the
+                      ITC loss from 1.5 to 4.5 and halved the image-mask IoU
     """
 
-    steps: int = 600
-    lr: float = 3e-3
-    tower_lr_scale: float = 1.0
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    temperature: float = 0.07
-    gla_margin: float = 0.2
-    gla_weight: float = 1.0
-    itc_weight: float = 1.0
-    fusion_itc_weight: float = 1.0
-    gd_weight: float = 0.0
-    ld_weight: float = 0.0
-    teacher: str = "none"
-    qda_momentum: float = 0.05
-    qda_mode: str = "mixture"
-    rho_schedule: str = "linear"
-    rho_hold_frac: float = 0.3
-    rho_end_frac: float = 1.0
-    log_every: int = 20
-    eval_every: int = 200
-    eval_batches: int = 8
-    ckpt_every: int = 200
-    seed: int = 0
+    steps: int = option(600, "optimizer steps of stage 1", ge=1)
+    lr: float = option(3e-3, "AdamW peak learning rate (linear warm-up, cosine decay to 10%)", gt=0)
+    tower_lr_scale: float = option(1.0, "lr multiplier for the towers E_V / E_L", ge=0)
+    weight_decay: float = option(0.05, "AdamW weight decay", ge=0)
+    warmup_steps: int = option(50, "linear warm-up steps", ge=0)
+    grad_clip: float = option(1.0, "max global gradient norm (0 disables clipping)", ge=0)
+    temperature: float = option(0.07, "InfoNCE temperature of both masked ITC losses", gt=0)
+    gla_margin: float = option(0.2, "delta, the margin of the GLA hinge")
+    gla_weight: float = option(1.0, "lambda1, weight of L_GLA", ge=0)
+    itc_weight: float = option(1.0, "weight of the pooled masked ITC", ge=0)
+    fusion_itc_weight: float = option(1.0, "weight of the masked ITC through E_VL (0 leaves E_VL untrained)", ge=0)
+    gd_weight: float = option(0.0, "lambda2, weight of the global distillation L_GD (needs teacher init)", ge=0)
+    ld_weight: float = option(0.0, "lambda3, weight of the local distillation L_LD (needs teacher init)", ge=0)
+    teacher: str = option("none", "distillation teacher: none, or init (frozen copies of the towers as stage 1 "
+                                  "starts)", choices=TEACHERS)
+    qda_momentum: float = option(0.05, "EMA momentum of the QDA Gaussian statistics", gt=0, le=1)
+    qda_mode: str = option("mixture", "QDA threshold: mixture (intersection component of the true-pair "
+                                      "similarities vs negatives) or direct (whole true-pair Gaussian vs "
+                                      "negatives)", choices=QDA_MODES)
+    rho_schedule: str = option("linear", "how rho of the evolutionary mask goes 1 -> 0", choices=RHO_SCHEDULES)
+    rho_hold_frac: float = option(0.3, "rho stays 1 for this fraction of the steps", ge=0, le=1)
+    rho_end_frac: float = option(1.0, "rho reaches 0 at this fraction of the steps and stays there", ge=0, le=1)
+    log_every: int = option(20, "steps between metric dicts passed to `log`", ge=1)
+    eval_every: int = option(200, "steps between mask-IoU evaluations (0: only at the end)", ge=0)
+    eval_batches: int = option(8, "batches per mask-IoU evaluation (0: all)", ge=0)
+    ckpt_every: int = option(200, "steps between checkpoints in out_dir/stage1_ckpt (0: only at the end)", ge=0)
+    seed: int = option(0, "seed of the torch RNG used in stage 1")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Stage1Config":
@@ -173,21 +159,14 @@ class Stage1Config:
         return cls(**{**presets[name], **overrides})
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"Stage1Config.steps must be >= 1, got {self.steps}")
-        if self.temperature <= 0:
-            raise ValueError(f"Stage1Config.temperature must be > 0, got {self.temperature}")
-        if self.rho_schedule not in ("linear", "cosine", "step"):
-            raise ValueError(f"Stage1Config.rho_schedule must be linear/cosine/step, got {self.rho_schedule!r}")
-        if not 0 <= self.rho_hold_frac <= self.rho_end_frac <= 1:
-            raise ValueError(f"Stage1Config: need 0 <= rho_hold_frac <= rho_end_frac <= 1, "
-                             f"got {self.rho_hold_frac}, {self.rho_end_frac}")
-        if self.qda_mode not in ("mixture", "direct"):
-            raise ValueError(f"Stage1Config.qda_mode must be 'mixture' or 'direct', got {self.qda_mode!r}")
-        if self.teacher not in ("none", "init"):
-            raise ValueError(f"Stage1Config.teacher must be 'none' or 'init', got {self.teacher!r}")
-        if (self.gd_weight or self.ld_weight) and self.teacher == "none":
-            raise ValueError("Stage1Config: gd_weight / ld_weight need teacher='init'")
+        check_fields(self)
+        if not self.rho_hold_frac <= self.rho_end_frac:
+            raise ConfigError(type(self).__name__, "rho_hold_frac", f"must be <= rho_end_frac ({self.rho_end_frac}), "
+                              f"got {self.rho_hold_frac}")
+        for name in ("gd_weight", "ld_weight"):
+            if getattr(self, name) and self.teacher == "none":
+                raise ConfigError(type(self).__name__, name, f"needs teacher 'init' (distillation from the initial "
+                                  f"towers), got {getattr(self, name)} with teacher 'none'")
 
 
 def rho_at(step: int, cfg: Stage1Config) -> float:
@@ -202,7 +181,9 @@ def rho_at(step: int, cfg: Stage1Config) -> float:
         return 1.0 - x
     if cfg.rho_schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * x))
-    return 1.0 if x < 0.5 else 0.0
+    if cfg.rho_schedule == "step":
+        return 1.0 if x < 0.5 else 0.0
+    raise ValueError(f"rho_schedule: expected one of {RHO_SCHEDULES}, got {cfg.rho_schedule!r}")
 
 
 def lr_factor(step: int, cfg: Stage1Config) -> float:
@@ -245,6 +226,8 @@ class _Stage1State:
 
     def __init__(self, model: SolarModel, momentum: float, mode: str = "mixture", group=None):
         self.model = model
+        if mode not in QDA_MODES:
+            raise ValueError(f"qda_mode: expected one of {QDA_MODES}, got {mode!r}")
         self.group = group   # torch.distributed group: moments and centres over the global batch
         self.momentum = momentum
         self.mode = mode
@@ -276,7 +259,12 @@ class _Stage1State:
         self.pos_l.update(mpl, vpl, first)
         self.neg_l.update(mnl, vnl, first)
         self.model.qda_initialized.fill_(1)
-        thr = (lambda *a: mixture_threshold(*a)[:2]) if self.mode == "mixture" else qda_threshold
+        if self.mode == "mixture":
+            thr = lambda *a: mixture_threshold(*a)[:2]   # noqa: E731
+        elif self.mode == "direct":
+            thr = qda_threshold
+        else:
+            raise ValueError(f"qda_mode: expected one of {QDA_MODES}, got {self.mode!r}")
         tv, case_v = thr(self.pos_v.mean, self.pos_v.var, self.neg_v.mean, self.neg_v.var)
         tl, case_l = thr(self.pos_l.mean, self.pos_l.var, self.neg_l.mean, self.neg_l.var)
         # "not_separated" gives +inf; store a finite stand-in above every cosine (nothing kept)
@@ -479,6 +467,7 @@ def run_stage1(model: SolarModel, train_loader: Iterable[Mapping[str, Any]], cfg
     """
     from .logging import progress_bar
 
+    validate_config(cfg)   # fields may have been set after construction
     log = log or (lambda m: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ from torch import nn
 
 import solar_kernels as sk
 
-from .config import Stage2Config
+from .config import Stage2Config, validate_config
 from .distributed import DistInfo, get_dist
 
 __all__ = ["frequent_token_ids", "low_norm_patches", "segment_patches", "text_views", "image_views", "Views",
@@ -485,8 +485,7 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
     if teacher is None:
         teacher = copy.deepcopy(model)
     teacher.eval().requires_grad_(False)
-    if cfg.n_pos_views < 1:
-        raise ValueError(f"stage2.n_pos_views: need at least 1 positive view, got {cfg.n_pos_views}")
+    validate_config(cfg)   # fields may have been set after construction
     miner = None
     if pool is None and hasattr(data, "rows") and hasattr(data, "__len__"):
         pool = data

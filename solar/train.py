@@ -507,7 +507,14 @@ def run(cfg: TrainConfig) -> dict:
 def main(argv: Optional[list] = None) -> int:
     """Command-line entry point (see the module docstring)."""
     from .checkpoint import CheckpointError
-    cfg = parse_args(argv)
+    from .distributed import resolve_device
+    cfg = parse_args(argv)   # bad flags / --config values: exit status 2 with argparse's error line
+    try:
+        # the device string is checked by parse_args; whether this machine has it, here
+        resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")), name="--run.device")
+    except ValueError as e:
+        print(f"solar.train: error: {e}", file=sys.stderr)
+        return 2
     try:
         run(cfg)
     except (CheckpointError, FileNotFoundError) as e:

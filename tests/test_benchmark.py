@@ -185,3 +185,25 @@ def test_hand_made_scores_and_ties():
         bm.metrics_from_scores(lambda qb: S[qb, :5], 6, [0, 3], [1, 4], [2, 5])
     with pytest.raises(ValueError, match="negative_idx"):
         bm.metrics_from_scores(lambda qb: S[qb], 6, [0, 3], [1, 4], [2, 6])
+
+
+def test_eval_cli_bad_flags_exit_2(tmp_path, capsys, monkeypatch):
+    """`python -m solar.eval` checks its flags before loading anything: exit status 2, one error line."""
+    from solar.eval import main
+    base = ["--ckpt", str(tmp_path / "model"), "--bench", str(tmp_path / "bench")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for extra, message in [(["--device", "gpu"], "--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+                           (["--device", "cuda"], "--device: 'cuda' was asked for but torch sees no CUDA device"),
+                           (["--index-dtypes", "fp32,fp64"], "--index-dtypes: expected a comma-separated list from "
+                                                             "fp32, fp16, int8"),
+                           (["--batch-size", "0"], "--batch-size: expected an int >= 1, got 0"),
+                           (["--threads", "-1"], "--threads: expected an int >= 0")]:
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        assert f"error: {message}" in err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "from: fp32, fp16, int8" in out and "torch CPU threads" in out and "pairs per embedding batch" in out

@@ -330,3 +330,44 @@ def test_text_segments_and_phrase_level_similarities():
             return {"and": [7], ",": [8], "as well": [11, 12]}[w]
     cfg = _tiny_cfg(text_segment_words=["and", ",", "as well"]).with_tokenizer(Tok())
     assert cfg.text_segment_ids == [7, 8]
+
+
+def test_encode_retriever_and_load_input_errors():
+    """solar.encode / Retriever / load: bad arguments raise naming the argument; the output is
+    [N, cfg.embed_dim]; add_embeddings takes lists and arrays; the Index stays on CPU."""
+    import numpy as np
+
+    import solar
+    from solar.data.tokenizer import load_tokenizer
+    tok = load_tokenizer("shapesworld", model_max_length=16)
+    torch.manual_seed(0)
+    m = SolarModel(_tiny_cfg(text_context_window=3).with_tokenizer(tok)).eval()
+    imgs = [np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 200, np.uint8), np.full((32, 32, 3), 90, np.uint8)]
+    caps = ["a red circle", "a blue square at top left", "a green triangle"]
+    emb = solar.encode(imgs, caps, model=m, batch_size=2)
+    assert emb.shape == (3, m.cfg.embed_dim) and emb.dtype == torch.float32
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1, got 0"):
+        solar.encode(imgs, caps, model=m, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size"):
+        solar.encode(imgs, caps, model=m, batch_size=2.0)
+    with pytest.raises(TypeError, match="texts: .*single str"):
+        solar.encode(imgs[:1], "a red circle", model=m)
+    with pytest.raises(TypeError, match="images: .*single str"):
+        solar.encode("a.png", caps[:1], model=m)
+    for call in (lambda: solar.encode(imgs, caps, model=m, device="gpu"), lambda: solar.load(m, device="gpu"),
+                 lambda: solar.Retriever(m, device="gpu")):
+        with pytest.raises(ValueError, match="device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+            call()
+    with pytest.raises(ValueError, match="kind"):
+        solar.load((m, "bogus"))
+    assert solar.load((m, "clip_sf"))[1] == "clip_sf"
+    with pytest.raises(ValueError, match="dtype"):
+        solar.Retriever(m, dtype="float32")
+    r = solar.Retriever(m, batch_size=2)
+    assert r.index.device.type == "cpu"
+    r.add_embeddings(emb[:1].tolist()).add_embeddings(emb[1:].numpy(), ids=["b", "c"])
+    assert len(r) == 3 and r.search(imgs[2:], caps[2:], k=1)[1] == [["c"]]
+    with pytest.raises(ValueError, match=rf"emb: expected shape \[n, {m.cfg.embed_dim}\], got \(1, 2\)"):
+        r.add_embeddings([[1.0, 2.0]])
+    with pytest.raises(TypeError, match="emb"):
+        r.add_embeddings("abc")

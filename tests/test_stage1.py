@@ -189,6 +189,39 @@ def test_rho_schedules():
         Stage1Config(ld_weight=1.0)
 
 
+def test_config_checks_and_no_silent_default_branch():
+    """Every enumerated option is checked, and a value set after construction (bypassing
+    __post_init__) raises where it is used instead of falling through to another branch."""
+    from solar.config import ConfigError
+    from solar.stage1 import _Stage1State
+    for kw, msg in [(dict(rho_schedule="cosin"), "rho_schedule must be one of 'linear', 'cosine', 'step', got 'cosin'"),
+                    (dict(qda_mode="bogus"), "qda_mode must be one of 'mixture', 'direct', got 'bogus'"),
+                    (dict(teacher="bogus"), "teacher must be one of 'none', 'init', got 'bogus'"),
+                    (dict(gd_weight=1.0), "gd_weight needs teacher 'init'"),
+                    (dict(lr=-1.0), "lr must be > 0, got -1.0"), (dict(steps=0), "steps must be >= 1, got 0"),
+                    (dict(steps="5"), "steps must be an int, got '5'"),
+                    (dict(rho_hold_frac=0.8, rho_end_frac=0.5), "rho_hold_frac must be <= rho_end_frac")]:
+        with pytest.raises(ConfigError) as e:
+            Stage1Config(**kw)
+        assert str(e.value).startswith(f"Stage1Config.{msg}")
+    cfg = Stage1Config(steps=100, rho_hold_frac=0.0)
+    cfg.rho_schedule = "cosin"
+    with pytest.raises(ValueError, match="rho_schedule"):
+        rho_at(50, cfg)
+    from solar.model import ModelConfig, SolarModel
+    model = SolarModel(ModelConfig(image_size=16, patch_size=8, vocab_size=20, max_text_len=8, vision_hidden=8,
+                                   text_hidden=8, width=8, adapter_hidden=8, fusion_layers=1, fusion_heads=2,
+                                   fusion_mlp=8, embed_dim=8))
+    with pytest.raises(ValueError, match="qda_mode"):
+        _Stage1State(model, 0.05, "bogus")
+    state = _Stage1State(model, 0.05, "direct")
+    state.mode = "bogus"
+    s = torch.rand(2, 4)
+    with pytest.raises(ValueError, match="qda_mode"):
+        state.update(s, s, torch.ones(2, 4, dtype=torch.bool), torch.randn(2, 4, 8), torch.randn(2, 4, 8),
+                     F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(2, 8), dim=-1))
+
+
 def test_mask_iou_by_hand():
     pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
     gt = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 1]], dtype=torch.bool)

@@ -271,8 +271,91 @@ def test_cli_presets_config_file_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--no-such-flag", "1"])
     f.write_text(json.dumps({"stage2": {"nope": 1}}))
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(SystemExit) as e:
         parse_args(["--config", str(f)])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage1.rho_schedule", "cosin"],
+     "--stage1.rho_schedule must be one of 'linear', 'cosine', 'step', got 'cosin'"),
+    (["--stage1.qda_mode", "bogus"], "--stage1.qda_mode must be one of 'mixture', 'direct', got 'bogus'"),
+    (["--stage1.teacher", "bogus"], "--stage1.teacher must be one of 'none', 'init', got 'bogus'"),
+    (["--stage1.gd_weight", "1"], "--stage1.gd_weight needs teacher 'init'"),
+    (["--stage1.lr", "-1"], "--stage1.lr must be > 0, got -1.0"),
+    (["--stage2.steps", "-5"], "--stage2.steps must be >= 1, got -5"),
+    (["--stage2.mine_dtype", "float32"], "--stage2.mine_dtype must be one of 'fp32', 'fp16', 'int8', got 'float32'"),
+    (["--eval.index_dtypes", "fp32,fp64"], "--eval.index_dtypes must be one of"),
+    (["--run.stage", "3"], "--run.stage must be one of '1', '2', 'all', got '3'"),
+    (["--run.device", "gpu"], "--run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    (["--preset", "clip-b16", "--stage1.teacher", "none"], "--stage1.gd_weight needs teacher 'init'"),
+])
+def test_cli_rejects_bad_values(argv, message, capsys):
+    """Flags are checked like the dataclasses' own arguments: exit status 2, one error line naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"error: {message}" in err.strip().splitlines()[-1]
+
+
+def test_cli_checks_config_file_values(tmp_path, capsys):
+    from solar.config import ConfigError, config_from_dict, validate_config
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"stage1": {"qda_mode": "bogus"}}))
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(f)])
+    assert e.value.code == 2
+    assert f"--config {f}: stage1.qda_mode must be one of 'mixture', 'direct', got 'bogus'" in capsys.readouterr().err
+    f.write_text(json.dumps({"stage2": {"steps": "7"}}))
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(f)])
+    assert "stage2.steps must be an int, got '7'" in capsys.readouterr().err
+    # a flag may fix what the file sets; the final values are what is checked
+    f.write_text(json.dumps({"stage1": {"gd_weight": 1.0}}))
+    assert parse_args(["--config", str(f), "--stage1.teacher", "init"]).stage1.teacher == "init"
+    # the library path: config_from_dict validates, validate_config names the section
+    with pytest.raises(ConfigError, match="stage2.mine_dtype"):
+        config_from_dict(get_preset("tiny"), {"stage2": {"mine_dtype": "float32"}})
+    cfg = get_preset("tiny")
+    cfg.run.stage = "3"
+    with pytest.raises(ConfigError, match=r"^run\.stage must be one of"):
+        validate_config(cfg)
+    with pytest.raises(ValueError, match="mine_dtype"):
+        Stage2Config(mine_dtype="float32")
+
+
+def test_cli_help_gives_every_flag_a_meaning(capsys):
+    from solar.config import _leaf_fields
+    cfg = get_preset("tiny")
+    p = build_parser(cfg)
+    helps = {a.dest: a.help for a in p._actions if a.help and a.option_strings and a.option_strings[0].count(".")}
+    for name, _owner, f, value, _hint in _leaf_fields(cfg):
+        if name == "preset" or name.endswith("tower_config"):
+            continue
+        h = helps[name]
+        assert f.metadata.get("help") and h.startswith(f.metadata["help"].replace("%", "%%")), name
+        for c in f.metadata.get("choices", ()):
+            assert c in h, (name, c)
+    assert "one of: mixture, direct" in helps["stage1.qda_mode"]
+    assert "one of: fp32, fp16, int8" in helps["eval.index_dtypes"]
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())    # undo argparse's line wrapping
+    assert e.value.code == 0 and "--stage1.rho_schedule" in out and "one of: linear, cosine, step" in out
+
+
+def test_train_cli_bad_device_and_stage_exit_2(monkeypatch, capsys):
+    from solar.train import main
+    for argv in (["--run.device", "gpu"], ["--run.stage", "3"], ["--stage", "3"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert "error: " in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--run.device", "cuda", "--run.out_dir", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err
+    assert "--run.device" in err and "no CUDA device" in err and "Traceback" not in err
 
 
 def test_metrics_logger_and_plot(tmp_path):
