@@ -24,15 +24,25 @@ def progress_bar(iterable=None, **kwargs):
     """A tqdm progress bar for the long jobs (kwargs as tqdm's).
 
     On a terminal it redraws as usual.  When stderr is not a terminal (a log file, CI) it
-    refreshes at most every 30 s (``mininterval``), so a log keeps a short readable trace
-    instead of thousands of carriage-return updates."""
+    refreshes at most every 30 s (``mininterval``), and ``set_postfix`` / ``set_description``
+    do not force a redraw (tqdm's default, which would defeat the interval), so a log keeps a
+    short readable trace instead of one carriage-return update per step."""
     import sys
 
     from tqdm.auto import tqdm
     isatty = getattr(sys.stderr, "isatty", None)
-    if not (callable(isatty) and isatty()):
-        kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.1)), 30.0)
-    return tqdm(iterable, **kwargs)
+    if callable(isatty) and isatty():
+        return tqdm(iterable, **kwargs)
+    kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.1)), 30.0)
+
+    class _LogBar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=False, **kw):
+            return super().set_postfix(ordered_dict, refresh=False, **kw)
+
+        def set_description(self, desc=None, refresh=False):
+            return super().set_description(desc, refresh=False)
+
+    return _LogBar(iterable, **kwargs)
 
 
 def _jsonable(v):

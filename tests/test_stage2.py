@@ -407,6 +407,14 @@ def test_progress_bar_is_quiet_in_logs(monkeypatch):
     bar = progress_bar(total=10, desc="x", file=io.StringIO())
     assert bar.mininterval >= 30
     bar.close()
+    out = io.StringIO()                                          # per-step postfix/description updates
+    bar = progress_bar(total=500, desc="x", file=out)            # must not redraw each step
+    for i in range(500):
+        bar.update(1)
+        bar.set_postfix(loss=f"{1.0 / (i + 1):.3f}")
+        bar.set_description(f"x{i % 3}")
+    bar.close()
+    assert out.getvalue().count("\r") <= 3, out.getvalue().count("\r")
     monkeypatch.setattr(sys, "stderr", _Tty())                  # a terminal
     bar = progress_bar(total=10, desc="x", file=io.StringIO(), mininterval=0.5)
     assert bar.mininterval == 0.5
