@@ -7,7 +7,8 @@ itself is then excluded), and compute R@1, R@5, R@10, mR, Prec and Avg with
 `solar.benchmark`'s metric functions (SOLAR.md definitions, percent).
 
 Prec compares score(query, positive) with score(query, hard negative) under the same
-precision as the index: exact fp32 inner products for "fp32"; for "int8" the scores of
+precision as the index: exact fp32 inner products for "fp32"; for "fp16" the fp32 query
+against the row rounded to fp16; for "int8" the scores of
 the int8 codes (per-vector symmetric scale max|x|/127, integer dot product times the two
 scales), i.e. what the int8 index ranks by.
 """
@@ -92,11 +93,15 @@ def _int8_codes(x: torch.Tensor):
 
 
 def quantized_scores(a: torch.Tensor, b: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Row-wise scores <a_i, b_i> as an index of `dtype` computes them ([n] float64)."""
+    """Row-wise scores <a_i, b_i> as an index of `dtype` computes them ([n] float64).
+
+    `a` holds the queries and `b` the stored rows (the sides are not interchangeable): "fp16"
+    rounds only the rows to float16 and keeps the queries in float32, as the fp16 index does;
+    "int8" quantises both sides (the index quantises its queries the same way)."""
     if dtype == "fp32":
         return (a.float() * b.float()).sum(-1).double()
     if dtype == "fp16":
-        return (a.half().double() * b.half().double()).sum(-1)
+        return (a.float().double() * b.float().half().double()).sum(-1)
     if dtype == "int8":
         ca, sa = _int8_codes(a)
         cb, sb = _int8_codes(b)

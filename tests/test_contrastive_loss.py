@@ -430,14 +430,29 @@ def test_numpy_and_tensor_scalars_are_accepted():
 
 
 # -- pooled_contrastive_loss -------------------------------------------------------------
+# (float_mask, hard_negatives, symmetric, normalize): each loss option the fused op forwards
+POOLED_CASES = [
+    pytest.param(False, False, True, True, id="bool-mask"),
+    pytest.param(True, False, True, True, id="float-mask"),
+    pytest.param(True, True, True, True, id="hard-negatives"),
+    pytest.param(False, True, False, True, id="hard-negatives-one-sided"),
+    pytest.param(True, False, False, True, id="one-sided"),
+    pytest.param(True, True, True, False, id="unnormalized"),
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("float_mask", [False, True])
-def test_pooled_contrastive_loss_vs_reference(backend, float_mask):
+@pytest.mark.parametrize("float_mask,hard,symmetric,normalize", POOLED_CASES)
+def test_pooled_contrastive_loss_vs_reference(backend, float_mask, hard, symmetric, normalize):
+    """Loss, mined indices and every gradient (tokens, float masks, hard negatives) against the
+    fp64 composition masked_pool_reference -> contrastive_loss_reference.  The backward runs
+    inside use_backend too, so the pooling backward of the backend under test is the one checked."""
     dev = _dev()
     gen = torch.Generator().manual_seed(11)
-    n, lq, lk, d = 19, 7, 5, 24
-    xq = torch.randn(n, lq, d, generator=gen).to(dev).requires_grad_()
-    xk = torch.randn(n, lk, d, generator=gen).to(dev).requires_grad_()
+    n, lq, lk, d, h = 19, 7, 5, 24, 3
+    scale = 1.0 if normalize else 0.3  # unnormalised pooled rows: keep the logits moderate
+    xq = (scale * torch.randn(n, lq, d, generator=gen)).to(dev).requires_grad_()
+    xk = (scale * torch.randn(n, lk, d, generator=gen)).to(dev).requires_grad_()
     mq = torch.rand(n, lq, generator=gen) > 0.4
     mk = torch.rand(n, lk, generator=gen) > 0.4
     mq[:, 0] = True
@@ -447,19 +462,26 @@ def test_pooled_contrastive_loss_vs_reference(backend, float_mask):
         mk = (mk.float() * torch.rand(n, lk, generator=gen)).to(dev).requires_grad_()
     else:
         mq, mk = mq.to(dev), mk.to(dev)
+    hn = None
+    if hard:
+        hn = torch.nn.functional.normalize(torch.randn(n, h, d, generator=gen), dim=2).to(dev).requires_grad_()
     groups = (torch.arange(n) // 3).to(dev)
-    kw = dict(groups=groups, temperature=0.1, hardness=0.5)
+    kw = dict(groups=groups, temperature=0.1, hardness=0.5, symmetric=symmetric)
+    inputs = [t for t in (xq, xk, mq, mk, hn) if t is not None and t.requires_grad]
     with sk.use_backend(backend):
-        loss, mined = sk.pooled_contrastive_loss(xq, mq, xk, mk, mine_k=2, **kw)
-    inputs = [t for t in (xq, xk, mq, mk) if t.requires_grad]
-    got = torch.autograd.grad(loss, inputs)
-    fq = masked_pool_reference(xq, mq, normalize=True, dtype=torch.float64)
-    fk = masked_pool_reference(xk, mk, normalize=True, dtype=torch.float64)
-    loss64, (idx, _) = contrastive_loss_reference(fq, fk, mine_k=2, **kw)
+        loss, mined = sk.pooled_contrastive_loss(xq, mq, xk, mk, mine_k=2, normalize=normalize,
+                                                 hard_negatives=hn, **kw)
+        got = torch.autograd.grad(loss, inputs)
+    fq = masked_pool_reference(xq, mq, normalize=normalize, dtype=torch.float64)
+    fk = masked_pool_reference(xk, mk, normalize=normalize, dtype=torch.float64)
+    loss64, (idx, _) = contrastive_loss_reference(fq, fk, mine_k=2, hard_negatives=hn, dtype=torch.float64, **kw)
     ref = torch.autograd.grad(loss64, inputs)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    names = [nm for nm, t in (("xq", xq), ("xk", xk), ("mask_q", mq), ("mask_k", mk), ("hard_negatives", hn))
+             if t is not None and t.requires_grad]
+    for nm, a, b in zip(names, got, ref):
+        assert a.shape == b.shape, nm
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5, msg=lambda m, nm=nm: f"{nm}: {m}")
     assert torch.equal(mined.indices.cpu(), idx.cpu())
 
 

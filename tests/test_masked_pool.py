@@ -85,7 +85,7 @@ def assert_oracle(name, got, ref64, plain, atol):
             f"got {float(got64[idx]):.6g}, fp64 reference {float(ref64[idx]):.6g}, error {float(err[idx]):.3g}")
 
 
-def check_case(backend, x, mask, normalize, *, mask_grad):
+def check_case(backend, x, mask, normalize, *, mask_grad, eps=1e-6):
     """Forward and backward of `backend` against the fp64 reference and plain PyTorch in x's dtype."""
     dtype = x.dtype
     atol = ATOL[dtype]
@@ -96,12 +96,12 @@ def check_case(backend, x, mask, normalize, *, mask_grad):
     inputs = (x, mask) if mask_grad else (x,)
 
     with use_backend(backend):
-        out = masked_pool(x, mask, normalize=normalize)
+        out = masked_pool(x, mask, normalize=normalize, eps=eps)
     assert out.dtype == dtype
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
 
-    ref = masked_pool_reference(x, mask, normalize=normalize, dtype=torch.float64)
-    plain = masked_pool_reference(x, mask, normalize=normalize)  # plain PyTorch in x's dtype
+    ref = masked_pool_reference(x, mask, normalize=normalize, eps=eps, dtype=torch.float64)
+    plain = masked_pool_reference(x, mask, normalize=normalize, eps=eps)  # plain PyTorch in x's dtype
     assert_oracle("out", out, ref, plain, atol)
     assert not torch.isnan(out).any()
 
@@ -159,6 +159,23 @@ def test_all_zero_masks_give_zeros(backend, normalize):
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(gx, torch.zeros_like(gx))
     assert torch.equal(gm, torch.zeros_like(gm))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_normalize_rows_with_norm_below_eps(backend):
+    """normalize=True where pooled rows have a nonzero norm <= eps: the floor max(||row||, eps)
+    is then a constant, so the gradient is grad_out / eps with no projection term (a backward
+    that projects whenever the norm is merely > 0 is wrong by ~1e-4 relative here)."""
+    x, mask = make_inputs(21, 3, 17, 33, 2, torch.float32)
+    x = x * 1e-8  # pooled norms ~1e-8, far below eps = 1e-6 but not zero
+    mask[1, 2] = 0  # and one zero-weight row
+    check_case(backend, x, mask, True, mask_grad=True)
+    # ordinary tokens under an eps above every pooled norm (outputs of order 1, not 1e-2)
+    x2, mask2 = make_inputs(22, 3, 17, 33, 1, torch.float32)
+    with torch.no_grad():
+        n = masked_pool_reference(x2, mask2, dtype=torch.float64).norm(dim=-1)
+    assert float(n.min()) > 0
+    check_case(backend, x2, mask2, True, mask_grad=True, eps=float(n.max()) * 1.5)
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)

@@ -271,6 +271,34 @@ def test_native_quantize_int8_matches_the_torch_expression(n, d, seed, kind):
     assert torch.equal(codes, want_c)
 
 
+def test_torch_quantize_int8_rounds_half_to_even(monkeypatch):
+    """The torch branch of quantize_int8 (the one CUDA tensors take), forced on CPU by hiding the
+    native quantiser: codes and scales on values exactly on k + 0.5 code steps must follow
+    round-half-to-even, as the native pass and the reference do."""
+    available = _ext.available
+    monkeypatch.setattr(_ext, "available", lambda name: name != "quantize_int8_cpu" and available(name))
+    assert not _ext.available("quantize_int8_cpu")
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.0],
+                      [-127.0, 3.5, 4.5, -3.5, -4.5, 0.0, 0.25, 0.75, 100.5, 101.5],
+                      [0.0] * 10])
+    codes, scales = quantize_int8(x)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32
+    assert scales.tolist() == [1.0, 1.0, 0.0]  # max 127 -> scale exactly 1: every x / scale is exact
+    assert codes.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126, -126, 3],
+                              [-127, 4, 4, -4, -4, 0, 0, 1, 100, 102],
+                              [0] * 10]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-127, 127, (9, 33), generator=g).float() + 0.5
+    x[:, 0] = 127.0
+    x[::2] *= -1
+    codes, scales = quantize_int8(x)
+    assert torch.equal(scales, torch.ones(9))
+    assert torch.equal(codes, torch.from_numpy(np.rint(x.numpy())).clamp(-127, 127).to(torch.int8))
+    monkeypatch.undo()
+    native = quantize_int8(x)  # the native pass agrees bit for bit
+    assert torch.equal(native[0], codes) and torch.equal(native[1], scales)
+
+
 def test_native_quantize_int8_nan_row():
     x = torch.tensor([[1.0, float("nan"), -2.0], [1.0, -2.0, 0.5]])
     codes, scales = quantize_int8(x)
@@ -321,6 +349,20 @@ def test_load_rejects_corrupt_truncated_and_foreign_files(tmp_path):
         Index.load(bad)
     with pytest.raises(IndexFileError, match="checksum"):
         Index.load(bad, mmap=True)
+    # the checksum covers the whole payload: the int8 scales and code sums after the padded
+    # rows too (file format in the solar_kernels.search docstring)
+    dim, count, payload = struct.unpack_from("<QQQ", raw, 24)
+    assert (dim, count) == (6, 20)
+    rows_padded = -(-count * dim // 64) * 64
+    assert payload == rows_padded + 8 * count and len(raw) == 64 + payload
+    for what, off in (("scales", 64 + rows_padded + 4 * 3 + 1), ("sums", 64 + rows_padded + 4 * count + 4 * 5)):
+        b = bytearray(raw)
+        b[off] ^= 0x01
+        bad.write_bytes(b)
+        for mmap in (False, True):
+            with pytest.raises(IndexFileError, match="checksum"):
+                Index.load(bad, mmap=mmap)
+        assert len(Index.load(bad, verify=False)) == count, what  # only the checksum rejects it
     # truncated payload / header
     bad.write_bytes(raw[:-5])
     with pytest.raises(IndexFileError, match="truncated"):

@@ -109,6 +109,26 @@ def test_running_gaussian_tracks_a_stream():
     assert (n, m, v) == (2.0, 1.5, 0.25)
 
 
+def test_running_gaussian_includes_the_spread_of_batch_means():
+    """Closed form with a moving mean: at momentum 0.5 one update of two equal-size batches is
+    their pooled population (law of total variance: the between-batch term (6 - 1)^2 / 4 is
+    most of it); a third batch then weighs 1/2 against 1/4 each, i.e. the pool A, B, C, C."""
+    every = torch.ones(2, dtype=torch.bool)
+    a, b, c = torch.tensor([0.0, 2.0]), torch.tensor([5.0, 7.0]), torch.tensor([-3.0, -1.0])
+    rg = RunningGaussian(torch.zeros(2), momentum=0.5)
+    rg.update(*batch_moments(a, every)[1:], first=True)
+    assert (rg.mean, rg.var) == (1.0, 1.0)
+    rg.update(*batch_moments(b, every)[1:])
+    assert rg.mean == pytest.approx(3.5, rel=1e-6)
+    assert rg.var == pytest.approx(0.5 * (1 + 2.5**2) + 0.5 * (1 + 2.5**2), rel=1e-6)  # 7.25
+    pool = torch.cat([a, b])
+    assert rg.var == pytest.approx(float(pool.var(unbiased=False)), rel=1e-6)
+    rg.update(*batch_moments(c, every)[1:])
+    pool = torch.cat([a, b, c, c]).double()
+    assert rg.mean == pytest.approx(float(pool.mean()), rel=1e-6)  # 0.75
+    assert rg.var == pytest.approx(float(pool.var(unbiased=False)), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- losses
 def test_gla_hinge_matches_direct_formula():
     g = torch.Generator().manual_seed(0)

@@ -86,6 +86,28 @@ def test_segments_are_whole_in_image_views(seed):
     assert changed.dtype == torch.bool
 
 
+@pytest.mark.parametrize("tau", [0.3, -0.3])
+def test_image_views_score_a_segment_by_its_mean(tau):
+    """A segment is intersection / difference by the mean s_v of its patches, not the sum: with
+    tau != 0, segment 0 (four patches at |s| = 0.2) has its sum on the other side of tau than
+    its mean.  Patch 7 is in no segment and never hidden."""
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1, 2, -1]])
+    if tau > 0:   # seg 0: mean 0.2 <= tau < sum 0.8 -> difference; seg 1 intersection; seg 2 difference
+        s_v = torch.tensor([[0.2, 0.2, 0.2, 0.2, 0.5, 0.45, 0.1, 0.9]])
+        u = torch.tensor([[0.9, 0.9, 0.9]])  # no draw below drop: the one intersection segment is forced
+        want_pos = [True] * 4 + [False] * 2 + [True, True]
+        want_neg = [False] * 4 + [True] * 2 + [False, True]
+    else:         # seg 0: sum -0.8 <= tau < mean -0.2 -> intersection; seg 1 difference; seg 2 intersection
+        s_v = torch.tensor([[-0.2, -0.2, -0.2, -0.2, -0.5, -0.4, 0.0, -0.9]])
+        u = torch.tensor([[0.1, 0.9, 0.9]])  # seg 0 is drawn (0.1 < drop), seg 2 is not
+        want_pos = [False] * 4 + [True] * 4
+        want_neg = [True] * 4 + [False] * 2 + [True, True]
+    pos, neg, changed = image_views(s_v, seg, 3, tau, drop=0.5, u=u)
+    assert pos[0].tolist() == want_pos
+    assert neg[0].tolist() == want_neg
+    assert changed.tolist() == [True]
+
+
 def test_segments_follow_feature_clusters():
     # two clearly different feature halves (left / right) -> with k=2 the segments split there
     P, W = 64, 8
@@ -215,14 +237,15 @@ def test_build_views_and_loss_backward():
     assert 0.0 <= metrics["img_pos_hidden"] <= 1.0
 
 
-def test_miner_excludes_self():
+@pytest.mark.parametrize("exclude_top", [0, 1, 2])
+def test_miner_excludes_self(exclude_top):
     pytest.importorskip("solar_kernels")
     import solar_kernels as sk
     if not hasattr(sk, "Index"):
         pytest.skip("solar_kernels.Index not available yet")
     from solar.stage2 import Miner
     bank = torch.nn.functional.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
-    miner = Miner(pool=None, pool_ids=torch.arange(20))
+    miner = Miner(pool=None, pool_ids=torch.arange(20), exclude_top=exclude_top)
     miner.set_bank(bank, step=0)
     rows = torch.arange(5)
     nb = miner.neighbours(bank[:5], rows, k=3)
@@ -230,11 +253,38 @@ def test_miner_excludes_self():
     for i in range(5):
         # the row itself (score 1) is never among its neighbours
         assert not any(torch.allclose(nb[i, j], bank[i]) for j in range(3))
-        # and the neighbours are the best-scoring others
+        # and the neighbours are the best-scoring others after skipping the top `exclude_top`
         scores = bank @ bank[i]
         scores[i] = -9
-        best = scores.topk(3).indices
+        best = scores.topk(3 + exclude_top).indices[exclude_top:]
         assert torch.allclose(nb[i], bank[best])
+
+
+def test_views_mask_the_side_that_hides_something():
+    """Views.positive / hard_negative (via _one_side): a draw u < 0.5 picks the text side only
+    when the text view hides something; otherwise the image side is masked and the text kept whole."""
+    from solar.stage2 import Views
+    text_valid = torch.tensor([[True, True, True, False], [True, True, True, True], [True, True, False, False]])
+    text_pos = text_valid.clone()
+    text_pos[1, 2] = False               # row 1's text view hides a token, rows 0 and 2 hide nothing
+    img_pos = torch.tensor([[True, False, True], [False, True, True], [True, True, False]])
+    u = torch.tensor([[0.2, 0.2, 0.7]])  # rows 0, 1 would pick text, row 2 image
+    v = Views(text_pos=text_pos, text_neg=text_pos, text_neg_changed=torch.tensor([False, True, False]),
+              img_pos=img_pos, img_neg=img_pos, img_neg_changed=torch.tensor([True, True, True]),
+              text_valid=text_valid, segments=torch.zeros(3, 3, dtype=torch.long),
+              text_pos_changed=torch.tensor([False, True, False]), img_pos_changed=torch.tensor([True, True, True]),
+              pos_side_u=u, neg_side_u=u)
+    for pk, tk in (v.positive(0), v.hard_negative(0)[:2]):
+        # row 0: text has nothing to hide -> the image side is masked, the text kept whole
+        assert pk[0].tolist() == [True, False, True] and torch.equal(tk[0], text_valid[0])
+        # row 1: text side masked, image whole
+        assert pk[1].all() and tk[1].tolist() == [True, True, False, True]
+        # row 2: u >= 0.5 -> image side
+        assert torch.equal(pk[2], img_pos[2]) and torch.equal(tk[2], text_valid[2])
+    # neither side hides anything: the text side (whole) and an all-kept image
+    v.img_pos_changed = torch.tensor([False, False, False])
+    pk, tk = v.positive(0)
+    assert pk[0].all() and torch.equal(tk[0], text_valid[0])
 
 
 # --------------------------------------------------------------------------- config CLI
@@ -375,7 +425,7 @@ def test_metrics_logger_and_plot(tmp_path):
     assert not os.path.exists(tmp_path / "off.jsonl")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
 def test_eval_pair_scores_match_the_index(dtype):
     """Prec uses score(q, pos) / score(q, neg) computed as the index of that dtype scores."""
     import solar_kernels as sk
@@ -391,6 +441,52 @@ def test_eval_pair_scores_match_the_index(dtype):
         ref = torch.zeros(30, dtype=torch.float64)
         ref[ids[i].long()] = scores[i].double()
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_embeddings_metrics_by_hand():
+    """evaluate_embeddings on small synthetic embeddings: every metric (R@1/5/10, mR, Prec, Avg)
+    of every index dtype equals the exhaustive solar.benchmark computation over the scores that
+    dtype defines (reference.topk_search_reference), and for fp32 metrics_from_embeddings; Prec is
+    also counted by hand as score(q, pos) > score(q, neg)."""
+    import solar_kernels as sk
+    if not hasattr(sk, "Index"):
+        pytest.skip("solar_kernels.Index not available yet")
+    from solar import benchmark as bm
+    from solar.evaluate import evaluate_embeddings
+    from solar_kernels.reference import topk_search_reference
+    g = torch.Generator().manual_seed(3)
+    N, E, Q = 48, 16, 16
+    F = torch.nn.functional
+    emb = F.normalize(torch.randn(N, E, generator=g), dim=-1)
+    q = torch.arange(Q)
+    p = Q + torch.arange(Q)
+    n = 2 * Q + torch.arange(Q)
+    emb[p] = F.normalize(emb[q] + 0.9 * torch.randn(Q, E, generator=g), dim=-1)  # noisy positives
+    emb[n] = F.normalize(emb[p] + 0.5 * torch.randn(Q, E, generator=g), dim=-1)  # negatives near the positive
+    perm = torch.randperm(N, generator=g)  # the collection order is not the triplet order
+    keys = [f"k{int(i):03d}" for i in perm]
+    where = {int(i): j for j, i in enumerate(perm)}
+    emb = emb[perm]  # row j is the pair named keys[j]
+    triplets = [{"query": f"k{int(a):03d}", "positive": f"k{int(b):03d}", "negative": f"k{int(c):03d}"}
+                for a, b, c in zip(q, p, n)]
+    bench = bm.Benchmark(root=".", shards=[], triplets=triplets, num_pairs=N, spec={})
+    qi, pi, ni = (torch.tensor([where[int(i)] for i in t]) for t in (q, p, n))
+    assert torch.equal(torch.stack(bench.indices(keys)), torch.stack([qi, pi, ni]))
+
+    dtypes = ("fp32", "fp16", "int8")
+    got = evaluate_embeddings(emb, keys, bench, dtypes)
+    assert set(got) == set(dtypes)
+    for dt in dtypes:
+        s, ids = topk_search_reference(emb, emb, N, dt)
+        full = torch.empty(N, N, dtype=torch.float64).scatter_(1, ids, s.double())  # [query, row] scores
+        want = bm.metrics_from_scores(lambda b, full=full: full[b], N, qi, pi, ni)
+        prec = 100.0 * float((full[qi, pi] > full[qi, ni]).double().mean())
+        assert got[dt]["Prec"] == pytest.approx(prec, abs=1e-9), dt
+        assert got[dt] == pytest.approx(want, abs=1e-9), dt
+        # the data tell the metrics apart: neither trivial, and scoring neg against pos would differ
+        assert 0 < want["R@1"] < want["R@10"] < 100 and 0 < prec < 100
+        assert prec != 100.0 * float((full[qi, pi] > full[pi, ni]).double().mean())
+    assert got["fp32"] == pytest.approx(bm.metrics_from_embeddings(emb, qi, pi, ni), abs=1e-9)
 
 
 def test_progress_bar_is_quiet_in_logs(monkeypatch):
