@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "get_dist", "barrier", "broadcast_object",
-           "all_reduce_mean"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "get_dist", "barrier"]
 
 
 @dataclass
@@ -107,20 +106,3 @@ def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
-
-def broadcast_object(obj, src: int = 0):
-    """Broadcast a picklable python object from `src` (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (a detached copy); identity when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x.detach()
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y / dist.get_world_size()

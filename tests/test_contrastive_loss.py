@@ -162,6 +162,24 @@ def test_triton_backend_vs_reference(n, d, h, dtype, temperature, hardness, gkin
     _run_vs_reference("triton", n, d, h, dtype, temperature, hardness, gkind, single, symmetric, mine_k, seed)
 
 
+@pytest.mark.parametrize("case", [
+    dict(n=17, h=2, hardness=0.5, gkind="pairs", single=False, symmetric=True, mine_k=3, seed=11),
+    dict(n=17, h=1, hardness=0.0, gkind="lonely", single=True, symmetric=False, mine_k=2, seed=12),
+], ids=["two-tower-hard-mined", "single-set-mined"])
+def test_triton_several_d_chunks(monkeypatch, case):
+    """The S tile and the backward sweep D in BLOCK_D chunks.  Under the interpreter BLOCK_D is
+    next_pow2(D) (one chunk), so force BLOCK_D = 16 with d = 33: three chunks, the last of one
+    column; forward, backward, hard negatives and mining against the reference."""
+    real = cl._triton_settings
+
+    def small_d_chunks(n_rows, n_cols, D, dtype, device):
+        return dict(real(n_rows, n_cols, D, dtype, device), BLOCK_D=16)
+
+    monkeypatch.setattr(cl, "_triton_settings", small_d_chunks)
+    assert -(-33 // cl._triton_settings(17, 17, 33, torch.float32, _dev())["BLOCK_D"]) == 3
+    _run_vs_reference("triton", d=33, dtype=torch.float32, temperature=0.1, **case)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mining_ties_go_to_lower_index(backend):
     # integer vectors, temperature 1: every logit is an exact integer, so ties are exact

@@ -362,6 +362,28 @@ def test_collate_pairs_in_memory(tok):
         collate_pairs(imgs, ["a", "b"], tok, image_size=64, patch_size=7)
 
 
+def test_token_gt_follows_words_split_into_several_tokens(tok):
+    """A word outside the vocabulary tokenises into byte-level pieces: its flag covers every
+    piece, later words stay aligned, and the sample is no mismatch."""
+    assert len(tok("zq", add_special_tokens=False)["input_ids"]) == 2
+    assert len(tok("blob", add_special_tokens=False)["input_ids"]) == 3
+    assert len(tok("xy", add_special_tokens=False)["input_ids"]) == 2
+    words = [["a", "red", "zq", "circle"], ["xy", "at", "top", "and", "a", "blob"]]
+    flags = [[0, 1, 1, 0], [0, 0, 1, 0, 0, 1]]
+    caps = [" ".join(w) for w in words]
+    imgs = [Image.new("RGB", (64, 64), (10, 20, 30))] * 2
+    stats = ReaderStats()
+    metas = [{"words": w, "word_flags": f} for w, f in zip(words, flags)]
+    b = collate_pairs(imgs, caps, tok, image_size=64, metas=metas, stats=stats)
+    assert stats.totals()["gt_mismatch"] == 0
+    #         BOS    a      red   z     q     circle EOS   pad    pad    pad    pad
+    row0 = [False, False, True, True, True, False, False, False, False, False, False]
+    #         BOS    x      y      at     top   and    a      bl    o     b     EOS
+    row1 = [False, False, False, False, True, False, False, True, True, True, False]
+    assert b["attention_mask"].sum(1).tolist() == [7, 11]
+    assert b["gt_token_mask"].tolist() == [row0, row1]
+
+
 def test_reader_stats_shared_across_workers():
     st = ReaderStats()
     st.add("seen", 3)

@@ -147,6 +147,30 @@ def test_forward_backward(backend, B, L, D, V, dtype, mask_kind, mask_ndim, norm
     check_case(backend, x, mask, normalize, mask_grad=mask_kind == "float")
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triton_several_d_tiles(monkeypatch, normalize):
+    """The forward grid's third axis splits D into BLOCK_D tiles.  Under the interpreter BLOCK_D
+    is next_pow2(D) (one tile), so force BLOCK_D = 16 with D = 40: three tiles, the last partial."""
+    import triton
+
+    from solar_kernels.ops import masked_pool as mp
+
+    real = mp._triton_blocks
+
+    def small_d_tiles(V, D, device):
+        bv, bl, _ = real(V, D, device)
+        return bv, bl, 16
+
+    monkeypatch.setattr(mp, "_triton_blocks", small_d_tiles)
+    D = 40
+    assert triton.cdiv(D, mp._triton_blocks(3, D, DEVICE)[2]) == 3
+    x, mask = make_inputs(31, 3, 17, D, 3, torch.float32)
+    check_case("triton", x, mask, normalize, mask_grad=True)
+    xb, maskb = make_inputs(32, 2, 9, D, 2, torch.bfloat16, mask_kind="bool", noncontig=True)
+    check_case("triton", xb, maskb, normalize, mask_grad=False)
+
+
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_all_zero_masks_give_zeros(backend, normalize):

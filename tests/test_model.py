@@ -87,6 +87,53 @@ def test_fuse_masks_equal_dropping_positions(model):
         model.fuse(v, t, pk, torch.full((3, 9), 2.0))
 
 
+def test_bidirectional_text_tower_masks_padding(model):
+    """The default (text_causal=False) text tower attends over content keys only: the ids at
+    padding positions and extra padding leave the features of content positions unchanged."""
+    assert not model.cfg.text_causal and model.cfg.text_layers >= 1
+    b = _batch()
+    ids, am = b["input_ids"], b["attention_mask"]
+    assert (~am).any()
+    with torch.no_grad():
+        t1 = model.text_tokens(ids, am)
+        other = ids.clone()
+        other[~am] = 7
+        t2 = model.text_tokens(other, am)
+        longer = torch.cat([ids, torch.full((3, 5), model.cfg.pad_token_id)], 1)
+        longer_am = torch.cat([am, torch.zeros(3, 5, dtype=torch.bool)], 1)
+        t3 = model.text_tokens(longer, longer_am)
+        changed = ids.clone()
+        changed[0, 3] = (ids[0, 3] + 1) % 38
+        t4 = model.text_tokens(changed, am)
+    assert torch.allclose(t2[am], t1[am], atol=1e-5)
+    assert torch.allclose(t3[:, :9][am], t1[am], atol=1e-5)
+    # not vacuous: a content token does reach the others (the tower has attention)
+    assert not torch.allclose(t4[0, 1], t1[0, 1], atol=1e-4)
+
+
+def test_embed_keys_are_the_content_tokens(model):
+    """embed(batch) is E_VL over every patch and the content tokens: BOS / EOS / padding are no keys."""
+    b = _batch()
+    ids, am = b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        v, t = model.patch_tokens(b["pixel_values"]), model.text_tokens(ids, am)
+        valid = model.text_valid_mask(ids, am)
+        f = model.embed(b)
+        assert torch.allclose(f, model.fuse(v, t, None, valid), atol=1e-6)
+        assert not torch.allclose(f, model.fuse(v, t, None, am), atol=1e-4)  # BOS / EOS keys would move it
+    # a per-position text tower: new BOS / EOS embeddings change only those positions' features,
+    # which embed never looks at
+    import copy
+    torch.manual_seed(1)
+    m = SolarModel(_tiny_cfg(text_layers=0)).eval()
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        emb = getattr(m2.text, "text_model", m2.text).embeddings.token_embedding.weight
+        emb[[m.cfg.bos_token_id, m.cfg.eos_token_id]] = 3 * torch.randn(2, emb.shape[1])
+        assert not torch.allclose(m2.text_tokens(ids, am)[:, 0], m.text_tokens(ids, am)[:, 0], atol=1e-3)
+        assert torch.allclose(m2.embed(b), m.embed(b), atol=1e-6)
+
+
 def test_intersection_masks_use_thresholds(model):
     b = _batch()
     s_v, s_l = model.local_similarities(b)

@@ -194,6 +194,12 @@ def test_distillation_losses_match_direct_formulas():
     assert local_distill_loss(s, s @ q).item() == pytest.approx(0.0, abs=1e-9)
     r = pearson_rows(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2.0, 4.0, 7.0]]))
     assert r.item() == pytest.approx(_pearson_np([1, 2, 3], [2, 4, 7]), abs=1e-6)
+    # the teachers are frozen: no gradient reaches them, only the students get one
+    for fn, st, te, args in ((local_distill_loss, s, t, (valid,)), (global_distill_loss, gs, gt, ())):
+        st, te = st.clone().requires_grad_(True), te.clone().requires_grad_(True)
+        fn(st, te, *args).backward()
+        assert te.grad is None, f"{fn.__name__}: the teacher received a gradient"
+        assert st.grad is not None and bool(st.grad.abs().sum() > 0), fn.__name__
 
 
 def test_rho_schedules():
@@ -201,6 +207,9 @@ def test_rho_schedules():
     assert rho_at(0, cfg) == 1.0 and rho_at(10, cfg) == 1.0
     assert rho_at(35, cfg) == pytest.approx(0.5)
     assert rho_at(60, cfg) == 0.0 and rho_at(99, cfg) == 0.0
+    # "step": 1 until halfway between the hold end (step 10) and rho_end (step 60), then 0
+    c3 = Stage1Config(steps=100, rho_schedule="step", rho_hold_frac=0.1, rho_end_frac=0.6)
+    assert [rho_at(s, c3) for s in (0, 10, 11, 34, 35, 36, 59, 60, 99)] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     c2 = Stage1Config(steps=100, rho_schedule="cosine", rho_hold_frac=0.0, rho_end_frac=1.0)
     assert rho_at(50, c2) == pytest.approx(0.5) and rho_at(25, c2) > 0.75
     with pytest.raises(ValueError, match="rho_schedule"):
@@ -246,6 +255,138 @@ def test_mask_iou_by_hand():
     pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
     gt = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 1]], dtype=torch.bool)
     assert mask_iou(pred, gt).tolist() == [0.5, 1.0, 0.0]
+
+
+def test_with_best_keeps_the_best_valid_position_of_empty_rows():
+    from solar.stage1 import _with_best
+    s = torch.tensor([[0.1, 0.9, 0.3, 0.2],    # a row with kept positions: unchanged (its best, 1, is not added)
+                      [0.5, 0.1, 0.7, 0.2],    # empty: keeps its best, position 2
+                      [0.9, 0.4, 0.1, 0.6],    # empty, best at invalid position 0: keeps the best valid one, 3
+                      [0.3, 0.8, 0.2, 0.1]])   # empty and nothing valid: stays empty
+    hard = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert _with_best(hard, s, valid).int().tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    # no valid mask (the patch side): every position counts
+    assert _with_best(hard, s, None).int().tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
+    # random rows: kept rows unchanged, empty rows gain exactly their argmax over valid positions
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 9, generator=g)
+    valid = torch.rand(64, 9, generator=g) > 0.4
+    hard = (torch.rand(64, 9, generator=g) > 0.8) & valid
+    out = _with_best(hard, s, valid)
+    assert not (out & ~valid).any()
+    kept = hard.any(1)
+    assert torch.equal(out[kept], hard[kept])
+    for i in torch.nonzero(~kept).flatten().tolist():
+        if valid[i].any():
+            best = int(s[i].masked_fill(~valid[i], float("-inf")).argmax())
+            assert torch.nonzero(out[i]).flatten().tolist() == [best], i
+        else:
+            assert not out[i].any()
+    assert 0 < int((~kept & valid.any(1)).sum()) < 64  # both kinds of rows occur
+
+
+def _unit_model_and_batch(B=4, T=8):
+    """A layer-free model (4 patches, BOS 18, EOS = pad 19) and a batch with BOS / EOS / padding."""
+    from solar.model import ModelConfig, SolarModel
+    torch.manual_seed(0)
+    model = SolarModel(ModelConfig(image_size=16, patch_size=8, vocab_size=20, max_text_len=T, vision_hidden=8,
+                                   text_hidden=8, width=8, adapter_hidden=8, fusion_layers=1, fusion_heads=2,
+                                   fusion_mlp=8, embed_dim=8, bos_token_id=18, eos_token_id=19,
+                                   pad_token_id=19)).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 18, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.bool)
+    for i, n in enumerate([T, T - 2, 5, T - 1][:B]):
+        ids[i, 0], ids[i, n - 1] = 18, 19
+        ids[i, n:] = 19
+        am[i, n:] = False
+    return model, {"pixel_values": torch.randn(B, 3, 16, 16, generator=g), "input_ids": ids, "attention_mask": am}
+
+
+def test_stage1_losses_mix_the_hard_masks_by_rho():
+    """M = rho * 1 + (1 - rho) * M_hat: rho = 0 trains on the hard masks, rho = 1 on every
+    (valid) position; both masked ITC losses against direct computations."""
+    import solar_kernels as sk
+    from solar.stage1 import _with_best, stage1_losses
+    model, b = _unit_model_and_batch()
+    pv, ids, am = b["pixel_values"], b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        v, t = model.patch_tokens(pv), model.text_tokens(ids, am)
+        valid = model.text_valid_mask(ids, am)
+        s_v, s_l, _, _ = model.similarities_from_tokens(v, t, valid, model.text_segments(ids, am))
+        model.tau_v.fill_(float(s_v.median()))
+        model.tau_l.fill_(float(s_l[valid].median()))
+        hv, hl = model.masks_from_similarities(s_v, s_l, valid)
+        hv, hl = _with_best(hv, s_v, None).float(), _with_best(hl, s_l, valid).float()
+    B, P = hv.shape
+    T = hl.shape[1]
+    assert 0 < hv.sum() < hv.numel() and 0 < hl.sum() < valid.sum()  # the hard masks drop something
+    cfg = Stage1Config(temperature=0.1)
+    no_v, no_l = torch.zeros(B, P, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
+
+    def direct(m_v, m_l):
+        itc = sk.pooled_contrastive_loss(v, m_v, t, m_l, normalize=True, temperature=cfg.temperature)
+        fus = sk.contrastive_loss(model.fuse(v, t, m_v, no_l), model.fuse(v, t, no_v, m_l), temperature=cfg.temperature)
+        return float(itc), float(fus)
+
+    got = {}
+    for rho, m_v, m_l in ((0.0, hv, hl * valid), (1.0, torch.ones(B, P), valid.float()),
+                          (0.25, 0.25 + 0.75 * hv, (0.25 + 0.75 * hl) * valid)):
+        with torch.no_grad():
+            _, metrics = stage1_losses(model, b, cfg, rho)
+        itc, fus = direct(m_v, m_l)
+        assert metrics["loss_itc"] == pytest.approx(itc, rel=1e-5, abs=1e-6), rho
+        assert metrics["loss_fusion_itc"] == pytest.approx(fus, rel=1e-5, abs=1e-6), rho
+        got[rho] = (itc, fus)
+    assert abs(got[0.0][0] - got[1.0][0]) > 1e-3 and abs(got[0.0][1] - got[1.0][1]) > 1e-3  # not vacuous
+
+
+class _FakeTower:
+    """A teacher tower returning fixed features (what stage1_losses reads: .last_hidden_state)."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def __call__(self, **_):
+        from types import SimpleNamespace
+        return SimpleNamespace(last_hidden_state=self.out)
+
+
+def test_gd_teacher_text_global_pools_content_tokens_only():
+    """L_GD's teacher text global is the mean over content tokens: BOS, EOS and padding
+    features of the teacher do not change it."""
+    import solar_kernels as sk
+    from solar.stage1 import stage1_losses
+    model, b = _unit_model_and_batch()
+    ids, am = b["input_ids"], b["attention_mask"]
+    B, T = ids.shape
+    g = torch.Generator().manual_seed(4)
+    tv = torch.randn(B, 1 + 4, 6, generator=g)
+    tl = torch.randn(B, T, 6, generator=g)
+    cfg = Stage1Config(teacher="init", gd_weight=1.0, itc_weight=0.0, fusion_itc_weight=0.0)
+
+    def loss_gd(tl_feats):
+        with torch.no_grad():
+            _, m = stage1_losses(model, b, cfg, 1.0, teacher=(_FakeTower(tv), _FakeTower(tl_feats)))
+        return m["loss_gd"]
+
+    valid = model.text_valid_mask(ids, am)
+    special = ~valid
+    assert int((special & am).sum()) >= 2 * B and bool((special & ~am).any())  # BOS / EOS inside am, and padding
+    base = loss_gd(tl)
+    with torch.no_grad():
+        v, t = model.patch_tokens(b["pixel_values"]), model.text_tokens(ids, am)
+        _, _, g_i, g_t = model.similarities_from_tokens(v, t, valid, model.text_segments(ids, am))
+        ref = global_distill_loss(g_i, sk.masked_pool(tv[:, 1:], torch.ones(B, 4), normalize=True)) \
+            + global_distill_loss(g_t, sk.masked_pool(tl, valid, normalize=True))
+    assert base == pytest.approx(float(ref), abs=1e-6)
+    moved = tl.clone()
+    moved[special] = 10 * torch.randn(int(special.sum()), 6, generator=g)
+    assert loss_gd(moved) == pytest.approx(base, abs=1e-6)
+    moved = tl.clone()
+    moved[valid] += 3 * torch.randn(int(valid.sum()), 6, generator=g)
+    assert abs(loss_gd(moved) - base) > 1e-3  # content features do matter
 
 
 # ----------------------------------------------------------------------------- a short run

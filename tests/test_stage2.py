@@ -408,6 +408,28 @@ def test_train_cli_bad_device_and_stage_exit_2(monkeypatch, capsys):
     assert "--run.device" in err and "no CUDA device" in err and "Traceback" not in err
 
 
+def test_lr_schedule_warmup_peak_cosine_decay_and_floor():
+    """trainer.lr_at (stage 2 and CLIP-SF): linear warm-up whose step s trains at lr * (s + 1) /
+    warmup (the peak on the warm-up's last step), then cosine decay from the peak to lr * min_ratio
+    at `steps`, and the floor after that."""
+    import math
+
+    from solar.trainer import lr_at
+    kw = dict(lr=2.0, steps=110, warmup=10, min_ratio=0.1)
+    lrs = [lr_at(s, **kw) for s in range(121)]
+    assert lrs[:10] == pytest.approx([2.0 * (s + 1) / 10 for s in range(10)])
+    assert lrs[0] == pytest.approx(0.2) and lrs[9] == pytest.approx(2.0)
+    assert lrs[10] == pytest.approx(2.0)                                 # decay starts at the peak
+    assert lrs[35] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))))
+    assert lrs[60] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))            # halfway: between peak and floor
+    assert all(a > b for a, b in zip(lrs[10:110], lrs[11:111]))          # decays, never rises
+    assert lrs[110] == pytest.approx(0.2) and lrs[120] == pytest.approx(0.2)
+    assert max(lrs) == pytest.approx(2.0)
+    # no warm-up: the first step is at the peak; min_ratio 0 decays to 0
+    assert lr_at(0, lr=1.0, steps=5, warmup=0, min_ratio=0.0) == pytest.approx(1.0)
+    assert lr_at(5, lr=1.0, steps=5, warmup=0, min_ratio=0.0) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_metrics_logger_and_plot(tmp_path):
     from solar.logging import MetricsLogger, plot_metrics, read_metrics
     p = str(tmp_path / "m.jsonl")

@@ -53,10 +53,11 @@ def _train(out_dir: str, di, mine_k: int) -> dict:
     bank = _bank()
     result = {}
     for phase in ("stage2", "clip_sf"):
-        losses = []
+        losses, grad_norms = [], []
 
         def log(m, stage="", step=-1, **_):
             losses.append(m["loss"])
+            grad_norms.append(m["grad_norm"])
         model = _model()
         if phase == "stage2":
             cfg = Stage2Config(steps=STEPS, batch_size=GLOBAL_BATCH, warmup_steps=1, mine_k=mine_k, refresh_every=1,
@@ -67,7 +68,7 @@ def _train(out_dir: str, di, mine_k: int) -> dict:
             run_clip_sf(model, bank, steps=STEPS, global_batch=GLOBAL_BATCH, lr=1e-3, temperature=0.1,
                         out_dir=os.path.join(out_dir, phase), log=log, dist_info=di, warmup=1, ckpt_every=0,
                         log_every=1, progress=False)
-        result[phase] = {"losses": losses,
+        result[phase] = {"losses": losses, "grad_norms": grad_norms,
                          "params": {k: v.flatten()[:64].tolist() for k, v in model.state_dict().items()
                                     if v.is_floating_point()}}
     return result
@@ -98,6 +99,10 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         for r in ranks:
             # every rank reports the global-batch loss, equal to the single-process loss
             assert r[phase]["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6), phase
+            # and the gradient of that loss, before clipping: AdamW and the clip hide a wrong
+            # gradient scale (DDP averages the ranks' shares; the loop multiplies by the world
+            # size to get their sum), the logged grad norm does not
+            assert r[phase]["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4, abs=1e-6), phase
             for k, v in ref["params"].items():
                 assert r[phase]["params"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), f"{phase}: {k}"
         # and training moved the weights (the comparison is not vacuous)
