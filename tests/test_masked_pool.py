@@ -431,3 +431,18 @@ def test_use_backend_documents_every_backend():
 def test_bad_eps(eps):
     with pytest.raises(ValueError, match="eps"):
         masked_pool(torch.randn(2, 3, 4), torch.ones(2, 3), normalize=True, eps=eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_gradient_rounds_half_to_even(backend):
+    """grad_x = grad_out * w / sum(w) = 1.0234375 * 0.75 = 0.767578125 lies exactly halfway
+    between the bf16 neighbours 0.765625 and 0.76953125: the store must round to even (the
+    tolerance of the other tests allows one bf16 ulp and cannot see this)."""
+    x = torch.zeros(1, 2, 4, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    mask = torch.tensor([[1.0, 3.0]], device=DEVICE)
+    with use_backend(backend):
+        out = masked_pool(x, mask, normalize=False)
+        out.backward(torch.full_like(out, 1.0234375))
+    assert x.grad.dtype == torch.bfloat16
+    assert x.grad[0, 1].tolist() == [0.765625] * 4
+    assert x.grad[0, 0].tolist() == [0.255859375] * 4  # 1.0234375 / 4, exact in bf16

@@ -88,27 +88,32 @@ def test_search_matches_reference(n, m, d, kfrac, dtype, simd, strategy, integer
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("m", [1, 2, 3, 40])
-def test_simd_and_scalar_paths_agree(dtype, m):
-    q, x = _data(7, 777, m, 200, integer=False, dup=True)
-    index = Index(200, dtype=dtype)
+@pytest.mark.parametrize("d", [200, 33, 64, 129, 192])
+def test_simd_and_scalar_paths_agree(dtype, m, d):
+    """Every SIMD level the CPU has (scalar, AVX2, AVX-512) against the reference, with
+    dimension tails of each kernel's width (8 / 16 / 32 / 64 / 128 lanes): the hypothesis test
+    covers only the scalar and the best level."""
+    q, x = _data(7 + d, 777, m, d, integer=False, dup=True)
+    index = Index(d, dtype=dtype)
     index.add(x)
-    out = {s: index.search(q, 25, simd=s) for s in range(3)}
-    for s in (1, 2):
+    out = {s: index.search(q, 25, simd=s) for s in sorted({0, *range(1, BEST + 1)})}
+    for s in out:
+        _check_against_reference(*out[s], q, x, 25, dtype, exact=dtype == "int8")
         if dtype == "int8":
             assert torch.equal(out[s][1], out[0][1]) and torch.equal(out[s][0], out[0][0])
         else:
             torch.testing.assert_close(out[s][0], out[0][0], rtol=0, atol=1e-4)
             assert (out[s][1] == out[0][1]).float().mean() > 0.98
-    _check_against_reference(*out[BEST], q, x, 25, dtype, exact=dtype == "int8")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
-@pytest.mark.parametrize("m,n,d", [(48, 97, 33), (61, 300, 129), (130, 64, 7)])
+@pytest.mark.parametrize("m,n,d", [(48, 97, 33), (61, 300, 129), (130, 64, 7), (50, 301, 40)])
 @pytest.mark.parametrize("integer", [False, True])
 def test_many_queries_block_and_panel_paths(dtype, m, n, d, integer):
     """m >= 48 takes the packed-panel path on AVX-512 (fp32/fp16; int8 with VNNI, where d
     that is not a multiple of 4 pads the last dword): edges of 12-query tiles and 32-row
-    panels, duplicates, every strategy."""
+    panels, duplicates, every strategy; (50, 301, 40) is large enough for two threads, so the
+    rows are split into parts of odd length and merged."""
     q, x = _data(m * n + d, n, m, d, integer=integer, dup=True)
     q[5] = q[0]
     index = Index(d, dtype=dtype)
