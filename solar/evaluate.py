@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 import solar_kernels as sk
+from solar_kernels.search import quantize_int8
 
 from . import benchmark as bm
 from .baselines import EMBEDDING_KINDS, pair_embedding
@@ -84,12 +85,9 @@ def embed_collection(model, kind: str, urls, tokenizer, *, image_size: int, patc
 
 
 def _int8_codes(x: torch.Tensor):
-    # the same fp32 arithmetic as solar_kernels.search's quantiser (scale = max|x| / 127)
-    x = x.float()
-    scale = x.abs().amax(-1, keepdim=True) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(x / safe).clamp(-127, 127)
-    return codes.double(), scale.double()
+    """The int8 index's own quantiser (codes [n, d] and scales [n, 1], as float64)."""
+    codes, scale = quantize_int8(x.float().reshape(-1, x.shape[-1]))
+    return codes.double().reshape(x.shape), scale.double().reshape(*x.shape[:-1], 1)
 
 
 def quantized_scores(a: torch.Tensor, b: torch.Tensor, dtype: str) -> torch.Tensor:
