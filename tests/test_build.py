@@ -60,3 +60,21 @@ def test_cuda_sources_compile(src, tmp_path):
     ] + _torch_include_flags()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"nvcc failed for {src}:\n{r.stderr[-4000:]}"
+
+
+def test_no_pointer_into_a_temporary():
+    """`t.contiguous().data_ptr()` in one expression takes the address of a tensor that is freed
+    at the end of the statement when t was not contiguous (the CUDA search's int8 query scales
+    did this); the copy must be held by a named tensor until the kernel has run."""
+    import re
+
+    pattern = re.compile(r"(\.|->)(contiguous|to|clone|float|half)\([^;]*?\)\s*\.\s*(data_ptr|const_data_ptr|mutable_data_ptr)\b")
+    bad = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True)):
+        if not path.endswith((".cpp", ".cu", ".h", ".cuh")):
+            continue
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if pattern.search(line):
+                    bad.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}")
+    assert not bad, "pointer into a temporary tensor:\n" + "\n".join(bad)

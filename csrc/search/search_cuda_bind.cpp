@@ -28,6 +28,9 @@ std::vector<at::Tensor> search_topk_cuda(const at::Tensor& q, const c10::optiona
   int dtype = 0;
   const float* qs = nullptr;
   const float* xs = nullptr;
+  // Owners of the contiguous scale copies: they must outlive the launch (a pointer taken from
+  // a temporary `contiguous()` result dangles as soon as the statement ends).
+  at::Tensor q_scale_c, x_scale_c;
   switch (x.scalar_type()) {
     case at::kFloat:
       dtype = 0;
@@ -50,8 +53,10 @@ std::vector<at::Tensor> search_topk_cuda(const at::Tensor& q, const c10::optiona
     SOLAR_CHECK_DTYPE(*x_scale, at::kFloat);
     SOLAR_CHECK_SHAPE(*q_scale, m);
     SOLAR_CHECK_SHAPE(*x_scale, n);
-    qs = q_scale->contiguous().data_ptr<float>();
-    xs = x_scale->contiguous().data_ptr<float>();
+    q_scale_c = q_scale->contiguous();
+    x_scale_c = x_scale->contiguous();
+    qs = q_scale_c.data_ptr<float>();
+    xs = x_scale_c.data_ptr<float>();
   } else {
     SOLAR_CHECK_DTYPE(q, at::kFloat);
   }
