@@ -76,7 +76,42 @@ def use_backend(name: str):
 
 
 def triton_interpreted() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+KERNEL_TARGETS = ("cuda", "interpreter")
+
+
+@contextlib.contextmanager
+def kernel_target(name: str):
+    """Make the Triton launchers choose the settings of `name` for CPU tensors (thread-local).
+
+    Args:
+        name: ``"cuda"`` -- block sizes, warps, stages and dot precision exactly as for a CUDA
+            tensor; ``"interpreter"`` -- the interpreter's own (large blocks, fewer steps).
+
+    Used by tests that run the CUDA settings under ``TRITON_INTERPRET=1`` (the numerics a GPU
+    sees, at the interpreter's speed) and by the ahead-of-time compile harness
+    (tests/aot_harness.py), which compiles those settings for sm_90 with a stand-in driver and
+    launches nothing.  Under ``"cuda"``, backend ``"triton"`` is allowed on CPU tensors without
+    the interpreter (the harness's case).  CUDA tensors always get the CUDA settings.
+    """
+    if name not in KERNEL_TARGETS:
+        raise ValueError(f"kernel target must be one of {KERNEL_TARGETS}, got {name!r}")
+    prev = getattr(_state, "target", None)
+    _state.target = name
+    try:
+        yield
+    finally:
+        _state.target = prev
+
+
+def target_for(device: torch.device) -> str:
+    """Whose settings a Triton launch on `device` uses: ``"cuda"`` or ``"interpreter"``."""
+    if device.type == "cuda":
+        return "cuda"
+    return getattr(_state, "target", None) or "interpreter"
 
 
 def backend_for(device: torch.device, cpu_symbol: str | None) -> str:
@@ -85,7 +120,7 @@ def backend_for(device: torch.device, cpu_symbol: str | None) -> str:
     if forced not in BACKENDS:
         raise ValueError(f"SOLAR_BACKEND must be one of {BACKENDS}, got {forced!r}")
     if forced == "triton":
-        if device.type != "cuda" and not triton_interpreted():
+        if device.type != "cuda" and not triton_interpreted() and target_for(device) != "cuda":
             raise RuntimeError(
                 "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
             )

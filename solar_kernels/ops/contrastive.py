@@ -55,9 +55,23 @@ __all__ = ["contrastive_loss", "Mined", "contrastive_forward", "contrastive_back
 _dispatch.register_op("contrastive_loss", cuda="Triton", cpu_symbol=None,
                       cpu_fallback="chunked PyTorch (tiled)")
 
-# fp32 inputs on CUDA: "ieee" (exact, default) or "tf32" (faster).  The interpreter always
-# uses "ieee" so that CPU results are exact.
-FP32_DOT_PRECISION = os.environ.get("SOLAR_CL_FP32_PRECISION", "ieee")
+# fp32 inputs on CUDA: the dots run "tf32x3" by default (three TF32 tensor-core products,
+# about fp32 accuracy: the relative error of a logit stays near 1e-6, where plain "tf32" gives
+# about 5e-4 -- 1e-2 on a logit at temperature 0.05).  "ieee" (FMA, no tensor cores; the fp32
+# backward spills at 64 x 64 tiles) and "tf32" can be chosen with SOLAR_CL_FP32_PRECISION.
+# The interpreter ignores the mode and computes in fp32.
+FP32_DOT_PRECISIONS = ("tf32x3", "tf32", "ieee")
+FP32_DOT_PRECISION = os.environ.get("SOLAR_CL_FP32_PRECISION", "tf32x3")
+if FP32_DOT_PRECISION not in FP32_DOT_PRECISIONS:
+    raise ValueError(f"SOLAR_CL_FP32_PRECISION must be one of {FP32_DOT_PRECISIONS}, got {FP32_DOT_PRECISION!r}")
+# The Triton statistics kernel keeps each row's running top-k in registers ([BLOCK_M, KP]
+# values and indices, KP = next power of two >= mine_k).  Up to this bound it compiles without
+# spills for sm_90 with hardness on (tests/aot_harness.py; 32 spilled 8 B); a larger mine_k mines in a second, chunked pass
+# (torch matmul + top-k over row chunks of S: one more N x N x D product, O(chunk x N) memory).
+MAX_KERNEL_MINE_K = 16
+# Backward tiles per launch: programs beyond this loop over further tiles (grid-stride), so
+# any N fits the grid limits (N up to 2^31 rows).
+MAX_BWD_PROGRAMS = 1 << 20
 # CPU tile budget (elements of one S tile).
 CPU_TILE_ELEMS = 1 << 22
 # CPU: logits of the first rows kept from forward to backward (when gradients are needed) so
@@ -83,8 +97,12 @@ if HAS_TRITON:
     @triton.jit
     def _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
                  inv_t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-        """S tile [BLOCK_M, BLOCK_N] = q[rows] . k[cols] * inv_t, fp32 accumulation over D."""
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """S tile [BLOCK_M, BLOCK_N] = q[rows] . k[cols] * inv_t, fp32 accumulation over D.
+
+        Operands enter the dot in their storage dtype (tensor cores on a GPU); UPCAST (the
+        interpreter, which multiplies raw bf16 bits otherwise) widens them to fp32 first,
+        which is exact, so both paths see the same operand values."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D, BLOCK_D):
@@ -94,7 +112,7 @@ if HAS_TRITON:
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             kt = tl.load(K_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
                          mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:  # the interpreter multiplies raw bf16 bits: upcast first
+            if UPCAST:
                 qt = qt.to(tl.float32)
                 kt = kt.to(tl.float32)
             acc += tl.dot(qt, tl.trans(kt), input_precision=PRECISION)
@@ -136,7 +154,7 @@ if HAS_TRITON:
                          HAS_GROUPS: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
                          MINE: tl.constexpr, KP: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """Row statistics over the in-batch columns for BLOCK_M rows of q.
 
         S = q k^T * inv_t tile by tile ([BLOCK_M, BLOCK_N], fp32 accumulation over D);
@@ -162,7 +180,7 @@ if HAS_TRITON:
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             col_ok = cols < n_cols
             s = _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
-                         stride_kd, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+                         stride_kd, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
             valid, pos = _cl_masks(rows, cols, row_ok, col_ok, GQ_ptr, GK_ptr, offset, HAS_GROUPS, SINGLE)
             neg = valid & ~pos
             m_a, l_a = _lse_update(m_a, l_a, tl.where(pos, s, float("-inf")))
@@ -216,83 +234,138 @@ if HAS_TRITON:
         return r * f
 
     @triton.jit
+    def _cl_lowp(g, scale, ELEM: tl.constexpr, UPCAST: tl.constexpr):
+        """g * scale rounded to the storage dtype ELEM (what the tensor-core dot consumes),
+        widened back to fp32 under UPCAST so that the interpreter rounds where the GPU does."""
+        gl = (g * scale).to(ELEM)
+        if UPCAST:
+            gl = gl.to(tl.float32)
+        return gl
+
+    @triton.jit
+    def _pow2_scale(amax):
+        """2^-floor(log2(amax)) (1 where amax == 0): brings a row's largest |value| into [1, 2)."""
+        e = tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0)))
+        return tl.exp2(-e)
+
+    @triton.jit
     def _cl_bwd_kernel(Q_ptr, K_ptr, GQ_ptr, GK_ptr, RS_ptr, CS_ptr, DQ_ptr, DK_ptr,
-                       n_rows, n_cols, D, offset, inv_t, beta,
+                       n_rows, n_cols, D, offset, inv_t, beta, n_tiles,
                        stride_qn, stride_qd, stride_kn, stride_kd, stride_rs, stride_cs,
                        stride_dqn, stride_dkn,
                        HAS_GROUPS: tl.constexpr, SINGLE: tl.constexpr, HARD: tl.constexpr,
-                       BOTH: tl.constexpr,
+                       BOTH: tl.constexpr, LOWP: tl.constexpr, GROUP_M: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-        """One (row block, column block) tile of the backward pass.
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """(row block, column block) tiles of the backward pass, grid-stride over n_tiles.
 
-        Recomputes S, builds G = dL/dS (the q->k direction from the row statistics RS =
+        Per tile: recompute S, build G = dL/dS (the q->k direction from the row statistics RS =
         [r, A, B, C] x n_rows and, BOTH, the k->q direction from the column statistics CS),
-        then dq[rows] += G k[cols] * inv_t and dk[cols] += G^T q[rows] * inv_t, D chunk by
-        D chunk, with fp32 atomics (DQ, DK are fp32 [n, D] buffers).
+        then dq[rows] += G k[cols] * inv_t and dk[cols] += G^T q[rows] * inv_t, D chunk by D
+        chunk, with relaxed fp32 atomics (DQ, DK are fp32 [n, D] buffers; the adds commute, no
+        ordering is needed, so no fences).  Tiles go in groups of GROUP_M row blocks (the
+        column block's k stays in L2 across the group).
+
+        LOWP (bf16 / fp16 inputs): G enters the tensor-core dots in the input dtype.  G's
+        entries are about r / N (r = 1 / (2N) for the symmetric mean), below fp16's smallest
+        subnormal at N = 65536, so G is scaled first -- per row by a power of two that brings
+        the row's largest |G| into [1, 2) for dq, per column likewise for dk -- and the fp32
+        dot result is unscaled.  The rounding is then relative to each row's (column's)
+        largest term, whatever N is.
         """
-        pid_m = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < n_rows
-        col_ok = cols < n_cols
-        s = _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
-                     stride_kd, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
-        valid, pos = _cl_masks(rows, cols, row_ok, col_ok, GQ_ptr, GK_ptr, offset, HAS_GROUPS, SINGLE)
-        neg = valid & ~pos
-        r = tl.load(RS_ptr + rows, mask=row_ok, other=0.0)
-        a = tl.load(RS_ptr + stride_rs + rows, mask=row_ok, other=0.0)
-        b = tl.load(RS_ptr + 2 * stride_rs + rows, mask=row_ok, other=0.0)
-        c = tl.load(RS_ptr + 3 * stride_rs + rows, mask=row_ok, other=0.0)
-        g = _cl_grad_dir(s, valid, pos, neg, r[:, None], a[:, None], b[:, None], c[:, None], beta, HARD)
-        if BOTH:
-            rc = tl.load(CS_ptr + cols, mask=col_ok, other=0.0)
-            ac = tl.load(CS_ptr + stride_cs + cols, mask=col_ok, other=0.0)
-            bc = tl.load(CS_ptr + 2 * stride_cs + cols, mask=col_ok, other=0.0)
-            cc = tl.load(CS_ptr + 3 * stride_cs + cols, mask=col_ok, other=0.0)
-            g += _cl_grad_dir(s, valid, pos, neg, rc[None, :], ac[None, :], bc[None, :], cc[None, :],
-                              beta, HARD)
-        g = g * inv_t
-        if not DOT_FP32:
-            g = g.to(Q_ptr.dtype.element_ty)
-        gt = tl.trans(g)
+        pid = tl.program_id(0).to(tl.int64)
+        nprog = tl.num_programs(0).to(tl.int64)
+        n_m = tl.cdiv(n_rows, BLOCK_M)
+        n_n = tl.cdiv(n_cols, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D
-            kt = tl.load(K_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            qt = tl.load(Q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                kt = kt.to(tl.float32)
-                qt = qt.to(tl.float32)
-            dq = tl.dot(g, kt, input_precision=PRECISION)
-            dk = tl.dot(gt, qt, input_precision=PRECISION)
-            tl.atomic_add(DQ_ptr + rows[:, None] * stride_dqn + d[None, :], dq,
-                          mask=row_ok[:, None] & d_ok[None, :])
-            tl.atomic_add(DK_ptr + cols[:, None] * stride_dkn + d[None, :], dk,
-                          mask=col_ok[:, None] & d_ok[None, :])
+        for t in range(pid, n_tiles, nprog):
+            group = t // (GROUP_M * n_n)
+            first_m = group * GROUP_M
+            size_m = tl.minimum(n_m - first_m, GROUP_M)
+            in_group = t % (GROUP_M * n_n)
+            pid_m = first_m + in_group % size_m
+            pid_n = in_group // size_m
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok = rows < n_rows
+            col_ok = cols < n_cols
+            s = _cl_tile(Q_ptr, K_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
+                         stride_kd, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+            valid, pos = _cl_masks(rows, cols, row_ok, col_ok, GQ_ptr, GK_ptr, offset, HAS_GROUPS, SINGLE)
+            neg = valid & ~pos
+            r = tl.load(RS_ptr + rows, mask=row_ok, other=0.0)
+            a = tl.load(RS_ptr + stride_rs + rows, mask=row_ok, other=0.0)
+            b = tl.load(RS_ptr + 2 * stride_rs + rows, mask=row_ok, other=0.0)
+            c = tl.load(RS_ptr + 3 * stride_rs + rows, mask=row_ok, other=0.0)
+            g = _cl_grad_dir(s, valid, pos, neg, r[:, None], a[:, None], b[:, None], c[:, None], beta, HARD)
+            if BOTH:
+                rc = tl.load(CS_ptr + cols, mask=col_ok, other=0.0)
+                ac = tl.load(CS_ptr + stride_cs + cols, mask=col_ok, other=0.0)
+                bc = tl.load(CS_ptr + 2 * stride_cs + cols, mask=col_ok, other=0.0)
+                cc = tl.load(CS_ptr + 3 * stride_cs + cols, mask=col_ok, other=0.0)
+                g += _cl_grad_dir(s, valid, pos, neg, rc[None, :], ac[None, :], bc[None, :], cc[None, :],
+                                  beta, HARD)
+            if LOWP:
+                sr = _pow2_scale(tl.max(tl.abs(g), 1))
+                sc = _pow2_scale(tl.max(tl.abs(g), 0))
+                g_q = _cl_lowp(g, sr[:, None], Q_ptr.dtype.element_ty, UPCAST)
+                g_k = tl.trans(_cl_lowp(g, sc[None, :], Q_ptr.dtype.element_ty, UPCAST))
+                out_q = inv_t / sr
+                out_k = inv_t / sc
+            else:
+                g_q = g
+                g_k = tl.trans(g)
+                out_q = tl.full((BLOCK_M,), inv_t, tl.float32)
+                out_k = tl.full((BLOCK_N,), inv_t, tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                d_ok = d < D
+                kt = tl.load(K_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                qt = tl.load(Q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                if UPCAST:
+                    kt = kt.to(tl.float32)
+                    qt = qt.to(tl.float32)
+                dq = tl.dot(g_q, kt, input_precision=PRECISION) * out_q[:, None]
+                dk = tl.dot(g_k, qt, input_precision=PRECISION) * out_k[:, None]
+                tl.atomic_add(DQ_ptr + rows[:, None] * stride_dqn + d[None, :], dq,
+                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+                tl.atomic_add(DK_ptr + cols[:, None] * stride_dkn + d[None, :], dk,
+                              mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _triton_settings(n_rows: int, n_cols: int, D: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Block sizes and dot precision, in one visible place.
+def _triton_settings(n_rows: int, n_cols: int, D: int, dtype: torch.dtype, target: str) -> dict:
+    """Block sizes, warps and dot precision, in one visible place.
 
-    Interpreter (CPU tensors): large blocks, fp32 dots in "ieee" (fewer, exact numpy steps).
-    CUDA: 64x64 tiles over D chunks of 64, bf16/fp16 dots with fp32 accumulation.
+    target "interpreter" (CPU tensors under TRITON_INTERPRET=1): large blocks (the
+    interpreter pays per tile operation), fp32 dots.  target "cuda": 64 x 64 tiles over D
+    chunks of 64, bf16 / fp16 operands on tensor cores with fp32 accumulation; fp32 inputs
+    take FP32_DOT_PRECISION.  UPCAST (widen operands to fp32 before each dot) is set by the
+    launchers when the interpreter runs, whatever the target: tests can run the CUDA target's
+    exact blocks and roundings in the interpreter (``_dispatch.kernel_target("cuda")``).
     """
-    interp = device.type != "cuda"
-    if interp:
+    if target != "cuda":
         return dict(BLOCK_M=max(16, min(64, _next_pow2(n_rows))), BLOCK_N=max(16, min(64, _next_pow2(n_cols))),
-                    BLOCK_D=max(16, min(128, _next_pow2(D))), DOT_FP32=True, PRECISION="ieee")
+                    BLOCK_D=max(16, min(128, _next_pow2(D))), PRECISION="ieee")
     fp32 = dtype == torch.float32
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64 if not fp32 else 32, DOT_FP32=fp32,
-                PRECISION=FP32_DOT_PRECISION if fp32 else "ieee", num_warps=4, num_stages=2)
+    # D chunks no wider than D needs (a 64-wide chunk for D = 17 is 3/4 padding).  fp32:
+    # tf32x3 keeps the operands' high and low parts live; of the 64 x 64 configurations
+    # compiled for sm_90 only 16-wide D chunks with 8 warps keep the backward free of spills
+    # (32-wide at 4 warps: 96 B of stack; bench/RESULTS.md, compile harness)
+    bd = max(16, min(16 if fp32 else 64, _next_pow2(D)))
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, PRECISION=FP32_DOT_PRECISION if fp32 else "ieee",
+                num_warps=8 if fp32 else 4, num_stages=2)
+
+
+def _settings_for(q: torch.Tensor, n_cols: int) -> dict:
+    cfg = _triton_settings(q.shape[0], n_cols, q.shape[1], q.dtype, _dispatch.target_for(q.device))
+    cfg["UPCAST"] = _dispatch.triton_interpreted()
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------
@@ -302,12 +375,13 @@ def _stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k):
     n, D = q.shape
     N = k.shape[0]
     dev = q.device
-    cfg = _triton_settings(n, N, D, q.dtype, dev)
+    cfg = _settings_for(q, N)
     hard = beta > 0
     A = torch.empty(n, device=dev, dtype=torch.float32)
     B = torch.empty(n, device=dev, dtype=torch.float32)
     C = torch.empty(n, device=dev, dtype=torch.float32) if hard else A
-    kk = max(1, mine_k)
+    kernel_mine = 0 < mine_k <= MAX_KERNEL_MINE_K
+    kk = mine_k if kernel_mine else 1
     tv = torch.empty((n, kk), device=dev, dtype=torch.float32)
     ti = torch.empty((n, kk), device=dev, dtype=torch.int64)
     has_groups = gq is not None
@@ -315,32 +389,58 @@ def _stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k):
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     _cl_stats_kernel[grid](
         q, k, gq if has_groups else dummy, gk if has_groups else dummy, A, B, C, tv, ti,
-        n, N, D, offset, inv_t, beta, mine_k,
+        n, N, D, offset, inv_t, beta, kk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), tv.stride(0),
-        HAS_GROUPS=has_groups, SINGLE=single, HARD=hard, MINE=mine_k > 0, KP=_next_pow2(max(1, mine_k)),
+        HAS_GROUPS=has_groups, SINGLE=single, HARD=hard, MINE=kernel_mine, KP=_next_pow2(kk),
         **cfg)
     if not hard:
         C = None
-    return A, B, C, (tv[:, :mine_k], ti[:, :mine_k]) if mine_k > 0 else None
+    if mine_k == 0:
+        return A, B, C, None
+    if kernel_mine:
+        return A, B, C, (tv, ti)
+    return A, B, C, _mine_chunked(q, k, gq, gk, offset, inv_t, single, mine_k)
+
+
+def _mine_chunked(q, k, gq, gk, offset, inv_t, single, mine_k):
+    """The mine_k best negatives per row for mine_k > MAX_KERNEL_MINE_K: S in row chunks of
+    at most CPU_TILE_ELEMS elements (fp32 matmul, any device), exact top-k with ties to the
+    lower column.  Same contract as the kernel's (values, indices), sorted."""
+    n, N = q.shape[0], k.shape[0]
+    R = max(1, min(n, CPU_TILE_ELEMS // max(N, 1)))
+    kf = k.float()
+    tv = torch.empty((n, mine_k), device=q.device, dtype=torch.float32)
+    ti = torch.empty((n, mine_k), device=q.device, dtype=torch.int64)
+    for r0 in range(0, n, R):
+        r1 = min(n, r0 + R)
+        s = q[r0:r1].float() @ kf.t() * inv_t
+        pos, diag = _tile_masks(gq, gk, r0, r1, 0, N, offset, single, q.device)
+        s = s.masked_fill(_pos_full(pos, diag, s), float("-inf"))
+        if single and diag is not None:
+            s[diag] = float("-inf")
+        tv[r0:r1], ti[r0:r1] = _topk_lowest_index(s, mine_k)
+    return tv, ti
 
 
 def _bwd_triton(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats):
     n, D = q.shape
     N = k.shape[0]
     dev = q.device
-    cfg = _triton_settings(n, N, D, q.dtype, dev)
+    cfg = _settings_for(q, N)
     dq = torch.zeros((n, D), device=dev, dtype=torch.float32)
     dk = torch.zeros((N, D), device=dev, dtype=torch.float32)
     has_groups = gq is not None
     both = cstats is not None
     cs = cstats if both else rstats
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    n_tiles = triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    grid = (min(n_tiles, MAX_BWD_PROGRAMS),)
     _cl_bwd_kernel[grid](
         q, k, gq if has_groups else rstats, gk if has_groups else rstats, rstats, cs, dq, dk,
-        n, N, D, offset, inv_t, beta,
+        n, N, D, offset, inv_t, beta, n_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), rstats.stride(0), cs.stride(0),
         dq.stride(0), dk.stride(0),
-        HAS_GROUPS=has_groups, SINGLE=single, HARD=beta > 0, BOTH=both, **cfg)
+        HAS_GROUPS=has_groups, SINGLE=single, HARD=beta > 0, BOTH=both, LOWP=q.dtype != torch.float32,
+        GROUP_M=8, **cfg)
     return dq, dk
 
 

@@ -68,8 +68,11 @@ if HAS_TRITON:
 
         Grid (B, cdiv(V, BLOCK_V), cdiv(D, BLOCK_D)): one program owns a BLOCK_D slice of
         row b for BLOCK_V masks, so each x tile is loaded once for all of them.  x and the
-        weights are upcast to fp32; the sums accumulate in fp32.  Y is fp32 [V, B, D],
-        S (the mask sums) fp32 [V, B].
+        weights are upcast to fp32; the products accumulate in fp32 in a [BLOCK_V, BLOCK_L,
+        BLOCK_D] tile that is reduced over L once, after the loop: no cross-thread reduction
+        (shared memory and barriers) per L step.  (A reduction inside the loop also made
+        Triton 3.6's TritonGPUOptimizeThreadLocality pass fail for float masks at
+        BLOCK_L >= 256.)  Y is fp32 [V, B, D], S (the mask sums) fp32 [V, B].
         """
         pid_b = tl.program_id(0).to(tl.int64)
         pid_v = tl.program_id(1).to(tl.int64)
@@ -78,8 +81,8 @@ if HAS_TRITON:
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         v_ok = offs_v < V
         d_ok = offs_d < D
-        acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
-        wsum = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_V, BLOCK_L, BLOCK_D], dtype=tl.float32)
+        wacc = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
         x_row = X_ptr + pid_b * stride_xb
         m_row = M_ptr + pid_b * stride_mb
         for l0 in range(0, L, BLOCK_L):
@@ -89,10 +92,11 @@ if HAS_TRITON:
                         mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
             xt = tl.load(x_row + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
                          mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w[:, :, None] * xt[None, :, :], axis=1)
-            wsum += tl.sum(w, axis=1)
+            acc += w[:, :, None] * xt[None, :, :]
+            wacc += w
+        wsum = tl.sum(wacc, axis=1)
         safe = tl.where(wsum > 0, wsum, 1.0)
-        y = tl.where(wsum[:, None] > 0, acc / safe[:, None], 0.0)
+        y = tl.where(wsum[:, None] > 0, tl.sum(acc, axis=1) / safe[:, None], 0.0)
         tl.store(Y_ptr + offs_v[:, None] * stride_yv + pid_b * stride_yb + offs_d[None, :], y,
                  mask=v_ok[:, None] & d_ok[None, :])
         if pid_d == 0:
@@ -163,7 +167,8 @@ if HAS_TRITON:
         """
         pid_b = tl.program_id(0).to(tl.int64)
         pid_l = tl.program_id(1).to(tl.int64)
-        offs_v = tl.arange(0, BLOCK_V)
+        # int64: offs_v * stride_dpv reaches (V - 1) * B * D, past 2^31 at V = 8, B ~ 400k, D = 768
+        offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
         offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
         v_ok = offs_v < V
         l_ok = offs_l < L
@@ -199,7 +204,7 @@ def _triton_blocks(V: int, D: int, device: torch.device) -> tuple[int, int, int]
     (registers), with BLOCK_D = 128 (256 contiguous bytes of a bf16 row).
     """
     bv = triton.next_power_of_2(min(V, MAX_V_PER_PASS))
-    if device.type != "cuda":
+    if _dispatch.target_for(device) != "cuda":
         return bv, 32, min(triton.next_power_of_2(D), 256)
     bd = min(triton.next_power_of_2(D), 128)
     bl = max(1, 4096 // (bv * bd))

@@ -1,0 +1,171 @@
+"""The Triton kernels under exactly the settings a CUDA device gets, run by the interpreter.
+
+The interpreter normally gets its own blocks (large, few steps); here
+``solar_kernels._dispatch.kernel_target("cuda")`` makes the launchers choose the CUDA blocks,
+warps, stages, grid and dtype path, and the kernels round where the GPU rounds (operands and
+the backward's G cast to the storage dtype, then widened for the interpreter's dot).  So these
+tests see the numerics a GPU would, e.g. the fp16 backward's G underflowing at large N.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import solar_kernels as sk
+from solar_kernels import _dispatch
+from solar_kernels.ops import contrastive as cl
+from solar_kernels.ops import masked_pool as mp
+from solar_kernels.reference import contrastive_loss_reference
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                       reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU"),
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+]
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _rel_err(got, ref):
+    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+def test_settings_follow_the_target():
+    """CPU tensors get the interpreter's blocks unless the CUDA target is asked for; CUDA tensors
+    always get the CUDA ones (so the tests below really run the GPU's configuration)."""
+    cpu = torch.device("cpu")
+    assert _dispatch.target_for(cpu) == "interpreter"
+    with _dispatch.kernel_target("cuda"):
+        assert _dispatch.target_for(cpu) == "cuda"
+        assert mp._triton_blocks(3, 768, cpu) == (4, 8, 128)
+        cfg = cl._settings_for(torch.empty(4096, 768, dtype=torch.bfloat16), 4096)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"]) == (64, 64, 64, 4)
+    assert _dispatch.target_for(cpu) == "interpreter"
+    assert _dispatch.target_for(torch.device("cuda")) == "cuda"
+    with pytest.raises(ValueError, match="kernel target"):
+        with _dispatch.kernel_target("gpu"):
+            pass
+
+
+def test_fp16_backward_does_not_underflow_at_large_n():
+    """N = 1024, temperature 32, fp16, symmetric mean: each negative's dL/dS / T is about
+    1 / (2N) * 1 / N / 32 = 1.5e-8, under half of fp16's smallest subnormal (6e-8) -- what
+    N = 65536 at temperature 1 gives, at a size the interpreter runs in seconds.  Cast to fp16
+    as it is, every negative's contribution to dq / dk vanishes (about 3% of the gradient's
+    scale here); scaled per row / column before the cast, the error stays at fp16's
+    resolution."""
+    n, d, temperature = 1024, 16, 32.0
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, torch.float16)
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, torch.float16)
+    q.requires_grad_()
+    k.requires_grad_()
+    with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+        loss = sk.contrastive_loss(q, k, temperature=temperature)
+        dq, dk = torch.autograd.grad(loss, (q, k))
+    ref = contrastive_loss_reference(q, k, temperature=temperature, dtype=torch.float64)
+    rq, rk = torch.autograd.grad(ref, (q, k))
+    assert abs(float(loss.detach()) - float(ref.detach())) < 1e-3
+    # fp16 output rounding alone is 2^-11 = 4.9e-4 of the largest element
+    assert _rel_err(dq, rq) < 3e-3, f"dq relative error {_rel_err(dq, rq):.3g}"
+    assert _rel_err(dk, rk) < 3e-3, f"dk relative error {_rel_err(dk, rk):.3g}"
+
+
+@pytest.mark.parametrize("case", [
+    dict(dtype=torch.bfloat16, groups=False, single=False, hardness=0.0, mine_k=0, h=0),
+    dict(dtype=torch.float16, groups=True, single=False, hardness=0.5, mine_k=4, h=2),
+    dict(dtype=torch.bfloat16, groups=True, single=True, hardness=0.0, mine_k=3, h=0),
+    dict(dtype=torch.float32, groups=False, single=False, hardness=1.0, mine_k=2, h=1),
+], ids=["bf16-two-tower", "fp16-groups-hard-mined", "bf16-single-set", "fp32-hardness"])
+def test_contrastive_cuda_settings_vs_reference(case):
+    """Forward, backward and mining with the CUDA blocks (64 x 64 tiles, D chunks of 64 or 32,
+    several row and column blocks, grouped tile order) against the fp64 reference."""
+    n, d, dtype = 150, 80, case["dtype"]
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
+    k = None if case["single"] else (
+        torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_())
+    hn = (torch.nn.functional.normalize(torch.randn(n, case["h"], d, generator=g), dim=2).to(DEV, dtype)
+          .requires_grad_() if case["h"] else None)
+    groups = (torch.arange(n, device=DEV) // 3) if case["groups"] else None
+    kw = dict(groups=groups, hard_negatives=hn, temperature=0.1, hardness=case["hardness"], mine_k=case["mine_k"])
+    with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+        out = sk.contrastive_loss(q, k, **kw)
+    loss, mined = out if case["mine_k"] else (out, None)
+    tensors = [t for t in (q, k, hn) if t is not None]
+    with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+        got = torch.autograd.grad(loss, tensors)
+    out64 = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    loss64, mined64 = out64 if case["mine_k"] else (out64, None)
+    ref = torch.autograd.grad(loss64, tensors)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(float(loss) - float(loss64)) <= tol * (1 + abs(float(loss64)))
+    for name, a, b in zip(("dq", "dk", "dhn"), got, ref):
+        assert a.dtype == dtype
+        assert _rel_err(a, b) < (1e-4 if dtype == torch.float32 else 1.2e-2), f"{name}: {_rel_err(a, b):.3g}"
+    if mined is not None:
+        assert torch.equal(mined.indices.cpu(), mined64[0].cpu())
+
+
+def test_mine_k_above_the_kernel_bound():
+    """mine_k > MAX_KERNEL_MINE_K mines in the chunked second pass: same indices and scores as
+    the reference (ties to the lower index), on both targets' settings."""
+    n, d, mk = 90, 24, cl.MAX_KERNEL_MINE_K + 9
+    g = torch.Generator().manual_seed(5)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV)
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV)
+    hn = torch.nn.functional.normalize(torch.randn(n, 2, d, generator=g), dim=2).to(DEV)
+    groups = torch.arange(n, device=DEV) // 2
+    _, (idx64, sc64) = contrastive_loss_reference(q, k, groups=groups, hard_negatives=hn, temperature=0.1,
+                                                 mine_k=mk, dtype=torch.float64)
+    for target in ("interpreter", "cuda"):
+        with _dispatch.kernel_target(target), sk.use_backend("triton"):
+            _, mined = sk.contrastive_loss(q, k, groups=groups, hard_negatives=hn, temperature=0.1, mine_k=mk)
+        assert torch.equal(mined.indices.cpu(), idx64.cpu()), target
+        torch.testing.assert_close(mined.scores.double().cpu(), sc64.cpu(), rtol=1e-5, atol=1e-5)
+    for single in (True,):
+        _, (i64s, _) = contrastive_loss_reference(q, groups=groups, temperature=0.1, mine_k=mk, dtype=torch.float64)
+        with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+            _, mined = sk.contrastive_loss(q, groups=groups, temperature=0.1, mine_k=mk)
+        assert torch.equal(mined.indices.cpu(), i64s.cpu())
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("D", [2, 17, 130])
+def test_masked_pool_cuda_blocks_vs_reference(mask_kind, D):
+    """masked_pool forward + backward with the CUDA blocks: D = 2 gives BLOCK_L = 2048 (the
+    float-mask case Triton 3.6 could not compile), D = 130 two D tiles of 128."""
+    from test_masked_pool import check_case, make_inputs
+
+    with _dispatch.kernel_target("cuda"):
+        bv, bl, bd = mp._triton_blocks(3, D, torch.device("cpu"))
+        assert bv * bl * bd == 4096
+        x, mask = make_inputs(11, 2, 70, D, 3, torch.bfloat16, mask_kind=mask_kind)
+        check_case("triton", x, mask, True, mask_grad=mask_kind == "float")
+
+
+def test_masked_pool_backward_offsets_past_2_31():
+    """The backward's mask offset (v * stride_mv) passes 2^31 when (V - 1) * B * L does.  A
+    bool mask [3, 1, L] whose v-stride is 2^30 (2 GiB of storage, stride fits int32, the
+    product does not): with int32 offsets mask row 2 is read from the wrong address."""
+    L, D = 8, 4
+    stride_v = 1 << 30
+    try:
+        storage = torch.zeros(2 * stride_v + L, dtype=torch.bool)
+    except RuntimeError:  # pragma: no cover - not enough memory on this machine
+        pytest.skip("cannot allocate 2 GiB for the strided mask")
+    mask = storage.as_strided((3, 1, L), (stride_v, L, 1))
+    storage[:L] = True                      # view 0: every token
+    storage[stride_v + 1:stride_v + 3] = True  # view 1: tokens 1, 2
+    storage[2 * stride_v + 5] = True        # view 2: token 5
+    x = torch.randn(1, L, D, requires_grad=True)
+    with sk.use_backend("triton"):
+        out = sk.masked_pool(x, mask)
+        (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    dense = mask.clone()
+    ref = sk.masked_pool(x, dense)
+    (gref,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
+    del storage, mask
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, gref)
