@@ -1,0 +1,316 @@
+"""Compile every Triton kernel for Hopper (sm_90) on a machine without a GPU.
+
+Run as a script in a fresh process *without* ``TRITON_INTERPRET`` (tests/test_aot_compile.py
+does, once per Triton version; ``PYTHONPATH`` may put another Triton first)::
+
+    python tests/aot_harness.py --json report.json [--markdown table.md] [--quick]
+
+How: a stand-in Triton driver says the current device is an sm_90 GPU and turns every
+launch into a no-op, and ``solar_kernels`` is told to pick its CUDA settings for CPU
+tensors (``solar_kernels._dispatch.kernel_target("cuda")``).  The public ops and their
+backward passes then run on CPU tensors through their real launchers, so exactly the
+specialisations that a GPU would JIT (block sizes, dtypes, divisibility of strides and
+sizes, constexpr flags) are compiled, down to a cubin by the ptxas that Triton ships.  The
+outputs of the no-op launches are garbage; nothing reads them but shape logic.
+
+For every compiled kernel the report gives: registers, stack frame and local (spill) bytes
+(``cuobjdump -res-usage`` on the cubin), shared memory (Triton's metadata), whether the SASS
+has warpgroup MMAs (HGMMA) or any MMA, atomics, and fences (MEMBAR) -- what the issue's
+assertions are made of.  Compile failures are caught per case and reported, not raised.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the AOT harness must run without TRITON_INTERPRET"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.driver import DriverBase  # noqa: E402
+
+H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+
+_current_case = {"name": "?"}
+RECORDS: list[dict] = []
+_SEEN: set[str] = set()
+
+
+def _tool(name: str) -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found in this Triton ({path})")
+    return path
+
+
+# SASS counts by cubin digest: disassembling takes ~0.8 s a kernel, the resource report ~0;
+# a warm run (unchanged kernels) reads the counts from here (SOLAR_AOT_SASS_CACHE, a JSON file)
+_SASS_CACHE_PATH = os.environ.get("SOLAR_AOT_SASS_CACHE")
+_SASS_CACHE: dict = {}
+if _SASS_CACHE_PATH and os.path.exists(_SASS_CACHE_PATH):
+    with contextlib.suppress(ValueError, OSError):
+        with open(_SASS_CACHE_PATH) as f:
+            _SASS_CACHE = json.load(f)
+
+
+def _sass_counts(path: str) -> dict:
+    text = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text, flags=re.M)
+    names = [o.split(".")[0] for o in ops]
+    # a fence around an atomic is MEMBAR at GPU or system scope; MEMBAR.ALL.CTA only orders
+    # this block's shared-memory writes before the async (wgmma / TMA) proxy reads them
+    wide_fences = [o for o in ops if o.startswith("MEMBAR") and (".GPU" in o or ".SYS" in o)]
+    return dict(
+        hgmma=sum(n == "HGMMA" for n in names),
+        mma=sum(n in ("HMMA", "IMMA", "HGMMA", "IGMMA", "DMMA") for n in names),
+        atomics=sum(n in ("RED", "ATOM", "ATOMG", "REDG") for n in names),
+        membar=len(wide_fences),
+        barriers=sum(o.startswith("BAR.SYNC") or o == "BAR" for o in ops),
+        local_ld=sum(n == "LDL" for n in names), local_st=sum(n == "STL" for n in names),
+        n_sass=len(names),
+    )
+
+
+def _res_usage(cubin: bytes, digest: str) -> dict:
+    """REG / STACK / SHARED / LOCAL of the one function in a cubin (cuobjdump -res-usage) and
+    counts of the SASS instructions the checks look at (cuobjdump -sass, cached by digest)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
+        if digest not in _SASS_CACHE:
+            _SASS_CACHE[digest] = _sass_counts(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)
+    if m is None:
+        raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{res.stdout}")
+    reg, stack, shared, local = (int(v) for v in m.groups())
+    return dict(regs=reg, stack=stack, static_shared=shared, local=local, **_SASS_CACHE[digest])
+
+
+class _Utils:
+    def load_binary(self, name, kernel, shared, device):
+        digest = hashlib.sha1(kernel).hexdigest()[:16]
+        usage = _res_usage(kernel, digest)
+        if digest not in _SEEN:
+            _SEEN.add(digest)
+            RECORDS.append(dict(case=_current_case["name"], kernel=name, shared=int(shared), cubin=digest, **usage))
+        max_threads = 1024 if usage["regs"] <= 64 else max(32, (65536 // max(usage["regs"], 1)) // 32 * 32)
+        return None, None, usage["regs"], usage["local"] // 4, min(1024, max_threads)
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": H100_SMEM, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+                "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+
+class _NoLaunch:
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+class StandInSm90Driver(DriverBase):
+    """A Triton driver for an sm_90 device that is not there: compile everything, launch nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.utils = _Utils()
+        self.launcher_cls = _NoLaunch
+
+    @classmethod
+    def is_active(cls):
+        return False
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_device_capability(self, device=None):
+        return (9, 0)
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        return "void*" if ty.startswith("*") else ty
+
+    def get_benchmarker(self):
+        def bench(fn, quantiles=None, **kwargs):
+            fn()
+            return [1.0] * len(quantiles) if quantiles else 1.0
+        return bench
+
+    def get_empty_cache_for_benchmark(self):
+        return torch.empty(1)
+
+    def clear_cache(self, cache):
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# The cases: every public op and its backward, at the variants a GPU user hits
+# ------------------------------------------------------------------------------------------
+def _pool_cases(quick: bool):
+    import solar_kernels as sk
+
+    def run(B, L, D, V, dtype, mask_kind, normalize, mask_grad):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(B, L, D, generator=g).to(dtype).requires_grad_()
+        if mask_kind == "bool":
+            m = torch.rand(V, B, L, generator=g) > 0.5
+        else:
+            m = torch.rand(V, B, L, generator=g).to(dtype if mask_kind == "same" else torch.float32)
+            m.requires_grad_(mask_grad)
+        out = sk.masked_pool(x, m, normalize=normalize)
+        out.float().sum().backward()
+
+    cases = []
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    for dt in dtypes:
+        for mk in ("bool", "float"):
+            cases.append((f"masked_pool {str(dt)[6:]} {mk} V=3 D=768 norm", lambda dt=dt, mk=mk: run(4, 77, 768, 3, dt, mk, True, mk != "bool")))
+    vs = (1, 2, 3, 8, 9) if quick else tuple(range(1, 10))
+    for V in vs:
+        cases.append((f"masked_pool bf16 float V={V} D=64", lambda V=V: run(4, 77, 64, V, torch.bfloat16, "float", False, True)))
+    for D in (1, 2, 17, 64, 768, 4096):
+        for mk in ("bool", "float"):
+            cases.append((f"masked_pool fp16 {mk} V=1 D={D}", lambda D=D, mk=mk: run(3, 50, D, 1, torch.float16, mk, D % 2 == 0, False)))
+    return cases
+
+
+def _loss_cases(quick: bool):
+    import solar_kernels as sk
+    from solar_kernels.ops.contrastive import MAX_KERNEL_MINE_K
+
+    def run(N, D, dtype, mode, hard_neg=0, hardness=0.0, mine_k=0):
+        g = torch.Generator().manual_seed(1)
+        q = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1).to(dtype).requires_grad_()
+        k = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1).to(dtype).requires_grad_()
+        groups = torch.arange(N) // 2
+        hn = torch.randn(N, hard_neg, D, generator=g).to(dtype) if hard_neg else None
+        kw = dict(temperature=0.05, hardness=hardness, mine_k=mine_k, hard_negatives=hn)
+        if mode == "two-tower":
+            out = sk.contrastive_loss(q, k, **kw)
+        elif mode == "groups":
+            out = sk.contrastive_loss(q, k, groups=groups, **kw)
+        elif mode == "one-sided":
+            out = sk.contrastive_loss(q, k, symmetric=False, **kw)
+        else:  # single-set
+            out = sk.contrastive_loss(q, groups=groups, **kw)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+
+    cases = []
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for mode in ("two-tower", "groups", "one-sided", "single-set"):
+            cases.append((f"contrastive {str(dt)[6:]} {mode} D=768", lambda dt=dt, mode=mode: run(256, 768, dt, mode)))
+        cases.append((f"contrastive {str(dt)[6:]} hard-neg+hardness+mine8 D=768",
+                      lambda dt=dt: run(256, 768, dt, "groups", hard_neg=2, hardness=0.5, mine_k=8)))
+    mks = (1, MAX_KERNEL_MINE_K) if quick else (1, 2, 8, MAX_KERNEL_MINE_K)
+    for mk in mks:
+        cases.append((f"contrastive bf16 mine_k={mk} D=128", lambda mk=mk: run(256, 128, torch.bfloat16, "two-tower", mine_k=mk)))
+    cases.append((f"contrastive bf16 hardness+mine{MAX_KERNEL_MINE_K} D=128",
+                  lambda: run(256, 128, torch.bfloat16, "single-set", hardness=1.0, mine_k=MAX_KERNEL_MINE_K)))
+    for D in (1, 17, 4096):
+        cases.append((f"contrastive bf16 two-tower D={D}", lambda D=D: run(130, D, torch.bfloat16, "two-tower")))
+    return cases
+
+
+def _pooled_cases(quick: bool):
+    import solar_kernels as sk
+
+    def run(dtype, mine_k):
+        g = torch.Generator().manual_seed(2)
+        N, L, D = 64, 77, 768
+        xq = torch.randn(N, L, D, generator=g).to(dtype).requires_grad_()
+        xk = torch.randn(N, 20, D, generator=g).to(dtype).requires_grad_()
+        mq = torch.rand(N, L, generator=g) > 0.3
+        mk = torch.rand(N, 20, generator=g) > 0.3
+        out = sk.pooled_contrastive_loss(xq, mq, xk, mk, mine_k=mine_k, hardness=0.5 if mine_k else 0.0)
+        (out[0] if isinstance(out, tuple) else out).backward()
+
+    return [(f"pooled_contrastive {str(dt)[6:]}{' mine4+hardness' if mk else ''}", lambda dt=dt, mk=mk: run(dt, mk))
+            for dt in (torch.bfloat16, torch.float32) for mk in (0, 4)]
+
+
+def run_all(quick: bool, only: str | None = None) -> dict:
+    triton.runtime.driver.set_active(StandInSm90Driver())
+    import solar_kernels
+    from solar_kernels import _dispatch
+
+    failures = []
+    cases = _pool_cases(quick) + _loss_cases(quick) + _pooled_cases(quick)
+    if only:
+        cases = [c for c in cases if only in c[0]]
+    with _dispatch.kernel_target("cuda"), solar_kernels.use_backend("triton"):
+        for name, fn in cases:
+            _current_case["name"] = name
+            try:
+                fn()
+            except Exception as e:  # a compile failure is a finding, not a crash of the harness
+                tb = traceback.format_exc()
+                failures.append(dict(case=name, error=f"{type(e).__name__}: {str(e)[:2000]}", traceback=tb[-4000:]))
+    return dict(triton=triton.__version__, torch=torch.__version__, cases=[c[0] for c in cases],
+                kernels=RECORDS, failures=failures)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Triton {report['triton']} (sm_90, compiled ahead of time; {len(report['cases'])} cases, "
+             f"{len(report['kernels'])} specialisations, {len(report['failures'])} failures)", "",
+             "| kernel | first case | regs | smem B | stack B | spill ld/st | wgmma | atomics | GPU fences | bar.sync |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["kernels"]:
+        lines.append(f"| {r['kernel']} | {r['case']} | {r['regs']} | {r['shared']} | {r['stack']} | "
+                     f"{r['local_ld']}/{r['local_st']} | {'yes' if r['hgmma'] else 'no'} | {r['atomics']} | "
+                     f"{r['membar']} | {r['barriers']} |")
+    for f in report["failures"]:
+        lines.append(f"\nFAILED {f['case']}: {f['error'][:300]}")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", required=True, help="where to write the report (JSON)")
+    ap.add_argument("--markdown", help="also write the table as markdown here")
+    ap.add_argument("--quick", action="store_true", help="fewer V / mine_k variants")
+    ap.add_argument("--only", help="run only the cases whose name contains this string")
+    args = ap.parse_args()
+    report = run_all(args.quick, args.only)
+    if _SASS_CACHE_PATH:
+        with open(_SASS_CACHE_PATH + ".tmp", "w") as f:
+            json.dump(_SASS_CACHE, f)
+        os.replace(_SASS_CACHE_PATH + ".tmp", _SASS_CACHE_PATH)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()
