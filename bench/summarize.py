@@ -12,23 +12,34 @@ import sys
 SKIP = {"torch", "triton", "commit", "date", "device"}
 
 
+def _table(rows: list[dict]) -> list[str]:
+    cols = [c for c in rows[0].keys() if c not in SKIP and any(r.get(c, "") != "" for r in rows)]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return out
+
+
 def summarize(folder: str) -> str:
+    """One markdown table per CSV (per `section` where the CSV has that column), showing only the
+    columns that hold a value in that table."""
     parts = []
     for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
         with open(path) as f:
             rows = list(csv.DictReader(f))
         if not rows:
             continue
-        cols = [c for c in rows[0].keys() if c not in SKIP]
         tag = rows[0]
         parts.append(f"## {os.path.basename(path)[:-4]}\n")
         parts.append(f"{tag.get('device', '?')}; torch {tag.get('torch', '?')}; triton {tag.get('triton', '?')}; "
                      f"commit {tag.get('commit', '?')}; {tag.get('date', '?')}\n")
-        parts.append("| " + " | ".join(cols) + " |")
-        parts.append("|" + "---|" * len(cols))
+        groups: dict[str, list[dict]] = {}
         for r in rows:
-            parts.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-        parts.append("")
+            groups.setdefault(r.get("section", ""), []).append(r)
+        for name, group in groups.items():
+            if name:
+                parts.append(f"### {name}\n")
+            parts += _table(group)
+            parts.append("")
     return "\n".join(parts) if parts else "(no CSV results found)\n"
 
 

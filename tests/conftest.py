@@ -3,7 +3,7 @@
 * TRITON_INTERPRET=1 is set when no CUDA device is present, *before* triton is first
   imported, so every Triton kernel runs (slowly, in numpy) on CPU tensors.
 * Hypothesis profiles: `ci` (default; small shapes, few examples, interpreter-friendly)
-  and `gpu` (more and larger examples).  Pick with SOLAR_HYPOTHESIS_PROFILE=gpu.
+  and `gpu` (more and larger examples, no shrinking).  Pick with SOLAR_HYPOTHESIS_PROFILE=gpu.
 * Tests marked `slow` run only with --runslow or SOLAR_RUN_SLOW=1.
 """
 import os
@@ -22,7 +22,7 @@ if not _has_cuda_device():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -35,6 +35,8 @@ settings.register_profile(
     "gpu",
     max_examples=60,
     deadline=None,
+    # no shrinking: on the GPU machine every minute counts, and a failing draw is reported as drawn
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("SOLAR_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
