@@ -72,6 +72,121 @@ def _one_error_line(err: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# item 6: damaged training shards are skipped and counted, the batch format holds
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("train"))
+    sw.write_shards(out, 60, seed=2, shard_size=20, workers=1, image_size=SIZE, progress=False)
+    return out
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def _write_members(path, members):
+    import io
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _damaged_set(train_dir, tmp_path):
+    """[json-less shard, good, truncated, good]: the damaged ones first, so that no reader
+    can learn the format from the first shard it opens."""
+    good = sorted(os.path.join(train_dir, n) for n in os.listdir(train_dir) if n.endswith(".tar"))
+    nojson = str(tmp_path / "nojson-000000.tar")
+    _write_members(nojson, [(n, d) for n, d in _members(good[0]) if not n.endswith(".json")])
+    trunc = str(tmp_path / "trunc-000000.tar")
+    data = open(good[1], "rb").read()
+    with tarfile.open(good[1]) as tar:
+        cut = [m for m in tar][-4]                   # inside the second-to-last sample
+    with open(trunc, "wb") as fh:
+        fh.write(data[: cut.offset_data + cut.size // 2])
+    return [nojson, good[1], trunc, good[2]]
+
+
+def _bank(loader):
+    """What solar.train's in-memory loading does: concatenate every field over the batches."""
+    from solar.trainer import PairBank
+    fields = {}
+    for b in loader:
+        for k, v in b.items():
+            fields.setdefault(k, []).append(v)
+    out = {k: torch.cat(v) if torch.is_tensor(v[0]) else [x for p in v for x in p] for k, v in fields.items()}
+    return PairBank(out)
+
+
+def test_jsonless_and_truncated_shards_keep_ground_truth_and_are_counted(train_dir, tmp_path, tok):
+    """Before: the json-less samples made their batches drop the ground-truth fields, so
+    in-memory loading died with "PairBank: field 'item_id' has N rows, expected M"."""
+    urls = _damaged_set(train_dir, tmp_path)
+    loader = make_loader(urls, tok, image_size=SIZE, patch_size=8, max_length=40, batch_size=16,
+                         pad_to_max_length=True)
+    assert loader.dataset.ground_truth == "require"
+    bank = _bank(loader)
+    t = loader.stats.totals()
+    assert {"item_id", "gt_patch_mask", "gt_token_mask"} <= set(bank.fields)
+    # the json-less shard's 20 samples and the truncated shard's last one (cut inside its json)
+    assert t["missing_ground_truth"] == 21 and t["read_error"] >= 1
+    assert len(bank) == t["yielded"] == 20 + 18 + 20
+    assert "missing ground truth" in loader.last_report and "read error" in loader.last_report
+    m = loader.stats.as_metrics()
+    assert m["reader/missing_ground_truth"] == t["missing_ground_truth"] and m["reader/yielded"] == len(bank)
+    assert m["reader/skipped"] == t["skipped"] and "reader/corrupt_image" not in m
+
+
+def test_one_jsonless_sample_in_a_single_batch_keeps_ground_truth(train_dir, tmp_path, tok):
+    """Fewer pairs than a batch: before, one json-less sample removed the mask ground truth
+    (and so the mask-IoU metrics) of the whole training set without a word."""
+    good = sorted(os.path.join(train_dir, n) for n in os.listdir(train_dir) if n.endswith(".tar"))[0]
+    members = _members(good)
+    first_json = next(n for n, _ in members if n.endswith(".json"))
+    p = str(tmp_path / "one-000000.tar")
+    _write_members(p, [(n, d) for n, d in members if n != first_json])
+    loader = make_loader(p, tok, image_size=SIZE, patch_size=8, max_length=40, batch_size=500)
+    batches = list(loader)
+    assert len(batches) == 1 and "gt_patch_mask" in batches[0] and len(batches[0]["key"]) == 19
+    assert loader.stats.totals()["missing_ground_truth"] == 1
+
+
+def test_non_utf8_captions_are_counted_apart_from_empty_ones(train_dir, tmp_path, tok):
+    good = sorted(os.path.join(train_dir, n) for n in os.listdir(train_dir) if n.endswith(".tar"))[0]
+    members = _members(good)
+    txt = [n for n, _ in members if n.endswith(".txt")]
+    bad = {txt[0]: b"caf\xe9 \xff\xfe", txt[1]: b"  \n", txt[2]: b"\xc3\x28 broken"}
+    p = str(tmp_path / "cap-000000.tar")
+    _write_members(p, [(n, bad.get(n, d)) for n, d in members])
+    loader = make_loader(p, tok, image_size=SIZE, patch_size=8, max_length=40, batch_size=8)
+    n = sum(len(b["key"]) for b in loader)
+    t = loader.stats.totals()
+    assert t["non_utf8_caption"] == 2 and t["empty_caption"] == 1 and n == 17
+    assert "non utf8 caption 2" in loader.last_report and "empty caption 1" in loader.last_report
+
+
+def test_ground_truth_mode_none_and_bad_mode(train_dir, tok):
+    urls = sorted(os.path.join(train_dir, n) for n in os.listdir(train_dir) if n.endswith(".tar"))
+    loader = make_loader(urls, tok, image_size=SIZE, patch_size=8, max_length=40, batch_size=32, ground_truth="none")
+    assert all("gt_patch_mask" not in b and "item_id" not in b for b in loader)
+    with pytest.raises(ValueError, match="ground_truth: expected one of"):
+        make_loader(urls, tok, image_size=SIZE, patch_size=8, ground_truth="yes")
+
+
+def test_reader_stats_api():
+    s = ReaderStats()
+    s.add("yielded", 5)
+    s.add("non_utf8_caption", 2)
+    s.add("read_error")
+    assert s.as_metrics("data/") == {"data/yielded": 5, "data/skipped": 3, "data/read_error": 1,
+                                     "data/non_utf8_caption": 2}
+    assert "non utf8 caption 2" in s.report() and "read error 1" in s.report()
+
+
+# ---------------------------------------------------------------------------------------
 # items 8 and 10: the int8 Index's dimension bound; index files are never written in place
 # ---------------------------------------------------------------------------------------
 def test_int8_index_rejects_dims_whose_dot_products_overflow_int32():
