@@ -72,6 +72,216 @@ def _one_error_line(err: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# item 1: benchmark manifest
+# ---------------------------------------------------------------------------------------
+def test_build_writes_a_manifest_that_matches_the_shards(bench):
+    spec = json.load(open(os.path.join(bench, "triplets.json")))
+    entries = spec["manifest"]["shards"]
+    assert [e["name"] for e in entries] == spec["shards"]
+    assert sum(e["samples"] for e in entries) == spec["num_pairs"] == N_PAIRS
+    assert [e["samples"] for e in entries] == [10, 10, 10, 8]
+    import hashlib
+    for e in entries:
+        data = open(os.path.join(bench, e["name"]), "rb").read()
+        assert e["bytes"] == len(data) and e["sha256"] == hashlib.sha256(data).hexdigest()
+    b = bm.load_benchmark(bench, verify=True)
+    assert b.verified and bm.benchmark_exists(bench)
+
+
+def test_truncated_shard_is_refused_before_embedding(bench, model_dir, tmp_path, capsys):
+    """Before the manifest, the reader skipped the cut samples and eval scored fewer
+    distractors with exit 0 (a higher score)."""
+    d = _copy(bench, tmp_path / "b")
+    shard = os.path.join(d, "pool-000001.tar")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(bm.BenchmarkError, match=r"pool-000001.tar.*bytes.*truncated or replaced"):
+        bm.load_benchmark(d, verify=True)
+    assert not bm.benchmark_exists(d)
+    rc, out, err = _eval(capsys, "--ckpt", model_dir, "--bench", d)
+    line = _one_error_line(err)
+    assert rc == 2 and "pool-000001.tar" in line and f"{size // 2} bytes" in line and "--allow-partial" in line
+    assert "pairs searched" not in out
+
+
+def test_same_size_garbage_shard_fails_the_checksum(bench, model_dir, tmp_path, capsys):
+    d = _copy(bench, tmp_path / "b")
+    shard = os.path.join(d, "pool-000002.tar")
+    size = os.path.getsize(shard)
+    with open(shard, "wb") as fh:
+        fh.write(os.urandom(size))
+    with pytest.raises(bm.BenchmarkError, match=r"pool-000002.tar.*does not match the manifest \(sha256"):
+        bm.load_benchmark(d, verify=True)   # same size: the checksum catches it
+    assert not bm.benchmark_exists(d)
+    rc, out, err = _eval(capsys, "--ckpt", model_dir, "--bench", d)
+    assert rc == 2 and "pool-000002.tar" in _one_error_line(err) and "sha256" in err
+    # the evaluation inside solar.train (evaluate_models) refuses it as well
+    from solar.evaluate import evaluate_models, load_for_eval
+    m = load_for_eval(model_dir)
+    with pytest.raises(bm.BenchmarkError, match="pool-000002.tar"):
+        evaluate_models({"m": m}, d, tokenizer=load_tokenizer("shapesworld", 40), image_size=SIZE, patch_size=8,
+                        max_length=40, index_dtypes=("fp32",), progress=False)
+
+
+def test_allow_partial_scores_what_is_readable_and_says_how_much(bench, model_dir, tmp_path, capsys):
+    d = _copy(bench, tmp_path / "b")
+    with open(os.path.join(d, "pool-000003.tar"), "wb") as fh:   # the last shard: 8 pool pairs
+        fh.write(b"not a tar file" * 100)
+    rc, out, err = _eval(capsys, "--ckpt", model_dir, "--bench", d, "--allow-partial", "--out",
+                         str(tmp_path / "r.json"))
+    assert rc == 0, err
+    readable = N_PAIRS - 8
+    assert f"{readable} of {N_PAIRS} pairs searched" in out and out.startswith("PARTIAL")
+    res = json.load(open(tmp_path / "r.json"))
+    assert res["benchmark"]["partial"] and res["benchmark"]["pairs_searched"] == readable
+    assert res["models"]["model"]["pairs_searched"] == readable
+    assert res["benchmark"]["triplets_scored"] == N_TRIPLETS   # the lost shard held only pool pairs
+    assert "warning" in err and "pool-000003.tar" in err
+
+
+def test_unreadable_samples_under_a_good_checksum_are_caught_after_embedding(bench, model_dir, tmp_path, capsys):
+    """A manifest written over already-damaged shards (or a remote shard, which is not
+    hashed) passes the checksum; the pair count read back must still match."""
+    d = _copy(bench, tmp_path / "b")
+    shard = os.path.join(d, "pool-000000.tar")
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    victim = members[0][0].name                  # the first sample's image
+    samples = {}
+    for m, data in members:
+        key, ext = m.name.split(".", 1)
+        samples.setdefault(key, {})[ext] = data
+    samples[victim.split(".")[0]]["png"] = b"\x89PNG\r\n\x1a\n not an image"
+    sw.write_samples(shard, [(k, v["png"], v["txt"].decode(), json.loads(v["json"])) for k, v in samples.items()])
+    bm.write_manifest(d)
+    assert bm.benchmark_exists(d)
+    rc, out, err = _eval(capsys, "--ckpt", model_dir, "--bench", d)
+    line = _one_error_line(err)
+    assert rc == 2 and f"only {N_PAIRS - 1} of its {N_PAIRS} pairs could be read" in line
+    assert "corrupt image 1" in line
+
+
+def test_benchmark_without_manifest_gets_a_rebuild_command(bench, model_dir, tmp_path, capsys):
+    d = _copy(bench, tmp_path / "b")
+    spec = json.load(open(os.path.join(d, "triplets.json")))
+    del spec["manifest"]
+    json.dump(spec, open(os.path.join(d, "triplets.json"), "w"))
+    with pytest.raises(bm.BenchmarkError, match="no manifest") as e:
+        bm.load_benchmark(d)
+    assert f"python -m solar.benchmark --out {d} --seed 5 --triplets {N_TRIPLETS} --pool {POOL} " \
+           f"--image-size {SIZE}" in str(e.value)
+    assert not bm.benchmark_exists(d)      # solar.train rebuilds such a benchmark in its cache
+    rc, _, err = _eval(capsys, "--ckpt", model_dir, "--bench", d)
+    assert rc == 2 and "no manifest" in _one_error_line(err)
+    # a converted benchmark whose shards are trusted gets one with --write-manifest
+    assert bm.main(["--write-manifest", d]) == 0
+    capsys.readouterr()
+    assert json.load(open(os.path.join(d, "triplets.json")))["manifest"] == \
+        json.load(open(os.path.join(bench, "triplets.json")))["manifest"]
+    rc, out, err = _eval(capsys, "--ckpt", model_dir, "--bench", d)
+    assert rc == 0 and f"{N_TRIPLETS} triplets, {N_PAIRS} pairs searched" in out
+
+
+def test_interrupted_rebuild_leaves_no_loadable_benchmark(bench, tmp_path, monkeypatch):
+    d = _copy(bench, tmp_path / "b")
+    calls = []
+
+    def dying_write(path, samples):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(path)
+        return real(path, samples)
+    real = bm.write_samples
+    monkeypatch.setattr(bm, "write_samples", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        bm.build_benchmark(d, seed=6, triplets=N_TRIPLETS, pool=POOL, image_size=SIZE, shard_size=SHARD,
+                           progress=False)
+    assert not bm.benchmark_exists(d)   # the old spec would describe half-rewritten shards
+
+
+# ---------------------------------------------------------------------------------------
+# item 11: the solar.benchmark CLI checks everything before writing
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, message", [
+    (["--triplets", "0"], "--triplets: expected an int >= 1, got 0"),
+    (["--pool", "-1"], "--pool: expected an int >= 0, got -1"),
+    (["--shard-size", "0"], "--shard-size: expected an int >= 1, got 0"),
+    (["--image-size", "20"], "--image-size: expected a positive multiple of 16"),
+    (["--check-train", "/nonexistent/train-{000..002}.tar"], "--check-train: train: urls: shard"),
+])
+def test_benchmark_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "new"
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--out", str(out), "--triplets", "2", "--pool", "2", "--no-progress", *extra])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def test_benchmark_cli_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--out", str(f), "--no-progress"])
+    assert e.value.code == 2 and "--out: " in capsys.readouterr().err and f.read_text() == "x"
+
+
+def test_benchmark_cli_overlap_is_found_before_writing(tmp_path, capsys):
+    views, _ = bm._triplet(7, 0, sw.BENCHMARK_ITEM_BASE, SIZE)     # the first triplet of seed 7
+    train = tmp_path / "leak-000000.tar"
+    sw.write_samples(str(train), views[:1])
+    out = tmp_path / "new"
+    rc = bm.main(["--out", str(out), "--seed", "7", "--triplets", "2", "--pool", "2", "--image-size", str(SIZE),
+                  "--check-train", str(train), "--no-progress"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "--check-train" in line and "1 shared item id" in line
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# item 2: the embedding kind is never guessed
+# ---------------------------------------------------------------------------------------
+def test_model_folder_without_kind_file_is_refused_or_told(bench, model_dir, tmp_path, capsys):
+    import solar
+    from solar.evaluate import load_for_eval
+    d = _copy(model_dir, tmp_path / "ckpt")
+    os.remove(os.path.join(d, "solar_embedding.json"))
+    with pytest.raises(CheckpointError, match="has no solar_embedding.json.*--kind"):
+        load_for_eval(d)
+    rc, out, err = _eval(capsys, "--ckpt", d, "--bench", bench)
+    assert rc == 2 and "solar_embedding.json" in _one_error_line(err)
+    rc, out, err = _eval(capsys, "--ckpt", d, "--bench", bench, "--kind", "clip_sf", "--out", str(tmp_path / "r.json"))
+    assert rc == 0, err
+    assert json.load(open(tmp_path / "r.json"))["models"]["ckpt"]["embedding"] == "clip_sf"
+    import numpy as np
+    imgs, caps = [np.zeros((SIZE, SIZE, 3), np.uint8)], ["a red circle"]
+    with pytest.raises(CheckpointError, match="solar_embedding.json"):
+        solar.encode(imgs, caps, model=d)
+    with pytest.raises(CheckpointError, match="solar_embedding.json"):
+        solar.Retriever(d)
+    m = SolarModel.from_pretrained(d)
+    got = solar.encode(imgs, caps, model=d, kind="clip_sf")
+    assert got.shape == (1, m.cfg.width)
+    assert torch.allclose(got, solar.encode(imgs, caps, model=(m, "clip_sf")))
+    assert solar.Retriever(d, kind="clip_sf").kind == "clip_sf"
+    # an explicit kind that contradicts the folder's file is an error, not an override
+    with pytest.raises(CheckpointError, match="is a 'solar' model"):
+        load_for_eval(model_dir, kind="clip_sf")
+    rc, _, err = _eval(capsys, "--ckpt", model_dir, "--bench", bench, "--kind", "clip_sf")
+    assert rc == 2 and "is a 'solar' model" in _one_error_line(err)
+
+
+def test_garbage_kind_file_is_named(model_dir, tmp_path):
+    from solar.evaluate import load_for_eval
+    d = _copy(model_dir, tmp_path / "m")
+    with open(os.path.join(d, "solar_embedding.json"), "wb") as fh:
+        fh.write(b"\xff\xfe[1, 2")
+    with pytest.raises(CheckpointError, match="solar_embedding.json is not a json object"):
+        load_for_eval(d)
+
+
+# ---------------------------------------------------------------------------------------
 # item 6: damaged training shards are skipped and counted, the batch format holds
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
