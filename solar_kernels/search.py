@@ -91,10 +91,12 @@ _SIMD_NAMES = {"-1": -1, "auto": -1, "0": 0, "scalar": 0, "1": 1, "avx2": 1, "2"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The int8 kernels sum code products in int32.  Scalar, AVX2 (sign trick) and CUDA (dp4a)
-# accumulate sum(q * x) with |q|, |x| <= 127: 127 * 127 * d must fit, d <= 133144.  The
-# AVX-512 VNNI kernels accumulate sum((q + 128) * x) (u8 x s8) and subtract 128 * sum(x)
-# afterwards: 255 * 127 * d must fit, d <= 66311.  Beyond that the scores wrap around and
-# the ranking is silently wrong, so larger int8 indexes are refused.
+# accumulate sum(q * x) with |q|, |x| <= 127: 127 * 127 * d must fit, d <= 133144; beyond
+# that the scores wrap around and the ranking is silently wrong.  The AVX-512 VNNI kernels
+# accumulate sum((q + 128) * x) (u8 x s8) and subtract 128 * sum(x) afterwards: their
+# accumulator holds up to 255 * 127 * d, which fits for d <= 66311; above, they would be
+# exact only through two's-complement wrap-around (one of the subtractions is scalar C++,
+# where signed overflow is undefined).  So int8 indexes are refused above 66311.
 INT8_MAX_DIM = (2**31 - 1) // (255 * 127)
 
 _dispatch.register_op(
