@@ -4,7 +4,10 @@ For each model: embed every pair of the benchmark's shards (pool + triplet pairs
 pass, add them to a `solar_kernels.Index` (one per index dtype, "fp32" and "int8" by
 default), search each triplet's query against the whole collection (k = 11, the query
 itself is then excluded), and compute R@1, R@5, R@10, mR, Prec and Avg with
-`solar.benchmark`'s metric functions (SOLAR.md definitions, percent).
+`solar.benchmark`'s metric functions (SOLAR.md definitions, percent).  The benchmark's
+shards are checked against its manifest before embedding and the pairs read are counted
+after (see `evaluate_models`): a damaged benchmark is refused, or with `allow_partial`
+scored on what could be read and reported as partial.
 
 Prec compares score(query, positive) with score(query, hard negative) under the same
 precision as the index: exact fp32 inner products for "fp32"; for "fp16" the fp32 query
