@@ -11,8 +11,9 @@
 
 A pair is one (image, text); its embedding is one L2-normalised vector (inner product =
 cosine).  `model` is a model folder written by `solar.train` (stage2/model,
-stage1/stage1_model or clip_sf/model; the embedding rule is read from the folder) or a
-loaded `SolarModel`.  Images are PIL images, paths, or uint8 HxWx3 arrays; they are
+stage1/stage1_model or clip_sf/model; the embedding rule is read from the folder's
+solar_embedding.json, and a folder without one is refused unless ``kind=`` names the rule)
+or a loaded `SolarModel`.  Images are PIL images, paths, or uint8 HxWx3 arrays; they are
 resized and cropped to the model's input size exactly as in training.
 """
 from __future__ import annotations
@@ -26,12 +27,14 @@ import torch
 __all__ = ["load", "encode", "Retriever"]
 
 
-def load(model, device=None):
+def load(model, device=None, kind: Optional[str] = None):
     """(SolarModel in eval mode, embedding kind) for `model`.
 
     model: one of
       * a model folder written by `solar.train` (stage2/model, stage1/stage1_model or
-        clip_sf/model); the kind is read from its solar_embedding.json ("solar" if absent);
+        clip_sf/model); the kind is read from its solar_embedding.json; a folder without
+        that file (e.g. a training checkpoint) is a CheckpointError unless `kind` is given,
+        and a `kind` that contradicts the file is one too;
       * a loaded `SolarModel` (kind "solar");
       * a ``(model, kind)`` tuple, as this function returns it (the kind is checked).
       The kind is the embedding rule: "solar" (SOLAR's fused pair embedding, `SolarModel.embed`,
@@ -40,19 +43,24 @@ def load(model, device=None):
     device: None (a folder is loaded on CPU; a given model stays where it is), or "auto" (CUDA
       when available, else CPU), "cpu", "cuda", "cuda:N" or a torch.device: the model is moved
       there.  A ValueError names `device` for any other string or a CUDA device torch cannot
-      see.  A given model is put in eval mode in place (and moved in place by ``.to``)."""
+      see.  A given model is put in eval mode in place (and moved in place by ``.to``).
+    kind: None, "solar" or "clip_sf": the embedding rule of a folder without
+      solar_embedding.json; for a loaded model or a tuple it replaces the kind."""
     from .baselines import EMBEDDING_KINDS
     from .distributed import resolve_device
     from .evaluate import load_for_eval
+    if kind is not None and kind not in EMBEDDING_KINDS:
+        raise ValueError(f"kind: expected None or one of {EMBEDDING_KINDS}, got {kind!r}")
     dev = resolve_device(device, name="device") if device is not None else None
     if isinstance(model, (str, os.PathLike)):
-        m, kind = load_for_eval(str(model), dev or "cpu")
+        m, kind = load_for_eval(str(model), dev or "cpu", kind=kind)
     elif _is_model(model):
-        m, kind = model, "solar"
+        m, kind = model, kind or "solar"
     elif isinstance(model, tuple) and len(model) == 2 and _is_model(model[0]):
-        m, kind = model
-        if kind not in EMBEDDING_KINDS:
-            raise ValueError(f"model: the (model, kind) tuple's kind must be one of {EMBEDDING_KINDS}, got {kind!r}")
+        m, k = model
+        if k not in EMBEDDING_KINDS:
+            raise ValueError(f"model: the (model, kind) tuple's kind must be one of {EMBEDDING_KINDS}, got {k!r}")
+        kind = kind or k
     else:
         raise TypeError(f"model: expected a model folder path, a SolarModel or a (SolarModel, kind) tuple, "
                         f"got {type(model).__name__}")
@@ -116,7 +124,9 @@ def encode(images: Sequence, texts: Sequence[str], model, *, tokenizer="shapeswo
     device: where the model runs (see `load`): None loads a folder on CPU and leaves a given model
     where it is; "auto", "cpu", "cuda", "cuda:N" or a torch.device move it there.  The result is
     on CPU either way.
-    kind: overrides the embedding rule ("solar" or "clip_sf")."""
+    kind: the embedding rule ("solar" or "clip_sf"): required for a model folder without
+    solar_embedding.json (an error if it contradicts the file); replaces the kind of a loaded
+    model or tuple."""
     from .baselines import EMBEDDING_KINDS, pair_embedding
     from .data.reader import collate_pairs
     from .data.tokenizer import load_tokenizer
@@ -132,8 +142,7 @@ def encode(images: Sequence, texts: Sequence[str], model, *, tokenizer="shapeswo
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"texts[{i}]: expected a non-empty string, got {t!r}")
-    m, k = load(model, device)
-    kind = kind or k
+    m, kind = load(model, device, kind)
     tok = load_tokenizer(tokenizer, model_max_length=m.cfg.max_text_len) if isinstance(tokenizer, str) else tokenizer
     out = []
     for s in range(0, len(images), batch_size):
@@ -156,19 +165,22 @@ class Retriever:
     device: where the model embeds pairs (see `load`; None: a folder is loaded on CPU).  The
       Index always stays on CPU: embeddings come back to CPU and are searched there.
     batch_size: pairs per forward pass when embedding (an int >= 1).
+    kind: the embedding rule, "solar" or "clip_sf" (see `load`): needed for a model folder
+      without solar_embedding.json.
 
     add(images, texts, ids=None) embeds and stores pairs (ids default to 0, 1, ...);
     add_embeddings(emb, ids=None) stores precomputed embeddings [n, E];
     search(images, texts, k) -> (scores [Q, k] float32, hits: list of Q lists of ids)."""
 
-    def __init__(self, model, *, dtype: str = "fp32", tokenizer="shapesworld", device=None, batch_size: int = 64):
+    def __init__(self, model, *, dtype: str = "fp32", tokenizer="shapesworld", device=None, batch_size: int = 64,
+                 kind: Optional[str] = None):
         import solar_kernels as sk
 
         from .config import INDEX_DTYPES
         if dtype not in INDEX_DTYPES:
             raise ValueError(f"dtype: expected one of {INDEX_DTYPES}, got {dtype!r}")
         self.batch_size = _check_batch_size(batch_size)
-        self.model, self.kind = load(model, device)
+        self.model, self.kind = load(model, device, kind)
         self.tokenizer = tokenizer
         self.index = sk.Index(self.model.cfg.embed_dim if self.kind == "solar" else self.model.cfg.width,
                               dtype=dtype)   # on CPU

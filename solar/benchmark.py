@@ -20,9 +20,23 @@ released, converted to it)::
          ... optional fields (ShapesWorld: item_id, negative_item_id, change)},
         ...
       ],
+      "manifest": {                        # required; what the shards must hold
+        "shards": [{"name": "pool-000000.tar", "samples": 1000, "bytes": 2949120,
+                    "sha256": "9f86d0..."}, ...]  # one entry per shard, in "shards" order
+      },
       "item_id_range": [lo, hi],           # optional; item ids used (ShapesWorld)
       "seed": 1234, "generator_version": 1, "pool_items": 3000   # optional provenance
     }
+
+Integrity: the manifest's sample counts must add up to ``num_pairs``.  Evaluation
+(`solar.evaluate`, `python -m solar.eval`, the evaluation at the end of `solar.train`)
+checks every local shard's size and sha256 against it before embedding, and after
+embedding that exactly ``num_pairs`` pairs were read; anything else is a
+:class:`BenchmarkError` (``--allow-partial`` scores what could be read and says how many
+pairs were searched).  A benchmark without a manifest (built before manifests existed) is
+refused with the command that rebuilds it; :func:`write_manifest` (``python -m
+solar.benchmark --write-manifest DIR``) adds one to a converted benchmark whose shards
+you trust.
 
 Every pair of every triplet is also stored in the shards, so the whole collection is
 embedded once; each query is searched against all pairs in the shards, itself excluded
@@ -44,23 +58,31 @@ triplets with score(query, positive) > score(query, negative) (ties fail); Avg =
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import sys
 import tarfile
 from dataclasses import dataclass, field
 
 import torch
 
-from .data.shapesworld import (BENCHMARK_ITEM_BASE, GENERATOR_VERSION, _rng, item_signature, make_item, make_pair,
-                               perturb_item, render_view, sample_key, sample_split, write_samples)
+from .data.shapesworld import (BENCHMARK_ITEM_BASE, GENERATOR_VERSION, GRID, _rng, item_signature, make_item,
+                               make_pair, perturb_item, render_view, sample_key, sample_split, write_samples)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Benchmark", "build_benchmark", "load_benchmark", "benchmark_exists", "check_no_overlap",
+__all__ = ["FORMAT", "FORMAT_VERSION", "Benchmark", "BenchmarkError", "build_benchmark", "load_benchmark",
+           "benchmark_exists", "verify_benchmark", "write_manifest", "check_no_overlap",
            "OverlapReport", "recall_at_k", "hard_negative_precision", "summarize", "metrics_from_search",
            "metrics_from_scores", "metrics_from_embeddings", "format_table", "METRIC_NAMES"]
 
 FORMAT = "solar-mm2mm-benchmark"
 FORMAT_VERSION = 1
 METRIC_NAMES = ("R@1", "R@5", "R@10", "mR", "Prec", "Avg")
+_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark folder that does not match its manifest (or has none): damaged, partial or stale."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -90,22 +112,21 @@ def _triplet(seed: int, t: int, base: int, image_size: int):
     return out, record
 
 
-def build_benchmark(out: str, seed: int = 1234, triplets: int = 200, pool: int = 3000, image_size: int = 64,
-                    shard_size: int = 1000, item_base: int = BENCHMARK_ITEM_BASE, progress: bool = True) -> dict:
-    """Build the ShapesWorld sym-MM2MM benchmark in folder ``out`` (format in the module docstring).
-
-    ``triplets``: number of triplets; ``pool``: number of distractor items (one view each).
-    Deterministic for ``seed``.  Defaults (200 triplets, 3000 distractors, 64 px) embed in
-    seconds on a CPU.  Returns the triplets.json content.
-    """
-    n_triplets, pool_size = triplets, pool
-    for name, v, lo in (("triplets", n_triplets, 1), ("pool", pool_size, 0), ("shard_size", shard_size, 1)):
-        if not isinstance(v, int) or v < lo:
+def _check_build_args(triplets, pool, image_size, shard_size, item_base) -> None:
+    for name, v, lo in (("triplets", triplets, 1), ("pool", pool, 0), ("shard_size", shard_size, 1),
+                        ("image_size", image_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if image_size % (4 * GRID):
+        raise ValueError(f"image_size: expected a positive multiple of {4 * GRID} (ShapesWorld's mask grid), "
+                         f"got {image_size}")
     if item_base < BENCHMARK_ITEM_BASE:
         raise ValueError(f"item_base: expected >= BENCHMARK_ITEM_BASE={BENCHMARK_ITEM_BASE} (ids below are "
                          f"training ids), got {item_base}")
-    os.makedirs(out, exist_ok=True)
+
+
+def _generate(seed: int, n_triplets: int, pool_size: int, image_size: int, item_base: int, progress: bool):
+    """(samples, triplet records) of a benchmark, in memory (nothing written)."""
     samples, records = [], []
     it = range(n_triplets)
     if progress:
@@ -121,25 +142,112 @@ def build_benchmark(out: str, seed: int = 1234, triplets: int = 200, pool: int =
         from .logging import progress_bar
         pool_ids = progress_bar(pool_ids, desc="benchmark pool", unit="pair")
     samples += [make_pair(seed, i, 0, image_size) for i in pool_ids]
-    shards = []
-    for s in range(0, len(samples), shard_size):
-        name = f"pool-{s // shard_size:06d}.tar"
-        write_samples(os.path.join(out, name), samples[s:s + shard_size])
-        shards.append(name)
-    spec = {"format": FORMAT, "version": FORMAT_VERSION, "name": "shapesworld", "shards": shards,
-            "num_pairs": len(samples), "triplets": records, "item_id_range": [item_base, pool_base + pool_size],
-            "seed": seed, "generator_version": GENERATOR_VERSION, "pool_items": pool_size, "image_size": image_size}
+    return samples, records
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_entry(path: str, name: str, samples: int) -> dict:
+    return {"name": name, "samples": int(samples), "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def _write_spec(out: str, spec: dict) -> None:
     tmp = os.path.join(out, "triplets.json.tmp")
     with open(tmp, "w") as f:
         json.dump(spec, f, indent=1)
     os.replace(tmp, os.path.join(out, "triplets.json"))
+
+
+def build_benchmark(out: str, seed: int = 1234, triplets: int = 200, pool: int = 3000, image_size: int = 64,
+                    shard_size: int = 1000, item_base: int = BENCHMARK_ITEM_BASE, progress: bool = True,
+                    check_train=None) -> dict:
+    """Build the ShapesWorld sym-MM2MM benchmark in folder ``out`` (format in the module docstring).
+
+    ``triplets``: number of triplets; ``pool``: number of distractor items (one view each).
+    Deterministic for ``seed``.  Defaults (200 triplets, 3000 distractors, 64 px) embed in
+    seconds on a CPU.  ``check_train``: training data (as for :func:`check_no_overlap`) that
+    the generated items are checked against before anything is written (ValueError on
+    overlap).  The arguments are checked before anything is generated or written.  The
+    shards are written first and triplets.json (with the manifest) last, so an interrupted
+    build leaves no loadable benchmark.  Returns the triplets.json content.
+    """
+    n_triplets, pool_size = triplets, pool
+    _check_build_args(n_triplets, pool_size, image_size, shard_size, item_base)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out!r} exists and is not a folder")
+    train_urls = _train_urls(check_train) if check_train is not None else None
+    samples, records = _generate(seed, n_triplets, pool_size, image_size, item_base, progress)
+    pool_base = item_base + 2 * n_triplets
+    item_range = [item_base, pool_base + pool_size]
+    if check_train is not None:
+        metas = [m for _, _, _, m in samples]
+        _overlap(train_urls, _ids_and_sigs(metas, True), item_range, True, True)
+    os.makedirs(out, exist_ok=True)
+    spec_path = os.path.join(out, "triplets.json")
+    if os.path.exists(spec_path):  # a rebuild: the old spec must not describe half-rewritten shards
+        os.remove(spec_path)
+    shards, entries = [], []
+    for s in range(0, len(samples), shard_size):
+        name = f"pool-{s // shard_size:06d}.tar"
+        path = os.path.join(out, name)
+        n = write_samples(path, samples[s:s + shard_size])
+        shards.append(name)
+        entries.append(_shard_entry(path, name, n))
+    spec = {"format": FORMAT, "version": FORMAT_VERSION, "name": "shapesworld", "shards": shards,
+            "num_pairs": len(samples), "triplets": records, "item_id_range": item_range,
+            "seed": seed, "generator_version": GENERATOR_VERSION, "pool_items": pool_size, "image_size": image_size,
+            "manifest": {"shards": entries}}
+    _write_spec(out, spec)
+    return spec
+
+
+def _count_samples(path: str) -> int:
+    """Distinct webdataset keys in a local tar shard."""
+    keys = set()
+    with tarfile.open(path, "r") as tar:
+        for m in tar:
+            if m.isfile():
+                d, base = os.path.split(m.name)
+                keys.add(os.path.join(d, base.split(".", 1)[0]))
+    return len(keys)
+
+
+def write_manifest(path: str) -> dict:
+    """Add (or replace) the manifest of a benchmark folder from its shards as they are now.
+
+    For a benchmark converted from elsewhere, whose shards you trust: counts each local
+    shard's samples, records its size and sha256, and checks the counts add up to
+    ``num_pairs`` (ValueError otherwise).  Remote shards (``pipe:`` and urls) are refused.
+    Returns the new spec."""
+    spec_path = path if path.endswith(".json") else os.path.join(path, "triplets.json")
+    bench = load_benchmark(path, require_manifest=False)
+    entries = []
+    for name, url in zip(bench.spec["shards"], bench.shards):
+        if url.startswith(_REMOTE) or "://" in url:
+            raise ValueError(f"{spec_path}: shard {name!r} is remote; a manifest can only be written for local shards")
+        try:
+            n = _count_samples(url)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise BenchmarkError(f"{spec_path}: shard {name!r} is not a readable tar ({e})") from None
+        entries.append(_shard_entry(url, name, n))
+    total = sum(e["samples"] for e in entries)
+    if total != bench.num_pairs:
+        raise BenchmarkError(f"{spec_path}: num_pairs is {bench.num_pairs} but the shards hold {total} samples")
+    spec = dict(bench.spec, manifest={"shards": entries})
+    _write_spec(os.path.dirname(os.path.abspath(spec_path)), spec)
     return spec
 
 
 def benchmark_exists(path: str) -> bool:
-    """True when ``path`` holds a loadable benchmark (triplets.json valid, shards present)."""
+    """True when ``path`` holds a benchmark that matches its manifest (sizes and sha256 checked)."""
     try:
-        load_benchmark(path)
+        load_benchmark(path, verify=True)
     except (OSError, ValueError, KeyError):
         return False
     return True
@@ -153,38 +261,66 @@ class Benchmark:
     triplets: list
     num_pairs: int
     spec: dict = field(repr=False)
+    verified: bool = False      # the shards' sha256 were checked against the manifest
 
-    def indices(self, keys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def manifest(self) -> list:
+        """The manifest's per-shard entries ({name, samples, bytes, sha256}); [] when it has none."""
+        return (self.spec.get("manifest") or {}).get("shards", [])
+
+    def indices(self, keys, skip_missing: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(query, positive, negative) int64 indices of the triplets into ``keys``.
 
         ``keys`` is the list of ``__key__`` in the order the collection was embedded; every
-        key of every triplet must be in it exactly once.
+        key of every triplet must be in it exactly once (KeyError otherwise), unless
+        ``skip_missing``: then triplets with a key that was not embedded are left out.
         """
         pos = {}
         for i, k in enumerate(keys):
             if k in pos:
                 raise ValueError(f"keys: duplicate key {k!r} at positions {pos[k]} and {i}")
             pos[k] = i
+        roles = ("query", "positive", "negative")
+        triplets = self.triplets
+        if skip_missing:
+            triplets = [t for t in triplets if all(t[r] in pos for r in roles)]
         out = []
-        for role in ("query", "positive", "negative"):
-            missing = [t[role] for t in self.triplets if t[role] not in pos]
+        for role in roles:
+            missing = [t[role] for t in triplets if t[role] not in pos]
             if missing:
                 raise KeyError(f"keys: {len(missing)} {role} key(s) of the benchmark were not embedded, "
                                f"e.g. {missing[:3]}")
-            out.append(torch.tensor([pos[t[role]] for t in self.triplets], dtype=torch.int64))
+            out.append(torch.tensor([pos[t[role]] for t in triplets], dtype=torch.int64))
         return tuple(out)
 
 
-def load_benchmark(path: str) -> Benchmark:
-    """Load a benchmark folder (or its triplets.json) and validate it; clear errors when malformed."""
+def _rebuild_hint(spec: dict, root: str) -> str:
+    if spec.get("name") == "shapesworld" and all(k in spec for k in ("seed", "pool_items", "image_size")):
+        return (f"rebuild it: python -m solar.benchmark --out {root} --seed {spec['seed']} "
+                f"--triplets {len(spec.get('triplets', []))} --pool {spec['pool_items']} "
+                f"--image-size {spec['image_size']} (a benchmark in solar.train's cache is rebuilt by the next run)")
+    return ("rebuild it, or if its shards are known to be good, add a manifest with "
+            f"python -m solar.benchmark --write-manifest {root}")
+
+
+def load_benchmark(path: str, verify: bool = False, require_manifest: bool = True) -> Benchmark:
+    """Load a benchmark folder (or its triplets.json) and validate it; clear errors when malformed.
+
+    Checks the spec, that every shard exists and that the manifest agrees with the spec
+    (BenchmarkError otherwise, also for a benchmark without a manifest); ``verify=True`` also
+    checks every local shard's size and sha256 against the manifest (reads all shards; see
+    :func:`verify_benchmark`).  ``require_manifest=False`` skips the manifest checks.
+    """
     spec_path = path if path.endswith(".json") else os.path.join(path, "triplets.json")
     if not os.path.isfile(spec_path):
         raise FileNotFoundError(f"path: no benchmark at {path!r} (expected {spec_path})")
     try:
         with open(spec_path) as f:
             spec = json.load(f)
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"path: {spec_path} is not valid json ({e})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"path: {spec_path}: expected a json object, got {type(spec).__name__}")
     root = os.path.dirname(os.path.abspath(spec_path))
     if spec.get("format") != FORMAT:
         raise ValueError(f"{spec_path}: format: expected {FORMAT!r}, got {spec.get('format')!r}")
@@ -195,18 +331,76 @@ def load_benchmark(path: str) -> Benchmark:
             raise ValueError(f"{spec_path}: {k}: expected a {typ.__name__}, got {type(spec.get(k)).__name__}")
     shards = []
     for s in spec["shards"]:
-        if s.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) or os.path.isabs(s):
+        if not isinstance(s, str):
+            raise ValueError(f"{spec_path}: shards: expected strings, got {s!r}")
+        if s.startswith(_REMOTE) or os.path.isabs(s):
             shards.append(s)
         else:
             shards.append(os.path.join(root, s))
         if not shards[-1].startswith(("pipe:", "http")) and "://" not in shards[-1] and not os.path.isfile(shards[-1]):
             raise FileNotFoundError(f"{spec_path}: shard {s!r} is missing")
     for i, t in enumerate(spec["triplets"]):
-        if not all(isinstance(t.get(r), str) for r in ("query", "positive", "negative")):
+        if not isinstance(t, dict) or not all(isinstance(t.get(r), str) for r in ("query", "positive", "negative")):
             raise ValueError(f"{spec_path}: triplets[{i}]: expected string keys query/positive/negative, got {t}")
         if len({t["query"], t["positive"], t["negative"]}) != 3:
             raise ValueError(f"{spec_path}: triplets[{i}]: query, positive and negative must be distinct, got {t}")
-    return Benchmark(root, shards, spec["triplets"], spec["num_pairs"], spec)
+    bench = Benchmark(root, shards, spec["triplets"], spec["num_pairs"], spec)
+    if require_manifest:
+        _check_manifest(bench, spec_path)
+        if verify:
+            verify_benchmark(bench)
+    return bench
+
+
+def _check_manifest(bench: Benchmark, spec_path: str) -> None:
+    """The manifest's presence, form and agreement with the spec (no shard is read)."""
+    spec = bench.spec
+    man = spec.get("manifest")
+    if man is None:
+        raise BenchmarkError(f"{spec_path}: no manifest (per-shard sample counts and sha256), so its shards cannot "
+                             f"be verified; it was built before manifests existed or converted by hand: "
+                             f"{_rebuild_hint(spec, bench.root)}")
+    entries = man.get("shards") if isinstance(man, dict) else None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("samples"), int)
+            and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str) for e in entries):
+        raise BenchmarkError(f"{spec_path}: manifest: expected {{'shards': [{{name, samples, bytes, sha256}}, ...]}}, "
+                             f"got {str(man)[:200]}")
+    names = [e["name"] for e in entries]
+    if names != spec["shards"]:
+        raise BenchmarkError(f"{spec_path}: manifest: lists shards {names[:4]}{'...' if len(names) > 4 else ''}, "
+                             f"expected the spec's {spec['shards'][:4]}{'...' if len(spec['shards']) > 4 else ''}")
+    total = sum(e["samples"] for e in entries)
+    if total != bench.num_pairs:
+        raise BenchmarkError(f"{spec_path}: manifest: the shards hold {total} samples, num_pairs says "
+                             f"{bench.num_pairs}")
+
+
+def verify_benchmark(bench) -> Benchmark:
+    """Check every local shard's size, then its sha256, against the manifest (reads all
+    shards); returns the benchmark marked ``verified``.  BenchmarkError naming the first shard that differs.
+    Remote shards cannot be hashed here: their sample count is checked after embedding."""
+    if not isinstance(bench, Benchmark):
+        bench = load_benchmark(bench)
+    spec_path = os.path.join(bench.root, "triplets.json")
+    _check_manifest(bench, spec_path)
+    for e, url in zip(bench.manifest, bench.shards):
+        if url.startswith(_REMOTE) or "://" in url:
+            continue
+        size = os.path.getsize(url)
+        if size != e["bytes"]:
+            raise BenchmarkError(f"{spec_path}: shard {e['name']!r} has {size} bytes, the manifest says "
+                                 f"{e['bytes']} (truncated or replaced); {_rebuild_hint(bench.spec, bench.root)}")
+    for e, url in zip(bench.manifest, bench.shards):
+        if url.startswith(_REMOTE) or "://" in url:
+            continue
+        got = _sha256(url)
+        if got != e["sha256"]:
+            raise BenchmarkError(f"{spec_path}: shard {e['name']!r} does not match the manifest (sha256 {got[:16]}..., "
+                                 f"expected {e['sha256'][:16]}...): it is corrupt or was replaced; "
+                                 f"{_rebuild_hint(bench.spec, bench.root)}")
+    bench.verified = True
+    return bench
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,44 +437,53 @@ class OverlapReport:
 
 
 def _train_urls(train):
-    if isinstance(train, str) and os.path.isdir(train):
+    """(shard urls, ShapesWorld manifest or None) of training data; FileNotFoundError when absent."""
+    if isinstance(train, (str, os.PathLike)) and os.path.isdir(train):
+        train = os.fspath(train)
         man = os.path.join(train, "shapesworld.json")
         if os.path.isfile(man):
-            with open(man) as f:
-                m = json.load(f)
-            return [os.path.join(train, s) for s in m["shards"]], m
+            try:
+                with open(man) as f:
+                    m = json.load(f)
+                urls = [os.path.join(train, s) for s in m["shards"]]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"train: {man} is not a ShapesWorld manifest ({type(e).__name__}: {e})") from None
+            missing = [u for u in urls if not os.path.isfile(u)]
+            if missing:
+                raise FileNotFoundError(f"train: {len(missing)} shard(s) listed in {man} are missing "
+                                        f"(first: {missing[0]!r})")
+            return urls, m
         names = sorted(n for n in os.listdir(train) if n.endswith(".tar"))
         if not names:
             raise FileNotFoundError(f"train: no .tar shards in folder {train!r}")
         return [os.path.join(train, n) for n in names], None
-    return train, None
+    from .data.reader import expand_urls
+    try:
+        return expand_urls(train), None
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise FileNotFoundError(f"train: {e}") from None
 
 
-def check_no_overlap(train, benchmark, content: bool = True, raise_on_overlap: bool = True) -> OverlapReport:
-    """Verify that no benchmark item appears in the training data.
+def _ids_and_sigs(metas, content: bool):
+    ids, sigs = set(), set()
+    for meta in metas:
+        if "item_id" in meta:
+            ids.add(int(meta["item_id"]))
+        if content and "objects" in meta and "text_attrs" in meta:
+            sigs.add(item_signature(meta["objects"], meta["text_attrs"]))
+    return ids, sigs
 
-    ``train``: a ShapesWorld folder (its manifest and shards), shard urls or a brace pattern.
-    ``benchmark``: a folder / triplets.json path or a :class:`Benchmark`.  Checks the
-    declared item-id ranges when both sides have them, then scans every training json:
-    item ids must be disjoint and, with ``content=True``, no training item may have the same
-    objects and text attributes as a benchmark item.  Raises ValueError on overlap unless
-    ``raise_on_overlap=False``.
-    """
-    bench = benchmark if isinstance(benchmark, Benchmark) else load_benchmark(benchmark)
-    urls, manifest = _train_urls(train)
+
+def _overlap(train_urls, bench_ids_sigs, bench_range, content: bool, raise_on_overlap: bool) -> OverlapReport:
+    urls, manifest = train_urls
+    bench_ids, bench_sigs = bench_ids_sigs
     range_check = "not declared"
-    br = bench.spec.get("item_id_range")
-    if manifest is not None and br is not None:
+    if manifest is not None and bench_range is not None:
         tr = manifest["item_id_range"]
+        br = bench_range
         disjoint = tr[1] <= br[0] or br[1] <= tr[0]
         range_check = f"train ids [{tr[0]}, {tr[1]}) vs benchmark [{br[0]}, {br[1]}): " + \
             ("disjoint" if disjoint else "OVERLAP")
-    bench_ids, bench_sigs = set(), set()
-    for _, meta in _iter_json(bench.shards):
-        if "item_id" in meta:
-            bench_ids.add(int(meta["item_id"]))
-        if content and "objects" in meta and "text_attrs" in meta:
-            bench_sigs.add(item_signature(meta["objects"], meta["text_attrs"]))
     shared_ids, shared_sig, n = set(), set(), 0
     for _, meta in _iter_json(urls):
         n += 1
@@ -295,6 +498,23 @@ def check_no_overlap(train, benchmark, content: bool = True, raise_on_overlap: b
         raise ValueError(f"benchmark items appear in training data: {len(shared_ids)} shared item id(s) "
                          f"{sorted(shared_ids)[:5]}, {len(shared_sig)} shared item content(s); {range_check}")
     return rep
+
+
+def check_no_overlap(train, benchmark, content: bool = True, raise_on_overlap: bool = True) -> OverlapReport:
+    """Verify that no benchmark item appears in the training data.
+
+    ``train``: a ShapesWorld folder (its manifest and shards), shard urls or a brace pattern.
+    ``benchmark``: a folder / triplets.json path or a :class:`Benchmark`.  Checks the
+    declared item-id ranges when both sides have them, then scans every training json:
+    item ids must be disjoint and, with ``content=True``, no training item may have the same
+    objects and text attributes as a benchmark item.  Raises ValueError on overlap unless
+    ``raise_on_overlap=False``.
+    """
+    bench = benchmark if isinstance(benchmark, Benchmark) else load_benchmark(benchmark, require_manifest=False)
+    train_urls = _train_urls(train)
+    metas = (meta for _, meta in _iter_json(bench.shards))
+    return _overlap(train_urls, _ids_and_sigs(metas, content), bench.spec.get("item_id_range"), content,
+                    raise_on_overlap)
 
 
 # ----------------------------------------------------------------------------------------
@@ -420,24 +640,61 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    """``python -m solar.benchmark --out DIR [--seed S --triplets N --pool M]``: build a benchmark."""
+def main(argv=None) -> int:
+    """``python -m solar.benchmark --out DIR [--seed S --triplets N --pool M]``: build a benchmark.
+
+    Every argument (and the --check-train data, whose overlap with the new benchmark is
+    checked on the generated items) is checked before anything is written: a bad one is a
+    one-line error with exit status 2.  ``--write-manifest DIR`` adds a manifest to an
+    existing benchmark (see :func:`write_manifest`)."""
     ap = argparse.ArgumentParser(prog="python -m solar.benchmark", description="Build the ShapesWorld benchmark.")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="folder to build the benchmark in")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--triplets", type=int, default=200)
     ap.add_argument("--pool", type=int, default=3000)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--check-train", default=None, help="training data folder/pattern to check for item overlap")
+    ap.add_argument("--write-manifest", default=None, metavar="DIR",
+                    help="add a manifest (sample counts, sha256) to the existing benchmark DIR from its shards as "
+                         "they are, and exit; only for a converted benchmark whose shards you trust")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
-    spec = build_benchmark(a.out, a.seed, a.triplets, a.pool, a.image_size, a.shard_size)
+    if a.write_manifest is not None:
+        if a.out is not None:
+            ap.error("--write-manifest: expected alone, without --out")
+        try:
+            spec = write_manifest(a.write_manifest)
+        except (OSError, ValueError) as e:
+            ap.error(f"--write-manifest: {e}")
+        print(f"wrote the manifest of {len(spec['shards'])} shard(s), {spec['num_pairs']} pairs, to {a.write_manifest}")
+        return 0
+    if a.out is None:
+        ap.error("--out: required (the folder to build the benchmark in)")
+    try:
+        _check_build_args(a.triplets, a.pool, a.image_size, a.shard_size, BENCHMARK_ITEM_BASE)
+    except ValueError as e:
+        name, _, rest = str(e).partition(": ")
+        ap.error(f"--{name.replace('_', '-')}: {rest}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        ap.error(f"--out: {a.out!r} exists and is not a folder")
+    if a.check_train is not None:
+        try:
+            _train_urls(a.check_train)
+        except (OSError, ValueError) as e:
+            ap.error(f"--check-train: {e}")
+    try:
+        spec = build_benchmark(a.out, a.seed, a.triplets, a.pool, a.image_size, a.shard_size,
+                               progress=not a.no_progress, check_train=a.check_train)
+    except ValueError as e:   # overlap with --check-train: found before anything was written
+        print(f"solar.benchmark: error: --check-train: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {len(spec['triplets'])} triplets and {spec['num_pairs']} pairs in {len(spec['shards'])} shards "
           f"to {a.out}")
     if a.check_train:
-        rep = check_no_overlap(a.check_train, a.out)
-        print(f"no overlap with {a.check_train}: {rep.train_samples} training samples checked; {rep.range_check}")
+        print(f"no overlap with {a.check_train}: checked before writing")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,6 +17,8 @@ Exactness
     c = round(x / s) in [-127, 127]; queries are quantised the same way, dot products are
     exact integer sums, and the score is float(dot) * (s_row * s_query).  The result is
     the exact top-k under those quantised scores (see `reference.topk_search_reference`).
+    The kernels accumulate those sums in int32, so an int8 index takes dim <= INT8_MAX_DIM
+    (66311); a larger dim is refused at construction (see `INT8_MAX_DIM`).
 
 Backends
   CPU: C++/OpenMP (csrc/search) with SIMD micro-kernels chosen at run time from the CPU's
@@ -47,12 +49,23 @@ File format (little-endian; `Index.save` / `Index.load`), no pickle:
     64      ...   payload: rows [count, dim] in the storage dtype (fp32, IEEE fp16 or
                   int8 codes), zero-padded to a multiple of 64 bytes; for int8 then the
                   scales float32 [count] and the code sums int32 [count].
+
+Files and memory maps
+  `save` never writes into an existing file: it writes a new file next to `path` and
+  renames it over `path` (atomic on POSIX), so a reader sees the old index or the new one,
+  never a mix, and a failed save leaves the old file as it was.  An index loaded with
+  `load(path, mmap=True)` reads its rows from the file for as long as it lives: saving to
+  that same path is safe (the mapping keeps the old file's data), but another program
+  that truncates the file kills this process with SIGBUS on the next search, and one that
+  rewrites it in place changes its results without any error.  Replace index files only by
+  renaming a new file over them (as `save` does), or load without mmap.
 """
 from __future__ import annotations
 
 import os
 import re
 import struct
+import uuid
 import zlib
 from typing import Optional, Tuple, Union
 
@@ -62,7 +75,7 @@ import torch
 from . import _dispatch, _ext
 from ._checks import check_finite
 
-__all__ = ["Index", "topk_search", "quantize_int8", "IndexFileError", "simd_level", "kernel_name"]
+__all__ = ["Index", "topk_search", "quantize_int8", "IndexFileError", "simd_level", "kernel_name", "INT8_MAX_DIM"]
 
 DTYPES = ("fp32", "fp16", "int8")
 METRICS = ("ip",)
@@ -76,6 +89,15 @@ _ALIGN = 64
 _STRATEGIES = {"auto": -1, "split_queries": 0, "split_rows": 1}
 _SIMD_NAMES = {"-1": -1, "auto": -1, "0": 0, "scalar": 0, "1": 1, "avx2": 1, "2": 2, "avx512": 2}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The int8 kernels sum code products in int32.  Scalar, AVX2 (sign trick) and CUDA (dp4a)
+# accumulate sum(q * x) with |q|, |x| <= 127: 127 * 127 * d must fit, d <= 133144; beyond
+# that the scores wrap around and the ranking is silently wrong.  The AVX-512 VNNI kernels
+# accumulate sum((q + 128) * x) (u8 x s8) and subtract 128 * sum(x) afterwards: their
+# accumulator holds up to 255 * 127 * d, which fits for d <= 66311; above, they would be
+# exact only through two's-complement wrap-around (one of the subtractions is scalar C++,
+# where signed overflow is undefined).  So int8 indexes are refused above 66311.
+INT8_MAX_DIM = (2**31 - 1) // (255 * 127)
 
 _dispatch.register_op(
     "topk_search",
@@ -261,6 +283,10 @@ class Index:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or int(dim) < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         _check_dtype_name(dtype)
+        if dtype == "int8" and int(dim) > INT8_MAX_DIM:
+            raise ValueError(f"dim must be <= {INT8_MAX_DIM} for dtype='int8' (the int8 kernels accumulate "
+                             f"255 * 127 * dim in int32, which overflows beyond that), got {int(dim)}; use "
+                             f"dtype='fp16' or 'fp32' for wider vectors")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         device = _parse_device(device)
@@ -428,7 +454,12 @@ class Index:
 
     # ---- persistence ------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the index to `path` in the documented binary format (see the module doc)."""
+        """Write the index to `path` in the documented binary format (see the module doc).
+
+        The bytes go to a new temporary file in the same folder, flushed to disk, which is
+        then renamed over `path`: an existing file is never written in place (an index
+        memory-mapped from it keeps its data), and on any error the temporary file is
+        removed and `path` is left as it was."""
         rows, scales, sums = (t.cpu() for t in self._rows_view())
         parts = [rows.contiguous().numpy().view(np.uint8).reshape(-1)]
         pad = (-parts[0].nbytes) % _ALIGN
@@ -441,12 +472,22 @@ class Index:
         for p in parts:
             crc = zlib.crc32(memoryview(p), crc)
         head = _pack_header(self._dtype, self._dim, self._n, payload, crc)
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(head)
-            for p in parts:
-                f.write(memoryview(p))
-        os.replace(tmp, path)
+        path = os.fspath(path)
+        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"  # unique: concurrent saves never share one
+        try:
+            with open(tmp, "xb") as f:
+                f.write(head)
+                for p in parts:
+                    f.write(memoryview(p))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], mmap: bool = False, *, verify: bool = True,
@@ -454,7 +495,11 @@ class Index:
         """Read an index written by `save`.
 
         mmap=True maps the rows from the file (copy-on-write, nothing is read until used;
-        `add` then copies them into memory).  verify=True checks the payload CRC-32.
+        `add` then copies them into memory).  The file must then stay as it is while the
+        index is used: truncating it makes the next search die with SIGBUS, rewriting it in
+        place changes results silently (see "Files and memory maps" in the module doc;
+        `save` renames a new file over the path, which is safe).
+        verify=True checks the payload CRC-32.
         Raises IndexFileError on a foreign, truncated or corrupt file.
         """
         device = _parse_device(device)
@@ -481,6 +526,9 @@ class Index:
                 raise IndexFileError(f"{path}: truncated payload")
         if verify and zlib.crc32(memoryview(raw)) != crc:
             raise IndexFileError(f"{path}: checksum mismatch: the payload is corrupt")
+        if dtype == "int8" and dim > INT8_MAX_DIM:
+            raise IndexFileError(f"{path}: an int8 index of dim {dim} (at most {INT8_MAX_DIM} is supported: the "
+                                 f"int8 kernels accumulate in int32)")
         index = cls(dim, dtype=dtype, metric="ip")
         rows = torch.from_numpy(raw[:rows_bytes].view(np_dtype).reshape(count, dim)) if count else index._rows
         if dtype == "int8" and count:

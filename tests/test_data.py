@@ -320,7 +320,13 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, shards, tok):
     junk = str(tmp_path / "junk-000000.tar")
     with open(junk, "wb") as f:
         f.write(b"this is not a tar file at all" * 40)
-    loader = make_loader([bad, trunc, junk], tok, num_workers=2, batch_size=4)
+    # LAION-style samples next to ShapesWorld ones: by default ("auto" -> "require", as the
+    # ShapesWorld shard has ground truth) the LAION ones are skipped as missing ground truth
+    auto = make_loader([bad, trunc, junk], tok, batch_size=4)
+    assert auto.dataset.ground_truth == "require"
+    assert not {"ok1", "ok2"} & {k for b in auto for k in b["key"]}
+    assert auto.stats.totals()["missing_ground_truth"] >= 2
+    loader = make_loader([bad, trunc, junk], tok, num_workers=2, batch_size=4, ground_truth="none")
     batches = list(loader)
     keys = [k for b in batches for k in b["key"]]
     t = loader.stats.totals()

@@ -11,9 +11,18 @@ shuffle buffer -> decode, resize (shorter side) + crop to ``image_size``, normal
 tokenise and batch with padding masks.
 
 Never a crash, never a silent hole: an unreadable shard, a corrupt image, a missing image
-or caption, an empty caption or a bad json is skipped and counted in :class:`ReaderStats`
-(shared across DataLoader workers); :class:`PairLoader` logs the counts at the end of every
-pass and keeps them in ``last_report``.
+or caption, an empty or non-UTF-8 caption, a bad json or missing ground truth is skipped
+and counted by cause in :class:`ReaderStats` (shared across DataLoader workers; read them
+with ``stats.totals()``, ``stats.report()`` or ``stats.as_metrics()``); :class:`PairLoader`
+logs the counts at the end of every pass and keeps them in ``last_report``.
+
+Ground truth (``ground_truth=``): "require" gives every batch the ground-truth fields below
+and skips (counts as ``missing_ground_truth``) samples without them -- e.g. a json-less or
+cut-off sample in ShapesWorld data -- so one damaged shard neither changes the batch format
+nor hides the ground truth of the good ones; "none" never emits them; "auto" (default) is
+"require" when any of the first 4 samples of any of the first 32 local shards has ground
+truth, else "none" (shards that cannot be opened are passed over; remote-only data gets
+"none", with a warning).
 
 Batch format (every consumer depends on it)::
 
@@ -21,7 +30,7 @@ Batch format (every consumer depends on it)::
     input_ids       int64   [B, T]        BOS ... EOS, padded with the pad token
     attention_mask  bool    [B, T]        True on real tokens (specials included)
     key             list[str]             the webdataset __key__ of each sample
-  and, when every sample's json has them (ShapesWorld):
+  and, with ground truth (ShapesWorld; see above), on every batch:
     item_id         int64   [B]
     gt_patch_mask   bool    [B, P]        P = (H / patch_size)^2, row-major patches; True when the
                                           patch holds any pixel of an object both shown and described
@@ -43,8 +52,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_EXTENSIONS", "ReaderStats", "ImageTransform", "expand_urls",
-           "collate_pairs", "gt_patch_mask", "PairDataset", "PairLoader", "make_loader"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_EXTENSIONS", "GROUND_TRUTH_MODES", "ReaderStats", "ImageTransform",
+           "expand_urls", "collate_pairs", "gt_patch_mask", "has_ground_truth", "PairDataset", "PairLoader",
+           "make_loader"]
 
 logger = logging.getLogger("solar.data")
 
@@ -52,6 +62,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt",)
+GROUND_TRUTH_MODES = ("auto", "require", "none")
+_REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")
+_PEEK_SHARDS = 32
 
 
 class ReaderStats:
@@ -64,8 +77,9 @@ class ReaderStats:
     """
 
     FIELDS = ("seen", "yielded", "batches", "read_error", "missing_image", "missing_caption", "corrupt_image",
-              "empty_caption", "bad_json", "gt_mismatch")
-    SKIPS = ("read_error", "missing_image", "missing_caption", "corrupt_image", "empty_caption", "bad_json")
+              "empty_caption", "non_utf8_caption", "bad_json", "missing_ground_truth", "gt_mismatch")
+    SKIPS = ("read_error", "missing_image", "missing_caption", "corrupt_image", "empty_caption", "non_utf8_caption",
+             "bad_json", "missing_ground_truth")
     MAX_WORKERS = 256
 
     def __init__(self):
@@ -102,6 +116,13 @@ class ReaderStats:
         d = dict(zip(self.FIELDS, tot))
         d["skipped"] = sum(d[k] for k in self.SKIPS)
         return d
+
+    def as_metrics(self, prefix: str = "reader/") -> dict:
+        """Flat {prefix + name: count} for a metrics log: ``yielded``, ``skipped`` and every
+        skip reason and ``gt_mismatch`` that is non-zero (cumulative since the last reset)."""
+        t = self.totals()
+        keep = ("yielded", "skipped") + tuple(k for k in self.SKIPS + ("gt_mismatch",) if t[k])
+        return {prefix + k: int(t[k]) for k in keep}
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -185,6 +206,41 @@ def _has_patch_gt(meta) -> bool:
     return isinstance(meta, dict) and "objects" in meta and "mask_grid" in meta and "intersection" in meta
 
 
+def has_ground_truth(meta) -> bool:
+    """True when a sample's json carries ShapesWorld's ground truth: ``item_id``, the patch
+    ground truth (``objects``, ``mask_grid``, ``intersection``) and ``words`` / ``word_flags``."""
+    return _has_patch_gt(meta) and "item_id" in meta and "words" in meta and "word_flags" in meta
+
+
+def _peek_ground_truth(urls) -> tuple[bool, int]:
+    """(does any of the first samples of the first local shards carry ground truth, shards read).
+
+    Reads only the first tar members of each shard (at most 4 json files); a shard that
+    cannot be opened or parsed is passed over, so one damaged shard or sample cannot decide
+    the answer."""
+    import tarfile
+
+    read = 0
+    for u in [u for u in urls if not u.startswith(_REMOTE)][:_PEEK_SHARDS]:
+        try:
+            with tarfile.open(u, "r") as tar:
+                jsons = 0
+                for i, m in enumerate(tar):
+                    if i >= 32 or jsons >= 4:
+                        break
+                    if m.isfile() and m.name.endswith(".json"):
+                        jsons += 1
+                        try:
+                            if has_ground_truth(json.loads(tar.extractfile(m).read())):
+                                return True, read + 1
+                        except (ValueError, UnicodeDecodeError):
+                            continue
+            read += 1
+        except Exception:  # noqa: BLE001 - a damaged shard says nothing about the others
+            continue
+    return False, read
+
+
 def gt_patch_mask(meta: dict, native_size: tuple[int, int], transform: ImageTransform, geom,
                   patch_size: int) -> torch.Tensor:
     """bool [P] patch mask of the objects both shown and described, after the image's geometry.
@@ -230,7 +286,8 @@ def collate_pairs(images, captions, tokenizer, image_size: int = 64, patch_size:
     """Build a batch (format in the module docstring) from PIL images and caption strings.
 
     ``metas``: optional per-sample json dicts; ``item_id`` / ``gt_patch_mask`` /
-    ``gt_token_mask`` are added when every sample has them.  ``keys`` default to "0", "1", ...
+    ``gt_token_mask`` are added when every sample has them (the reader's "require" mode
+    makes sure every sample of every batch does).  ``keys`` default to "0", "1", ...
     ``transform`` defaults to a center-crop :class:`ImageTransform` at ``image_size``.
     """
     n = len(captions)
@@ -345,14 +402,19 @@ class PairDataset(torch.utils.data.IterableDataset):
         crop: "center" or "random"; mean, std: normalisation.
         repeat: iterate epochs forever (train by steps).
         pad_to_max_length: pad every batch to ``max_length`` instead of its longest caption.
+        stats: a :class:`ReaderStats` to count into (default: a new one, ``self.stats``).
+        ground_truth: "auto", "require" or "none" (see the module docstring); the resolved
+            mode is ``self.ground_truth``.
     """
 
     def __init__(self, urls, tokenizer="shapesworld", image_size: int = 64, patch_size: int = 8,
                  max_length: int = 77, batch_size: int = 64, drop_last: bool = False, shuffle_buffer: int = 0,
                  shard_shuffle: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  crop: str = "center", mean=CLIP_MEAN, std=CLIP_STD, repeat: bool = False,
-                 pad_to_max_length: bool = False, stats: ReaderStats | None = None):
+                 pad_to_max_length: bool = False, stats: ReaderStats | None = None, ground_truth: str = "auto"):
         super().__init__()
+        if ground_truth not in GROUND_TRUTH_MODES:
+            raise ValueError(f"ground_truth: expected one of {GROUND_TRUTH_MODES}, got {ground_truth!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if image_size % patch_size:
@@ -372,6 +434,13 @@ class PairDataset(torch.utils.data.IterableDataset):
         self.pad_to_max_length = pad_to_max_length
         self.stats = stats if stats is not None else ReaderStats()
         self.epoch = 0
+        if ground_truth == "auto":
+            found, read = _peek_ground_truth(self.urls)
+            ground_truth = "require" if found else "none"
+            if not read and not found:
+                logger.warning("reader: no local shard could be inspected for ground truth; batches will have no "
+                               "ground-truth fields (pass ground_truth='require' if the shards carry them)")
+        self.ground_truth = ground_truth
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch used to seed shuffles (call before each pass when not repeating)."""
@@ -402,7 +471,8 @@ class PairDataset(torch.utils.data.IterableDataset):
         try:
             caption = sample[cap_key].decode("utf-8").strip()
         except (UnicodeDecodeError, AttributeError):
-            caption = ""
+            self.stats.add("non_utf8_caption")
+            return None
         if not caption:
             self.stats.add("empty_caption")
             return None
@@ -413,6 +483,11 @@ class PairDataset(torch.utils.data.IterableDataset):
             except (ValueError, UnicodeDecodeError):
                 self.stats.add("bad_json")
                 return None
+        if self.ground_truth == "require" and not has_ground_truth(meta):
+            self.stats.add("missing_ground_truth")
+            return None
+        if self.ground_truth == "none":
+            meta = None
         try:
             img = Image.open(io.BytesIO(sample[img_key]))
             img.load()
