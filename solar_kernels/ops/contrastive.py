@@ -66,8 +66,9 @@ if FP32_DOT_PRECISION not in FP32_DOT_PRECISIONS:
     raise ValueError(f"SOLAR_CL_FP32_PRECISION must be one of {FP32_DOT_PRECISIONS}, got {FP32_DOT_PRECISION!r}")
 # The Triton statistics kernel keeps each row's running top-k in registers ([BLOCK_M, KP]
 # values and indices, KP = next power of two >= mine_k).  Up to this bound it compiles without
-# spills for sm_90 with hardness on (tests/aot_harness.py; 32 spilled 8 B); a larger mine_k mines in a second, chunked pass
-# (torch matmul + top-k over row chunks of S: one more N x N x D product, O(chunk x N) memory).
+# spills for sm_90 with hardness on (tests/aot_harness.py; 32 spilled 8 B).  A larger mine_k
+# mines in a second, chunked pass (torch matmul + top-k over row chunks of S: one more
+# N x N x D product, O(chunk x N) memory).
 MAX_KERNEL_MINE_K = 16
 # Backward tiles per launch: programs beyond this loop over further tiles (grid-stride), so
 # any N fits the grid limits (N up to 2^31 rows).
