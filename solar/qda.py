@@ -50,7 +50,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["qda_threshold", "mixture_threshold", "RunningGaussian", "batch_moments"]
+__all__ = ["qda_threshold", "mixture_threshold", "RunningGaussian", "batch_moments", "global_moments"]
 
 
 def qda_threshold(mu1: float, var1: float, mu0: float, var0: float, *, rel_eps: float = 1e-6) -> Tuple[float, str]:
@@ -170,3 +170,20 @@ class RunningGaussian:
         new_mean = (1 - m) * old_mean + m * mean
         new_var = (1 - m) * (old_var + (old_mean - new_mean) ** 2) + m * (var + (mean - new_mean) ** 2)
         self.s[0], self.s[1] = new_mean, max(new_var, self.min_var)
+
+
+@torch.no_grad()
+def global_moments(pairs, group) -> list:
+    """(mean, var) over every rank of `group` of each (values, weights) pair, two passes like
+    `batch_moments` (the per-rank weighted sums are all-reduced in float64)."""
+    import torch.distributed as dist
+    ws = [w.to(torch.float64) for _, w in pairs]
+    vs = [v.detach().to(torch.float64) for v, _ in pairs]
+    first = torch.stack([torch.stack([w.sum(), (w * v).sum()]) for v, w in zip(vs, ws)])
+    dist.all_reduce(first, group=group)
+    cnt = first[:, 0]
+    mean = torch.where(cnt > 0, first[:, 1] / cnt.clamp_min(1e-300), torch.zeros_like(cnt))
+    sq = torch.stack([(w * (v - m) ** 2).sum() for v, w, m in zip(vs, ws, mean)])
+    dist.all_reduce(sq, group=group)
+    var = torch.where(cnt > 0, sq / cnt.clamp_min(1e-300), torch.zeros_like(cnt))
+    return [(float(m), float(s)) for m, s in zip(mean, var)]

@@ -16,7 +16,7 @@ GLOBAL_BATCH = 8
 
 
 def _bank():
-    from solar.trainer import PairBank
+    from solar.data.batches import PairBank
     g = torch.Generator().manual_seed(5)
     n, T = 32, 9
     ids = torch.randint(2, 60, (n, T), generator=g)

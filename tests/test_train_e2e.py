@@ -115,16 +115,16 @@ def test_resume_equals_uninterrupted(full_run, cache, tmp_path, monkeypatch):
         pass
 
     # 1) killed during stage 1 (after its step-2 checkpoint)
-    orig_lr = s1.lr_factor
+    orig_s1 = s1.Stage1Loss.forward
 
-    def lr_boom(step, cfg):
+    def s1_boom(self, batch, step):
         if step == 3:
             raise Boom("stage 1 interrupted")
-        return orig_lr(step, cfg)
-    monkeypatch.setattr(s1, "lr_factor", lr_boom)
+        return orig_s1(self, batch, step)
+    monkeypatch.setattr(s1.Stage1Loss, "forward", s1_boom)
     with pytest.raises(Boom):
         main(_argv(cache, out))
-    monkeypatch.setattr(s1, "lr_factor", orig_lr)
+    monkeypatch.setattr(s1.Stage1Loss, "forward", orig_s1)
     # 2) resumed, then killed during stage 2 (after its step-2 checkpoint)
     orig_fwd = s2.Stage2Loss.forward
 
