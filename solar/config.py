@@ -399,7 +399,7 @@ def _preset_config(name: str) -> TrainConfig:
 # 768-d embedding); its adapter/fusion sizes are our choice (the paper gives only 0.20B total).
 # `tiny` also gives each text token local phrase context (a residual 5-token convolution,
 # ``text_context_window``) and scores s_L per phrase (``text_segment_words``: phrases end at
-# "and" / punctuation); both measured to raise the stage-1 mask IoU (solar/stage1.py docstring).
+# "and" / punctuation); both measured to raise the stage-1 mask IoU (docs/EXPERIMENTS.md).
 # `clip-b16`, stage 1: lower learning rates and distillation from the initial towers;
 # stage 2: img_neutral_ratio off (the low-norm rule was measured on ShapesWorld's flat
 # backgrounds only; pretrained ViTs put a few very high-norm tokens in an image, next to which

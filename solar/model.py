@@ -68,7 +68,7 @@ class LocalContext(nn.Module):
     """Residual local mixing of token states: x + conv(x) over a small window (1-D over text
     positions, or k x k over the square patch grid).
 
-    Why (our choice, measured on ShapesWorld): the tiny towers have no attention layers,
+    Why (our choice, measured on ShapesWorld, docs/EXPERIMENTS.md): the tiny towers have no attention layers,
     because attention trained from scratch copies the whole input into every position and
     the local-to-global similarities stop being local.  Without any context, though, a word
     is a fixed vector: "top" or "red" alone cannot say *which* object it describes, so
@@ -403,7 +403,7 @@ class SolarModel(nn.Module):
 
         ``segments`` [B, T] (from ``text_segments``; None: per token): s_L(t) uses the mean unit
         feature of t's phrase (``local_text_features``), so a phrase is kept or dropped as a whole.
-        Our choice, measured on ShapesWorld (see solar/stage1.py): a word alone ("top", "at")
+        Our choice, measured on ShapesWorld (docs/EXPERIMENTS.md): a word alone ("top", "at")
         often cannot say whether its phrase describes something in the image; its phrase can.
         """
         g_i = self.pool_global(v)

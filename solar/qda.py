@@ -38,7 +38,7 @@ assumption; two moments cannot give three unknowns), the true-pair moments (mu1,
 and tau is the equal-density point of N(mu_I, var0) and N(mu0, var0): mu0 + D / 2.  Measured on
 the tiny ShapesWorld run: the direct ``qda_threshold`` of the (wide) mixture Gaussian sits far
 below the intersection (image masks kept ~3x the true patch count); the decomposed boundary
-kept ~2x fewer patches and raised the held-out image-mask IoU (see solar/stage1.py).
+kept ~2x fewer patches and raised the held-out image-mask IoU (docs/EXPERIMENTS.md).
 
 `RunningGaussian` keeps exponential moving averages of the mean and variance of a stream
 of similarity values (population statistics, stored with the model as buffers).

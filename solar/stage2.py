@@ -22,10 +22,8 @@ every unlabeled (image, caption) pair into views, all encoded by the trained mod
   `img_neutral_ratio` x the largest of their image (flat background: they add almost
   nothing to the global image embedding; they belong to no segment).  Neither is
   intersection nor difference content, and hiding them hands the loss a shortcut: a
-  hard-negative view without background or without "a"/"and" is told apart by that alone.
-  Measured on the validation benchmark (tiny preset, ground-truth masks in place of stage
-  1's, 300 steps): hiding them as differences 25.2 Avg; both neutral 59.9; only the text
-  neutral 32.0; only the background neutral 52.9.  With stage 1's masks: 40.1 -> 57.9.
+  hard-negative view without background or without "a"/"and" is told apart by that alone
+  (measured: docs/EXPERIMENTS.md).
 * Each view masks one side: per pair and per view a fair coin picks the text or the
   image side (the other side when the chosen one has nothing to hide), so one E_VL pass
   encodes one view of every pair.

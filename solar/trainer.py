@@ -10,8 +10,7 @@ A `Phase` is a loss module over a model plus its data and its optimisation setti
   solar_kernels' global-batch losses (every rank holds the global value, its gradient is the
   rank's share), so the loop multiplies by the world size to turn DDP's mean into the sum;
 - precision "bf16": the loss forward under bf16 autocast (CUDA or CPU) and TF32 for fp32
-  matmuls on CUDA; "fp32" leaves everything in fp32.  bf16 needs no loss scaler, so there is
-  none to save;
+  matmuls on CUDA; "fp32" leaves everything in fp32;
 - activation checkpointing of the towers and of E_VL (`SolarModel.set_activation_checkpointing`);
 - gradient accumulation over micro-batches in the GradCache scheme: the loss module splits
   into `embed(batch) -> dict of tensors` and `loss_from(batch, embeddings, step)`; the
@@ -25,8 +24,14 @@ A `Phase` is a loss module over a model plus its data and its optimisation setti
   the end of its interval (and before any checkpoint is written);
 - checkpoints ({out_dir}/ckpt): model, optimizer (with its per-group lr scales), RNG states
   (torch, CUDA, the phase's generators) and the step, written to a temporary name and
-  renamed; with `resume` the loop continues from there with the same batches (data batch s
-  is a pure function of s) and RNG streams as an uninterrupted run.
+  renamed; with `resume` the loop continues from there with the same batches and RNG
+  streams as an uninterrupted run.  The data position is the step: a `PairBank`'s batch s
+  is a pure function of s; a `StreamBatches` re-reads and drops the batches before s.
+  bf16 needs no loss scaler, so there is no scaler state to save.
+
+With micro_batches > 1 the step is not wrapped in DDP (its hooks would all-reduce once per
+micro-batch); the loop broadcasts rank 0's weights at the start and sums the gradients over
+the ranks itself after the last micro-batch.
 """
 from __future__ import annotations
 
@@ -212,6 +217,7 @@ class _Step(nn.Module):
         self._autocast = autocast
 
     def forward(self, batch, step):
+        """(loss, metrics) of the phase's loss on `batch` under the run's autocast."""
         with self._autocast():
             return self._loss_fn(batch, step)
 
@@ -426,10 +432,9 @@ def _allreduce_grads(params, di: DistInfo) -> None:
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
     buckets: dict = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for p in params:   # every rank runs the same graph, so the same parameters have gradients
+        if p.grad is not None:
+            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
     for key in sorted(buckets, key=str):
         grads = buckets[key]
         flat = _flatten_dense_tensors(grads)

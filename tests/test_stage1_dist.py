@@ -33,12 +33,13 @@ class _Half:
         return self.bank.batch(step, GLOBAL_BATCH, 0, 2)
 
 
-def _train(out_dir, di=None, half=False) -> dict:
+def _train(out_dir, di=None, half=False, micro=1) -> dict:
     sys.path.insert(0, os.path.dirname(__file__))
     from test_train_dist import _bank, _model
 
     from solar.distributed import DistInfo
     from solar.stage1 import run_stage1
+    from solar.trainer import LoopOptions
     torch.set_num_threads(1)
     di = di or DistInfo()
     logs = []
@@ -49,7 +50,8 @@ def _train(out_dir, di=None, half=False) -> dict:
                 p.add_(1.0)
     data = _Half(_bank()) if half else _bank()
     run_stage1(model, data, _cfg(), out_dir=out_dir, log=lambda m, **kw: logs.append(m), progress=False,
-               dist_info=di, global_batch=GLOBAL_BATCH // 2 if half else GLOBAL_BATCH)
+               dist_info=di, global_batch=GLOBAL_BATCH // 2 if half else GLOBAL_BATCH,
+               options=LoopOptions(micro_batches=micro, progress=False))
     train = [m for m in logs if "event" not in m]
     keys = ("loss", "loss_gla", "loss_itc", "loss_fusion_itc", "loss_ld", "loss_gd", "tau_v", "tau_l",
             "mu_pos_v", "mu_neg_v", "mu_pos_l", "mu_neg_l")
@@ -66,15 +68,17 @@ def _comparable(name, values):
     return values
 
 
-def _dist_train(di, out_dir):
-    return _train(os.path.join(out_dir, "dist"), di)
+def _dist_train(di, out_dir, micro=1):
+    return _train(os.path.join(out_dir, "dist"), di, micro=micro)
 
 
-def test_stage1_two_process_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("micro", [1, 2])
+def test_stage1_two_process_gloo_matches_single_process(tmp_path, micro):
+    """micro=2: each rank's share in 2 GradCache micro-batches, still one process's numbers."""
     single = _train(str(tmp_path / "single"))
     sys.path.insert(0, os.path.dirname(__file__))
     from dist_harness import run_ranks
-    ranks = run_ranks(_dist_train, tmp_path, str(tmp_path))
+    ranks = run_ranks(_dist_train, tmp_path, str(tmp_path), micro)
     assert len(single["logs"]) == STEPS
     for r in ranks:
         for got, ref in zip(r["logs"], single["logs"]):
@@ -86,6 +90,8 @@ def test_stage1_two_process_gloo_matches_single_process(tmp_path):
     # the masks were in use (rho < 1 after step 0) and training moved the weights
     init = _state(__import__("test_train_dist")._model())
     assert any(init[k] != pytest.approx(v, abs=1e-6) for k, v in single["state"].items())
+    if micro > 1:
+        return
     # each rank saw only half the batch: the global-batch statistics differ from a half batch's
     half = _train(str(tmp_path / "half"), half=True)
     assert half["logs"][0]["mu_neg_v"] != pytest.approx(single["logs"][0]["mu_neg_v"], rel=1e-6)

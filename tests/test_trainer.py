@@ -258,3 +258,18 @@ def test_checkpoint_is_written_to_a_temporary_name_then_renamed(tmp_path, monkey
     meta = load_train_state(os.path.join(out, "ckpt"), model=fresh, optimizer=make_optimizer(
         fresh, OptimSpec(lr=1e-3, warmup=1, weight_decay=0.05, grad_clip=1.0)), generators={})
     assert meta["step"] == 1
+
+
+def test_run_flags_reach_the_loop():
+    from solar.cli import parse_args
+    from solar.train import loop_options
+    cfg = parse_args(["--run.precision", "bf16", "--run.micro_batches", "4", "--run.activation_checkpointing"])
+    o = loop_options(cfg)
+    assert (o.precision, o.micro_batches, o.activation_checkpointing) == ("bf16", 4, True)
+    assert loop_options(parse_args([])) == LoopOptions(progress=True)
+    for bad in (["--run.precision", "fp16"], ["--run.micro_batches", "0"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(bad)
+        assert e.value.code == 2
+    with pytest.raises(ValueError, match="precision: expected 'fp32' or 'bf16', got 'fp8'"):
+        LoopOptions(precision="fp8")
