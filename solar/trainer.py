@@ -47,9 +47,10 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_training_state, save_training_state
 from .distributed import DistInfo, barrier
+from .logging import progress_bar
 
 __all__ = ["OptimSpec", "Phase", "LoopOptions", "train_loop", "lr_at", "make_optimizer", "save_train_state",
-           "load_train_state", "batch_to", "split_batch", "broadcast_params", "CheckpointError"]
+           "load_train_state", "batch_to", "split_batch", "broadcast_params", "clip_order", "CheckpointError"]
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -161,6 +162,18 @@ def make_optimizer(model: nn.Module, spec: OptimSpec, lr_scales: Optional[dict] 
                      "weight_decay": spec.weight_decay if decay else 0.0}
                     for (scale, decay), ps in groups.items()]
     return torch.optim.AdamW(param_groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps)
+
+
+def clip_order(model: nn.Module, opt: torch.optim.Optimizer, lr_scales: Optional[dict] = None) -> list:
+    """The optimizer's parameters in a fixed order: those trained at the base lr (no lr_scales
+    prefix) first, then the prefixed ones, each in model order.  Gradient clipping and the
+    all-reduce use it, so the global gradient norm is summed in the same order as in one
+    process and as before per-group learning rates (the last bits of the norm depend on it)."""
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    prefixes = tuple(lr_scales or ())
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+    return [p for n, p in named if not (prefixes and n.startswith(prefixes))] + \
+        [p for n, p in named if prefixes and n.startswith(prefixes)]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -299,8 +312,6 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
     Checkpoints go to {out_dir}/ckpt (latest, replaced atomically); with `resume` the loop
     continues from there.  `log(row, stage=..., step=...)` receives the interval rows.
     Returns {"step", "loss", "seconds"} (loss: the last interval's mean)."""
-    from .logging import progress_bar
-
     opts = options or LoopOptions()
     name, model, device = phase.name, phase.model, dist_info.device
     if phase.global_batch % dist_info.world:
@@ -336,7 +347,7 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
                       find_unused_parameters=True, broadcast_buffers=False)
     elif dist_info.enabled:
         broadcast_params(model, dist_info)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = clip_order(model, opt, phase.lr_scales)
     scale = float(dist_info.world) if dist_info.enabled else 1.0
     count_flops = opts.count_flops if opts.count_flops is not None else device.type == "cuda"
     flops_per_step = None
