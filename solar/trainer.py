@@ -375,7 +375,8 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
         counter = _flop_counter() if count_flops and flops_per_step is None else nullcontext()
         with counter:
             if opts.micro_batches > 1:
-                loss, metrics = _grad_cache_step(phase.loss, batch, step, opts.micro_batches, autocast, device, scale)
+                # no DDP here: the loop sums the ranks' shares itself (_allreduce_grads), so no scale
+                loss, metrics = _grad_cache_step(phase.loss, batch, step, opts.micro_batches, autocast, device, 1.0)
             else:
                 loss, metrics = wrapped(batch, step)
                 (loss * scale).backward()
