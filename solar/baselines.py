@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 import solar_kernels as sk
 
 from .distributed import DistInfo, get_dist
+from .trainer import LoopOptions, OptimSpec, Phase, train_loop
 
 __all__ = ["clip_sf_embed", "ClipSFLoss", "run_clip_sf", "EMBEDDING_KINDS", "pair_embedding"]
 
@@ -50,25 +52,38 @@ class ClipSFLoss(nn.Module):
         self.temperature = temperature
         self.dist_info = dist_info or get_dist()
 
-    def forward(self, batch: dict, step: int):
-        f_i = self.model.global_image(batch["pixel_values"])
-        f_t = self.model.global_text(batch["input_ids"], batch["attention_mask"])
+    def embed(self, batch: dict) -> dict:
+        """The global image and text embeddings of `batch` (the part a micro-batched step splits)."""
+        return {"f_i": self.model.global_image(batch["pixel_values"]),
+                "f_t": self.model.global_text(batch["input_ids"], batch["attention_mask"])}
+
+    def loss_from(self, batch: dict, emb: dict, step: int):
+        """The symmetric InfoNCE of the embeddings `emb` of `batch` (see `embed`)."""
+        f_i, f_t = emb["f_i"], emb["f_t"]
         loss = sk.contrastive_loss(f_i, f_t, temperature=self.temperature, symmetric=True,
                                    process_group=self.dist_info.group)
         with torch.no_grad():
             pos = (f_i * f_t).sum(-1).mean()
-        return loss, {"pos_sim": float(pos)}
+        return loss, {"pos_sim": pos}
+
+    def forward(self, batch: dict, step: int):
+        """(loss, metrics) of `batch`."""
+        return self.loss_from(batch, self.embed(batch), step)
 
 
 def run_clip_sf(model, data, *, steps: int, global_batch: int, lr: float, temperature: float, out_dir: str,
                 resume: bool = False, log=None, dist_info: Optional[DistInfo] = None, warmup: int = 20,
                 min_lr_ratio: float = 0.1, weight_decay: float = 0.05, grad_clip: float = 1.0,
-                ckpt_every: int = 100, log_every: int = 10, progress: bool = True) -> dict:
+                ckpt_every: int = 100, log_every: int = 10, progress: bool = True, options=None) -> dict:
     """Train the CLIP-SF baseline for `steps` steps of `global_batch` pairs (checkpoints in
-    {out_dir}/ckpt, resumable); returns the loop's summary dict."""
-    from .trainer import train_loop
+    {out_dir}/ckpt, resumable; options: `solar.trainer.LoopOptions`); returns the loop's
+    summary dict."""
     di = dist_info or get_dist()
-    return train_loop(name="clip_sf", model=model, loss_fn=ClipSFLoss(model, temperature, di), data=data,
-                      steps=steps, global_batch=global_batch, lr=lr, warmup=warmup, min_lr_ratio=min_lr_ratio,
-                      weight_decay=weight_decay, grad_clip=grad_clip, out_dir=out_dir, resume=resume, log=log,
-                      dist_info=di, ckpt_every=ckpt_every, log_every=log_every, progress=progress)
+    phase = Phase(name="clip_sf", model=model, loss=ClipSFLoss(model, temperature, di), data=data, steps=steps,
+                  global_batch=global_batch,
+                  optim=OptimSpec(lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
+                                  min_lr_ratio=min_lr_ratio),
+                  ckpt_every=ckpt_every, log_every=log_every)
+    options = options or LoopOptions()
+    options = dataclasses.replace(options, progress=progress and options.progress)
+    return train_loop(phase, out_dir=out_dir, resume=resume, log=log, dist_info=di, options=options)

@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_model", "load_model", "save_training_state", "load_training_state", "CheckpointError"]
+__all__ = ["save_model", "load_model_files", "load_state_strict", "save_training_state", "load_training_state",
+           "CheckpointError"]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -74,28 +75,24 @@ def _read_tensors(path: Path, device) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint: {path} is not a readable safetensors file ({e})") from e
 
 
-def load_model(directory: str | os.PathLike, *, map_location="cpu"):
-    """Rebuild a SolarModel from a directory written by ``save_model``.
-
-    The towers are rebuilt from the recorded configs (the hub is never contacted) and every
-    tensor is loaded strictly: a missing or unexpected key is an error.
-    """
-    from .model import ModelConfig, SolarModel
-
+def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(ModelConfig dict, state dict on the CPU) of a directory written by ``save_model``;
+    CheckpointError for a missing or corrupt one.  ``solar.model.load_model`` builds the model."""
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint: {d} is not a directory")
     meta = _read_json(d / CONFIG_FILE)
     if "solar_model_config" not in meta:
         raise CheckpointError(f"checkpoint: {d / CONFIG_FILE} has no 'solar_model_config' entry")
-    cfg = ModelConfig.from_dict(meta["solar_model_config"])
-    model = SolarModel(cfg, _load_tower_weights=False)
-    state = _read_tensors(d / MODEL_FILE, "cpu")
+    return meta["solar_model_config"], _read_tensors(d / MODEL_FILE, "cpu")
+
+
+def load_state_strict(model, state: dict[str, torch.Tensor], directory) -> None:
+    """Load `state` into `model`; a missing or unexpected key is a CheckpointError naming `directory`."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint: {d / MODEL_FILE} does not match the config: "
+        raise CheckpointError(f"checkpoint: {Path(directory) / MODEL_FILE} does not match the config: "
                               f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    return model.to(map_location)
 
 
 def save_training_state(directory: str | os.PathLike, model, optimizer: Optional[torch.optim.Optimizer],
@@ -142,8 +139,8 @@ def load_training_state(directory: str | os.PathLike, model, optimizer: Optional
     directory, or an optimizer whose parameter groups do not match.
     """
     d = Path(directory)
-    loaded = load_model(d, map_location=model.device)
-    model.load_state_dict(loaded.state_dict())
+    _, state = load_model_files(d)
+    load_state_strict(model, state, d)
     meta = _read_json(d / TRAINER_JSON)
     tensors = _read_tensors(d / TRAINER_TENSORS, "cpu")
     if optimizer is not None:

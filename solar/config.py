@@ -1,135 +1,214 @@
-"""The training configuration: one dataclass tree, named presets, and a CLI built from it.
+"""The training configuration: every config dataclass and one table of named presets.
 
-`TrainConfig` composes the model's `ModelConfig`, stage 1's `Stage1Config`, stage 2's
-`Stage2Config` (defined here) and the data / evaluation / baseline / run settings.
-Every leaf field is settable from the command line, generated from the dataclasses:
-
-    python -m solar.train --preset tiny --stage1.lr 3e-4 --stage2-steps 200 \
-        --data.cache_dir ./.solar_cache --run.out_dir runs/x
-
-Both spellings work for nested fields: ``--stage1.lr`` and ``--stage1-lr``
-(underscores and dashes are interchangeable).  Booleans take ``true/false``
-(``--run.resume`` alone means true); tuples take comma-separated values.
-``--config file.json`` loads a saved config (e.g. a run's ``config.json``) before
-the flags are applied.
-
-Each field is declared with `option(default, help, ...)`: the help is the flag's ``--help``
-line, and its checks (``choices``, bounds ``ge`` / ``gt`` / ``le``) run in the dataclass's
-``__post_init__`` (`check_fields`) and again on the final values after ``--config`` and the
-flags are applied (`validate_config`), so a bad value is a clear error (exit status 2 from
-the CLI), never silently replaced by a default branch.
+`TrainConfig` composes `ModelConfig` (the architecture), `Stage1Config`, `Stage2Config` and
+the data / evaluation / baseline / run settings; `PRESETS` maps a preset name to the values it
+changes in each section, and `get_preset` builds a fresh `TrainConfig` from it.  The CLI that
+maps flags onto these dataclasses is `solar.cli`; the option machinery (`option`, checks,
+dict round trip) is `solar.options`.  This module imports nothing else from solar, so the
+model, the stages and the trainer all import their config from here.
 
 Values the paper does not give (temperatures, schedules, segment counts, ...) are
 our choices; each class's docstring says so.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import functools
-import json
-import os
 import re
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
+
+from .options import (ConfigError, check_fields, config_from_dict, config_to_dict, option, show_choices,
+                      validate_config)
 
 __all__ = [
-    "Stage2Config", "DataConfig", "EvalConfig", "BaselineConfig", "RunConfig", "TrainConfig",
-    "PRESETS", "INDEX_DTYPES", "ConfigError", "option", "check_fields", "validate_config",
-    "get_preset", "build_parser", "parse_args", "config_to_dict", "config_from_dict",
+    "ModelConfig", "Stage1Config", "Stage2Config", "DataConfig", "EvalConfig", "BaselineConfig", "RunConfig",
+    "TrainConfig", "PRESETS", "INDEX_DTYPES", "TEACHERS", "QDA_MODES", "RHO_SCHEDULES", "RUN_STAGES",
+    "PRECISIONS", "ConfigError", "option", "check_fields", "validate_config", "get_preset", "config_to_dict",
+    "config_from_dict",
 ]
 
 INDEX_DTYPES = ("fp32", "fp16", "int8")   # storage dtypes of solar_kernels.Index
 
 
-# --------------------------------------------------------------------------- fields and checks
-
-class ConfigError(ValueError):
-    """A config field holds a bad value.  `owner` is the dataclass (or, from `validate_config`,
-    the section: "stage1"), `name` the field, `detail` what is wrong and what was expected; str(e)
-    reads e.g. "Stage1Config.rho_schedule must be one of 'linear', 'cosine', 'step', got 'cosin'"."""
-
-    def __init__(self, owner: str, name: str, detail: str):
-        super().__init__(f"{owner}.{name} {detail}")
-        self.owner, self.name, self.detail = owner, name, detail
-
-    def __reduce__(self):
-        return type(self), (self.owner, self.name, self.detail)
+def _section_preset(name: str, section: str) -> dict:
+    """The overrides preset `name` gives section `section` (ValueError for an unknown preset)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return dict(PRESETS[name].get(section, {}))
 
 
-def option(default, help: str, *, choices: Optional[tuple] = None, ge=None, gt=None, le=None):
-    """A config dataclass field: its default, a one-line `help` (the CLI's ``--help`` text) and the
-    checks `check_fields` applies: `choices` (the allowed values; for a tuple field, of each
-    element) and the bounds value >= ge, value > gt, value <= le."""
-    meta = {"help": help}
-    for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le)):
-        if v is not None:
-            meta[k] = v
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=functools.partial(copy.copy, default), metadata=meta)
-    return field(default=default, metadata=meta)
+@dataclass
+class ModelConfig:
+    """Everything that fixes the model's architecture (saved as ``config.json``).
+
+    Tower fields (``vision_*``, ``text_*``) are used only when the tower is built from scratch;
+    with ``vision_pretrained`` / ``text_pretrained`` set (a local directory or a hub name such as
+    ``openai/clip-vit-base-patch16``) the tower's own config wins and is recorded in
+    ``vision_tower_config`` / ``text_tower_config`` so that a saved SOLAR checkpoint is rebuilt
+    without touching the hub.
+    """
+
+    preset: str = option("tiny", "the model preset this config was built from")
+    # --- vision tower E_V (CLIPVisionConfig fields) ---
+    image_size: int = option(64, "input image side in pixels")
+    patch_size: int = option(16, "ViT patch side in pixels ((image_size / patch_size)^2 patches)")
+    vision_hidden: int = option(96, "hidden size of a from-scratch vision tower")
+    vision_layers: int = option(0, "transformer layers of a from-scratch vision tower (0: embeddings + norms)")
+    vision_heads: int = option(4, "attention heads of a from-scratch vision tower")
+    vision_mlp: int = option(192, "MLP size of a from-scratch vision tower")
+    vision_pretrained: Optional[str] = option(None, "pretrained CLIP vision tower: local folder or hub name "
+                                                    "(none: from scratch)")
+    # --- text tower E_L (CLIPTextConfig fields) ---
+    vocab_size: int = option(512, "vocabulary size of a from-scratch text tower (set from the tokenizer)")
+    max_text_len: int = option(64, "maximum caption length in tokens")
+    text_hidden: int = option(96, "hidden size of a from-scratch text tower")
+    text_layers: int = option(0, "transformer layers of a from-scratch text tower (0: embeddings + norms)")
+    text_heads: int = option(4, "attention heads of a from-scratch text tower")
+    text_mlp: int = option(192, "MLP size of a from-scratch text tower")
+    bos_token_id: int = option(0, "begin-of-text token id (set from the tokenizer)")
+    eos_token_id: int = option(1, "end-of-text token id (set from the tokenizer)")
+    pad_token_id: int = option(1, "padding token id (set from the tokenizer)")
+    text_pretrained: Optional[str] = option(None, "pretrained CLIP text tower: local folder or hub name "
+                                                  "(none: from scratch)")
+    # CLIP's text tower is causal.  Pretrained CLIP keeps that; the from-scratch `tiny` tower
+    # drops it (our choice): with a causal mask the first words of "a small red circle at top
+    # left" cannot know which object they describe, which caps the text-side mask quality.
+    text_causal: bool = option(False, "causal attention in the text tower (pretrained CLIP: true)")
+    # local phrase context for per-position (layer-free) text towers: a residual 1-D convolution
+    # over this many neighbouring token states (odd; 0 = off) between E_L and A_L.  See
+    # ``LocalContext`` for why (stage-1 text masks need phrase context, not whole-caption context).
+    text_context_window: int = option(0, "odd window of a residual 1-D convolution giving text tokens phrase "
+                                         "context (0: off)")
+    # the same for patches: a residual k x k convolution over the patch grid (odd; 0 = off)
+    vision_context_window: int = option(0, "odd k of a residual k x k convolution over the patch grid (0: off)")
+    # s_L at phrase level: words that end a phrase (conjunctions, punctuation); each token's
+    # local feature is the mean over its phrase (see ``SolarModel.text_segments``).  Empty: per
+    # token.  ``with_tokenizer`` resolves them to ``text_segment_ids`` (single-token words only).
+    text_segment_words: list = option([], "comma-separated words that end a phrase; s_L is scored per phrase "
+                                          "(empty: per token)")
+    text_segment_ids: list = option([], "token ids of text_segment_words (resolved from the tokenizer)")
+    # --- adapters, fusion encoder, head ---
+    width: int = option(96, "shared width W of the adapted tokens and of E_VL")
+    adapter_hidden: int = option(192, "hidden size of the two-layer adapters A_V / A_L")
+    fusion_layers: int = option(3, "attention layers of the fusion encoder E_VL (the paper: 3)")
+    fusion_heads: int = option(4, "attention heads of E_VL (must divide width)")
+    fusion_mlp: int = option(192, "MLP size of E_VL")
+    embed_dim: int = option(96, "E, the size of the pair embedding (the paper: 768)")
+    dropout: float = option(0.0, "dropout rate of the adapters, E_VL and the from-scratch towers' attention")
+    # --- training options ---
+    freeze_vision: bool = option(False, "freeze E_V (no gradients, eval mode)")
+    freeze_text: bool = option(False, "freeze E_L (no gradients, eval mode)")
+    # resolved tower configs (filled in when the towers are built; used by from_pretrained)
+    vision_tower_config: Optional[dict] = option(None, "resolved config of the vision tower (not a flag)")
+    text_tower_config: Optional[dict] = option(None, "resolved config of the text tower (not a flag)")
+
+    @property
+    def num_patches(self) -> int:
+        """P, the number of patch tokens (image_size / patch_size)^2."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a dict (unknown keys raise a ValueError naming them)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; expected a subset of {sorted(names)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides) -> "ModelConfig":
+        """The model section of preset `name` (see ``PRESETS``) with optional field overrides;
+        an unknown preset is a ValueError naming the known ones."""
+        base = _section_preset(name, "model")
+        base.update(overrides)
+        return cls(preset=name, **base)
+
+    def with_tokenizer(self, tokenizer) -> "ModelConfig":
+        """A copy whose vocab size and special-token ids come from a (HF-style) tokenizer."""
+        vocab = len(tokenizer)
+        def tid(name, fallback):
+            v = getattr(tokenizer, name, None)
+            return fallback if v is None else int(v)
+        bos = tid("bos_token_id", self.bos_token_id)
+        eos = tid("eos_token_id", self.eos_token_id)
+        pad = tid("pad_token_id", eos)
+        seg = []
+        for w in self.text_segment_words:
+            ids = tokenizer.encode(w, add_special_tokens=False)
+            if len(ids) == 1:
+                seg.append(int(ids[0]))
+        return dataclasses.replace(self, vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+                                   text_segment_ids=sorted(set(seg)))
 
 
-@functools.lru_cache(maxsize=None)
-def _type_hints(cls) -> dict:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:
-        return {}
 
 
-_TYPE_WORDS = {bool: "a boolean", int: "an int", float: "a number", str: "a string"}
+TEACHERS = ("none", "init")
+QDA_MODES = ("mixture", "direct")
+RHO_SCHEDULES = ("linear", "cosine", "step")
 
 
-def _type_ok(value, hint) -> bool:
-    """Whether `value` fits a field's type hint (only plain bool / int / float / str / tuple / list
-    and Optional of those are checked; anything else passes)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:
-        return value is None or _type_ok(value, args[0])
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if hint in (tuple, list) or typing.get_origin(hint) in (tuple, list):
-        return isinstance(value, (tuple, list))
-    return True
+@dataclass
+class Stage1Config:
+    """Stage 1: learning the intersection masks (SOLAR.md "Stage 1").
+
+    Each field's help (``option``; ``python -m solar.train --help``) says what it means.  The
+    paper gives none of these values: they are our choices (measurements behind them:
+    docs/EXPERIMENTS.md).  ``tower_lr_scale`` is 1.0 from scratch and lower when fine-tuning real
+    CLIP weights; ``teacher="init"`` is meaningful with pretrained towers and is what
+    ``gd_weight`` / ``ld_weight`` need.
+    """
+
+    steps: int = option(600, "optimizer steps of stage 1", ge=1)
+    lr: float = option(3e-3, "AdamW peak learning rate (linear warm-up, cosine decay to 10%)", gt=0)
+    tower_lr_scale: float = option(1.0, "lr multiplier for the towers E_V / E_L", ge=0)
+    weight_decay: float = option(0.05, "AdamW weight decay", ge=0)
+    warmup_steps: int = option(50, "linear warm-up steps", ge=0)
+    grad_clip: float = option(1.0, "max global gradient norm (0 disables clipping)", ge=0)
+    temperature: float = option(0.07, "InfoNCE temperature of both masked ITC losses", gt=0)
+    gla_margin: float = option(0.2, "delta, the margin of the GLA hinge")
+    gla_weight: float = option(1.0, "lambda1, weight of L_GLA", ge=0)
+    itc_weight: float = option(1.0, "weight of the pooled masked ITC", ge=0)
+    fusion_itc_weight: float = option(1.0, "weight of the masked ITC through E_VL (0 leaves E_VL untrained)", ge=0)
+    gd_weight: float = option(0.0, "lambda2, weight of the global distillation L_GD (needs teacher init)", ge=0)
+    ld_weight: float = option(0.0, "lambda3, weight of the local distillation L_LD (needs teacher init)", ge=0)
+    teacher: str = option("none", "distillation teacher: none, or init (frozen copies of the towers as stage 1 "
+                                  "starts)", choices=TEACHERS)
+    qda_momentum: float = option(0.05, "EMA momentum of the QDA Gaussian statistics", gt=0, le=1)
+    qda_mode: str = option("mixture", "QDA threshold: mixture (intersection component of the true-pair "
+                                      "similarities vs negatives) or direct (whole true-pair Gaussian vs "
+                                      "negatives)", choices=QDA_MODES)
+    rho_schedule: str = option("linear", "how rho of the evolutionary mask goes 1 -> 0", choices=RHO_SCHEDULES)
+    rho_hold_frac: float = option(0.3, "rho stays 1 for this fraction of the steps", ge=0, le=1)
+    rho_end_frac: float = option(1.0, "rho reaches 0 at this fraction of the steps and stays there", ge=0, le=1)
+    log_every: int = option(20, "steps between metric dicts passed to `log`", ge=1)
+    eval_every: int = option(200, "steps between mask-IoU evaluations (0: only at the end)", ge=0)
+    eval_batches: int = option(8, "batches per mask-IoU evaluation (0: all)", ge=0)
+    ckpt_every: int = option(200, "steps between checkpoints in out_dir/stage1_ckpt (0: only at the end)", ge=0)
+    seed: int = option(0, "seed of the torch RNG used in stage 1")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Stage1Config":
+        """The stage-1 section of preset `name` (see ``PRESETS``) with optional field overrides;
+        an unknown preset is a ValueError naming the known ones."""
+        return cls(**{**_section_preset(name, "stage1"), **overrides})
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.rho_hold_frac <= self.rho_end_frac:
+            raise ConfigError(type(self).__name__, "rho_hold_frac", f"must be <= rho_end_frac ({self.rho_end_frac}), "
+                              f"got {self.rho_hold_frac}")
+        for name in ("gd_weight", "ld_weight"):
+            if getattr(self, name) and self.teacher == "none":
+                raise ConfigError(type(self).__name__, name, f"needs teacher 'init' (distillation from the initial "
+                                  f"towers), got {getattr(self, name)} with teacher 'none'")
 
 
-def _show_choices(choices) -> str:
-    return ", ".join(repr(c) for c in choices)
-
-
-def check_fields(cfg) -> None:
-    """ConfigError for the first field of dataclass `cfg` whose value has the wrong type or breaks
-    its `option` checks (choices, bounds).  Config classes call it from ``__post_init__``."""
-    owner = type(cfg).__name__
-    hints = _type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        hint = hints.get(f.name)
-        if hint is not None and not _type_ok(v, hint):
-            what = _TYPE_WORDS.get(hint, "a list" if hint in (tuple, list) else str(hint))
-            raise ConfigError(owner, f.name, f"must be {what}, got {v!r}")
-        m = f.metadata
-        if "choices" in m:
-            for x in (v if isinstance(v, (tuple, list)) else (v,)):
-                if x not in m["choices"]:
-                    raise ConfigError(owner, f.name, f"must be one of {_show_choices(m['choices'])}, got {x!r}")
-        if v is None or not isinstance(v, (int, float)):
-            continue
-        ok = (("ge" not in m or v >= m["ge"]) and ("gt" not in m or v > m["gt"])
-              and ("le" not in m or v <= m["le"]))
-        if not ok:
-            lo = f">= {m['ge']}" if "ge" in m else f"> {m['gt']}" if "gt" in m else ""
-            hi = f"<= {m['le']}" if "le" in m else ""
-            raise ConfigError(owner, f.name, f"must be {' and '.join(b for b in (lo, hi) if b)}, got {v!r}")
 
 
 @dataclass
@@ -150,19 +229,8 @@ class Stage2Config:
     hard negatives and offline-mined nearest neighbours (re-mined every `refresh_every`
     steps).  Numeric values are our choices (the paper gives none).
 
-    Choose values on the validation benchmark (data.val_bench), never on the test one.
-    Measured there (tiny preset, one fixed stage-1 model, 300 steps, val Avg; 200 triplets,
-    so about +-3.5 points of noise: one setting gave 62.0 and 55.3 with run.seed 0 and 1):
-    neutral positions off (the paper's views taken literally) 40.1; on, with n_segments
-    4: 57.9, 6: 55.3, 8: 62.0 / 55.3 (seeds 0 / 1), 16: 59.2; CLIP-SF 53.3, stage 1 only
-    39.3.  n_segments = 8 leaves room for one segment per object once the background
-    is out (ShapesWorld shows at most 5 objects); the differences between segment counts
-    are inside the noise.  Peak lr over three stage-1 models (run.seed 0 / 1 / 2; stage 1
-    only: 39.3 / 53.1 / 60.3): lr 1e-3 62.0 / 59.3 / 59.3 (mean 60.2), lr 3e-4 60.0 / 63.1 /
-    61.8 (mean 61.6): 3e-4, which also keeps more of a strong stage-1 model (seed 2).
-    Earlier ablations (before neutral positions, defaults 37.6):
-    no hard views 29.9, no mining 34.1, eta 0.1 35.2, lr 3e-3 34.0, lr 3e-4 36.8, random
-    init 29.6, hardness 0 31.5, positive drop 0.5 32.5.
+    Choose values on the validation benchmark (data.val_bench), never on the test one; the
+    measurements behind the defaults are in docs/EXPERIMENTS.md.
     """
 
     steps: int = option(300, "optimizer steps of stage 2", ge=1)
@@ -245,7 +313,7 @@ class EvalConfig:
         check_fields(self)
         if not self.index_dtypes:
             raise ConfigError(type(self).__name__, "index_dtypes", f"must name at least one of "
-                              f"{_show_choices(INDEX_DTYPES)}, got none")
+                              f"{show_choices(INDEX_DTYPES)}, got none")
 
 
 @dataclass
@@ -263,6 +331,7 @@ class BaselineConfig:
 
 
 RUN_STAGES = ("1", "2", "all")
+PRECISIONS = ("fp32", "bf16")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -282,6 +351,13 @@ class RunConfig:
     deterministic: bool = option(True, "torch.use_deterministic_algorithms (warn only) and fixed seeds")
     progress: bool = option(True, "tqdm progress bars (rank 0)")
     stage1_ckpt: str = option("", "stage 2 only: start from this stage-1 model folder; empty = out_dir's")
+    # loop features every phase gets (solar.trainer)
+    precision: str = option("fp32", "fp32, or bf16: bf16 autocast of the forward passes (and TF32 for fp32 "
+                                    "matmuls on CUDA)", choices=PRECISIONS)
+    activation_checkpointing: bool = option(False, "recompute the towers' and E_VL's activations in the backward "
+                                                   "pass instead of keeping them")
+    micro_batches: int = option(1, "split each global batch into this many micro-batches (GradCache: the "
+                                   "contrastive losses stay over the whole batch)", ge=1)
 
     def __post_init__(self):
         check_fields(self)
@@ -290,31 +366,13 @@ class RunConfig:
                               f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 
-def _model_config_cls():
-    from .model import ModelConfig
-    return ModelConfig
-
-
-def _stage1_config_cls():
-    from .stage1 import Stage1Config
-    return Stage1Config
-
-
-def _default_model():
-    return _model_config_cls()()
-
-
-def _default_stage1():
-    return _stage1_config_cls()()
-
-
 @dataclass
 class TrainConfig:
     """Everything `python -m solar.train` needs. `preset` records which preset it came from."""
 
     preset: str = option("tiny", "the named preset this config started from (--preset)")
-    model: Any = field(default_factory=_default_model)
-    stage1: Any = field(default_factory=_default_stage1)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -322,300 +380,54 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# --------------------------------------------------------------------------- presets
-
-def _model_preset(name: str):
-    return _model_config_cls().preset_config(name)
-
-
-def _stage1_preset(name: str):
-    Stage1Config = _stage1_config_cls()
-    for attr in ("preset", "from_preset"):
-        fn = getattr(Stage1Config, attr, None)
-        if callable(fn):
-            try:
-                return fn(name)
-            except (KeyError, ValueError):
-                break
-    return Stage1Config()
+def _preset_config(name: str) -> TrainConfig:
+    return TrainConfig(preset=name, model=ModelConfig.preset_config(name), stage1=Stage1Config.preset(name),
+                       stage2=Stage2Config(**_section_preset(name, "stage2")),
+                       data=DataConfig(**_section_preset(name, "data")), eval=EvalConfig(**_section_preset(name, "eval")),
+                       baseline=BaselineConfig(**_section_preset(name, "baseline")),
+                       run=RunConfig(**_section_preset(name, "run")))
 
 
-def _tiny() -> TrainConfig:
-    return TrainConfig(preset="tiny", model=_model_preset("tiny"), stage1=_stage1_preset("tiny"))
-
-
-def _clip_b16() -> TrainConfig:
-    """SOLAR-C shape: CLIP ViT-B/16 towers (real weights from a local path or the hub
-    cache), 768-d embeddings, real webdataset shards given with --data.train_shards."""
-    cfg = TrainConfig(preset="clip-b16", model=_model_preset("clip-b16"), stage1=_stage1_preset("clip-b16"))
-    # img_neutral_ratio off: the low-norm rule was measured on ShapesWorld's flat backgrounds
-    # only, and pretrained ViTs put a few very high-norm tokens in an image, next to which
-    # most patches would count as neutral; function words (text_neutral_df) stay neutral
-    cfg.stage2 = Stage2Config(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
-                              mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10,
-                              img_neutral_ratio=0.0)
-    cfg.data = DataConfig(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
-                          in_memory=False)
-    cfg.eval = EvalConfig(batch_size=512)
-    cfg.run = RunConfig(out_dir="runs/solar-clip-b16", ckpt_every=1000, log_every=50)
-    return cfg
-
-
-PRESETS = {"tiny": _tiny, "clip-b16": _clip_b16}
+# Named presets.  `tiny`: CPU-sized, trained from scratch on ShapesWorld: 64x64 images with
+# 16x16 patches (16 patches, one per cell of ShapesWorld's 4x4 board).  Its CLIP towers have
+# no transformer layers (embeddings + layer norms: per-position token encoders); all mixing
+# across positions happens in E_VL.  Our choice, from measurements: towers trained from
+# scratch with attention learn to copy the whole image / caption into every position (that
+# maximises the mean-pooled local-to-global similarity), so s_V / s_L stop being local and
+# the stage-1 masks fall below the random baseline; per-position towers keep them local.
+# Pretrained towers (clip-b16) keep their layers.  `clip-b16`: the paper's SOLAR-C shape (CLIP ViT-B/16 towers,
+# 768-d embedding); its adapter/fusion sizes are our choice (the paper gives only 0.20B total).
+# `tiny` also gives each text token local phrase context (a residual 5-token convolution,
+# ``text_context_window``) and scores s_L per phrase (``text_segment_words``: phrases end at
+# "and" / punctuation); both measured to raise the stage-1 mask IoU (docs/EXPERIMENTS.md).
+# `clip-b16`, stage 1: lower learning rates and distillation from the initial towers;
+# stage 2: img_neutral_ratio off (the low-norm rule was measured on ShapesWorld's flat
+# backgrounds only; pretrained ViTs put a few very high-norm tokens in an image, next to which
+# most patches would count as neutral); function words (text_neutral_df) stay neutral.
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "model": dict(text_context_window=5, text_segment_words=["and", ",", ".", ";"]),
+    },
+    "clip-b16": {
+        "model": dict(image_size=224, patch_size=16, max_text_len=77,
+                      vision_pretrained="openai/clip-vit-base-patch16", text_pretrained="openai/clip-vit-base-patch16",
+                      vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                      text_causal=True, width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12,
+                      fusion_mlp=3072, embed_dim=768),
+        "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=0.1, warmup_steps=200, temperature=0.05,
+                       teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
+        "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
+                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0),
+        "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
+                     in_memory=False),
+        "eval": dict(batch_size=512),
+        "run": dict(out_dir="runs/solar-clip-b16", ckpt_every=1000, log_every=50, precision="bf16"),
+    },
+}
 
 
 def get_preset(name: str) -> TrainConfig:
-    """Return a fresh TrainConfig for preset `name` ("tiny" or "clip-b16")."""
+    """A fresh TrainConfig for preset `name` (a key of PRESETS); an unknown name is a ValueError."""
     if name not in PRESETS:
         raise ValueError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    return PRESETS[name]()
-
-
-# --------------------------------------------------------------------------- dict round trip
-
-def config_to_dict(cfg) -> dict:
-    """A json-able dict of a (nested) config dataclass."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = config_to_dict(v)
-        elif isinstance(v, tuple):
-            out[f.name] = list(v)
-        else:
-            out[f.name] = v
-    return out
-
-
-def config_from_dict(cfg, d: dict, *, strict: bool = True, validate: bool = True, _prefix: str = ""):
-    """Update dataclass `cfg` in place from a nested dict (as written by config_to_dict).
-
-    Unknown keys raise a ValueError naming them (unless strict=False).  validate: re-run every
-    check on the result (`validate_config`; ConfigError on a bad value); pass False when more
-    values are still to come (the CLI validates after the flags)."""
-    names = {f.name: f for f in dataclasses.fields(cfg)}
-    for k, v in d.items():
-        if k not in names:
-            if strict:
-                raise ValueError(f"config: unknown field {_prefix + k!r}; known: {sorted(names)}")
-            continue
-        cur = getattr(cfg, k)
-        if dataclasses.is_dataclass(cur):
-            if not isinstance(v, dict):
-                raise ValueError(f"config: {_prefix + k!r} is a section and needs a dict, got {v!r}")
-            config_from_dict(cur, v, strict=strict, validate=False, _prefix=_prefix + k + ".")
-        elif isinstance(cur, tuple) and isinstance(v, list):
-            setattr(cfg, k, tuple(v))
-        else:
-            setattr(cfg, k, v)
-    if validate and not _prefix:
-        validate_config(cfg)
-    return cfg
-
-
-def validate_config(cfg, _prefix: str = ""):
-    """Re-run the checks (``__post_init__``) of dataclass `cfg` and of every sub-config on their
-    current values, e.g. after `config_from_dict` or setattr.  A ConfigError names the dotted
-    field: owner "stage1", name "rho_schedule".  Returns `cfg`."""
-    for f in dataclasses.fields(cfg):
-        sub = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(sub):
-            validate_config(sub, _prefix + f.name + ".")
-    post = getattr(cfg, "__post_init__", None)
-    if post is not None:
-        try:
-            post()
-        except ConfigError as e:
-            if not _prefix:
-                raise
-            raise ConfigError(_prefix[:-1], e.name, e.detail) from None
-    return cfg
-
-
-# --------------------------------------------------------------------------- CLI
-
-USAGE = "%(prog)s [-h] [--preset NAME] [--config FILE] [--SECTION.FIELD VALUE ...]"
-DESCRIPTION = """Train SOLAR (stage 1, stage 2, baselines, evaluation).  Every config field is a flag;
-both spellings work: --stage1.lr and --stage1-lr.  Booleans take true/false (alone: true),
-tuples take comma-separated values.  Defaults shown are those of the chosen --preset / --config."""
-
-
-def _leaf_fields(cfg, prefix=""):
-    """Yield (dotted_name, owner, field, current_value, type hint) for every leaf field."""
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            yield from _leaf_fields(v, prefix + f.name + ".")
-        else:
-            yield prefix + f.name, cfg, f, v, _type_hints(type(cfg)).get(f.name)
-
-
-def _parse_bool(s: str) -> bool:
-    t = str(s).strip().lower()
-    if t in ("1", "true", "yes", "y", "on"):
-        return True
-    if t in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {s!r}")
-
-
-def _converter(name: str, value, hint):
-    """A function str -> value of the field's type (taken from its type hint or default)."""
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin is typing.Union and len(args) == 1:   # Optional[X]
-        inner = _converter(name, None, args[0])
-        return lambda s: None if s.lower() in ("none", "null", "") else inner(s)
-    if hint is bool or isinstance(value, bool):
-        return _parse_bool
-    if hint is int or (hint is None and isinstance(value, int)):
-        return int
-    if hint is float or (hint is None and isinstance(value, float)):
-        return float
-    if origin in (tuple, list) or isinstance(value, (tuple, list)) or hint in (tuple, list):
-        elems = list(value) if isinstance(value, (tuple, list)) else []
-        ctor = tuple if (origin is tuple or isinstance(value, tuple) or hint is tuple) else list
-        et = type(elems[0]) if elems else str
-        eargs = typing.get_args(hint)
-        if eargs and eargs[0] in (int, float, str):
-            et = eargs[0]
-
-        def conv(s, et=et, ctor=ctor):
-            parts = [p for p in s.split(",") if p.strip()] if s.strip() else []
-            return ctor(et(p.strip()) for p in parts)
-        return conv
-    return str
-
-
-def _show_default(value) -> str:
-    """A default as it would be typed on the command line."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ",".join(str(x) for x in value) or "''"
-    if value is None:
-        return "none"
-    return str(value) if value != "" else "''"
-
-
-def _metavar(conv, value, hint) -> str:
-    if conv is _parse_bool:
-        return "BOOL"
-    if conv is int:
-        return "INT"
-    if conv is float:
-        return "FLOAT"
-    if isinstance(value, (tuple, list)) or typing.get_origin(hint) in (tuple, list) or hint in (tuple, list):
-        return "A,B,..."
-    return "STR"
-
-
-def _flag_help(f, value) -> str:
-    """The --help line of a config field: its meaning, allowed values, default (argparse-escaped)."""
-    text = f.metadata.get("help") or f.name.replace("_", " ")
-    if "choices" in f.metadata:
-        text += f"; one of: {', '.join(str(c) for c in f.metadata['choices'])}"
-    return f"{text} (default: {_show_default(value)})".replace("%", "%%")
-
-
-def build_parser(cfg: Optional[TrainConfig] = None, prog: str = "python -m solar.train") -> argparse.ArgumentParser:
-    """An argparse parser with one option per leaf field of `cfg` (both --a.b and --a-b spellings;
-    --help lists the --a.b one, with the field's help text and `cfg`'s value as the default)."""
-    cfg = cfg if cfg is not None else get_preset("tiny")
-    p = argparse.ArgumentParser(prog=prog, usage=USAGE, description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=cfg.preset, choices=sorted(PRESETS), metavar="NAME",
-                   help=f"named configuration to start from; one of: {', '.join(sorted(PRESETS))} "
-                        f"(default: {cfg.preset})")
-    p.add_argument("--config", default="", metavar="FILE",
-                   help="json file with (part of) a config, e.g. a run's config.json; applied before the flags")
-    # shortcuts used by the docs and tests
-    p.add_argument("--resume", dest="run.resume", nargs="?", const=True, type=_parse_bool, default=argparse.SUPPRESS,
-                   metavar="BOOL", help="same as --run.resume")
-    p.add_argument("--stage", dest="run.stage", choices=list(RUN_STAGES), default=argparse.SUPPRESS,
-                   help="same as --run.stage")
-    p.add_argument("--out", dest="run.out_dir", default=argparse.SUPPRESS, metavar="DIR", help="same as --run.out_dir")
-    p.add_argument("--seed", dest="run.seed", type=int, default=argparse.SUPPRESS, metavar="INT",
-                   help="same as --run.seed")
-    groups = {}
-    for name, owner, f, value, hint in _leaf_fields(cfg):
-        if name == "preset" or isinstance(value, dict) or dict in typing.get_args(hint) or hint is dict:
-            continue   # resolved sub-configs (e.g. model.vision_tower_config) are not flags
-        section = name.split(".", 1)[0]
-        if section not in groups:
-            doc = (type(owner).__doc__ or "").strip().split("\n")[0]
-            groups[section] = p.add_argument_group(f"--{section}.*", doc.replace("%", "%%"))
-        g = groups[section]
-        conv = _converter(name, value, hint)
-        kw = dict(dest=name, default=argparse.SUPPRESS, type=conv)
-        if conv is _parse_bool:
-            kw["nargs"] = "?"
-            kw["const"] = True
-        g.add_argument("--" + name, metavar=_metavar(conv, value, hint), help=_flag_help(f, value), **kw)
-        # the other spellings: same option, not repeated in --help
-        aliases = []
-        for alias in ("--" + name.replace(".", "-").replace("_", "-"), "--" + name.replace(".", "_")):
-            if alias != "--" + name and alias not in aliases:
-                aliases.append(alias)
-        if aliases:
-            g.add_argument(*aliases, help=argparse.SUPPRESS, **kw)
-    return p
-
-
-def _set_dotted(cfg, name: str, value):
-    obj = cfg
-    parts = name.split(".")
-    for part in parts[:-1]:
-        obj = getattr(obj, part)
-    setattr(obj, parts[-1], value)
-
-
-def _dotted_keys(d: dict, prefix: str = "") -> set:
-    out = set()
-    for k, v in d.items():
-        out |= _dotted_keys(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k}
-    return out
-
-
-def parse_args(argv=None, prog: str = "python -m solar.train") -> TrainConfig:
-    """Build a TrainConfig from command-line arguments (preset, then --config json, then flags),
-    then check every value (`validate_config`).  Bad input exits with status 2 and an
-    argparse-style one-line error naming the flag (or the --config file and field)."""
-    pre = argparse.ArgumentParser(prog=prog, usage=USAGE, add_help=False)
-    pre.add_argument("--preset", default="tiny")
-    pre.add_argument("--config", default="")
-    known, _ = pre.parse_known_args(argv)
-    if known.preset not in PRESETS:
-        pre.error(f"--preset: unknown preset {known.preset!r}; expected one of {', '.join(sorted(PRESETS))}")
-    cfg = get_preset(known.preset)
-    from_json: set = set()
-    if known.config:
-        if not os.path.isfile(known.config):
-            pre.error(f"--config: no such file {known.config!r}")
-        with open(known.config) as fh:
-            try:
-                d = json.load(fh)
-            except json.JSONDecodeError as e:
-                pre.error(f"--config: {known.config!r} is not valid json ({e})")
-        if not isinstance(d, dict):
-            pre.error(f"--config: {known.config!r} must hold a json object (a dict of sections), "
-                      f"got {type(d).__name__}")
-        d.pop("preset", None)
-        try:
-            config_from_dict(cfg, d, validate=False)
-        except ValueError as e:
-            pre.error(f"--config {known.config}: {str(e).removeprefix('config: ')}")
-        from_json = _dotted_keys(d)
-    parser = build_parser(cfg, prog=prog)
-    ns = parser.parse_args(argv)
-    flags = {k: v for k, v in vars(ns).items() if k not in ("preset", "config")}
-    for k, v in flags.items():
-        _set_dotted(cfg, k, v)
-    cfg.preset = known.preset
-    try:
-        validate_config(cfg)
-    except ConfigError as e:
-        dotted = f"{e.owner}.{e.name}"
-        where = f"--config {known.config}: {dotted}" if dotted in from_json and dotted not in flags else f"--{dotted}"
-        parser.error(f"{where} {e.detail}")
-    return cfg
+    return _preset_config(name)

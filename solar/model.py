@@ -27,158 +27,26 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import solar_kernels as sk
 
-from .config import option
+from .checkpoint import load_model_files, load_state_strict, save_model
+from .config import ModelConfig
 
-__all__ = ["ModelConfig", "SolarModel", "PRESETS", "hub_offline"]
+__all__ = ["ModelConfig", "SolarModel", "hub_offline", "load_model"]
 
 
 def hub_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` asks for local files only."""
     return any(os.environ.get(v, "0").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-@dataclass
-class ModelConfig:
-    """Everything that fixes the model's architecture (saved as ``config.json``).
-
-    Tower fields (``vision_*``, ``text_*``) are used only when the tower is built from scratch;
-    with ``vision_pretrained`` / ``text_pretrained`` set (a local directory or a hub name such as
-    ``openai/clip-vit-base-patch16``) the tower's own config wins and is recorded in
-    ``vision_tower_config`` / ``text_tower_config`` so that a saved SOLAR checkpoint is rebuilt
-    without touching the hub.
-    """
-
-    preset: str = option("tiny", "the model preset this config was built from")
-    # --- vision tower E_V (CLIPVisionConfig fields) ---
-    image_size: int = option(64, "input image side in pixels")
-    patch_size: int = option(16, "ViT patch side in pixels ((image_size / patch_size)^2 patches)")
-    vision_hidden: int = option(96, "hidden size of a from-scratch vision tower")
-    vision_layers: int = option(0, "transformer layers of a from-scratch vision tower (0: embeddings + norms)")
-    vision_heads: int = option(4, "attention heads of a from-scratch vision tower")
-    vision_mlp: int = option(192, "MLP size of a from-scratch vision tower")
-    vision_pretrained: Optional[str] = option(None, "pretrained CLIP vision tower: local folder or hub name "
-                                                    "(none: from scratch)")
-    # --- text tower E_L (CLIPTextConfig fields) ---
-    vocab_size: int = option(512, "vocabulary size of a from-scratch text tower (set from the tokenizer)")
-    max_text_len: int = option(64, "maximum caption length in tokens")
-    text_hidden: int = option(96, "hidden size of a from-scratch text tower")
-    text_layers: int = option(0, "transformer layers of a from-scratch text tower (0: embeddings + norms)")
-    text_heads: int = option(4, "attention heads of a from-scratch text tower")
-    text_mlp: int = option(192, "MLP size of a from-scratch text tower")
-    bos_token_id: int = option(0, "begin-of-text token id (set from the tokenizer)")
-    eos_token_id: int = option(1, "end-of-text token id (set from the tokenizer)")
-    pad_token_id: int = option(1, "padding token id (set from the tokenizer)")
-    text_pretrained: Optional[str] = option(None, "pretrained CLIP text tower: local folder or hub name "
-                                                  "(none: from scratch)")
-    # CLIP's text tower is causal.  Pretrained CLIP keeps that; the from-scratch `tiny` tower
-    # drops it (our choice): with a causal mask the first words of "a small red circle at top
-    # left" cannot know which object they describe, which caps the text-side mask quality.
-    text_causal: bool = option(False, "causal attention in the text tower (pretrained CLIP: true)")
-    # local phrase context for per-position (layer-free) text towers: a residual 1-D convolution
-    # over this many neighbouring token states (odd; 0 = off) between E_L and A_L.  See
-    # ``LocalContext`` for why (stage-1 text masks need phrase context, not whole-caption context).
-    text_context_window: int = option(0, "odd window of a residual 1-D convolution giving text tokens phrase "
-                                         "context (0: off)")
-    # the same for patches: a residual k x k convolution over the patch grid (odd; 0 = off)
-    vision_context_window: int = option(0, "odd k of a residual k x k convolution over the patch grid (0: off)")
-    # s_L at phrase level: words that end a phrase (conjunctions, punctuation); each token's
-    # local feature is the mean over its phrase (see ``SolarModel.text_segments``).  Empty: per
-    # token.  ``with_tokenizer`` resolves them to ``text_segment_ids`` (single-token words only).
-    text_segment_words: list = option([], "comma-separated words that end a phrase; s_L is scored per phrase "
-                                          "(empty: per token)")
-    text_segment_ids: list = option([], "token ids of text_segment_words (resolved from the tokenizer)")
-    # --- adapters, fusion encoder, head ---
-    width: int = option(96, "shared width W of the adapted tokens and of E_VL")
-    adapter_hidden: int = option(192, "hidden size of the two-layer adapters A_V / A_L")
-    fusion_layers: int = option(3, "attention layers of the fusion encoder E_VL (the paper: 3)")
-    fusion_heads: int = option(4, "attention heads of E_VL (must divide width)")
-    fusion_mlp: int = option(192, "MLP size of E_VL")
-    embed_dim: int = option(96, "E, the size of the pair embedding (the paper: 768)")
-    dropout: float = option(0.0, "dropout rate of the adapters, E_VL and the from-scratch towers' attention")
-    # --- training options ---
-    freeze_vision: bool = option(False, "freeze E_V (no gradients, eval mode)")
-    freeze_text: bool = option(False, "freeze E_L (no gradients, eval mode)")
-    # resolved tower configs (filled in when the towers are built; used by from_pretrained)
-    vision_tower_config: Optional[dict] = option(None, "resolved config of the vision tower (not a flag)")
-    text_tower_config: Optional[dict] = option(None, "resolved config of the text tower (not a flag)")
-
-    @property
-    def num_patches(self) -> int:
-        """P, the number of patch tokens (image_size / patch_size)^2."""
-        return (self.image_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict:
-        """A JSON-serialisable dict of every field."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a dict (unknown keys raise a ValueError naming them)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; expected a subset of {sorted(names)}")
-        return cls(**dict(d))
-
-    @classmethod
-    def preset_config(cls, name: str, **overrides) -> "ModelConfig":
-        """A named preset (see ``PRESETS``) with optional field overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
-        base = dict(PRESETS[name])
-        base.update(overrides)
-        return cls(preset=name, **base)
-
-    def with_tokenizer(self, tokenizer) -> "ModelConfig":
-        """A copy whose vocab size and special-token ids come from a (HF-style) tokenizer."""
-        vocab = len(tokenizer)
-        def tid(name, fallback):
-            v = getattr(tokenizer, name, None)
-            return fallback if v is None else int(v)
-        bos = tid("bos_token_id", self.bos_token_id)
-        eos = tid("eos_token_id", self.eos_token_id)
-        pad = tid("pad_token_id", eos)
-        seg = []
-        for w in self.text_segment_words:
-            ids = tokenizer.encode(w, add_special_tokens=False)
-            if len(ids) == 1:
-                seg.append(int(ids[0]))
-        return dataclasses.replace(self, vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
-                                   text_segment_ids=sorted(set(seg)))
-
-
-# Named presets.  `tiny`: CPU-sized, trained from scratch on ShapesWorld: 64x64 images with
-# 16x16 patches (16 patches, one per cell of ShapesWorld's 4x4 board).  Its CLIP towers have
-# no transformer layers (embeddings + layer norms: per-position token encoders); all mixing
-# across positions happens in E_VL.  Our choice, from measurements: towers trained from
-# scratch with attention learn to copy the whole image / caption into every position (that
-# maximises the mean-pooled local-to-global similarity), so s_V / s_L stop being local and
-# the stage-1 masks fall below the random baseline; per-position towers keep them local.
-# Pretrained towers (clip-b16) keep their layers.  `clip-b16`: the paper's SOLAR-C shape (CLIP ViT-B/16 towers,
-# 768-d embedding); its adapter/fusion sizes are our choice (the paper gives only 0.20B total).
-# `tiny` also gives each text token local phrase context (a residual 5-token convolution,
-# ``text_context_window``) and scores s_L per phrase (``text_segment_words``: phrases end at
-# "and" / punctuation); both measured to raise the stage-1 mask IoU (solar/stage1.py docstring).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(text_context_window=5, text_segment_words=["and", ",", ".", ";"]),
-    "clip-b16": dict(
-        image_size=224, patch_size=16, max_text_len=77,
-        vision_pretrained="openai/clip-vit-base-patch16", text_pretrained="openai/clip-vit-base-patch16",
-        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, text_causal=True,
-        width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12, fusion_mlp=3072, embed_dim=768,
-    ),
-}
 
 
 class Adapter(nn.Module):
@@ -200,7 +68,7 @@ class LocalContext(nn.Module):
     """Residual local mixing of token states: x + conv(x) over a small window (1-D over text
     positions, or k x k over the square patch grid).
 
-    Why (our choice, measured on ShapesWorld): the tiny towers have no attention layers,
+    Why (our choice, measured on ShapesWorld, docs/EXPERIMENTS.md): the tiny towers have no attention layers,
     because attention trained from scratch copies the whole input into every position and
     the local-to-global similarities stop being local.  Without any context, though, a word
     is a fixed vector: "top" or "red" alone cannot say *which* object it describes, so
@@ -360,8 +228,25 @@ class SolarModel(nn.Module):
         self.register_buffer("center_v", torch.zeros(W))
         self.register_buffer("center_t", torch.zeros(W))
         self.set_freeze(vision=cfg.freeze_vision, text=cfg.freeze_text)
+        self.activation_checkpointing = False   # a run-time switch, not part of the architecture
 
     # ------------------------------------------------------------------ options
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in the backward pass instead of keeping them (less memory, one
+        more forward): each E_VL layer through ``torch.utils.checkpoint``, the towers' layers
+        through transformers' gradient checkpointing.  Active in training mode only."""
+        self.activation_checkpointing = bool(enabled)
+        for tower in (self.vision, self.text):
+            if hasattr(tower, "activation_checkpointing_enable"):   # transformers >= 5 spelling
+                if enabled:
+                    tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                elif tower.is_activation_checkpointing:
+                    tower.activation_checkpointing_disable()
+            elif enabled:
+                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif tower.is_gradient_checkpointing:
+                tower.gradient_checkpointing_disable()
+
     def set_freeze(self, *, vision: Optional[bool] = None, text: Optional[bool] = None) -> None:
         """Freeze (True) or fine-tune (False) the towers; None leaves a tower as it is."""
         if vision is not None:
@@ -518,7 +403,7 @@ class SolarModel(nn.Module):
 
         ``segments`` [B, T] (from ``text_segments``; None: per token): s_L(t) uses the mean unit
         feature of t's phrase (``local_text_features``), so a phrase is kept or dropped as a whole.
-        Our choice, measured on ShapesWorld (see solar/stage1.py): a word alone ("top", "at")
+        Our choice, measured on ShapesWorld (docs/EXPERIMENTS.md): a word alone ("top", "at")
         often cannot say whether its phrase describes something in the image; its phrase can.
         """
         g_i = self.pool_global(v)
@@ -577,8 +462,9 @@ class SolarModel(nn.Module):
             biases.append(b)
             xs.append(tokens + type_emb)
         bias, x = torch.cat(biases, dim=1), torch.cat(xs, dim=1)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.fusion:
-            x = layer(x, bias)
+            x = torch.utils.checkpoint.checkpoint(layer, x, bias, use_reentrant=False) if recompute else layer(x, bias)
         return F.normalize(self.head(self.fusion_norm(x[:, 0])), dim=-1)
 
     def embed(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -613,14 +499,23 @@ class SolarModel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` (all parameters and buffers) and ``config.json``."""
-        from .checkpoint import save_model
         return save_model(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> "SolarModel":
         """Load a model written by ``save_pretrained`` (no pickle, no code execution)."""
-        from .checkpoint import load_model
         return load_model(directory, map_location=map_location)
+
+
+def load_model(directory: str | os.PathLike, *, map_location="cpu") -> SolarModel:
+    """Rebuild a SolarModel from a directory written by ``save_pretrained``.
+
+    The towers are rebuilt from the recorded configs (the hub is never contacted) and every
+    tensor is loaded strictly: a missing or unexpected key is a CheckpointError."""
+    meta, state = load_model_files(directory)
+    model = SolarModel(ModelConfig.from_dict(meta), _load_tower_weights=False)
+    load_state_strict(model, state, directory)
+    return model.to(map_location)
 
 
 def _jsonable(d: dict) -> dict:

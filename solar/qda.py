@@ -38,7 +38,7 @@ assumption; two moments cannot give three unknowns), the true-pair moments (mu1,
 and tau is the equal-density point of N(mu_I, var0) and N(mu0, var0): mu0 + D / 2.  Measured on
 the tiny ShapesWorld run: the direct ``qda_threshold`` of the (wide) mixture Gaussian sits far
 below the intersection (image masks kept ~3x the true patch count); the decomposed boundary
-kept ~2x fewer patches and raised the held-out image-mask IoU (see solar/stage1.py).
+kept ~2x fewer patches and raised the held-out image-mask IoU (docs/EXPERIMENTS.md).
 
 `RunningGaussian` keeps exponential moving averages of the mean and variance of a stream
 of similarity values (population statistics, stored with the model as buffers).
@@ -50,7 +50,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["qda_threshold", "mixture_threshold", "RunningGaussian", "batch_moments"]
+__all__ = ["qda_threshold", "mixture_threshold", "RunningGaussian", "batch_moments", "global_moments"]
 
 
 def qda_threshold(mu1: float, var1: float, mu0: float, var0: float, *, rel_eps: float = 1e-6) -> Tuple[float, str]:
@@ -170,3 +170,20 @@ class RunningGaussian:
         new_mean = (1 - m) * old_mean + m * mean
         new_var = (1 - m) * (old_var + (old_mean - new_mean) ** 2) + m * (var + (mean - new_mean) ** 2)
         self.s[0], self.s[1] = new_mean, max(new_var, self.min_var)
+
+
+@torch.no_grad()
+def global_moments(pairs, group) -> list:
+    """(mean, var) over every rank of `group` of each (values, weights) pair, two passes like
+    `batch_moments` (the per-rank weighted sums are all-reduced in float64)."""
+    import torch.distributed as dist
+    ws = [w.to(torch.float64) for _, w in pairs]
+    vs = [v.detach().to(torch.float64) for v, _ in pairs]
+    first = torch.stack([torch.stack([w.sum(), (w * v).sum()]) for v, w in zip(vs, ws)])
+    dist.all_reduce(first, group=group)
+    cnt = first[:, 0]
+    mean = torch.where(cnt > 0, first[:, 1] / cnt.clamp_min(1e-300), torch.zeros_like(cnt))
+    sq = torch.stack([(w * (v - m) ** 2).sum() for v, w, m in zip(vs, ws, mean)])
+    dist.all_reduce(sq, group=group)
+    var = torch.where(cnt > 0, sq / cnt.clamp_min(1e-300), torch.zeros_like(cnt))
+    return [(float(m), float(s)) for m, s in zip(mean, var)]

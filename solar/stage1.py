@@ -30,144 +30,37 @@ Total: L = w_itc * L_ITC + w_fusion * L_ITC(E_VL) + lambda1 * L_GLA + lambda2 * 
 ``evaluate_masks`` scores M_V / M_L against ShapesWorld's ground truth (IoU) next to two
 baselines: the all-ones mask and a random mask with the same number of kept positions.
 
-Mask quality: what we chose and why (tiny preset, ShapesWorld; 8000 training pairs, batch 64,
-600 steps, 256 held-out pairs of unseen items; IoU image / text, all-ones baselines 0.11 / 0.39):
-
-* Per-position towers alone (no context; the direct QDA of the whole true-pair Gaussian):
-  0.56 / 0.35 (text below the all-ones mask).  Diagnosis: a word without context ("top",
-  "red", "at") cannot say whether *its* object is in the image -- the scene has other top-row
-  or red objects -- and the text global is a bag of words, which a patch cannot match as
-  "red circle at top left" as a whole.  Position words were scored at chance; the ground
-  truth marks the content words of phrases that describe shown objects (not "a", "at", "and").
-* Local phrase context (``ModelConfig.text_context_window=5``: a residual 5-token convolution
-  between E_L and A_L, ``model.LocalContext``): 0.64 / 0.40.  Wider mixing is what failed
-  before (attention copies the whole caption into every token); a window keeps tokens local.
-  3 tokens: 0.60 / 0.38.  A 3x3 patch-grid convolution (``vision_context_window=3``)
-  collapsed the image masks (0.25: ShapesWorld objects never leave their patch, so
-  neighbours only blur them); it stays off.
-* Phrase-level s_L (``ModelConfig.text_segment_words``: phrases end at "and" and
-  punctuation, the text analogue of stage 2's image segments; ``SolarModel.text_segments``):
-  each token's local feature is its phrase's mean unit feature, so a phrase describing a
-  shown object is kept as a whole.  It needs no per-word statistics and applies to real
-  captions (commas, "and").  Its ceiling here is below 1: "a" and "at" are inside the
-  phrases but never in the ground truth (a perfect phrase mask scores about 5/7 = 0.71).
-* QDA threshold (``Stage1Config.qda_mode="mixture"``, ``qda.mixture_threshold``): the
-  true-pair similarities are a mixture of intersection positions and difference positions
-  that score like negatives; the boundary is taken between the intersection component
-  (recovered from the moments) and the negatives, instead of between the whole wide mixture
-  Gaussian and the negatives, which kept ~3x the true number of patches.
-
-Measured (held-out IoU image / text; random-with-same-ratio baseline in brackets; each run
-alone on 1 thread while another ran beside it):
-
-    per-position towers, direct QDA (before)        0.56 (0.08) / 0.35 (0.26)
-    + 5-token context, direct QDA                   0.64 (0.08) / 0.40 (0.29)
-    + 5-token context, mixture QDA                  0.66 (0.07) / 0.35 (0.28)
-    phrase s_L + mixture QDA, no context            0.59 (0.07) / 0.32 (0.29)
-    context + phrase s_L + mixture QDA (default)    0.75 (0.07) / 0.51 (0.31); seed 1: 0.77 / 0.50
-
-The image side clears the 0.6 target; the text side beats both baselines (all-ones 0.39) but
-stays near 0.5 of the 0.71 a phrase-level mask can reach: it keeps ~61% of the tokens for a
-39% ground truth (the function words of kept phrases, and text-only attribute phrases that
-some images still match).  The extras cost ~5% of the step time.
+Why the tiny preset gives text tokens a 5-token context window, scores s_L per phrase and uses
+the mixture QDA threshold (and the IoU measured with and without each): docs/EXPERIMENTS.md.
+``run_stage1`` trains through the shared loop (``solar.trainer.train_loop``): checkpoints,
+resume, DDP, precision and micro-batches are the loop's.  Under torch.distributed the losses
+and the QDA statistics are the global batch's (``process_group``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+import os
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import solar_kernels as sk
 
-from .checkpoint import CheckpointError, load_training_state, save_training_state
-from .config import ConfigError, check_fields, option, validate_config
-from .losses import gla_hinge, global_distill_loss, local_distill_loss
+from .checkpoint import CheckpointError
+from .config import QDA_MODES, RHO_SCHEDULES, TEACHERS, Stage1Config, validate_config
+from .data.batches import StreamBatches
+from .distributed import DistInfo, get_dist
+from .losses import gather_rows, gla_hinge, global_distill_loss, local_distill_loss, resolve_group, row_offset
 from .model import SolarModel
-from .qda import RunningGaussian, batch_moments, mixture_threshold, qda_threshold
+from .qda import RunningGaussian, batch_moments, global_moments, mixture_threshold, qda_threshold
+from .trainer import LoopOptions, OptimSpec, Phase, broadcast_params, train_loop
 
-__all__ = ["Stage1Config", "run_stage1", "evaluate_masks", "rho_at", "stage1_losses", "mask_iou"]
-
-TEACHERS = ("none", "init")
-QDA_MODES = ("mixture", "direct")
-RHO_SCHEDULES = ("linear", "cosine", "step")
-
-
-@dataclass
-class Stage1Config:
-    """Stage 1: learning the intersection masks (SOLAR.md "Stage 1").
-
-    Each field's help (``option``; ``python -m solar.train --help``) says what it means.  The
-    paper gives none of these values: they are our choices.  Notes:
-
-    lr:               3e-3 for the from-scratch tiny model: measured to halve the ITC loss ~2x
-                      sooner than 1e-3 at the same mask IoU
-    tower_lr_scale:   1.0 from scratch, lower when fine-tuning real CLIP weights
-    teacher:          "init" is meaningful with pretrained towers; gd_weight / ld_weight need it
-    qda_mode:         see the module docstring for the measurements behind "mixture"
-    rho_end_frac:     1.0: rho reaches 0 at the last step.  Measured on the tiny run: with 0.9,
-                      training on the bare hard masks for the last 10% of the steps collapsed the
-                      ITC loss from 1.5 to 4.5 and halved the image-mask IoU
-    """
-
-    steps: int = option(600, "optimizer steps of stage 1", ge=1)
-    lr: float = option(3e-3, "AdamW peak learning rate (linear warm-up, cosine decay to 10%)", gt=0)
-    tower_lr_scale: float = option(1.0, "lr multiplier for the towers E_V / E_L", ge=0)
-    weight_decay: float = option(0.05, "AdamW weight decay", ge=0)
-    warmup_steps: int = option(50, "linear warm-up steps", ge=0)
-    grad_clip: float = option(1.0, "max global gradient norm (0 disables clipping)", ge=0)
-    temperature: float = option(0.07, "InfoNCE temperature of both masked ITC losses", gt=0)
-    gla_margin: float = option(0.2, "delta, the margin of the GLA hinge")
-    gla_weight: float = option(1.0, "lambda1, weight of L_GLA", ge=0)
-    itc_weight: float = option(1.0, "weight of the pooled masked ITC", ge=0)
-    fusion_itc_weight: float = option(1.0, "weight of the masked ITC through E_VL (0 leaves E_VL untrained)", ge=0)
-    gd_weight: float = option(0.0, "lambda2, weight of the global distillation L_GD (needs teacher init)", ge=0)
-    ld_weight: float = option(0.0, "lambda3, weight of the local distillation L_LD (needs teacher init)", ge=0)
-    teacher: str = option("none", "distillation teacher: none, or init (frozen copies of the towers as stage 1 "
-                                  "starts)", choices=TEACHERS)
-    qda_momentum: float = option(0.05, "EMA momentum of the QDA Gaussian statistics", gt=0, le=1)
-    qda_mode: str = option("mixture", "QDA threshold: mixture (intersection component of the true-pair "
-                                      "similarities vs negatives) or direct (whole true-pair Gaussian vs "
-                                      "negatives)", choices=QDA_MODES)
-    rho_schedule: str = option("linear", "how rho of the evolutionary mask goes 1 -> 0", choices=RHO_SCHEDULES)
-    rho_hold_frac: float = option(0.3, "rho stays 1 for this fraction of the steps", ge=0, le=1)
-    rho_end_frac: float = option(1.0, "rho reaches 0 at this fraction of the steps and stays there", ge=0, le=1)
-    log_every: int = option(20, "steps between metric dicts passed to `log`", ge=1)
-    eval_every: int = option(200, "steps between mask-IoU evaluations (0: only at the end)", ge=0)
-    eval_batches: int = option(8, "batches per mask-IoU evaluation (0: all)", ge=0)
-    ckpt_every: int = option(200, "steps between checkpoints in out_dir/stage1_ckpt (0: only at the end)", ge=0)
-    seed: int = option(0, "seed of the torch RNG used in stage 1")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "Stage1Config":
-        """Named presets: ``tiny`` (CPU, from scratch, the defaults) and ``clip-b16`` (fine-tuning
-        real CLIP towers: lower learning rates, distillation from the initial towers; our choice)."""
-        presets = {
-            "tiny": {},
-            "clip-b16": dict(steps=5000, lr=1e-4, tower_lr_scale=0.1, warmup_steps=200, temperature=0.05,
-                             teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500,
-                             ckpt_every=1000),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown stage-1 preset {name!r}; available: {sorted(presets)}")
-        return cls(**{**presets[name], **overrides})
-
-    def __post_init__(self):
-        check_fields(self)
-        if not self.rho_hold_frac <= self.rho_end_frac:
-            raise ConfigError(type(self).__name__, "rho_hold_frac", f"must be <= rho_end_frac ({self.rho_end_frac}), "
-                              f"got {self.rho_hold_frac}")
-        for name in ("gd_weight", "ld_weight"):
-            if getattr(self, name) and self.teacher == "none":
-                raise ConfigError(type(self).__name__, name, f"needs teacher 'init' (distillation from the initial "
-                                  f"towers), got {getattr(self, name)} with teacher 'none'")
-
+__all__ = ["Stage1Config", "Stage1Loss", "run_stage1", "evaluate_masks", "rho_at", "stage1_losses", "mask_iou",
+           "TEACHERS", "QDA_MODES", "RHO_SCHEDULES"]
 
 def rho_at(step: int, cfg: Stage1Config) -> float:
     """rho of the evolutionary mask at `step` (1 while holding, then annealed to 0)."""
@@ -184,14 +77,6 @@ def rho_at(step: int, cfg: Stage1Config) -> float:
     if cfg.rho_schedule == "step":
         return 1.0 if x < 0.5 else 0.0
     raise ValueError(f"rho_schedule: expected one of {RHO_SCHEDULES}, got {cfg.rho_schedule!r}")
-
-
-def lr_factor(step: int, cfg: Stage1Config) -> float:
-    """Linear warm-up then cosine decay to 10% of the peak."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    x = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, x)))
 
 
 def _to(batch: Mapping[str, Any], device) -> dict:
@@ -237,12 +122,30 @@ class _Stage1State:
         self.neg_l = RunningGaussian(model.qda_l[2:4], momentum)
 
     @torch.no_grad()
+    def _global_moments(self, s_v, s_l, text_valid, v, t, g_i, g_t, segments):
+        """Global-batch moments ((mean, var) of true-pair s_V, true-pair s_L, negative-pair s_V,
+        negative-pair s_L) and the global means of g_I and g_T (negatives: every off-diagonal
+        pair of the global batch)."""
+        model, group = self.model, self.group
+        n = v.shape[0]
+        off, N = row_offset(n, group)
+        gi_all, gt_all = gather_rows(g_i, group, grad=False), gather_rows(g_t, group, grad=False)
+        neg = torch.ones(n, N, dtype=torch.bool, device=v.device)
+        neg[torch.arange(n), off + torch.arange(n)] = False
+        s_nv = torch.einsum("blw,jw->bjl", F.normalize(v, dim=-1), gt_all - model.center_t)       # [n, N, P]
+        w_nv = neg[:, :, None].expand_as(s_nv)
+        s_nl = torch.einsum("blw,jw->bjl", model.local_text_features(t, segments), gi_all - model.center_v)
+        w_nl = neg[:, :, None] & text_valid.bool()[:, None, :]
+        out = global_moments([(s_v, torch.ones_like(s_v, dtype=torch.bool)), (s_l, text_valid),
+                              (s_nv, w_nv), (s_nl, w_nl)], group)
+        return out[0], out[1], out[2], out[3], gi_all.mean(0), gt_all.mean(0)
+
+    @torch.no_grad()
     def update(self, s_v, s_l, text_valid, v, t, g_i, g_t, segments=None) -> dict:
         first = int(self.model.qda_initialized) == 0
         if self.group is not None:
-            from .stage1_dist import qda_moments
-            (mpv, vpv), (mpl, vpl), (mnv, vnv), (mnl, vnl), c_i, c_t = qda_moments(
-                self.model, s_v, s_l, text_valid, v, t, g_i, g_t, segments, self.group)
+            (mpv, vpv), (mpl, vpl), (mnv, vnv), (mnl, vnl), c_i, c_t = self._global_moments(
+                s_v, s_l, text_valid, v, t, g_i, g_t, segments)
         else:
             _, mpv, vpv = batch_moments(s_v, torch.ones_like(s_v, dtype=torch.bool))
             _, mpl, vpl = batch_moments(s_l, text_valid)
@@ -279,28 +182,34 @@ class _Stage1State:
 def stage1_losses(model: SolarModel, batch: Mapping[str, Any], cfg: Stage1Config, rho: float,
                   state: Optional[_Stage1State] = None, teacher=None,
                   process_group=None) -> tuple[torch.Tensor, dict]:
-    """One stage-1 forward: (total loss, metrics dict).  Updates the QDA statistics/thresholds
-    when `state` is given (training); otherwise uses the stored thresholds.
+    """One stage-1 forward: (total loss, metrics dict; metric values are detached tensors or
+    numbers).  Updates the QDA statistics/thresholds when `state` is given (training); otherwise
+    uses the stored thresholds.
 
     process_group: a torch.distributed group (None: this process only).  `batch` is then this
     rank's share of the global batch; the losses are those of the global batch (every rank gets
-    the same value, its gradient is its share: sum the ranks' gradients, see solar.stage1_dist)."""
-    pg = process_group
-    if pg is not None:
-        from . import stage1_dist as sd
+    the same value, its gradient is its share: sum the ranks' gradients, see solar.losses)."""
+    v = model.patch_tokens(batch["pixel_values"])
+    t = model.text_tokens(batch["input_ids"], batch["attention_mask"])
+    return stage1_losses_from_tokens(model, batch, v, t, cfg, rho, state, teacher, process_group)
+
+
+def stage1_losses_from_tokens(model: SolarModel, batch: Mapping[str, Any], v: torch.Tensor, t: torch.Tensor,
+                              cfg: Stage1Config, rho: float, state: Optional[_Stage1State] = None, teacher=None,
+                              process_group=None) -> tuple[torch.Tensor, dict]:
+    """`stage1_losses` given the adapted patch tokens `v` [B, P, W] and text tokens `t` [B, T, W]
+    of `batch` (what the towers and adapters produce; the GradCache split of the loop)."""
+    pg = resolve_group(process_group)
     pv, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-    v = model.patch_tokens(pv)
-    t = model.text_tokens(ids, am)
     valid = model.text_valid_mask(ids, am)
     segments = model.text_segments(ids, am)
     s_v, s_l, g_i, g_t = model.similarities_from_tokens(v, t, valid, segments)
     metrics: dict[str, Any] = {}
-    if pg is not None:
-        loss_gla = sd.gla_hinge_dist(v, None, g_t, cfg.gla_margin, pg) + sd.gla_hinge_dist(t, valid, g_i, cfg.gla_margin, pg)
-    else:
-        loss_gla = gla_hinge(v, None, g_t, cfg.gla_margin) + gla_hinge(t, valid, g_i, cfg.gla_margin)
-    if state is not None:
-        metrics.update(state.update(s_v, s_l, valid, v, t, g_i.detach(), g_t.detach(), segments))
+    loss_gla = gla_hinge(v, None, g_t, cfg.gla_margin, pg) + gla_hinge(t, valid, g_i, cfg.gla_margin, pg)
+    if state is not None:   # QDA statistics in fp32 whatever the autocast dtype
+        with torch.autocast(v.device.type, enabled=False):
+            metrics.update(state.update(s_v.float(), s_l.float(), valid, v.detach().float(), t.detach().float(),
+                                        g_i.detach().float(), g_t.detach().float(), segments))
     with torch.no_grad():
         hv, hl = model.masks_from_similarities(s_v, s_l, valid)
         hv = _with_best(hv, s_v, None)
@@ -308,7 +217,7 @@ def stage1_losses(model: SolarModel, batch: Mapping[str, Any], cfg: Stage1Config
         m_v = rho + (1 - rho) * hv.float()
         m_l = (rho + (1 - rho) * hl.float()) * valid
     total = cfg.gla_weight * loss_gla
-    metrics["loss_gla"] = float(loss_gla.detach())
+    metrics["loss_gla"] = loss_gla.detach()
     if cfg.itc_weight:
         if pg is not None:   # pool locally, gather the pooled rows: same math as the fused op
             loss_itc = sk.contrastive_loss(sk.masked_pool(v, m_v, normalize=True), sk.masked_pool(t, m_l, normalize=True),
@@ -316,7 +225,7 @@ def stage1_losses(model: SolarModel, batch: Mapping[str, Any], cfg: Stage1Config
         else:
             loss_itc = sk.pooled_contrastive_loss(v, m_v, t, m_l, normalize=True, temperature=cfg.temperature)
         total = total + cfg.itc_weight * loss_itc
-        metrics["loss_itc"] = float(loss_itc.detach())
+        metrics["loss_itc"] = loss_itc.detach()
     if cfg.fusion_itc_weight:
         B, P, _ = v.shape
         T = t.shape[1]
@@ -324,33 +233,62 @@ def stage1_losses(model: SolarModel, batch: Mapping[str, Any], cfg: Stage1Config
         f_l = model.fuse(v, t, torch.zeros(B, P, dtype=torch.bool, device=v.device), m_l)
         loss_f = sk.contrastive_loss(f_v, f_l, temperature=cfg.temperature, process_group=pg)
         total = total + cfg.fusion_itc_weight * loss_f
-        metrics["loss_fusion_itc"] = float(loss_f.detach())
+        metrics["loss_fusion_itc"] = loss_f.detach()
     if teacher is not None and (cfg.gd_weight or cfg.ld_weight):
         tv_tower, tl_tower = teacher
         with torch.no_grad():
             tv = tv_tower(pixel_values=pv).last_hidden_state[:, 1:]
             tl = tl_tower(input_ids=ids, attention_mask=am.long()).last_hidden_state
         if cfg.ld_weight:
-            l_ld = (sd.local_distill_dist(v, tv, None, pg) + sd.local_distill_dist(t, tl, valid, pg)) if pg is not None \
-                else local_distill_loss(v, tv) + local_distill_loss(t, tl, valid)
+            l_ld = local_distill_loss(v, tv, None, pg) + local_distill_loss(t, tl, valid, pg)
             total = total + cfg.ld_weight * l_ld
-            metrics["loss_ld"] = float(l_ld.detach())
+            metrics["loss_ld"] = l_ld.detach()
         if cfg.gd_weight:
             tg_v = sk.masked_pool(tv, torch.ones(tv.shape[:2], dtype=torch.bool, device=tv.device), normalize=True)
             tg_l = sk.masked_pool(tl, valid, normalize=True)
-            l_gd = (sd.global_distill_dist(g_i, tg_v, pg) + sd.global_distill_dist(g_t, tg_l, pg)) if pg is not None \
-                else global_distill_loss(g_i, tg_v) + global_distill_loss(g_t, tg_l)
+            l_gd = global_distill_loss(g_i, tg_v, pg) + global_distill_loss(g_t, tg_l, pg)
             total = total + cfg.gd_weight * l_gd
-            metrics["loss_gd"] = float(l_gd.detach())
-    metrics["loss"] = float(total.detach())
+            metrics["loss_gd"] = l_gd.detach()
+    metrics["loss"] = total.detach()
     metrics["rho"] = rho
-    metrics["mask_ratio_v"] = float(hv.float().mean())
-    metrics["mask_ratio_l"] = float(hl.float().sum() / valid.sum().clamp_min(1))
+    metrics["mask_ratio_v"] = hv.float().mean()
+    metrics["mask_ratio_l"] = hl.float().sum() / valid.sum().clamp_min(1)
     if "gt_patch_mask" in batch and "gt_token_mask" in batch:
         gv, gl = batch["gt_patch_mask"].to(hv.device).bool(), batch["gt_token_mask"].to(hv.device).bool() & valid
-        metrics["train_iou_v"] = float(mask_iou(hv, gv).mean())
-        metrics["train_iou_l"] = float(mask_iou(hl, gl).mean())
+        metrics["train_iou_v"] = mask_iou(hv, gv).mean()
+        metrics["train_iou_l"] = mask_iou(hl, gl).mean()
     return total, metrics
+
+
+class Stage1Loss(nn.Module):
+    """Stage 1 as a loss module for the training loop: forward(batch, step) -> (loss, metrics)
+    with rho = rho_at(step) and the QDA statistics updated from each (global) batch.
+
+    embed(batch) -> {"v", "t"} (towers + adapters) and loss_from(batch, tokens, step) split the
+    forward for micro-batched (GradCache) steps: the masks, QDA update and every loss are
+    computed once over the whole batch."""
+
+    def __init__(self, model: SolarModel, cfg: Stage1Config, *, teacher=None, process_group=None):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.teacher = teacher
+        self.process_group = resolve_group(process_group)
+        self.state = _Stage1State(model, cfg.qda_momentum, cfg.qda_mode, group=self.process_group)
+
+    def embed(self, batch: Mapping[str, Any]) -> dict:
+        """The adapted patch and text tokens of `batch`."""
+        return {"v": self.model.patch_tokens(batch["pixel_values"]),
+                "t": self.model.text_tokens(batch["input_ids"], batch["attention_mask"])}
+
+    def loss_from(self, batch: Mapping[str, Any], tokens: dict, step: int):
+        """The stage-1 loss of `batch` given its tokens (see `embed`)."""
+        return stage1_losses_from_tokens(self.model, batch, tokens["v"], tokens["t"], self.cfg,
+                                         rho_at(step, self.cfg), self.state, self.teacher, self.process_group)
+
+    def forward(self, batch: Mapping[str, Any], step: int):
+        """(loss, metrics) of `batch` at optimizer step `step`."""
+        return self.loss_from(batch, self.embed(batch), step)
 
 
 def mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -423,16 +361,7 @@ def evaluate_masks(model: SolarModel, loader: Iterable[Mapping[str, Any]], *, ma
     return out
 
 
-def _param_groups(model: SolarModel, cfg: Stage1Config):
-    towers, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (towers if name.startswith(("vision.", "text.")) else rest).append(p)
-    groups = [{"params": rest, "lr_scale": 1.0}]
-    if towers:
-        groups.append({"params": towers, "lr_scale": cfg.tower_lr_scale})
-    return groups
+TOWER_PREFIXES = ("vision.", "text.")   # parameter names of E_V / E_L (stage1.tower_lr_scale)
 
 
 def _make_teacher(model: SolarModel):
@@ -442,127 +371,81 @@ def _make_teacher(model: SolarModel):
     return tv, tl
 
 
-def run_stage1(model: SolarModel, train_loader: Iterable[Mapping[str, Any]], cfg: Stage1Config, *,
-               out_dir: str | Path, resume: bool = False, log: Optional[Callable[[dict], None]] = None,
+def _as_batches(data):
+    """`data` with the loop's `.batch(step, ...)` interface: as is, or a re-iterable of batches
+    (e.g. a reader) read in order (solar.data.batches.StreamBatches)."""
+    if hasattr(data, "batch"):
+        return data
+    return StreamBatches(lambda: data)
+
+
+def run_stage1(model: SolarModel, data, cfg: Stage1Config, *, out_dir: str, resume: bool = False, log=None,
                eval_loader: Optional[Iterable[Mapping[str, Any]]] = None, progress: bool = True,
-               process_group=None) -> dict:
-    """Train stage 1 for ``cfg.steps`` optimizer steps; returns the final metrics dict.
+               dist_info: Optional[DistInfo] = None, global_batch: int = 0, options=None) -> dict:
+    """Train stage 1 for ``cfg.steps`` optimizer steps through ``solar.trainer.train_loop``;
+    returns the final metrics dict (with the mask IoU when `eval_loader` is given).
 
-    process_group: train over the ranks of this torch.distributed group (default: the default
-    group when torch.distributed is initialised with several ranks).  Every rank passes a loader
-    of its own share of each global batch (same size on every rank); the losses, the QDA
-    statistics and thresholds are those of the global batch, gradients are summed over ranks
-    (each rank's is its share), rank 0's weights are broadcast first, so the ranks stay equal
-    and match one process over the global batch.  Rank 0 writes checkpoints and evaluates.
-
-    train_loader: any re-iterable of batches (dicts: pixel_values, input_ids, attention_mask,
-    optionally gt_patch_mask / gt_token_mask); it is iterated again when exhausted.
-    out_dir: ``stage1_ckpt/`` (model + optimizer + progress, every ``ckpt_every`` steps) and
-    ``stage1_model/`` (the final model with its thresholds) are written there.
-    resume: continue from ``out_dir/stage1_ckpt`` (CheckpointError if it is missing); batches
-    already consumed are skipped so a deterministic loader resumes where it stopped.
-    log: called with a metrics dict every ``log_every`` steps, after each evaluation
-    (``{"event": "eval", ...}``) and at the end (``{"event": "final", ...}``).
-    eval_loader: batches with ground truth for ``evaluate_masks`` during and after training.
+    data: a `PairBank` (batch s is global batch s of `global_batch` pairs, this rank's share),
+    or any re-iterable of this rank's batches (read in order, iterated again when exhausted;
+    dicts: pixel_values, input_ids, attention_mask, optionally gt_patch_mask / gt_token_mask).
+    dist_info: the ranks to train over (default: `solar.distributed.get_dist()`); the losses,
+    the QDA statistics and thresholds are the global batch's, so every rank stays equal to one
+    process over the global batch.  Rank 0 writes checkpoints and evaluates.
+    out_dir: ``ckpt/`` (the loop's checkpoint), ``stage1_model/`` (the final model with its
+    thresholds) and, with teacher "init", ``stage1_teacher/`` are written there.
+    resume: continue from ``out_dir/ckpt`` (CheckpointError if it is missing).
+    log: ``log(row, stage="stage1", step=...)`` per log interval, after each mask evaluation
+    (``event: "eval"``) and at the end (``event: "final"``).
+    options: `solar.trainer.LoopOptions` (precision, activation checkpointing, micro-batches).
     """
-    from .logging import progress_bar
 
     validate_config(cfg)   # fields may have been set after construction
-    log = log or (lambda m: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "stage1_ckpt"
-    from .stage1_dist import allreduce_grads, broadcast_model, resolve_group
-    pg = resolve_group(process_group)
-    if pg is not None:
-        import torch.distributed as dist
-        broadcast_model(model, pg)
-    main = pg is None or dist.get_rank(pg) == 0
-    world = 1 if pg is None else dist.get_world_size(pg)
+    di = dist_info or get_dist()
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(out_dir, "ckpt")
+    if resume and not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"resume: no stage-1 checkpoint at {ckpt_dir}")
     torch.manual_seed(cfg.seed)
-    model.train()
-    groups = _param_groups(model, cfg)
-    opt = torch.optim.AdamW([{"params": g["params"], "lr": cfg.lr * g["lr_scale"]} for g in groups],
-                            lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    scales = [g["lr_scale"] for g in groups]
-    step, consumed = 0, 0
     teacher = None
     if cfg.teacher == "init":
-        teacher_path = out / "stage1_teacher"
-        if resume and teacher_path.exists():
-            from .checkpoint import load_model
-            teacher = _make_teacher(load_model(teacher_path, map_location=model.device))
+        teacher_path = os.path.join(out_dir, "stage1_teacher")
+        if resume and os.path.isdir(teacher_path):
+            teacher = _make_teacher(SolarModel.from_pretrained(teacher_path, map_location=model.device))
         else:
+            if di.enabled:   # the teacher is rank 0's initial towers on every rank
+                broadcast_params(model, di)
             teacher = _make_teacher(model)
-            if main:
+            if di.is_main:
                 model.save_pretrained(teacher_path)
-    if resume:
-        if not ckpt_dir.exists():
-            raise CheckpointError(f"resume: no stage-1 checkpoint at {ckpt_dir}")
-        extra, _ = load_training_state(ckpt_dir, model, opt)
-        step, consumed = int(extra["step"]), int(extra["consumed"])
-        torch.manual_seed(cfg.seed + step)
-    state = _Stage1State(model, cfg.qda_momentum, cfg.qda_mode, group=pg)
+    loss = Stage1Loss(model, cfg, teacher=teacher, process_group=di.group)
+    eval_every = cfg.eval_every if eval_loader is not None else 0
 
-    def save():
-        if main:
-            save_training_state(ckpt_dir, model, opt, {"step": step, "consumed": consumed,
-                                                       "stage1_config": dataclasses.asdict(cfg)})
+    def after_step(done: int) -> Optional[dict]:
+        if di.is_main and eval_every and done % eval_every == 0 and done < cfg.steps:
+            return {"event": "eval", **evaluate_masks(model, eval_loader, max_batches=cfg.eval_batches,
+                                                       seed=cfg.seed)}
+        return None
 
-    def batches():
-        skip = consumed
-        while True:
-            got = False
-            for b in train_loader:
-                got = True
-                if skip:
-                    skip -= 1
-                    continue
-                yield b
-            if not got:
-                raise ValueError("run_stage1: train_loader yielded no batches")
-
-    it = batches()
-    bar = progress_bar(total=cfg.steps, initial=step, desc="stage 1", disable=not progress, dynamic_ncols=True)
-    t0, pairs, last = time.perf_counter(), 0, {}
-    while step < cfg.steps:
-        batch = _to(next(it), model.device)
-        consumed += 1
-        f = lr_factor(step, cfg)
-        for g, sc in zip(opt.param_groups, scales):
-            g["lr"] = cfg.lr * sc * f
-        rho = rho_at(step, cfg)
-        loss, metrics = stage1_losses(model, batch, cfg, rho, state, teacher, process_group=pg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"stage 1: non-finite loss at step {step}: {metrics}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if pg is not None:
-            allreduce_grads([p for g in groups for p in g["params"]], pg)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        opt.step()
-        step += 1
-        pairs += batch["pixel_values"].shape[0] * world
-        rate = pairs / max(time.perf_counter() - t0, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", pairs_s=f"{rate:.0f}", rho=f"{rho:.2f}")
-        last = metrics
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log({"event": "train", "stage": 1, "step": step, "lr": cfg.lr * f, "pairs_per_s": rate, **metrics})
-        if main and eval_loader is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            ev = evaluate_masks(model, eval_loader, max_batches=cfg.eval_batches, seed=cfg.seed)
-            log({"event": "eval", "stage": 1, "step": step, **ev})
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            save()
-    bar.close()
-    save()
-    if main:
-        model.save_pretrained(out / "stage1_model")
-    if pg is not None:
-        dist.barrier(group=pg)
-    final = {"event": "final", "stage": 1, "step": step, "wall_s": time.perf_counter() - t0, **last}
-    if main and eval_loader is not None:
+    batches = _as_batches(data)
+    gb = global_batch or getattr(batches, "global_batch", 0)
+    phase = Phase(name="stage1", model=model, loss=loss, data=batches, steps=cfg.steps,
+                  global_batch=gb if gb else di.world,
+                  optim=OptimSpec(lr=cfg.lr, warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                                  grad_clip=cfg.grad_clip, min_lr_ratio=0.1, betas=(0.9, 0.98), eps=1e-8,
+                                  decay_1d=True),
+                  lr_scales={p: cfg.tower_lr_scale for p in TOWER_PREFIXES}, ckpt_every=cfg.ckpt_every,
+                  log_every=cfg.log_every, after_step=after_step)
+    options = options or LoopOptions()
+    options = dataclasses.replace(options, progress=progress and options.progress)
+    summary = train_loop(phase, out_dir=out_dir, resume=resume, log=log, dist_info=di, options=options)
+    if di.is_main:
+        model.save_pretrained(os.path.join(out_dir, "stage1_model"))
+    if di.enabled:
+        import torch.distributed as dist
+        dist.barrier(group=di.group)
+    final = {"event": "final", "loss": summary["loss"], "wall_s": summary["seconds"]}
+    if di.is_main and eval_loader is not None:
         final.update(evaluate_masks(model, eval_loader, max_batches=0, seed=cfg.seed))
-    log(final)
+    if log is not None:
+        log(final, stage="stage1", step=cfg.steps)
     return final

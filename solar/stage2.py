@@ -22,10 +22,8 @@ every unlabeled (image, caption) pair into views, all encoded by the trained mod
   `img_neutral_ratio` x the largest of their image (flat background: they add almost
   nothing to the global image embedding; they belong to no segment).  Neither is
   intersection nor difference content, and hiding them hands the loss a shortcut: a
-  hard-negative view without background or without "a"/"and" is told apart by that alone.
-  Measured on the validation benchmark (tiny preset, ground-truth masks in place of stage
-  1's, 300 steps): hiding them as differences 25.2 Avg; both neutral 59.9; only the text
-  neutral 32.0; only the background neutral 52.9.  With stage 1's masks: 40.1 -> 57.9.
+  hard-negative view without background or without "a"/"and" is told apart by that alone
+  (measured: docs/EXPERIMENTS.md).
 * Each view masks one side: per pair and per view a fair coin picks the text or the
   image side (the other side when the chosen one has nothing to hide), so one E_VL pass
   encodes one view of every pair.
@@ -48,6 +46,7 @@ ranks draw the same views as one uninterrupted process.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -60,6 +59,7 @@ import solar_kernels as sk
 
 from .config import Stage2Config, validate_config
 from .distributed import DistInfo, get_dist
+from .trainer import LoopOptions, OptimSpec, Phase, batch_to, train_loop
 
 __all__ = ["frequent_token_ids", "low_norm_patches", "segment_patches", "text_views", "image_views", "Views",
            "build_views", "Miner", "Stage2Loss", "run_stage2", "step_generator"]
@@ -352,7 +352,6 @@ class Miner:
     @torch.no_grad()
     def refresh(self, model, step: int, dist_info: Optional[DistInfo] = None) -> None:
         """Re-embed the pool with `model` and rebuild the index."""
-        from .trainer import batch_to
         di = dist_info or get_dist()
         was_training = model.training
         model.eval()
@@ -423,14 +422,23 @@ class Stage2Loss(nn.Module):
         self.miner = miner
         self.dist_info = dist_info or get_dist()
 
+    def embed(self, batch: dict) -> dict:
+        """The adapted patch and text tokens of `batch` (the part a micro-batched step splits)."""
+        return {"v": self.model.patch_tokens(batch["pixel_values"]),
+                "t": self.model.text_tokens(batch["input_ids"], batch["attention_mask"])}
+
     def forward(self, batch: dict, step: int):
+        """(loss, metrics) of `batch` at optimizer step `step`."""
+        return self.loss_from(batch, self.embed(batch), step)
+
+    def loss_from(self, batch: dict, tokens: dict, step: int):
+        """The stage-2 loss of `batch` given its tokens (see `embed`): views, E_VL, InfoNCE."""
         cfg, di = self.cfg, self.dist_info
         B = batch["input_ids"].shape[0]
         views = build_views(self.teacher, batch, cfg, seed=self.seed, step=step, row_offset=di.rank * B,
                             global_rows=B * di.world, neutral_ids=self.neutral_ids)
         m = self.model
-        v = m.patch_tokens(batch["pixel_values"])
-        t = m.text_tokens(batch["input_ids"], batch["attention_mask"])
+        v, t = tokens["v"], tokens["t"]
         valid = views.text_valid
         rows = [m.fuse(v, t, None, valid)]
         for j in range(cfg.n_pos_views):
@@ -451,20 +459,20 @@ class Stage2Loss(nn.Module):
             self_rows = self.miner.self_rows(batch)
             mined = self.miner.neighbours(rows[0], self_rows, cfg.mine_k)      # [B, k, E]
             hn += list(mined.unbind(1))
-            metrics["mined_sim"] = float((mined * rows[0].detach()[:, None]).sum(-1).mean())
+            metrics["mined_sim"] = (mined * rows[0].detach()[:, None]).sum(-1).mean()
         hard = torch.stack(hn, 1).repeat(R, 1, 1) if hn else None          # [R B, H, E]
         loss = sk.contrastive_loss(z, groups=groups, hard_negatives=hard, temperature=cfg.temperature,
                                    hardness=cfg.hardness, process_group=di.group)
         with torch.no_grad():
             a = rows[0]
-            metrics["pos_sim"] = float(torch.stack([(a * r).sum(-1).mean() for r in rows[1:]]).mean()) \
+            metrics["pos_sim"] = torch.stack([(a * r).sum(-1).mean() for r in rows[1:]]).mean() \
                 if R > 1 else 1.0
             if n_views:
-                metrics["hardview_sim"] = float(torch.stack([(a * x).sum(-1).mean() for x in hn[:n_views]]).mean())
-            metrics["text_pos_hidden"] = float(((valid & ~views.text_pos).sum(1).float()
-                                                / valid.sum(1).clamp_min(1)).mean())
-            metrics["img_pos_hidden"] = float((~views.img_pos).float().mean())
-            metrics["img_neg_hidden"] = float((~views.img_neg).float().mean())
+                metrics["hardview_sim"] = torch.stack([(a * x).sum(-1).mean() for x in hn[:n_views]]).mean()
+            metrics["text_pos_hidden"] = ((valid & ~views.text_pos).sum(1).float()
+                                          / valid.sum(1).clamp_min(1)).mean()
+            metrics["img_pos_hidden"] = (~views.img_pos).float().mean()
+            metrics["img_neg_hidden"] = (~views.img_neg).float().mean()
         return loss, metrics
 
 
@@ -472,15 +480,15 @@ class Stage2Loss(nn.Module):
 
 def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = False, log=None, seed: int = 0,
                dist_info: Optional[DistInfo] = None, teacher=None, ckpt_every: int = 100, log_every: int = 10,
-               progress: bool = True, pool=None) -> dict:
+               progress: bool = True, pool=None, options=None) -> dict:
     """Train `model` (initialised from stage 1) with stage 2's loss for cfg.steps steps.
 
     data: a `PairBank` (the mining pool is a seeded subset of it) or a `StreamBatches`
     (then `pool`, a PairBank of training pairs with keys, is the mining pool; without
     one, mining is off and no caption token is neutral).  The neutral (never hidden)
     caption tokens are those in more than cfg.text_neutral_df of the pool's captions.
-    The frozen teacher is a copy of `model` taken now (or the given one).  Checkpoints in {out_dir}/ckpt; returns the loop's summary dict."""
-    from .trainer import train_loop
+    The frozen teacher is a copy of `model` taken now (or the given one).  Checkpoints in
+    {out_dir}/ckpt; options: `solar.trainer.LoopOptions`; returns the loop's summary dict."""
     di = dist_info or get_dist()
     if teacher is None:
         teacher = copy.deepcopy(model)
@@ -517,9 +525,11 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
         if miner is not None and "mining_bank" in tensors:
             miner.set_bank(tensors["mining_bank"], ex["refreshed_at"])
 
-    return train_loop(name="stage2", model=model, loss_fn=loss_mod, data=data, steps=cfg.steps,
-                      global_batch=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup_steps,
-                      min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                      out_dir=out_dir, resume=resume, log=log, dist_info=di, ckpt_every=ckpt_every,
-                      log_every=log_every, on_step=on_step, progress=progress, extra_state=extra_state,
-                      restore_extra=restore_extra)
+    phase = Phase(name="stage2", model=model, loss=loss_mod, data=data, steps=cfg.steps, global_batch=cfg.batch_size,
+                  optim=OptimSpec(lr=cfg.lr, warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                                  grad_clip=cfg.grad_clip, min_lr_ratio=cfg.min_lr_ratio),
+                  ckpt_every=ckpt_every, log_every=log_every, on_step=on_step, extra_state=extra_state,
+                  restore_extra=restore_extra)
+    options = options or LoopOptions()
+    options = dataclasses.replace(options, progress=progress and options.progress)
+    return train_loop(phase, out_dir=out_dir, resume=resume, log=log, dist_info=di, options=options)

@@ -18,6 +18,7 @@ clip_sf/ (checkpoints and final models), results.json and results.md.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -27,11 +28,20 @@ from typing import Optional
 
 import torch
 
-from .config import TrainConfig, config_to_dict, parse_args
-from .distributed import DistInfo, barrier, init_distributed
+from .baselines import run_clip_sf
+from .checkpoint import CheckpointError
+from .cli import parse_args
+from .config import TrainConfig, config_to_dict
+from .data.batches import PairBank, ShardStreams, load_pair_bank
+from .data.tokenizer import load_tokenizer
+from .distributed import DistInfo, barrier, init_distributed, resolve_device
 from .logging import MetricsLogger, plot_metrics
+from .model import SolarModel
+from .stage1 import run_stage1
+from .stage2 import run_stage2
+from .trainer import LoopOptions
 
-__all__ = ["main", "run", "prepare_data", "load_pair_bank", "build_model", "model_dir", "PHASES"]
+__all__ = ["main", "run", "prepare_data", "load_bank", "training_data", "build_model", "model_dir", "PHASES"]
 
 PHASES = ("stage1", "stage2", "clip_sf")
 EMBED_FILE = "solar_embedding.json"
@@ -153,132 +163,46 @@ def prepare_data(cfg: TrainConfig, di: DistInfo) -> tuple:
     return urls, bench
 
 
-def load_pair_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0):
-    """Decode every training pair once into a `PairBank` (pixels kept as float16)."""
-    from .logging import progress_bar
-
-    from .data.reader import make_loader
-    from .trainer import PairBank
+def load_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0) -> PairBank:
+    """Decode the training pairs (the first `limit` when > 0) once into a `PairBank`."""
     m = cfg.model
-    loader = make_loader(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
-                         max_length=m.max_text_len, batch_size=500, pad_to_max_length=True, rank=0, world_size=1,
-                         num_workers=cfg.data.num_workers)
-    fields: dict = {}
-    n = 0
-    bar = progress_bar(desc="load pairs", unit="pair", disable=not cfg.run.progress, total=limit or None)
-    for b in loader:
-        for k, v in b.items():
-            if k == "pixel_values":
-                v = v.half()
-            fields.setdefault(k, []).append(v)
-        n += len(b["key"])
-        bar.update(len(b["key"]))
-        if limit and n >= limit:
-            break
-    bar.close()
-    if n == 0:
-        raise ValueError(f"data: no readable pairs in {len(urls)} shard(s) (first: {urls[0] if urls else None!r})")
-    out = {}
-    for k, parts in fields.items():
-        if torch.is_tensor(parts[0]):
-            out[k] = torch.cat(parts)
-        else:
-            out[k] = [x for p in parts for x in p]
-    if limit:
-        out = {k: v[:limit] for k, v in out.items()}
-    return PairBank(out, seed=cfg.run.seed)
+    return load_pair_bank(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
+                          max_length=m.max_text_len, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+                          limit=limit, progress=cfg.run.progress)
 
 
-class _BankBatches:
-    """A re-iterable of batches over a PairBank for stage 1 (one endless pass)."""
-
-    def __init__(self, bank, global_batch: int, di: DistInfo):
-        self.bank, self.global_batch, self.di = bank, global_batch, di
-
-    def __iter__(self):
-        step = 0
-        while True:
-            yield _float_pixels(self.bank.batch(step, self.global_batch, self.di.rank, self.di.world))
-            step += 1
-
-
-def _float_pixels(b: dict) -> dict:
-    if "pixel_values" in b and b["pixel_values"].dtype != torch.float32:
-        b["pixel_values"] = b["pixel_values"].float()
-    if "attention_mask" in b:
-        # trim columns that are padding in every row (captions are short)
-        am = b["attention_mask"]
-        used = am.any(0).nonzero()
-        t = int(used.max()) + 1 if len(used) else am.shape[1]
-        for k in ("input_ids", "attention_mask", "gt_token_mask"):
-            if k in b:
-                b[k] = b[k][:, :t]
-    return b
-
-
-class _FloatBank:
-    """Wraps a PairBank so that batches come out with float32 pixels and trimmed text."""
-
-    def __init__(self, bank):
-        self.bank = bank
-
-    def __len__(self):
-        return len(self.bank)
-
-    @property
-    def fields(self):
-        return self.bank.fields
-
-    def iter_chunks(self, chunk, rank=0, world=1):
-        for b in self.bank.iter_chunks(chunk, rank, world):
-            yield _float_pixels(b)
-
-    def batch(self, step, global_batch, rank=0, world=1):
-        return _float_pixels(self.bank.batch(step, global_batch, rank, world))
-
-    def rows(self, idx):
-        return _float_pixels(self.bank.rows(idx))
-
-
-class _Streams:
-    """Streaming training data (real shards): one reader per phase, split by rank and by
-    DataLoader worker (`solar.data.reader`), each rank reading global_batch / world pairs
-    per step.  Resume skips the batches already consumed."""
-
-    def __init__(self, urls, tokenizer, cfg: TrainConfig, di: DistInfo):
-        self.urls, self.tokenizer, self.cfg, self.di = urls, tokenizer, cfg, di
-
-    def make(self, global_batch: int, salt: int, di: Optional[DistInfo] = None):
-        from .data.reader import make_loader
-        di = di or self.di
-        if global_batch % di.world:
-            raise ValueError(f"batch_size: global batch {global_batch} is not divisible by the world size "
-                             f"{di.world}")
-        m = self.cfg.model
-        return make_loader(self.urls, self.tokenizer, num_workers=self.cfg.data.num_workers,
-                           image_size=m.image_size, patch_size=m.patch_size, max_length=m.max_text_len,
-                           batch_size=global_batch // di.world, drop_last=True, shuffle_buffer=2000,
-                           shard_shuffle=True, seed=self.cfg.run.seed * 1000 + salt, rank=di.rank,
-                           world_size=di.world, crop="random", repeat=True)
-
-    def phase(self, global_batch: int, salt: int):
-        from .trainer import StreamBatches
-        return StreamBatches(lambda: self.make(global_batch, salt))
-
-
-def _streams(urls, tokenizer, cfg: TrainConfig, di: DistInfo):
+def training_data(urls, tokenizer, cfg: TrainConfig, di: DistInfo) -> tuple:
+    """(data, mining pool): a `PairBank` of every pair (data.in_memory) and no separate pool, or
+    `ShardStreams` over the shards and a `PairBank` of the first pairs as the pool (it serves
+    stage 2's mining and the document frequencies of the neutral caption tokens)."""
+    if cfg.data.in_memory:
+        return load_bank(urls, tokenizer, cfg), None
     pool = None
-    # the pool serves mining and the document frequencies of the neutral caption tokens
     if cfg.stage2.mine_k > 0 or 0 < cfg.stage2.text_neutral_df < 1:
-        pool = _FloatBank(load_pair_bank(urls, tokenizer, cfg, limit=max(cfg.stage2.mine_pool_size, 1)))
-    return _Streams(urls, tokenizer, cfg, di), pool
+        pool = load_bank(urls, tokenizer, cfg, limit=max(cfg.stage2.mine_pool_size, 1))
+    m = cfg.model
+    streams = ShardStreams(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
+                           max_length=m.max_text_len, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
+                           rank=di.rank, world=di.world)
+    return streams, pool
+
+
+def phase_data(data, global_batch: int, salt: int):
+    """A phase's batches: the PairBank itself, or the phase's own stream (`salt` per phase)."""
+    return data if isinstance(data, PairBank) else data.phase(global_batch, salt)
+
+
+def loop_options(cfg: TrainConfig) -> LoopOptions:
+    """The loop features run.* asks for (precision, activation checkpointing, micro-batches)."""
+    r = cfg.run
+    return LoopOptions(precision=r.precision, activation_checkpointing=r.activation_checkpointing,
+                       micro_batches=r.micro_batches, progress=r.progress)
 
 
 # --------------------------------------------------------------------------- models
 
 def build_model(cfg: TrainConfig, tokenizer, seed: int):
     """A fresh SolarModel for cfg.model (vocabulary and special ids from `tokenizer`)."""
-    from .model import SolarModel
     mcfg = cfg.model
     if not mcfg.text_pretrained:
         mcfg = mcfg.with_tokenizer(tokenizer)
@@ -311,66 +235,48 @@ def _phase_done(path: str, steps: int) -> bool:
 
 # --------------------------------------------------------------------------- phases
 
-def _stage1_log(log):
-    def f(m: dict):
-        m = dict(m)
-        step = m.pop("step", -1)
-        m.pop("stage", None)
-        log(m, stage="stage1", step=step)
-    return f
-
-
 def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
-    from .model import SolarModel
-    from .stage1 import run_stage1
+    """Stage 1 from a fresh model (or its finished model when resuming a completed phase)."""
     out = os.path.join(cfg.run.out_dir, "stage1")
     final = model_dir(cfg.run.out_dir, "stage1")
     if cfg.run.resume and _phase_done(final, cfg.stage1.steps):
         _say(di, f"[stage1] done already: {final}")
         return SolarModel.from_pretrained(final, map_location=di.device)
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
-    ckpt = os.path.join(out, "stage1_ckpt")
-    resume = cfg.run.resume and os.path.isdir(ckpt)
-    gt_src = pool if pool is not None else (data if isinstance(data, _FloatBank) else None)
+    resume = cfg.run.resume and os.path.isdir(os.path.join(out, "ckpt"))
+    gt_src = pool if pool is not None else (data if isinstance(data, PairBank) else None)
     eval_batches = [b for b in itertools.islice(gt_src.iter_chunks(128), 4)] \
         if gt_src is not None and "gt_patch_mask" in gt_src.fields and "gt_token_mask" in gt_src.fields else None
-    s1 = cfg.stage1
-    loader = _BankBatches(data.bank, cfg.data.batch_size, di) if isinstance(data, _FloatBank) \
-        else data.make(cfg.data.batch_size, 1, di)
-    # under torchrun every rank trains on its share of each global batch (the loader is split
-    # by rank); the losses and QDA thresholds are the global batch's (run_stage1's process_group)
-    run_stage1(model, loader, s1,
-               out_dir=out, resume=resume, log=_stage1_log(log), eval_loader=eval_batches,
-               progress=cfg.run.progress and di.is_main, process_group=di.group)
+    # under torchrun every rank trains on its share of each global batch; the losses and QDA
+    # thresholds are the global batch's
+    run_stage1(model, phase_data(data, cfg.data.batch_size, 1), cfg.stage1, out_dir=out, resume=resume, log=log,
+               eval_loader=eval_batches, progress=cfg.run.progress and di.is_main, dist_info=di,
+               global_batch=cfg.data.batch_size, options=loop_options(cfg))
     if di.is_main:
-        _write_kind(final, "solar", s1.steps)
+        _write_kind(final, "solar", cfg.stage1.steps)
     barrier()
     return model
 
 
-def run_phase_stage2(cfg, bank, stage1_model, di, log, pool=None):
-    from .model import SolarModel
-    from .stage2 import run_stage2
+def run_phase_stage2(cfg, data, stage1_model, di, log, pool=None):
+    """Stage 2 from the stage-1 model (its frozen copy builds the views)."""
     final = model_dir(cfg.run.out_dir, "stage2")
     if cfg.run.resume and _phase_done(final, cfg.stage2.steps):
         _say(di, f"[stage2] done already: {final}")
         return SolarModel.from_pretrained(final, map_location=di.device)
-    import copy
     teacher = copy.deepcopy(stage1_model).to(di.device)
     if cfg.stage2.init_from_stage1:
         model = copy.deepcopy(stage1_model).to(di.device)
     else:
-        from .model import SolarModel as _SM
         torch.manual_seed(cfg.run.seed + 2)
-        model = _SM(stage1_model.cfg).to(di.device)
+        model = SolarModel(stage1_model.cfg).to(di.device)
         model.load_state_dict({k: v for k, v in stage1_model.state_dict().items()
                                if k.startswith(("tau_", "qda_"))}, strict=False)
     torch.manual_seed(cfg.run.seed + 2)
     out = os.path.join(cfg.run.out_dir, "stage2")
-    data = bank if isinstance(bank, _FloatBank) else bank.phase(cfg.stage2.batch_size, 2)
-    run_stage2(model, data, cfg.stage2, out_dir=out, resume=cfg.run.resume, log=log, seed=cfg.run.seed,
-               dist_info=di, teacher=teacher, ckpt_every=cfg.run.ckpt_every, log_every=cfg.run.log_every,
-               progress=cfg.run.progress, pool=pool)
+    run_stage2(model, phase_data(data, cfg.stage2.batch_size, 2), cfg.stage2, out_dir=out, resume=cfg.run.resume,
+               log=log, seed=cfg.run.seed, dist_info=di, teacher=teacher, ckpt_every=cfg.run.ckpt_every,
+               log_every=cfg.run.log_every, progress=cfg.run.progress, pool=pool, options=loop_options(cfg))
     if di.is_main:
         model.save_pretrained(final)
         _write_kind(final, "solar", cfg.stage2.steps)
@@ -384,9 +290,8 @@ def clip_sf_steps(cfg) -> int:
     return b.clip_sf_steps if b.clip_sf_steps >= 0 else cfg.stage1.steps + cfg.stage2.steps
 
 
-def run_phase_clip_sf(cfg, bank, tokenizer, di, log):
-    from .baselines import run_clip_sf
-    from .model import SolarModel
+def run_phase_clip_sf(cfg, data, tokenizer, di, log):
+    """The CLIP-SF baseline from a fresh model, with stage 1's optimisation settings."""
     steps = clip_sf_steps(cfg)
     final = model_dir(cfg.run.out_dir, "clip_sf")
     if cfg.run.resume and _phase_done(final, steps):
@@ -395,12 +300,12 @@ def run_phase_clip_sf(cfg, bank, tokenizer, di, log):
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
     torch.manual_seed(cfg.run.seed + 3)
     b = cfg.baseline
-    data = bank if isinstance(bank, _FloatBank) else bank.phase(cfg.data.batch_size, 3)
-    run_clip_sf(model, data, steps=steps, global_batch=cfg.data.batch_size,
+    run_clip_sf(model, phase_data(data, cfg.data.batch_size, 3), steps=steps, global_batch=cfg.data.batch_size,
                 lr=b.clip_sf_lr if b.clip_sf_lr > 0 else cfg.stage1.lr, temperature=b.clip_sf_temperature,
                 out_dir=os.path.join(cfg.run.out_dir, "clip_sf"), resume=cfg.run.resume, log=log, dist_info=di,
                 warmup=cfg.stage1.warmup_steps, weight_decay=cfg.stage1.weight_decay, grad_clip=cfg.stage1.grad_clip,
-                ckpt_every=cfg.run.ckpt_every, log_every=cfg.run.log_every, progress=cfg.run.progress)
+                ckpt_every=cfg.run.ckpt_every, log_every=cfg.run.log_every, progress=cfg.run.progress,
+                options=loop_options(cfg))
     if di.is_main:
         model.save_pretrained(final)
         _write_kind(final, "clip_sf", steps)
@@ -435,16 +340,14 @@ def run(cfg: TrainConfig) -> dict:
     # a fresh run starts a fresh metrics file; --resume and --stage 2 (after --stage 1) append
     log = MetricsLogger(os.path.join(out, "metrics.jsonl"), enabled=di.is_main,
                         truncate=not cfg.run.resume and cfg.run.stage != "2")
-    from .data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(cfg.data.tokenizer or "shapesworld", model_max_length=cfg.model.max_text_len)
     urls, bench = prepare_data(cfg, di)
     val_bench = prepare_val_benchmark(cfg, di, bench)
+    bank, pool = training_data(urls, tokenizer, cfg, di)
     if cfg.data.in_memory:
-        bank, pool = _FloatBank(load_pair_bank(urls, tokenizer, cfg)), None
         _say(di, f"[data] {len(bank)} training pairs in memory, benchmark {bench}, world size {di.world}, "
                  f"device {di.device}")
     else:
-        bank, pool = _streams(urls, tokenizer, cfg, di)
         _say(di, f"[data] streaming {len(urls)} shard(s) (mining pool {len(pool) if pool else 0} pairs), "
                  f"benchmark {bench}, world size {di.world}, device {di.device}")
     timings = {}
@@ -455,7 +358,6 @@ def run(cfg: TrainConfig) -> dict:
         timings["stage1_s"] = time.time() - t
     if cfg.run.stage in ("2", "all"):
         if stage1_model is None:
-            from .model import SolarModel
             path = cfg.run.stage1_ckpt or model_dir(out, "stage1")
             stage1_model = SolarModel.from_pretrained(path, map_location=di.device)
         t = time.time()
@@ -506,8 +408,6 @@ def run(cfg: TrainConfig) -> dict:
 
 def main(argv: Optional[list] = None) -> int:
     """Command-line entry point (see the module docstring)."""
-    from .checkpoint import CheckpointError
-    from .distributed import resolve_device
     cfg = parse_args(argv)   # bad flags / --config values: exit status 2 with argparse's error line
     try:
         # the device string is checked by parse_args; whether this machine has it, here

@@ -160,7 +160,7 @@ def test_bad_inputs(model):
         model.text_tokens(b["input_ids"], b["attention_mask"][:, :3])
     with pytest.raises(KeyError, match="pixel_values"):
         model.embed({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
-    with pytest.raises(ValueError, match="unknown model preset"):
+    with pytest.raises(ValueError, match="unknown preset .nope."):
         ModelConfig.preset_config("nope")
     with pytest.raises(ValueError, match="unknown field"):
         ModelConfig.from_dict({"widht": 3})

@@ -336,8 +336,8 @@ def test_stage1_losses_mix_the_hard_masks_by_rho():
         with torch.no_grad():
             _, metrics = stage1_losses(model, b, cfg, rho)
         itc, fus = direct(m_v, m_l)
-        assert metrics["loss_itc"] == pytest.approx(itc, rel=1e-5, abs=1e-6), rho
-        assert metrics["loss_fusion_itc"] == pytest.approx(fus, rel=1e-5, abs=1e-6), rho
+        assert float(metrics["loss_itc"]) == pytest.approx(itc, rel=1e-5, abs=1e-6), rho
+        assert float(metrics["loss_fusion_itc"]) == pytest.approx(fus, rel=1e-5, abs=1e-6), rho
         got[rho] = (itc, fus)
     assert abs(got[0.0][0] - got[1.0][0]) > 1e-3 and abs(got[0.0][1] - got[1.0][1]) > 1e-3  # not vacuous
 
@@ -369,7 +369,7 @@ def test_gd_teacher_text_global_pools_content_tokens_only():
     def loss_gd(tl_feats):
         with torch.no_grad():
             _, m = stage1_losses(model, b, cfg, 1.0, teacher=(_FakeTower(tv), _FakeTower(tl_feats)))
-        return m["loss_gd"]
+        return float(m["loss_gd"])
 
     valid = model.text_valid_mask(ids, am)
     special = ~valid
@@ -423,14 +423,14 @@ def test_short_stage1_run_learns_masks(shards, tmp_path):
 
     model = _small_model(shapesworld_tokenizer(64))
     train, ev = _loader(shards / "train", 32, True), _loader(shards / "eval", 64, False)
-    logs = []
+    logs = _Logs()
     # rho held at 1: a run this short learns the similarities, not yet stable masks to train on
     cfg = Stage1Config(steps=80, lr=3e-3, warmup_steps=5, log_every=5, eval_every=0, ckpt_every=0,
                        fusion_itc_weight=0.0, rho_hold_frac=1.0, rho_end_frac=1.0)
     t0 = time.perf_counter()
-    final = run_stage1(model, train, cfg, out_dir=tmp_path, log=logs.append, eval_loader=ev, progress=False)
+    final = run_stage1(model, train, cfg, out_dir=tmp_path, log=logs, eval_loader=ev, progress=False)
     wall = time.perf_counter() - t0
-    train_logs = [m for m in logs if m["event"] == "train"]
+    train_logs = [m for m in logs if "event" not in m]
     first = np.mean([m["loss_itc"] for m in train_logs[:2]])
     last = np.mean([m["loss_itc"] for m in train_logs[-2:]])
     assert last < first - 0.3, (first, last)
@@ -469,9 +469,16 @@ class _Stop(Exception):
     pass
 
 
+class _Logs(list):
+    """A `log(row, stage=, step=)` callback that keeps the rows (with their step)."""
+
+    def __call__(self, row, stage="", step=-1, **_):
+        self.append({**row, "step": step})
+
+
 def _stop_after(n):
-    def log(m):
-        if m.get("event") == "train" and m["step"] >= n:
+    def log(m, stage="", step=-1, **_):
+        if "event" not in m and step >= n:
             raise _Stop
     return log
 

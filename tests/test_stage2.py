@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from solar.config import Stage2Config, build_parser, config_to_dict, get_preset, parse_args
+from solar.cli import build_parser, parse_args
+from solar.config import Stage2Config, config_to_dict, get_preset
 from solar.stage2 import (frequent_token_ids, image_views, low_norm_patches, segment_patches, step_generator,
                           text_views)
 
@@ -376,7 +377,7 @@ def test_cli_checks_config_file_values(tmp_path, capsys):
 
 
 def test_cli_help_gives_every_flag_a_meaning(capsys):
-    from solar.config import _leaf_fields
+    from solar.cli import _leaf_fields
     cfg = get_preset("tiny")
     p = build_parser(cfg)
     helps = {a.dest: a.help for a in p._actions if a.help and a.option_strings and a.option_strings[0].count(".")}

@@ -16,7 +16,7 @@ GLOBAL_BATCH = 8
 
 
 def _bank():
-    from solar.trainer import PairBank
+    from solar.data.batches import PairBank
     g = torch.Generator().manual_seed(5)
     n, T = 32, 9
     ids = torch.randint(2, 60, (n, T), generator=g)
@@ -43,13 +43,15 @@ def _model():
     return m
 
 
-def _train(out_dir: str, di, mine_k: int) -> dict:
+def _train(out_dir: str, di, mine_k: int, micro: int = 1) -> dict:
     import copy
 
     from solar.baselines import run_clip_sf
     from solar.config import Stage2Config
     from solar.stage2 import run_stage2
+    from solar.trainer import LoopOptions
     torch.set_num_threads(1)
+    opts = LoopOptions(micro_batches=micro, progress=False)
     bank = _bank()
     result = {}
     for phase in ("stage2", "clip_sf"):
@@ -63,19 +65,19 @@ def _train(out_dir: str, di, mine_k: int) -> dict:
             cfg = Stage2Config(steps=STEPS, batch_size=GLOBAL_BATCH, warmup_steps=1, mine_k=mine_k, refresh_every=1,
                                mine_pool_size=16, n_segments=3, kmeans_iters=2)
             run_stage2(model, bank, cfg, out_dir=os.path.join(out_dir, phase), log=log, seed=1, dist_info=di,
-                       teacher=copy.deepcopy(model), ckpt_every=0, log_every=1, progress=False)
+                       teacher=copy.deepcopy(model), ckpt_every=0, log_every=1, progress=False, options=opts)
         else:
             run_clip_sf(model, bank, steps=STEPS, global_batch=GLOBAL_BATCH, lr=1e-3, temperature=0.1,
                         out_dir=os.path.join(out_dir, phase), log=log, dist_info=di, warmup=1, ckpt_every=0,
-                        log_every=1, progress=False)
+                        log_every=1, progress=False, options=opts)
         result[phase] = {"losses": losses, "grad_norms": grad_norms,
                          "params": {k: v.flatten()[:64].tolist() for k, v in model.state_dict().items()
                                     if v.is_floating_point()}}
     return result
 
 
-def _dist_train(di, out_dir, mine_k):
-    return _train(out_dir, di, mine_k)
+def _dist_train(di, out_dir, mine_k, micro=1):
+    return _train(out_dir, di, mine_k, micro)
 
 
 def _free_port():
@@ -85,14 +87,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("micro", [1, 2])
+def test_two_process_gloo_matches_single_process(tmp_path, micro):
+    """micro=2: each rank splits its share into 2 GradCache micro-batches (the loop sums the
+    gradients over ranks itself then) and still matches one process over whole batches."""
     import solar_kernels as sk
     from solar.distributed import DistInfo
     mine_k = 2 if hasattr(sk, "Index") else 0
     single = _train(str(tmp_path / "single"), DistInfo(), mine_k)
     sys.path.insert(0, os.path.dirname(__file__))
     from dist_harness import run_ranks
-    ranks = run_ranks(_dist_train, tmp_path, str(tmp_path), mine_k)
+    ranks = run_ranks(_dist_train, tmp_path, str(tmp_path), mine_k, micro)
     for phase in ("stage2", "clip_sf"):
         ref = single[phase]
         assert len(ref["losses"]) == STEPS

@@ -115,16 +115,16 @@ def test_resume_equals_uninterrupted(full_run, cache, tmp_path, monkeypatch):
         pass
 
     # 1) killed during stage 1 (after its step-2 checkpoint)
-    orig_lr = s1.lr_factor
+    orig_s1 = s1.Stage1Loss.forward
 
-    def lr_boom(step, cfg):
+    def s1_boom(self, batch, step):
         if step == 3:
             raise Boom("stage 1 interrupted")
-        return orig_lr(step, cfg)
-    monkeypatch.setattr(s1, "lr_factor", lr_boom)
+        return orig_s1(self, batch, step)
+    monkeypatch.setattr(s1.Stage1Loss, "forward", s1_boom)
     with pytest.raises(Boom):
         main(_argv(cache, out))
-    monkeypatch.setattr(s1, "lr_factor", orig_lr)
+    monkeypatch.setattr(s1.Stage1Loss, "forward", orig_s1)
     # 2) resumed, then killed during stage 2 (after its step-2 checkpoint)
     orig_fwd = s2.Stage2Loss.forward
 
@@ -233,3 +233,20 @@ def test_default_job_reproduces_the_papers_ordering(tmp_path):
     avg = {name: r["fp32"]["Avg"] for name, r in res["models"].items()}
     assert avg["SOLAR"] >= avg["CLIP-SF"] + 7, avg
     assert avg["SOLAR"] >= avg["SOLAR stage 1 only"] + 3, avg
+
+
+@pytest.mark.slow
+def test_loop_features_through_the_cli(cache, tmp_path):
+    """The whole job with bf16 autocast, activation checkpointing and 2 GradCache micro-batches
+    (every phase): it trains, evaluates and logs the interval metrics."""
+    from solar.train import main
+    out = tmp_path / "features"
+    assert main(_argv(cache, out, "--run.precision", "bf16", "--run.activation_checkpointing", "true",
+                      "--run.micro_batches", "2")) == 0
+    res = json.load(open(out / "results.json"))
+    assert set(res["models"]) == {"SOLAR", "SOLAR stage 1 only", "CLIP-SF"}
+    assert res["config"]["run"]["precision"] == "bf16"
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    for stage in ("stage1", "stage2", "clip_sf"):
+        r = [x for x in rows if x["stage"] == stage and "step_time_s" in x]
+        assert r and all(x["pairs_per_s"] > 0 and x["data_wait_s"] >= 0 for x in r), stage

@@ -4,6 +4,8 @@
   (``python -m solar.data.shapesworld --out DIR --pairs N --seed S``).
 * :mod:`solar.data.reader` -- one reader for local / brace / ``pipe:`` webdataset shards,
   batches in the format documented there; :func:`collate_pairs` for in-memory pairs.
+* :mod:`solar.data.batches` -- training data as the training loop reads it: ``PairBank``
+  (in memory, deterministic batches), ``StreamBatches`` / ``ShardStreams`` (streaming shards).
 * :mod:`solar.data.tokenizer` -- the offline CLIP-compatible BPE tokenizer for ShapesWorld,
   or any local tokenizer folder.
 
@@ -12,6 +14,7 @@ Names are imported lazily so that ``python -m solar.data.shapesworld`` runs the 
 import importlib
 
 _EXPORTS = {
+    "batches": ("PairBank", "StreamBatches", "ShardStreams", "load_pair_bank"),
     "reader": ("CLIP_MEAN", "CLIP_STD", "ImageTransform", "PairDataset", "PairLoader", "ReaderStats",
                "collate_pairs", "expand_urls", "gt_patch_mask", "make_loader"),
     "shapesworld": ("BENCHMARK_ITEM_BASE", "VOCABULARY", "make_item", "make_pair", "write_shards"),

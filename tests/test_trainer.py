@@ -1,0 +1,275 @@
+"""The shared training loop (solar.trainer) on every phase: micro-batches (GradCache) equal one
+batch, resume after a kill equals an uninterrupted run, bf16 autocast and activation
+checkpointing run, per-group learning rates, interval metrics, atomic checkpoints."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train_dist import _bank, _model  # noqa: E402
+
+from solar.config import Stage1Config, Stage2Config  # noqa: E402
+from solar.distributed import DistInfo  # noqa: E402
+from solar.trainer import LoopOptions, OptimSpec, Phase, train_loop  # noqa: E402
+
+PHASES = ("stage1", "stage2", "clip_sf")
+BATCH = 8
+
+
+def _loss(phase: str, model):
+    """The phase's loss module over `model` (stage 2: a frozen copy as teacher, no mining)."""
+    from solar.baselines import ClipSFLoss
+    from solar.stage1 import Stage1Loss
+    from solar.stage2 import Stage2Loss
+    if phase == "stage1":
+        return Stage1Loss(model, Stage1Config(steps=6, warmup_steps=1, rho_hold_frac=0.0, log_every=1))
+    if phase == "stage2":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        cfg = Stage2Config(steps=6, batch_size=BATCH, warmup_steps=1, mine_k=0, n_segments=3, kmeans_iters=2)
+        return Stage2Loss(model, teacher, cfg, seed=1)
+    return ClipSFLoss(model, temperature=0.1)
+
+
+def _phase(name: str, model, *, steps=6, ckpt_every=0, log_every=1, lr_scales=None, loss=None) -> Phase:
+    return Phase(name=name, model=model, loss=loss or _loss(name, model), data=_bank(), steps=steps,
+                 global_batch=BATCH, optim=OptimSpec(lr=1e-3, warmup=1, weight_decay=0.05, grad_clip=1.0),
+                 lr_scales=lr_scales or {}, ckpt_every=ckpt_every, log_every=log_every)
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_four_micro_batches_give_the_loss_and_gradients_of_one_batch(phase):
+    """GradCache: 4 micro-batches of 2 pairs give the loss and every parameter gradient of one
+    batch of 8 (tolerance: rel 1e-4, abs 1e-6 on gradients: only the summation order differs)."""
+    from solar.trainer import _grad_cache_step
+    from contextlib import nullcontext
+    batch = _bank().batch(0, BATCH)
+    ref_model = _model()
+    loss_mod = _loss(phase, ref_model)
+    ref_loss, _ = loss_mod(batch, 3)
+    ref_loss.backward()
+    ref = _grads(ref_model)
+    model = _model()
+    got_loss, _ = _grad_cache_step(_loss(phase, model), batch, 3, 4, nullcontext, torch.device("cpu"), 1.0)
+    got = _grads(model)
+    assert float(got_loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    assert got.keys() == ref.keys() and len(ref) > 10
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{phase} {k}: {m}")
+    # the QDA statistics (stage 1) were updated once, from the whole batch
+    if phase == "stage1":
+        assert torch.equal(model.qda_v, ref_model.qda_v)
+
+
+def test_micro_batches_must_divide_the_batch_and_need_the_split():
+    from contextlib import nullcontext
+
+    from solar.trainer import _grad_cache_step
+    model = _model()
+    with pytest.raises(ValueError, match="micro_batches: 3 does not divide"):
+        _grad_cache_step(_loss("clip_sf", model), _bank().batch(0, BATCH), 0, 3, nullcontext, torch.device("cpu"), 1)
+    with pytest.raises(ValueError, match="no embed / loss_from split"):
+        _grad_cache_step(lambda b, s: None, _bank().batch(0, BATCH), 0, 2, nullcontext, torch.device("cpu"), 1)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_micro_batched_training_matches_plain_training(phase, tmp_path):
+    """Three optimizer steps with micro_batches=4 end at the weights of plain steps."""
+    states = []
+    for mb in (1, 4):
+        model = _model()
+        train_loop(_phase(phase, model, steps=3), out_dir=str(tmp_path / f"mb{mb}"), resume=False, log=None,
+                   dist_info=DistInfo(), options=LoopOptions(micro_batches=mb, progress=False))
+        states.append(model.state_dict())
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(states[1][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{phase} {k}: {m}")
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("ckpt_every,kill_at", [(2, 3), (1, 4)])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(phase, ckpt_every, kill_at, tmp_path):
+    """Killed at step `kill_at` (after the last checkpoint), resumed: bit-identical weights,
+    buffers (QDA statistics) and logged losses."""
+    ref_model, ref_log = _model(), {}
+    train_loop(_phase(phase, ref_model, ckpt_every=ckpt_every), out_dir=str(tmp_path / "ref"), resume=False,
+               log=lambda r, stage, step: ref_log.__setitem__(step, r["loss"]), dist_info=DistInfo(),
+               options=LoopOptions(progress=False))
+    out = str(tmp_path / "killed")
+    model = _model()
+    loss = _loss(phase, model)
+    fwd = type(loss).forward
+
+    def boom(self, batch, step):
+        if step == kill_at:
+            raise _Boom
+        return fwd(self, batch, step)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(loss), "forward", boom)
+        with pytest.raises(_Boom):
+            train_loop(_phase(phase, model, ckpt_every=ckpt_every, loss=loss), out_dir=out, resume=False, log=None,
+                       dist_info=DistInfo(), options=LoopOptions(progress=False))
+    torch.manual_seed(1234)   # the resumed run restores the RNG state from the checkpoint
+    model, got_log = _model(), {}
+    train_loop(_phase(phase, model, ckpt_every=ckpt_every), out_dir=out, resume=True,
+               log=lambda r, stage, step: got_log.__setitem__(step, r["loss"]), dist_info=DistInfo(),
+               options=LoopOptions(progress=False))
+    assert min(got_log) == (kill_at // ckpt_every) * ckpt_every + 1   # it did resume, not restart
+    for step, v in got_log.items():
+        assert v == ref_log[step], (phase, step)
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), f"{phase}: {k} differs after resume"
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_bf16_autocast_and_activation_checkpointing_run(phase, tmp_path):
+    """bf16 autocast (CPU autocast exercises the code path) trains to finite losses near the
+    fp32 ones; activation checkpointing recomputes E_VL / the towers and changes nothing."""
+    logs = {}
+    states = {}
+    for name, opts in (("fp32", LoopOptions(progress=False)), ("bf16", LoopOptions(precision="bf16", progress=False)),
+                       ("ckpt", LoopOptions(activation_checkpointing=True, progress=False))):
+        model, rows = _model(), []
+        train_loop(_phase(phase, model, steps=3), out_dir=str(tmp_path / name), resume=False,
+                   log=lambda r, stage, step: rows.append(r["loss"]), dist_info=DistInfo(), options=opts)
+        logs[name], states[name] = rows, model.state_dict()
+        assert model.activation_checkpointing == (name == "ckpt")
+    assert all(torch.isfinite(torch.tensor(logs["bf16"])))
+    assert logs["bf16"] == pytest.approx(logs["fp32"], rel=0.05)
+    assert logs["bf16"] != logs["fp32"]          # autocast did run in bf16
+    assert logs["ckpt"] == pytest.approx(logs["fp32"], rel=1e-6)
+    for k, v in states["fp32"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(states["ckpt"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_recomputes_fusion_layers():
+    """With checkpointing on, E_VL's layers run again during backward (counted)."""
+    model = _model()
+    calls = []
+    for layer in model.fusion:   # (forward hooks do not fire on recomputation: wrap forward)
+        def counted(*a, _f=layer.forward, **kw):
+            calls.append(1)
+            return _f(*a, **kw)
+        layer.forward = counted
+    batch = _bank().batch(0, BATCH)
+    for on in (False, True):
+        calls.clear()
+        model.set_activation_checkpointing(on)
+        model.train()
+        f = model.fuse(model.patch_tokens(batch["pixel_values"]),
+                       model.text_tokens(batch["input_ids"], batch["attention_mask"]))
+        n_fwd = len(calls)
+        f.sum().backward()
+        assert len(calls) == (2 * n_fwd if on else n_fwd), on
+
+
+def test_per_group_learning_rates(tmp_path):
+    """lr_scales: a 0 scale freezes the towers' updates, the rest of the model moves."""
+    model = _model()
+    init = copy.deepcopy(model.state_dict())
+    train_loop(_phase("clip_sf", model, steps=2, lr_scales={"vision.": 0.0, "text.": 0.0}),
+               out_dir=str(tmp_path), resume=False, log=None, dist_info=DistInfo(), options=LoopOptions(progress=False))
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, init[k])}
+    assert moved and not any(k.startswith(("vision.", "text.")) for k in moved)
+    assert any(k.startswith("adapter_v.") for k in moved)
+    with pytest.raises(ValueError, match="lr_scales: the scale of 'vision.'"):
+        train_loop(_phase("clip_sf", _model(), lr_scales={"vision.": -1}), out_dir=str(tmp_path / "x"),
+                   resume=False, log=None, dist_info=DistInfo(), options=LoopOptions(progress=False))
+
+
+def test_interval_metrics_are_means_read_once_per_interval(tmp_path, monkeypatch):
+    """log_every=3: one row per 3 steps whose loss is the mean of the 3 per-step losses, with
+    step time, data-wait time, pairs/s and (count_flops) a TFLOP/s estimate; the loop reads
+    the device once per interval (Tensor.tolist), never per step."""
+    per_step = []
+    train_loop(_phase("clip_sf", _model(), steps=6), out_dir=str(tmp_path / "a"), resume=False,
+               log=lambda r, stage, step: per_step.append(r["loss"]), dist_info=DistInfo(),
+               options=LoopOptions(progress=False))
+    rows = []
+    calls = {"tolist": 0}
+    orig = torch.Tensor.tolist
+
+    def counting(self):
+        calls["tolist"] += 1
+        return orig(self)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    train_loop(_phase("clip_sf", _model(), steps=6, log_every=3), out_dir=str(tmp_path / "b"), resume=False,
+               log=lambda r, stage, step: rows.append((step, r)), dist_info=DistInfo(),
+               options=LoopOptions(progress=False, count_flops=True))
+    monkeypatch.setattr(torch.Tensor, "tolist", orig)
+    assert [s for s, _ in rows] == [3, 6]
+    assert rows[0][1]["loss"] == pytest.approx(sum(per_step[:3]) / 3, rel=1e-6)
+    assert rows[1][1]["loss"] == pytest.approx(sum(per_step[3:]) / 3, rel=1e-6)
+    for _, r in rows:
+        assert r["step_time_s"] > 0 and 0 <= r["data_wait_s"] <= r["step_time_s"]
+        assert r["pairs_per_s"] == pytest.approx(BATCH / r["step_time_s"], rel=0.05)
+        assert r["tflops"] > 0 and "pos_sim" in r and "grad_norm" in r
+    assert calls["tolist"] == len(rows)
+
+
+def test_non_finite_loss_is_raised_at_the_end_of_its_interval(tmp_path):
+    from solar.baselines import ClipSFLoss
+    model = _model()
+    loss = ClipSFLoss(model, temperature=0.1)
+    fwd = ClipSFLoss.forward
+
+    class Nan(ClipSFLoss):
+        def forward(self, batch, step):
+            out, m = fwd(self, batch, step)
+            return (out * float("nan") if step == 1 else out), m
+    loss.__class__ = Nan
+    with pytest.raises(FloatingPointError, match=r"non-finite loss in steps 1\.\.2"):
+        train_loop(_phase("clip_sf", model, steps=4, log_every=2, loss=loss), out_dir=str(tmp_path), resume=False,
+                   log=None, dist_info=DistInfo(), options=LoopOptions(progress=False))
+
+
+def test_checkpoint_is_written_to_a_temporary_name_then_renamed(tmp_path, monkeypatch):
+    """A crash while writing checkpoint 2 leaves checkpoint 1 complete as the latest."""
+    import solar.checkpoint as ck
+    from solar.trainer import load_train_state, make_optimizer
+    out = str(tmp_path)
+    model = _model()
+    orig = ck._atomic_json
+    writes = {"n": 0}
+
+    def crash(path, obj):
+        if path.name == ck.TRAINER_JSON:
+            writes["n"] += 1
+            if writes["n"] == 2:
+                raise OSError("disk full")
+        return orig(path, obj)
+    monkeypatch.setattr(ck, "_atomic_json", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train_loop(_phase("clip_sf", model, steps=4, ckpt_every=1), out_dir=out, resume=False, log=None,
+                   dist_info=DistInfo(), options=LoopOptions(progress=False))
+    monkeypatch.setattr(ck, "_atomic_json", orig)
+    fresh = _model()
+    meta = load_train_state(os.path.join(out, "ckpt"), model=fresh, optimizer=make_optimizer(
+        fresh, OptimSpec(lr=1e-3, warmup=1, weight_decay=0.05, grad_clip=1.0)), generators={})
+    assert meta["step"] == 1
+
+
+def test_run_flags_reach_the_loop():
+    from solar.cli import parse_args
+    from solar.train import loop_options
+    cfg = parse_args(["--run.precision", "bf16", "--run.micro_batches", "4", "--run.activation_checkpointing"])
+    o = loop_options(cfg)
+    assert (o.precision, o.micro_batches, o.activation_checkpointing) == ("bf16", 4, True)
+    assert loop_options(parse_args([])) == LoopOptions(progress=True)
+    for bad in (["--run.precision", "fp16"], ["--run.micro_batches", "0"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(bad)
+        assert e.value.code == 2
+    with pytest.raises(ValueError, match="precision: expected 'fp32' or 'bf16', got 'fp8'"):
+        LoopOptions(precision="fp8")
