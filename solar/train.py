@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from .baselines import run_clip_sf
+from .benchmark import BenchmarkError
 from .checkpoint import CheckpointError
 from .cli import parse_args
 from .config import TrainConfig, config_to_dict
@@ -153,7 +154,11 @@ def prepare_data(cfg: TrainConfig, di: DistInfo) -> tuple:
     if d.bench_dir and not os.path.isdir(bench):
         raise FileNotFoundError(f"data.bench_dir: {bench!r} does not exist")
     if di.is_main and not bm.benchmark_exists(bench):
-        if d.bench_dir:
+        if d.bench_dir:  # say why: no manifest, a damaged shard, a pair count that does not add up
+            try:
+                bm.load_benchmark(bench, verify=True)
+            except (bm.BenchmarkError, FileNotFoundError, ValueError) as e:
+                raise bm.BenchmarkError(f"data.bench_dir: {bench!r} is not a usable benchmark: {e}") from None
             raise FileNotFoundError(f"data.bench_dir: {bench!r} is not a benchmark folder")
         print(f"[data] building the benchmark ({d.bench_triplets} triplets, {d.bench_pool} pool pairs) in {bench}",
               flush=True)
@@ -218,8 +223,12 @@ def model_dir(out_dir: str, phase: str) -> str:
 
 
 def _write_kind(path: str, kind: str, steps: int) -> None:
-    with open(os.path.join(path, EMBED_FILE), "w") as fh:
+    """The embedding-kind file, written to a temporary name and renamed (a crash never leaves
+    a truncated one: it is what eval / encode read to know the embedding rule)."""
+    tmp = os.path.join(path, EMBED_FILE + ".tmp")
+    with open(tmp, "w") as fh:
         json.dump({"embedding": kind, "steps": steps}, fh)
+    os.replace(tmp, os.path.join(path, EMBED_FILE))
 
 
 def _phase_done(path: str, steps: int) -> bool:
@@ -417,7 +426,7 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     try:
         run(cfg)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, BenchmarkError) as e:
         print(f"solar.train: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -322,7 +322,7 @@ def _damaged_set(train_dir, tmp_path):
 
 def _bank(loader):
     """What solar.train's in-memory loading does: concatenate every field over the batches."""
-    from solar.trainer import PairBank
+    from solar.data.batches import PairBank
     fields = {}
     for b in loader:
         for k, v in b.items():
@@ -464,3 +464,31 @@ def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert p.read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["pool.idx"], "a failed save left its temporary file"
+
+
+def test_load_pair_bank_reports_what_the_reader_skipped(train_dir, tmp_path, tok, capsys):
+    """solar.train's in-memory loading prints the reader's skip counts by cause (they used to
+    stay in the reader's logger, which solar.train never configured) and keeps them on the bank."""
+    from solar.data.batches import load_pair_bank
+    urls = _damaged_set(train_dir, tmp_path)
+    bank = load_pair_bank(urls, tok, image_size=SIZE, patch_size=8, max_length=40, seed=0, progress=False)
+    out = capsys.readouterr().out
+    assert "[data] reader:" in out and "missing ground truth 21" in out and "read error" in out
+    assert bank.reader_stats["missing_ground_truth"] == 21 and bank.reader_stats["yielded"] == len(bank)
+
+
+def test_train_with_a_damaged_bench_dir_says_why(bench, tmp_path, capsys):
+    """A user-given --data.bench_dir that is not a usable benchmark: one error line with the
+    reason (here: a shard that does not match its checksum), exit 2, before any training."""
+    from solar import train
+    damaged = tmp_path / "bench"
+    _copy(bench, damaged)
+    shard = sorted(p for p in os.listdir(damaged) if p.endswith(".tar"))[0]
+    with open(damaged / shard, "r+b") as fh:
+        fh.seek(700)
+        fh.write(b"\x00garbage\x00")
+    rc = train.main(["--data.bench_dir", str(damaged), "--run.out_dir", str(tmp_path / "run"),
+                     "--data.cache_dir", str(tmp_path / "cache"), "--stage", "2", "--run.progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "data.bench_dir" in err and "not a usable benchmark" in err and "sha256" in err.lower()

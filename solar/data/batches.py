@@ -181,12 +181,18 @@ def load_pair_bank(urls, tokenizer, *, image_size: int, patch_size: int, max_len
         if limit and n >= limit:
             break
     bar.close()
+    stats = loader.stats.totals()
+    if progress or stats["skipped"]:  # what the reader dropped reaches the user, not only its logger
+        print(f"[data] {loader.stats.report()}", flush=True)
     if n == 0:
-        raise ValueError(f"data: no readable pairs in {len(urls)} shard(s) (first: {urls[0] if urls else None!r})")
+        raise ValueError(f"data: no readable pairs in {len(urls)} shard(s) (first: {urls[0] if urls else None!r}); "
+                         f"{loader.stats.report()}")
     out = {}
     for k, parts in fields.items():
         out[k] = torch.cat(parts) if torch.is_tensor(parts[0]) else [x for p in parts for x in p]
     if limit:
         out = {k: v[:limit] for k, v in out.items()}
-    return PairBank(out, seed=seed)
+    bank = PairBank(out, seed=seed)
+    bank.reader_stats = stats
+    return bank
 
