@@ -67,12 +67,19 @@ def use_backend(name: str):
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    prev = getattr(_state, "backend", None)
-    _state.backend = name
+    with _thread_setting("backend", name):
+        yield
+
+
+@contextlib.contextmanager
+def _thread_setting(attr: str, value):
+    """Set a thread-local dispatch setting for the duration of a ``with`` block (blocks nest)."""
+    prev = getattr(_state, attr, None)
+    setattr(_state, attr, value)
     try:
         yield
     finally:
-        _state.backend = prev
+        setattr(_state, attr, prev)
 
 
 def triton_interpreted() -> bool:
@@ -99,12 +106,8 @@ def kernel_target(name: str):
     """
     if name not in KERNEL_TARGETS:
         raise ValueError(f"kernel target must be one of {KERNEL_TARGETS}, got {name!r}")
-    prev = getattr(_state, "target", None)
-    _state.target = name
-    try:
+    with _thread_setting("target", name):
         yield
-    finally:
-        _state.target = prev
 
 
 def target_for(device: torch.device) -> str:
