@@ -132,6 +132,32 @@ def save_training_state(directory: str | os.PathLike, model, optimizer: Optional
     return d
 
 
+def recover_interrupted_save(directory: str | os.PathLike) -> bool:
+    """Finish a checkpoint rotation that a crash interrupted; True when `directory` holds a
+    checkpoint afterwards.
+
+    ``save_training_state`` writes ``directory.tmp`` completely, then renames ``directory`` to
+    ``directory.old``, ``directory.tmp`` to ``directory`` and removes ``directory.old``.  Killed
+    between the two renames, only ``.old`` and ``.tmp`` are on disk: the newer, complete
+    ``.tmp`` (its trainer json, written last, is there) becomes ``directory``, else ``.old`` goes
+    back.  Killed after the second rename, the leftover ``.old`` is removed.
+    """
+    d = Path(directory)
+    tmp, old = d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")
+    if d.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        return True
+    if not old.exists():
+        return False
+    if (tmp / TRAINER_JSON).is_file():
+        os.replace(tmp, d)
+        shutil.rmtree(old)
+    else:
+        os.replace(old, d)
+    return True
+
+
 def load_training_state(directory: str | os.PathLike, model, optimizer: Optional[torch.optim.Optimizer]):
     """Load what ``save_training_state`` wrote into `model` (in place) and `optimizer`.
 

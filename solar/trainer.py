@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_training_state, save_training_state
+from .checkpoint import CheckpointError, load_training_state, recover_interrupted_save, save_training_state
 from .distributed import DistInfo, barrier
 from .logging import progress_bar
 
@@ -332,7 +332,7 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
     ckpt = os.path.join(out_dir, "ckpt")
     opt = make_optimizer(model, phase.optim, phase.lr_scales)
     start = 0
-    if resume and os.path.isdir(ckpt):
+    if resume and recover_interrupted_save(ckpt):
         meta = load_train_state(ckpt, model=model, optimizer=opt, generators=phase.generators)
         start = int(meta["step"])
         if phase.restore_extra is not None:

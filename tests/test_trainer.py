@@ -273,3 +273,35 @@ def test_run_flags_reach_the_loop():
         assert e.value.code == 2
     with pytest.raises(ValueError, match="precision: expected 'fp32' or 'bf16', got 'fp8'"):
         LoopOptions(precision="fp8")
+
+
+@pytest.mark.parametrize("crash_after", ["first_rename", "second_rename"])
+def test_resume_after_a_kill_inside_the_checkpoint_rotation(tmp_path, monkeypatch, crash_after):
+    """Killed between `ckpt -> ckpt.old` and `ckpt.tmp -> ckpt` (two complete checkpoints on
+    disk, none named ckpt), resume used to start from step 0; now it finishes the rotation and
+    resumes from the newer checkpoint.  Killed after the second rename, the stale .old goes."""
+    import solar.checkpoint as ck
+    out = str(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        rotating = os.path.exists(os.path.join(out, "ckpt.old"))
+        real_replace(src, dst)
+        # save 2 (step 2) is the first rotation: crash right after its first / second rename
+        if crash_after == "first_rename" and str(dst).endswith("ckpt.old"):
+            raise KeyboardInterrupt("killed")
+        if crash_after == "second_rename" and rotating and str(src).endswith("ckpt.tmp"):
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(ck.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(_phase("clip_sf", _model(), steps=4, ckpt_every=1), out_dir=out, resume=False, log=None,
+                   dist_info=DistInfo(), options=LoopOptions(progress=False))
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    ckpt = os.path.join(out, "ckpt")
+    assert os.path.isdir(ckpt + ".old") and os.path.isdir(ckpt + (".tmp" if crash_after == "first_rename" else ""))
+    steps = []
+    train_loop(_phase("clip_sf", _model(), steps=4, ckpt_every=1), out_dir=out, resume=True,
+               log=lambda r, stage, step: steps.append(step), dist_info=DistInfo(),
+               options=LoopOptions(progress=False))
+    assert min(steps) == 3, steps     # resumed after step 2, not from step 0
+    assert not os.path.exists(ckpt + ".old") and not os.path.exists(ckpt + ".tmp")
