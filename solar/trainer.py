@@ -39,7 +39,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -179,10 +179,11 @@ def clip_order(model: nn.Module, opt: torch.optim.Optimizer, lr_scales: Optional
 # --------------------------------------------------------------------------- checkpoints
 
 def save_train_state(path: str, *, model, step: int, optimizer, generators: dict, extra: Optional[dict] = None,
-                     extra_tensors: Optional[dict] = None) -> None:
+                     extra_tensors: Optional[dict] = None, run: Optional[dict] = None) -> None:
     """Model + optimizer + RNG states + the step + caller state (json-able `extra`, tensors
-    `extra_tensors`) through `solar.checkpoint.save_training_state` (safetensors + json, no
-    pickle, written to a temporary name and renamed)."""
+    `extra_tensors`) + the run's settings (`run`, see `run_spec`; checked on resume) through
+    `solar.checkpoint.save_training_state` (safetensors + json, no pickle, written to a
+    temporary name and renamed)."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -190,7 +191,7 @@ def save_train_state(path: str, *, model, step: int, optimizer, generators: dict
         tensors[f"gen.{name}"] = g.get_state()
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
-    save_training_state(path, model, optimizer, {"step": int(step), "extra": extra or {},
+    save_training_state(path, model, optimizer, {"step": int(step), "extra": extra or {}, "run": run or {},
                                                  "format": "solar-train-state-v1"}, tensors)
 
 
@@ -214,8 +215,34 @@ def load_train_state(path: str, *, model, optimizer, generators: dict) -> dict:
         if key not in tensors:
             raise CheckpointError(f"checkpoint: {path!r} lacks generator state {name!r}")
         g.set_state(tensors[key])
-    return {"step": int(meta["step"]), "extra": meta.get("extra", {}),
+    return {"step": int(meta["step"]), "extra": meta.get("extra", {}), "run": meta.get("run", {}),
             "extra_tensors": {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}}
+
+
+def run_spec(phase: "Phase") -> dict:
+    """The settings a checkpoint of `phase` was written under (json-able), checked on resume."""
+    return {"steps": int(phase.steps), "global_batch": int(phase.global_batch),
+            "optim": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(phase.optim).items()},
+            "lr_scales": dict(phase.lr_scales)}
+
+
+def check_resume(path: str, step: int, saved: dict, now: dict, name: str) -> list:
+    """Refuse a checkpoint past this run's last step (its model would be written under the
+    run's smaller step count); return a warning line per setting that changed since it was
+    written (changing the lr, batch or schedule on resume is allowed, never silent).  Model
+    shape changes are refused by the strict state-dict load."""
+    if step > now["steps"]:
+        raise CheckpointError(f"checkpoint: {path!r} is at step {step}, past this run's {name} steps = "
+                              f"{now['steps']}; resume with at least {step} steps or start a new run directory")
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                        if a.get(k) != b.get(k)]
+        elif a != b and key in saved:
+            changed.append(f"{key}: {a!r} -> {b!r}")
+    return changed
 
 
 # --------------------------------------------------------------------------- one step
@@ -335,6 +362,9 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
     if resume and recover_interrupted_save(ckpt):
         meta = load_train_state(ckpt, model=model, optimizer=opt, generators=phase.generators)
         start = int(meta["step"])
+        for line in check_resume(ckpt, start, meta.get("run", {}), run_spec(phase), name):
+            if dist_info.is_main:
+                print(f"[{name}] warning: --resume with a changed setting: {line}", flush=True)
         if phase.restore_extra is not None:
             phase.restore_extra(meta.get("extra", {}), meta.get("extra_tensors", {}))
     elif resume and dist_info.is_main:
@@ -418,7 +448,7 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
             if dist_info.is_main:
                 ex, ext = phase.extra_state() if phase.extra_state else ({}, {})
                 save_train_state(ckpt, model=model, step=done, optimizer=opt, generators=phase.generators,
-                                 extra=ex, extra_tensors=ext)
+                                 extra=ex, extra_tensors=ext, run=run_spec(phase))
             barrier()
     bar.close()
     return {"step": phase.steps, "loss": result_loss, "seconds": time.perf_counter() - t_start}

@@ -305,3 +305,22 @@ def test_resume_after_a_kill_inside_the_checkpoint_rotation(tmp_path, monkeypatc
                options=LoopOptions(progress=False))
     assert min(steps) == 3, steps     # resumed after step 2, not from step 0
     assert not os.path.exists(ckpt + ".old") and not os.path.exists(ckpt + ".tmp")
+
+
+def test_resume_checks_the_checkpoint_against_the_run(tmp_path, capsys):
+    """A checkpoint past the run's last step is refused (it used to write the step-4 model
+    labelled 2 steps); a changed lr or batch resumes with a warning naming each change."""
+    from solar.checkpoint import CheckpointError
+    out = str(tmp_path)
+    train_loop(_phase("clip_sf", _model(), steps=4, ckpt_every=2), out_dir=out, resume=False, log=None,
+               dist_info=DistInfo(), options=LoopOptions(progress=False))
+    with pytest.raises(CheckpointError, match="step 4, past this run's .*steps = 2"):
+        train_loop(_phase("clip_sf", _model(), steps=2, ckpt_every=2), out_dir=out, resume=True, log=None,
+                   dist_info=DistInfo(), options=LoopOptions(progress=False))
+    phase = _phase("clip_sf", _model(), steps=6, ckpt_every=2)
+    phase.optim = OptimSpec(lr=5e-4, warmup=phase.optim.warmup, weight_decay=phase.optim.weight_decay,
+                            grad_clip=phase.optim.grad_clip)
+    capsys.readouterr()
+    train_loop(phase, out_dir=out, resume=True, log=None, dist_info=DistInfo(), options=LoopOptions(progress=False))
+    err = capsys.readouterr().out
+    assert "changed setting: optim.lr: 0.001 -> 0.0005" in err and "steps: 4 -> 6" in err
