@@ -5,12 +5,16 @@ and ``model.safetensors`` (every parameter and buffer, including the stage-1 thr
 tau_v / tau_l and the QDA statistics).  A training-state directory adds
 ``trainer.safetensors`` (optimizer tensors) and ``trainer.json`` (step, optimizer
 hyper-parameters, scalar state, RNG seeds).  Writes go to a temporary name and are renamed
-into place, so an interrupted save never leaves a half-written checkpoint behind.
+into place, so an interrupted save never leaves a half-written checkpoint behind.  Each json
+file (written after its tensors) records the sha256 of its safetensors file, and loading
+checks it: a flipped bit in the weights is a CheckpointError, not a model that silently
+computes something else (directories written before the checksums load unchecked).
 
 If a torch file must ever be read, use ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +50,22 @@ def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: Optional
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(path: Path, meta: dict) -> None:
+    """Compare `path` with the sha256 its json recorded (none recorded: nothing to check)."""
+    want = (meta.get("sha256") or {}).get(path.name)
+    if want is not None and path.is_file() and _sha256(path) != want:
+        raise CheckpointError(f"checkpoint: {path} does not match the sha256 recorded when it was written "
+                              f"(corrupt or modified since)")
+
+
 def save_model(model, directory: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for a SolarModel into `directory`."""
     d = Path(directory)
@@ -53,7 +73,8 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     state = model.state_dict()
     # tied / shared storages are not allowed by safetensors: clone every tensor
     _atomic_tensors(d / MODEL_FILE, {k: v.clone() for k, v in state.items()}, {"format": "pt", "solar": "model"})
-    _atomic_json(d / CONFIG_FILE, {"solar_model_config": model.cfg.to_dict()})
+    _atomic_json(d / CONFIG_FILE, {"solar_model_config": model.cfg.to_dict(),
+                                   "sha256": {MODEL_FILE: _sha256(d / MODEL_FILE)}})
     return d
 
 
@@ -84,6 +105,7 @@ def load_model_files(directory: str | os.PathLike) -> tuple[dict, dict[str, torc
     meta = _read_json(d / CONFIG_FILE)
     if "solar_model_config" not in meta:
         raise CheckpointError(f"checkpoint: {d / CONFIG_FILE} has no 'solar_model_config' entry")
+    _verify(d / MODEL_FILE, meta)
     return meta["solar_model_config"], _read_tensors(d / MODEL_FILE, "cpu")
 
 
@@ -119,7 +141,8 @@ def save_training_state(directory: str | os.PathLike, model, optimizer: Optional
                     scalars.setdefault(str(pid), {})[name] = val
         opt_meta = {"param_groups": sd["param_groups"], "scalars": scalars}
     _atomic_tensors(tmp / TRAINER_TENSORS, tensors, {"format": "pt", "solar": "trainer"})
-    _atomic_json(tmp / TRAINER_JSON, {"extra": extra, "optimizer": opt_meta})
+    _atomic_json(tmp / TRAINER_JSON, {"extra": extra, "optimizer": opt_meta,
+                                      "sha256": {TRAINER_TENSORS: _sha256(tmp / TRAINER_TENSORS)}})
     if d.exists():
         old = d.with_name(d.name + ".old")
         if old.exists():
@@ -168,6 +191,7 @@ def load_training_state(directory: str | os.PathLike, model, optimizer: Optional
     _, state = load_model_files(d)
     load_state_strict(model, state, d)
     meta = _read_json(d / TRAINER_JSON)
+    _verify(d / TRAINER_TENSORS, meta)
     tensors = _read_tensors(d / TRAINER_TENSORS, "cpu")
     if optimizer is not None:
         om = meta.get("optimizer")

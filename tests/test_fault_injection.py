@@ -492,3 +492,37 @@ def test_train_with_a_damaged_bench_dir_says_why(bench, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "data.bench_dir" in err and "not a usable benchmark" in err and "sha256" in err.lower()
+
+
+def test_bit_flip_in_model_weights_is_detected(model_dir, tmp_path):
+    """A flipped bit inside model.safetensors used to load (weights up to 1.7e38, exit 0); the
+    sha256 recorded in config.json at save time now makes it a CheckpointError naming the file."""
+    from solar.checkpoint import MODEL_FILE, load_model_files
+    d = _copy(model_dir, tmp_path / "m")
+    load_model_files(d)  # intact: loads
+    path = os.path.join(d, MODEL_FILE)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+        fh.seek(size - 7)
+        b = fh.read(1)
+        fh.seek(size - 7)
+        fh.write(bytes([b[0] ^ 0x40]))
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the sha256"):
+        load_model_files(d)
+
+
+def test_bit_flip_in_optimizer_state_is_detected(tmp_path):
+    from solar.checkpoint import TRAINER_TENSORS, load_training_state, save_training_state
+    model = SolarModel(ModelConfig())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    d = save_training_state(tmp_path / "ckpt", model, opt, {"step": 1})
+    path = d / TRAINER_TENSORS
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="trainer.safetensors does not match the sha256"):
+        fresh = SolarModel(ModelConfig())
+        load_training_state(d, fresh, torch.optim.AdamW(fresh.parameters()))
