@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
 from typing import Optional
 
@@ -210,4 +211,6 @@ def parse_args(argv=None, prog: str = "python -m solar.train") -> TrainConfig:
         dotted = f"{e.owner}.{e.name}"
         where = f"--config {known.config}: {dotted}" if dotted in from_json and dotted not in flags else f"--{dotted}"
         parser.error(f"{where} {e.detail}")
+    for line in cfg.warnings(set(flags)):
+        print(f"{prog}: warning: {line}", file=sys.stderr)
     return cfg

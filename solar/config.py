@@ -379,6 +379,40 @@ class TrainConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self):
+        """Checks across sections, so that a run that cannot work stops at the command line
+        (exit 2 naming the flag) instead of after its data is generated or loaded."""
+        m, d, s2 = self.model, self.data, self.stage2
+        if m.width % m.fusion_heads:
+            raise ConfigError("model", "fusion_heads", f"must divide model.width ({m.width}), got {m.fusion_heads}")
+        if m.image_size % m.patch_size:
+            raise ConfigError("model", "patch_size", f"must divide model.image_size ({m.image_size}), "
+                              f"got {m.patch_size}")
+        if not d.train_shards:  # ShapesWorld: the number of training pairs is known now
+            for owner, cfg in (("data", d), ("stage2", s2)):
+                if cfg.batch_size > d.train_pairs:
+                    raise ConfigError(owner, "batch_size", f"must be <= data.train_pairs ({d.train_pairs}: the "
+                                      f"batch is drawn from them), got {cfg.batch_size}")
+            pool = min(s2.mine_pool_size, d.train_pairs) if s2.mine_pool_size > 0 else d.train_pairs
+            if s2.mine_k >= pool:
+                raise ConfigError("stage2", "mine_k", f"must be smaller than the mining pool ({pool} pairs: "
+                                  f"stage2.mine_pool_size / data.train_pairs), got {s2.mine_k}")
+        if not d.bench_dir and not d.val_bench_dir and d.val_bench_seed == d.bench_seed:
+            raise ConfigError("data", "val_bench_seed", f"must differ from data.bench_seed ({d.bench_seed}): the "
+                              f"validation benchmark would be the test benchmark")
+
+    def warnings(self, given: Optional[set] = None) -> list:
+        """Settings that run but are probably not meant: warm-up longer than the phase, and
+        (with `given`, the dotted fields set by flags) flags of a stage this run skips."""
+        out = [f"{sec}.warmup_steps ({getattr(self, sec).warmup_steps}) > {sec}.steps ({getattr(self, sec).steps}): "
+               f"the learning rate never reaches its peak" for sec in ("stage1", "stage2")
+               if getattr(self, sec).warmup_steps > getattr(self, sec).steps]
+        skipped = {"1": ("stage2.", "baseline."), "2": ("stage1.",)}.get(self.run.stage, ())
+        for name in sorted(given or ()):
+            if name.startswith(skipped):
+                out.append(f"--{name} has no effect with --stage {self.run.stage}")
+        return out
+
 
 def _preset_config(name: str) -> TrainConfig:
     return TrainConfig(preset=name, model=ModelConfig.preset_config(name), stage1=Stage1Config.preset(name),

@@ -526,3 +526,32 @@ def test_bit_flip_in_optimizer_state_is_detected(tmp_path):
     with pytest.raises(CheckpointError, match="trainer.safetensors does not match the sha256"):
         fresh = SolarModel(ModelConfig())
         load_training_state(d, fresh, torch.optim.AdamW(fresh.parameters()))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--model.fusion_heads", "5"], "--model.fusion_heads must divide model.width"),
+    (["--model.patch_size", "24"], "--model.patch_size must divide model.image_size"),
+    (["--data.batch_size", "20000"], "--data.batch_size must be <= data.train_pairs"),
+    (["--stage2.batch_size", "20000"], "--stage2.batch_size must be <= data.train_pairs"),
+    (["--data.val_bench_seed", "12345"], "--data.val_bench_seed must differ from data.bench_seed"),
+    (["--stage2.mine_k", "100", "--stage2.mine_pool_size", "50"], "--stage2.mine_k must be smaller than the mining pool"),
+])
+def test_train_cli_cross_checks_exit_2_before_any_data(argv, flag, tmp_path, capsys, monkeypatch):
+    """These used to pass the command line and fail later with a traceback (after generating
+    or loading the data); now one error line naming the flag, exit 2, nothing written."""
+    from solar import train
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as ex:
+        train.main(argv + ["--run.out_dir", str(tmp_path / "run"), "--data.cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and flag in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_cli_warns_about_warmup_and_stray_flags(capsys):
+    from solar.cli import parse_args
+    parse_args(["--stage1.warmup_steps", "5000", "--stage", "1", "--stage2.lr", "0.1"])
+    err = capsys.readouterr().err
+    assert "stage1.warmup_steps (5000) > stage1.steps" in err and "--stage2.lr has no effect with --stage 1" in err
+    parse_args([])
+    assert capsys.readouterr().err == ""
