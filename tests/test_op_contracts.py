@@ -3,6 +3,10 @@
 * masked_pool: a NaN / inf in x under a zero weight never reaches the output; under a nonzero
   weight it propagates into that output row (the affected features); weight sums below the
   smallest normal float32 are empty rows (zeros, zero gradients).
+* contrastive_loss / pooled_contrastive_loss: a temperature whose inverse overflows float32,
+  and inputs whose logits can overflow the float32 loss, are refused with a ValueError naming
+  the arguments; inputs inside the bound (logits up to about 1e38) give the loss without
+  overflow on every backend.
 
 Backends: "native" (C++) and "torch" everywhere, "triton" under the interpreter (on CPU) with
 the interpreter's settings and with the CUDA settings (``kernel_target("cuda")``).
@@ -17,6 +21,7 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels import _dispatch, _ext, use_backend
+from solar_kernels.ops import contrastive as cl
 from solar_kernels.ops import masked_pool as mp
 from solar_kernels.reference import masked_pool_reference
 
@@ -37,6 +42,10 @@ def _pool_backends():
     if TRITON_OK:
         out += ["triton", "triton-cuda-settings"]
     return out
+
+
+def _loss_backends():
+    return ["torch"] + (["triton", "triton-cuda-settings"] if TRITON_OK else [])
 
 
 @contextlib.contextmanager
@@ -155,3 +164,102 @@ def test_subnormal_weight_sums_are_empty_rows(backend, normalize):
     assert torch.equal(want[:2], torch.zeros_like(want[:2]))
     torch.testing.assert_close(out.detach().double(), want, rtol=1e-5, atol=1e-6)
     assert bool(torch.isfinite(x.grad).all())  # (mask.grad of row 2 scales like 1 / s: about 1e38)
+
+
+# ----------------------------------------------------------------------------------------
+# contrastive_loss / pooled_contrastive_loss: temperature and logit range
+# ----------------------------------------------------------------------------------------
+def _unit_rows(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV)
+
+
+@pytest.mark.parametrize("backend", _loss_backends())
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 2.9e-39])
+def test_temperature_whose_inverse_overflows_is_refused(backend, temperature):
+    q, k = _unit_rows(6, 4, 0) * 1e-30, _unit_rows(6, 4, 1) * 1e-30
+    x, m = (q * 1e-30)[:, None].expand(6, 3, 4), torch.ones(6, 3, device=DEV)
+    with _backend(backend):
+        with pytest.raises(ValueError, match=r"^temperature must be >= 2\.94e-39 .*got " + str(temperature)):
+            sk.contrastive_loss(q, k, temperature=temperature)
+        with pytest.raises(ValueError, match=r"^temperature must be >= "):
+            sk.contrastive_loss(q, groups=torch.arange(6, device=DEV) // 2, temperature=temperature)
+        with pytest.raises(ValueError, match=r"^temperature must be >= "):
+            sk.pooled_contrastive_loss(x, m, x, m, temperature=temperature)
+        # the smallest accepted temperature works when the logits stay small
+        loss = sk.contrastive_loss(q, k, temperature=cl.MIN_TEMPERATURE * 1.01)
+    assert bool(torch.isfinite(loss))
+
+
+def _fp64_loss(q, k, temperature, symmetric):
+    S = q.double() @ k.double().T / temperature
+    t = torch.arange(q.shape[0], device=q.device)
+    ce = torch.nn.functional.cross_entropy
+    return 0.5 * (ce(S, t) + ce(S.T, t)) if symmetric else ce(S, t)
+
+
+@pytest.mark.parametrize("backend", _loss_backends())
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_huge_logits_that_fit_give_the_true_loss(backend, symmetric):
+    """The issue's case: row norms 1e18 at temperature 0.01 (logits up to 1e38, inside fp32):
+    the mean loss fits (about 4e37) but the sum of 16 row losses did not, and came out inf."""
+    q, k = _unit_rows(16, 16, 2) * 1e18, _unit_rows(16, 16, 3) * 1e18
+    with _backend(backend):
+        loss = sk.contrastive_loss(q, k, temperature=0.01, symmetric=symmetric)
+    want = _fp64_loss(q, k, 0.01, symmetric)
+    assert float(want) > 1e37
+    assert bool(torch.isfinite(loss)), loss
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", _loss_backends())
+def test_logits_that_can_overflow_are_refused(backend):
+    """max|q_i| max|k_j| max(1, 1/T) (1 + hardness) above FLT_MAX / 3: a ValueError naming the
+    tensors and temperature (it used to give inf, or an overflow error naming nothing)."""
+    q, k = _unit_rows(8, 16, 2) * 1e18, _unit_rows(8, 16, 3) * 1e18
+    with _backend(backend):
+        with pytest.raises(ValueError, match=r"^q and k are too large for temperature = 0\.001: .* = 1e\+39"):
+            sk.contrastive_loss(q, k, temperature=1e-3)
+        with pytest.raises(ValueError, match=r"^q and k are too large for temperature = 0\.001: .* = 1e\+39"):
+            sk.contrastive_loss(q, k, temperature=1e-3, symmetric=False)
+        with pytest.raises(ValueError, match=r"^q and q are too large for temperature"):
+            sk.contrastive_loss(q, groups=torch.arange(8, device=DEV) // 2, temperature=1e-3)
+        # large hard negatives are named
+        with pytest.raises(ValueError, match=r"^q and hard_negatives are too large .* hardness = 0\.5"):
+            sk.contrastive_loss(q / 1e18, k / 1e18, hard_negatives=q[:, None] * 1e19, temperature=0.01,
+                                hardness=0.5)
+        # T > 1: the unscaled dot itself must fit too
+        with pytest.raises(ValueError, match=r"^q and k are too large for temperature = 1e\+10"):
+            sk.contrastive_loss(q * 1e3, k * 1e3, temperature=1e10)
+
+
+@pytest.mark.parametrize("backend", _loss_backends())
+@pytest.mark.parametrize("hardness", [0.0, 1.0])
+def test_logits_at_the_bound_give_a_finite_loss(backend, hardness):
+    """Rows scaled so that the bound max|q_i| max|k_j| (1 + hardness) / T is 0.99 of the limit
+    (accepted; 1.2 times the limit is refused): the loss and its gradients are finite."""
+    a = (0.99 * cl.MAX_LOGIT_BOUND / (1.0 + hardness)) ** 0.5  # a^2 (1 + hardness) / T at T = 1
+    q = (_unit_rows(8, 16, 4) * a).requires_grad_()
+    k = (_unit_rows(8, 16, 5) * a).requires_grad_()
+    with _backend(backend):
+        loss = sk.contrastive_loss(q, k, temperature=1.0, hardness=hardness)
+        loss.backward()
+        with pytest.raises(ValueError, match="too large"):
+            sk.contrastive_loss(q * 1.1, k * 1.1, temperature=1.0, hardness=hardness)
+    assert bool(torch.isfinite(loss)), loss
+    assert bool(torch.isfinite(q.grad).all()) and bool(torch.isfinite(k.grad).all())
+
+
+@pytest.mark.parametrize("backend", _loss_backends())
+def test_pooled_contrastive_loss_checks_the_pooled_rows_bound(backend):
+    """Tokens of norm 1e18 at temperature 1e-3: refused without normalisation (the pooled rows can
+    have that norm), accepted and finite with it (pooled rows have norm <= 1)."""
+    g = torch.Generator().manual_seed(6)
+    xq = torch.nn.functional.normalize(torch.randn(6, 3, 8, generator=g), dim=-1).to(DEV) * 1e18
+    xk = torch.nn.functional.normalize(torch.randn(6, 3, 8, generator=g), dim=-1).to(DEV) * 1e18
+    m = torch.ones(6, 3, device=DEV)
+    with _backend(backend):
+        with pytest.raises(ValueError, match=r"^xq and xk are too large for temperature = 0\.001"):
+            sk.pooled_contrastive_loss(xq, m, xk, m, normalize=False, temperature=1e-3)
+        loss = sk.pooled_contrastive_loss(xq, m, xk, m, normalize=True, temperature=1e-3)
+    assert bool(torch.isfinite(loss))
