@@ -263,3 +263,21 @@ def test_pooled_contrastive_loss_checks_the_pooled_rows_bound(backend):
             sk.pooled_contrastive_loss(xq, m, xk, m, normalize=False, temperature=1e-3)
         loss = sk.pooled_contrastive_loss(xq, m, xk, m, normalize=True, temperature=1e-3)
     assert bool(torch.isfinite(loss))
+
+
+@pytest.mark.parametrize("backend", _loss_backends())
+def test_huge_aligned_logits_give_a_loss_near_zero(backend):
+    """k close to q at norms 1e17, temperature 0.01 (logits up to 1e36, within the bound): the
+    true loss is 0 (every diagonal wins by about 1e35).  The torch path used to take the diagonal logit from a
+    separate elementwise product, whose rounding differs from the GEMM's, and returned losses
+    like +1e28 or -1e30; now A and B come from the same logits and the loss is >= 0 and within
+    the fp32 rounding of the logits (bound * 2^-23) of the truth."""
+    q = _unit_rows(8, 16, 0)
+    g = torch.Generator().manual_seed(1)
+    k = torch.nn.functional.normalize(q + 0.3 * torch.randn(8, 16, generator=g).to(DEV), dim=1)
+    q, k = q * 1e17, k * 1e17
+    assert float(_fp64_loss(q, k, 0.01, True)) == 0.0
+    for symmetric in (True, False):
+        with _backend(backend):
+            loss = float(sk.contrastive_loss(q, k, temperature=0.01, symmetric=symmetric))
+        assert 0.0 <= loss <= 1e36 * 2.0 ** -23, (symmetric, loss)

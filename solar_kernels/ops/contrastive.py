@@ -540,12 +540,14 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
         rB = torch.full((r1 - r0,), float("-inf"), device=dev)
         rC = torch.full((r1 - r0,), float("-inf"), device=dev) if hard else None
         tv = ti = None
-        if diag_pos:  # the positive is the diagonal logit itself
-            rows_A[r0:r1] = (qf[r0:r1] * kf[offset + r0:offset + r1]).sum(1) * inv_t
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
             s = _logits(buf, qf[r0:r1], kf[c0:c1], inv_t)
             pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
+            if diag_pos and diag is not None:
+                # the positive is the diagonal logit itself, taken from the tile that B's
+                # log-sum-exp sees (and the backward recomputes), so that B - A >= 0 in fp32
+                rows_A[r0 + diag[0]] = s[diag]
             if single and diag is not None:
                 s[diag] = float("-inf")
             if cache is not None and r0 < cache.shape[0]:
