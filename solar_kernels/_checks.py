@@ -40,15 +40,17 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf)")
 
 
-def check_finite_fast(name: str, t: torch.Tensor) -> None:
+def check_finite_fast(name: str, t: torch.Tensor) -> float:
     """:func:`check_finite` in one min/max reduction (NaN and inf propagate into it) instead of an
-    isfinite mask of t's size; the detailed count is only computed when something is wrong."""
+    isfinite mask of t's size; the detailed count is only computed when something is wrong.
+    Returns max |t| (0.0 for an empty or non-float tensor)."""
     if not t.is_floating_point() or t.numel() == 0:
-        return
+        return 0.0
     with torch.no_grad():
-        ends = torch.stack(torch.aminmax(t))
-    if not bool(torch.isfinite(ends).all()):
+        lo, hi = torch.stack(torch.aminmax(t)).float().tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         check_finite(name, t)
+    return max(-lo, hi)
 
 
 def as_float(name: str, value) -> float:

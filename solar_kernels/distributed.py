@@ -70,16 +70,16 @@ def distributed_contrastive_loss(q, k=None, *, groups=None, hard_negatives=None,
     if single:
         row_loss, _, top_v, top_i = _ContrastiveFunction.apply(q, q_all, hard_negatives, g_loc, g_all, offset, T,
                                                                beta, True, False, int(mine_k), backend, rc)
-        local = row_loss.sum() / n_pos_rows
+        local = (row_loss / n_pos_rows).sum()
     else:
         k_all = _gather_grad(k, group)
         row_loss, _, top_v, top_i = _ContrastiveFunction.apply(q, k_all, hard_negatives, g_loc, g_all, offset, T,
                                                                beta, False, False, int(mine_k), backend, rc)
-        local = row_loss.sum() / N
+        local = (row_loss / N).sum()  # divided first: the sum may overflow
         if symmetric:
             col_loss = _ContrastiveFunction.apply(k, q_all, None, g_loc, g_all, offset, T, beta, False, False, 0,
                                                   backend, rc)[0]
-            local = 0.5 * (local + col_loss.sum() / N)
+            local = 0.5 * local + 0.5 * (col_loss / N).sum()
     total = local.detach().clone()
     dist.all_reduce(total, group=group)
     loss = local + (total - local.detach())

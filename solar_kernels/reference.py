@@ -16,7 +16,8 @@ def masked_pool_reference(x: torch.Tensor, mask: torch.Tensor, *, normalize: boo
 
     x [B, L, D]; mask [B, L] or [V, B, L] (bool or float weights); returns [B, D] or
     [V, B, D] in `dtype`.  The plain expression ``(x * m[..., None]).sum(1) / m.sum(1)``
-    with zero-mask rows set to 0 and optional row L2 normalisation by max(||row||, eps).
+    with rows whose mask sums to less than the smallest normal float32 set to 0 (the op's
+    empty rows) and optional row L2 normalisation by max(||row||, eps).
     Differentiable (autograd through plain torch ops).
     """
     dtype = dtype or x.dtype
@@ -27,8 +28,9 @@ def masked_pool_reference(x: torch.Tensor, mask: torch.Tensor, *, normalize: boo
         m = m.unsqueeze(0)
     num = (xf.unsqueeze(0) * m[..., None]).sum(2)  # [V, B, D]
     den = m.sum(-1, keepdim=True)  # [V, B, 1]
-    safe = torch.where(den > 0, den, torch.ones_like(den))
-    out = torch.where(den > 0, num / safe, torch.zeros_like(num))
+    keep = den >= torch.finfo(torch.float32).tiny
+    safe = torch.where(keep, den, torch.ones_like(den))
+    out = torch.where(keep, num / safe, torch.zeros_like(num))
     if normalize:
         out = out / out.norm(dim=-1, keepdim=True).clamp_min(eps)
     return out.squeeze(0) if squeeze else out

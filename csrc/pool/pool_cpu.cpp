@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 
@@ -260,6 +261,17 @@ inline float hsum(vf16 v) {
   return s;
 }
 
+// True when every a[i] is finite: NaN or inf times 0 is NaN, a finite value gives 0 (no
+// -ffast-math, so the multiply is kept); 16 partial sums, so that the loop vectorises.
+inline bool all_finite(const float* a, int64_t n) {
+  vf16 z = vf16{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) z += ld(a + i) * 0.f;
+  float t = hsum(z);
+  for (; i < n; ++i) t += a[i] * 0.f;
+  return t == 0.f;
+}
+
 // acc[v * dn + d] += sum_{r < nr} w[r * V + v] * rows[r][d] for v < VB, d < dn.
 // The accumulators of a 64-float slice stay in registers across the nr rows.
 template <int VB>
@@ -356,9 +368,26 @@ void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, floa
                                std::min<int64_t>(4, V - v0));
       }
       for (int64_t v = 0; v < V; ++v) {
-        const float inv = wsum[v] > 0.f ? 1.f / wsum[v] : 0.f;
-        scale_to(out + (v * B + b) * D + d0, inv, acc.data() + v * dn, dn);
-        if (d0 == 0) wsum_out[v * B + b] = wsum[v];
+        // a sum below the smallest normal float is an empty row (1 / s would overflow)
+        const float s = wsum[v] >= std::numeric_limits<float>::min() ? wsum[v] : 0.f;
+        float* a = acc.data() + v * dn;
+        // With V > 1 a kept row can have weight 0 under this mask, and 0 * NaN / inf = NaN:
+        // a non-finite sum is redone with those terms skipped (rare: x holds non-finite
+        // values; the check is one pass over V * dn sums, not over x).
+        if (V > 1 && s > 0.f && !all_finite(a, dn)) {
+          std::fill(a, a + dn, 0.f);
+          for (int64_t i = 0; i < na; ++i) {
+            const float wv = wt[i * V + v];
+            if (wv == 0.f) continue;
+            axpy(a, wv, Row<T>::load(xb + active[i] * sxl, kFloat ? nullptr : rowbuf.data(), dn), dn);
+          }
+        }
+        float* o = out + (v * B + b) * D + d0;
+        if (s > 0.f)
+          scale_to(o, 1.f / s, a, dn);
+        else  // not 0 * a: a may hold 0 * NaN from rows that only other masks keep
+          std::fill(o, o + dn, 0.f);
+        if (d0 == 0) wsum_out[v * B + b] = s;
       }
     }
   }

@@ -81,6 +81,18 @@ CPU_CACHE_PER_ND = 2
 CPU_CACHE_MAX_ELEMS = 1 << 24  # and at most 64 MiB: at large N the saved share is small anyway
 
 
+# Largest bound on |logit| the ops accept: max_i |q_i| * max_j |k_j| * max(1, 1/temperature)
+# * (1 + hardness) <= FLT_MAX / 3 (about 1.13e38).  By Cauchy-Schwarz it bounds every partial
+# dot, logit and (1 + hardness) logit; every fp32 statistic then fits: a log-sum-exp is at most
+# the bound + log N, a row's loss (B - A, or softplus(log n + B - C - A)) at most 2 bounds +
+# 2 log N, and the mean over rows is taken as sum(loss_i / n) (see _reduce), so it never
+# overflows on the way.  Beyond it a row's loss itself may not fit in fp32.  (The absolute error
+# of a loss computed from fp32 logits grows like the bound times 2^-23.)
+MAX_LOGIT_BOUND = torch.finfo(torch.float32).max / 3
+# 1 / temperature scales every logit in fp32 (a kernel argument): it must be a finite fp32.
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
 class Mined(NamedTuple):
     """Top negatives of each row (q->k direction): ``indices`` [N, k] int64 (in-batch column
     j < N, or N + h for hard negative h of that row) and ``scores`` [N, k] float32 (the
@@ -529,12 +541,14 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
         rB = torch.full((r1 - r0,), float("-inf"), device=dev)
         rC = torch.full((r1 - r0,), float("-inf"), device=dev) if hard else None
         tv = ti = None
-        if diag_pos:  # the positive is the diagonal logit itself
-            rows_A[r0:r1] = (qf[r0:r1] * kf[offset + r0:offset + r1]).sum(1) * inv_t
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
             s = _logits(buf, qf[r0:r1], kf[c0:c1], inv_t)
             pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
+            if diag_pos and diag is not None:
+                # the positive is the diagonal logit itself, taken from the tile that B's
+                # log-sum-exp sees (and the backward recomputes), so that B - A >= 0 in fp32
+                rows_A[r0 + diag[0]] = s[diag]
             if single and diag is not None:
                 s[diag] = float("-inf")
             if cache is not None and r0 < cache.shape[0]:
@@ -1015,13 +1029,55 @@ def _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k, names
     temperature = _checks.as_float("temperature", temperature)
     hardness = _checks.as_float("hardness", hardness)
     _checks.check_positive("temperature", temperature)
+    _check_temperature(temperature)
     if hardness < 0:
         raise ValueError(f"hardness must be >= 0, got {hardness}")
     mine_k = _checks.as_int("mine_k", mine_k)
+    amax = {}
     for name, t in ((qn, q), (kn, k), ("hard_negatives", hard_negatives)):
         if t is not None:
-            _checks.check_finite_fast(name, t)
+            amax[name] = _checks.check_finite_fast(name, t)
+    # (pooled_contrastive_loss's all-zero stand-ins pass here: it checks its own tokens' bound)
+    keys = [(kn, k, amax[kn]) if k is not None else (qn, q, amax[qn])]
+    if hard_negatives is not None:
+        keys.append(("hard_negatives", hard_negatives, amax["hard_negatives"]))
+    _check_logit_bound(qn, q, amax[qn], keys, temperature, hardness)
     return temperature, hardness, mine_k
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.3g} (1 / temperature scales the logits in "
+                         f"float32 and must be finite there), got {temperature!r}")
+
+
+def _check_logit_bound(qn: str, q: torch.Tensor, q_absmax: float, keys: list, temperature: float,
+                       hardness: float) -> None:
+    """Refuse inputs whose logits can overflow the fp32 statistics (see MAX_LOGIT_BOUND).
+
+    q: the rows (or tokens whose weighted means are the rows: a mean's norm is at most the
+    largest token norm), feature dimension last, with its max |entry|; keys: (name, tensor, max
+    |entry|) triples holding the columns (k, the hard negatives, or key tokens).  The cheap bound
+    sqrt(D) * max|entry| on each row norm (the max entries are known from the finiteness check)
+    needs no pass over the data; only when it fails are the row norms computed (in fp64, so that
+    they cannot overflow themselves).
+    """
+    scale = max(1.0, 1.0 / temperature) * (1.0 + hardness)
+    cheap_k = max(t.shape[-1] ** 0.5 * a for _, t, a in keys)
+    if q.shape[-1] ** 0.5 * q_absmax * cheap_k * scale <= MAX_LOGIT_BOUND:
+        return
+    with torch.no_grad():
+        nq = float(torch.linalg.vector_norm(q, dim=-1, dtype=torch.float64).max())
+        nk, kn = max((float(torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64).max()), name)
+                     for name, t, _ in keys)
+    bound = nq * nk * scale
+    if bound > MAX_LOGIT_BOUND:
+        raise ValueError(
+            f"{qn} and {kn} are too large for temperature = {temperature:.4g}"
+            f"{f' and hardness = {hardness:.4g}' if hardness else ''}: logits can reach "
+            f"max|{qn}_i| * max|{kn}_j| * max(1, 1/temperature) * (1 + hardness) = {bound:.4g} (largest row norms "
+            f"{nq:.4g} and {nk:.4g}), above {MAX_LOGIT_BOUND:.4g} (a third of the largest float32), where "
+            f"the float32 logits and loss can overflow; normalise {qn} and {kn} or raise temperature")
 
 
 def _check_counts(groups: torch.Tensor | None, n: int, H: int, mine_k: int, single: bool):
@@ -1056,9 +1112,10 @@ def _check_counts(groups: torch.Tensor | None, n: int, H: int, mine_k: int, sing
 def _reduce(row_loss, col_loss, n_pos_rows: int, n: int, both: bool, mine_k: int, top_v, top_i):
     """The public result from per-row losses: the mean over rows with a positive (q->k), averaged
     with the k->q mean when symmetric; plus the mined negatives when mine_k > 0."""
-    loss = row_loss.sum() / n_pos_rows
+    # divide before summing: a sum of row losses can overflow fp32 where their mean fits
+    loss = (row_loss / n_pos_rows).sum()
     if both:
-        loss = 0.5 * (loss + col_loss.sum() / n)
+        loss = 0.5 * loss + 0.5 * (col_loss / n).sum()
     if mine_k > 0:
         return loss, Mined(top_i, top_v)
     return loss
@@ -1098,7 +1155,14 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
 
     Raises:
         TypeError / ValueError: bad shapes or dtypes, groups of the wrong length or dtype,
-        temperature <= 0, hardness < 0, mine_k larger than a row's number of negatives,
+        temperature <= 0 or so small that 1/temperature overflows float32 (below about
+        2.9e-39), hardness < 0, mine_k larger than a row's number of negatives,
+        inputs whose logits can overflow float32: ``max_i |q_i| * max_j |k_j| *
+        max(1, 1/temperature) * (1 + hardness)`` above a third of the largest float32, about
+        1.13e38 (k includes hard_negatives; the bound is checked, not the actual logits, and
+        costs no pass over the data unless ``D * max|q| * max|k|`` exceeds it; below it every
+        backend computes the loss without overflow, with an absolute error that grows like the
+        bound times 2^-23),
         non-finite inputs, single-set mode without any positive pair, no row with any negative
         (N = 1 or every row in one group, without hard negatives: the loss would be 0 with no
         gradient).  TypeError: process_group that is not a ProcessGroup.

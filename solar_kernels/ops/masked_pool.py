@@ -1,7 +1,14 @@
 """masked_pool: weighted mean of token rows under V masks, in one pass over x.
 
-    out[v, b] = sum_l mask[v, b, l] * x[b, l] / sum_l mask[v, b, l]      (0 when the sum is 0)
+    out[v, b] = sum_{l: mask[v, b, l] != 0} mask[v, b, l] * x[b, l] / s[v, b],   s[v, b] = sum_l mask[v, b, l]
+                (0 when s[v, b] < MIN_WEIGHT_SUM, the smallest normal float32: an empty row)
     normalize=True:  out[v, b] /= max(||out[v, b]||_2, eps)
+
+Non-finite values, the same on every backend (native C++, Triton, torch): mask weights must be
+finite and >= 0 (ValueError).  x is not scanned (that would be a second full read of the
+largest tensor); a NaN / inf in x[b, l] under a nonzero weight propagates, IEEE-style, into the
+output row out[v, b] (the affected features; with normalize=True the whole row is unusable);
+under a zero weight it never reaches the output (the term is skipped, not computed as 0 * NaN).
 
 Layers, in order (STYLE.md):
 
@@ -37,7 +44,8 @@ try:  # triton is optional on CPU-only installs; the native/torch paths do not n
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
-__all__ = ["masked_pool", "pool_forward", "pool_backward", "grad_buffer_cache_mb", "CPU_SYMBOL_FWD", "CPU_SYMBOL_BWD"]
+__all__ = ["masked_pool", "pool_forward", "pool_backward", "grad_buffer_cache_mb", "CPU_SYMBOL_FWD", "CPU_SYMBOL_BWD",
+           "MIN_WEIGHT_SUM"]
 
 CPU_SYMBOL_FWD = "masked_pool_forward_cpu"
 CPU_SYMBOL_BWD = "masked_pool_backward_cpu"
@@ -47,6 +55,10 @@ _dispatch.register_op("masked_pool", cuda="Triton", cpu_symbol=CPU_SYMBOL_FWD)
 
 # Masks pooled together in one program.  With V above this, x is read once per group.
 MAX_V_PER_PASS = 8
+# A mask row whose weight sum is below this (the smallest normal float32, 2^-126; 0 included)
+# is empty: its output row is 0 and its sum is stored as 0, on every backend.  1 / s of a
+# subnormal sum overflows, and GPUs may flush subnormals to 0: below this no backend agrees.
+MIN_WEIGHT_SUM = torch.finfo(torch.float32).tiny
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,8 +75,10 @@ if HAS_TRITON:
         stride_yv, stride_yb,
         stride_sv,
         BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+        MIN_SUM: tl.constexpr,
     ):
-        """y[v, b, d] = sum_l w[v, b, l] x[b, l, d] / sum_l w[v, b, l]  (0 when the sum is 0).
+        """y[v, b, d] = sum_{l: w != 0} w[v, b, l] x[b, l, d] / s[v, b],  s = sum_l w[v, b, l];
+        y = 0 and s = 0 where s < MIN_SUM (the smallest normal fp32: the non-finite contract).
 
         Grid (B, cdiv(V, BLOCK_V), cdiv(D, BLOCK_D)): one program owns a BLOCK_D slice of
         row b for BLOCK_V masks, so each x tile is loaded once for all of them.  x and the
@@ -72,7 +86,9 @@ if HAS_TRITON:
         BLOCK_D] tile that is reduced over L once, after the loop: no cross-thread reduction
         (shared memory and barriers) per L step.  (A reduction inside the loop also made
         Triton 3.6's TritonGPUOptimizeThreadLocality pass fail for float masks at
-        BLOCK_L >= 256.)  Y is fp32 [V, B, D], S (the mask sums) fp32 [V, B].
+        BLOCK_L >= 256.)  Y is fp32 [V, B, D], S (the mask sums) fp32 [V, B].  Terms under a
+        zero weight are skipped by recomputing a slice whose sum came out non-finite (only
+        then can 0 * NaN / inf have entered it).
         """
         pid_b = tl.program_id(0).to(tl.int64)
         pid_v = tl.program_id(1).to(tl.int64)
@@ -95,8 +111,26 @@ if HAS_TRITON:
             acc += w[:, :, None] * xt[None, :, :]
             wacc += w
         wsum = tl.sum(wacc, axis=1)
+        # a sum below the smallest normal fp32 is an empty row (1 / s would overflow)
+        wsum = tl.where(wsum >= MIN_SUM, wsum, 0.0)
+        psum = tl.sum(acc, axis=1)
+        # 0 * NaN / inf under a zero weight made the sum non-finite: redo this slice with
+        # zero-weight terms skipped (rare: only when x holds non-finite values, so the hot
+        # loop above stays one FMA per weight and element)
+        bad = (psum != psum) | (tl.abs(psum) == float("inf"))
+        if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:
+            acc = tl.zeros([BLOCK_V, BLOCK_L, BLOCK_D], dtype=tl.float32)
+            for l0 in range(0, L, BLOCK_L):
+                offs_l = l0 + tl.arange(0, BLOCK_L)
+                l_ok = offs_l < L
+                w = tl.load(m_row + offs_v[:, None] * stride_mv + offs_l[None, :] * stride_ml,
+                            mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
+                xt = tl.load(x_row + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                             mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                acc += tl.where(w[:, :, None] != 0.0, w[:, :, None] * xt[None, :, :], 0.0)
+            psum = tl.sum(acc, axis=1)
         safe = tl.where(wsum > 0, wsum, 1.0)
-        y = tl.where(wsum[:, None] > 0, tl.sum(acc, axis=1) / safe[:, None], 0.0)
+        y = tl.where(wsum[:, None] > 0, psum / safe[:, None], 0.0)
         tl.store(Y_ptr + offs_v[:, None] * stride_yv + pid_b * stride_yb + offs_d[None, :], y,
                  mask=v_ok[:, None] & d_ok[None, :])
         if pid_d == 0:
@@ -233,7 +267,7 @@ def _forward_triton(x, mask, normalize, eps):
         m.stride(0), m.stride(1), m.stride(2),
         out.stride(0), out.stride(1),
         aux.stride(1),
-        BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd,
+        BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd, MIN_SUM=MIN_WEIGHT_SUM,
     )
     if normalize:
         _pool_norm_kernel[(V * B,)](out, aux[1], D, float(eps), BLOCK_D=triton.next_power_of_2(D))
@@ -295,6 +329,7 @@ def _forward_torch(x, mask, normalize, eps):
     D = x.shape[2]
     w = mask.to(torch.float32)
     s = w.sum(-1)  # [V, B]
+    s = torch.where(s >= MIN_WEIGHT_SUM, s, torch.zeros_like(s))  # empty rows (module docstring)
     out = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
     step = _chunk_rows(B, L, D)
     for b0 in range(0, B, step):
@@ -302,12 +337,33 @@ def _forward_torch(x, mask, normalize, eps):
         xc = x[b0:b1].to(torch.float32)
         p = torch.bmm(w[:, b0:b1].transpose(0, 1), xc)  # [b, V, D]
         out[:, b0:b1] = p.transpose(0, 1)
+    _skip_zero_weight_terms(out, x, w)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     out = torch.where((s > 0)[..., None], out / safe[..., None], torch.zeros_like(out))
     n = out.norm(dim=-1)
     if normalize:
         out = out / n.clamp_min(eps)[..., None]
     return out, torch.stack([s, n])
+
+
+def _skip_zero_weight_terms(p: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Recompute, in place, the rows of the weighted sums p [V, B, D] that came out non-finite,
+    with the terms under a zero weight left out (bmm computes 0 * NaN = NaN for them).
+
+    Only such rows can hold a 0 * NaN / inf term, so clean inputs cost one isfinite over p
+    (V*B*D, not x's B*L*D); rows whose non-finite x lies under a nonzero weight stay non-finite.
+    """
+    bad = ~torch.isfinite(p).all(-1)  # [V, B]
+    if not bool(bad.any()):
+        return
+    vs, bs = bad.nonzero(as_tuple=True)
+    L, D = x.shape[1], x.shape[2]
+    step = _chunk_rows(len(vs), L, D)
+    for i0 in range(0, len(vs), step):
+        v, b = vs[i0:i0 + step], bs[i0:i0 + step]
+        wr = w[v, b][..., None]  # [r, L, 1]
+        terms = torch.where(wr != 0, wr * x[b].to(torch.float32), torch.zeros((), device=x.device))
+        p[v, b] = terms.sum(1)
 
 
 def _prep_torch(grad_out, out, aux, normalize, eps):
@@ -362,8 +418,10 @@ def pool_forward(x: torch.Tensor, mask: torch.Tensor, normalize: bool = False, e
         eps:  the floor of the norm when normalising.
 
     Returns:
-        out: [V, B, D] float32, the (normalised) pooled rows; rows whose mask sums to 0 are 0.
-        aux: [2, V, B] float32: aux[0] = sum_l mask (the denominators), aux[1] = the norm
+        out: [V, B, D] float32, the (normalised) pooled rows; rows whose mask sums to less than
+             MIN_WEIGHT_SUM are 0.  Non-finite x: as in the module docstring.
+        aux: [2, V, B] float32: aux[0] = sum_l mask (the denominators; 0 for those empty
+             rows, so that the backward treats them as empty too), aux[1] = the norm
              of the un-normalised mean row.  Pass both unchanged to :func:`pool_backward`.
 
     Dispatch: CUDA -> Triton, CPU -> C++ (``solar_kernels._C``) or the chunked torch path
@@ -441,8 +499,8 @@ def _check_weights(mask: torch.Tensor, name: str = "mask") -> None:
 def _fwd_impl(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     # x is not scanned for NaN/inf: that would be a second full read of the largest tensor, and
     # this op exists to read it once.  Non-finite values under a nonzero weight propagate into the
-    # output on every backend; under weight 0 the native and Triton kernels skip them, the torch
-    # backend's bmm propagates them (0 * NaN).
+    # output on every backend; terms under weight 0 are skipped on every backend (each one redoes
+    # a weighted sum that came out non-finite without them: the contract in the module docstring).
     _check_weights(mask)
     return pool_forward(x, mask, normalize, eps)
 
@@ -546,13 +604,19 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False,
     Returns:
         [B, D] (2-D mask) or [V, B, D] (3-D mask) in x's dtype, accumulated in float32:
         ``out[v, b] = sum_l mask[v, b, l] x[b, l] / sum_l mask[v, b, l]``; a row whose mask
-        sums to 0 gives zeros.
+        sums to less than the smallest normal float32 (``torch.finfo(torch.float32).tiny``,
+        about 1.18e-38; 0 included) is empty and gives zeros, as does its gradient.
+
+    Non-finite x (the same on every backend; x is not scanned for them, which would cost a
+    second read of it): a NaN or inf in ``x[b, l]`` under a nonzero weight propagates into
+    ``out[v, b]`` (the features it is in, IEEE-style; with ``normalize=True`` through the norm
+    into the whole row); under a zero weight it is ignored, as if it were 0.  (The backward is
+    not covered: gradients through a non-finite output row may be NaN anywhere in batch row b.)
 
     Raises:
         TypeError: x not a float16/bfloat16/float32 tensor; mask not bool/floating.
         ValueError: wrong rank, mask's [B, L] not matching x, tensors on different devices,
-            negative or non-finite mask weights, non-finite x (also where the mask is 0),
-            eps <= 0.
+            negative or non-finite mask weights, eps <= 0.
     """
     _validate(x, mask, eps)
     squeeze = mask.dim() == 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .contrastive import (_backend, _check_counts, _reduce, _validate as _validate_loss,
+from .contrastive import (_backend, _check_counts, _check_logit_bound, _reduce, _validate as _validate_loss,
                           contrastive_backward, contrastive_forward)
 from .. import _checks, _dispatch
 from .masked_pool import _check_weights, _validate as _validate_pool, pool_backward, pool_forward
@@ -87,7 +87,8 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
         TypeError / ValueError: as :func:`solar_kernels.masked_pool` for each tower (non-finite
         tokens or mask weights included) and :func:`solar_kernels.contrastive_loss` for the
         loss arguments (xk or hard_negatives not in xq's dtype included), naming xq, mask_q,
-        xk, mask_k.
+        xk, mask_k.  The logit bound of contrastive_loss is checked on the pooled rows' norms:
+        at most 1 with normalize=True, else at most the largest token norm of xq / xk.
     """
     _validate_pool(xq, mask_q, eps, names=("xq", "mask_q"))
     _validate_pool(xk, mask_k, eps, names=("xk", "mask_k"))
@@ -105,10 +106,18 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
     probe_k = xk.new_zeros(()).expand(n, D)
     temperature, hardness, mine_k = _validate_loss(probe_q, probe_k, groups, hard_negatives, temperature, hardness,
                                                    mine_k, names=("xq", "xk"))
-    _checks.check_finite_fast("xq", xq)
-    _checks.check_finite_fast("xk", xk)
+    aq = _checks.check_finite_fast("xq", xq)
+    ak = _checks.check_finite_fast("xk", xk)
     _check_weights(mask_q, "mask_q")
     _check_weights(mask_k, "mask_k")
+    # the logit bound on the pooled rows: norm <= 1 when normalised, else at most the largest
+    # token norm (a weighted mean with non-negative weights)
+    one = torch.ones((1, 1))  # stands for rows of norm 1 (only read when the cheap bound fails)
+    rows_q, rows_k = ((one, 1.0), ("xk", one, 1.0)) if normalize else ((xq, aq), ("xk", xk, ak))
+    keys = [rows_k] + ([("hard_negatives", hard_negatives,
+                         _checks.check_finite_fast("hard_negatives", hard_negatives))]
+                       if hard_negatives is not None else [])
+    _check_logit_bound("xq", rows_q[0], rows_q[1], keys, temperature, hardness)
     hn = hard_negatives.float() if hard_negatives is not None else None
     H = 0 if hn is None else hn.shape[1]
     n_pos_rows = _check_counts(groups, n, H, mine_k, False)
