@@ -58,7 +58,6 @@ triplets with score(query, positive) > score(query, negative) (ties fail); Avg =
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -67,6 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checkpoint import sha256_file
 from .data.shapesworld import (BENCHMARK_ITEM_BASE, GENERATOR_VERSION, GRID, _rng, item_signature, make_item,
                                make_pair, perturb_item, render_view, sample_key, sample_split, write_samples)
 
@@ -145,16 +145,8 @@ def _generate(seed: int, n_triplets: int, pool_size: int, image_size: int, item_
     return samples, records
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _shard_entry(path: str, name: str, samples: int) -> dict:
-    return {"name": name, "samples": int(samples), "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return {"name": name, "samples": int(samples), "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def _write_spec(out: str, spec: dict) -> None:
@@ -394,7 +386,7 @@ def verify_benchmark(bench) -> Benchmark:
     for e, url in zip(bench.manifest, bench.shards):
         if url.startswith(_REMOTE) or "://" in url:
             continue
-        got = _sha256(url)
+        got = sha256_file(url)
         if got != e["sha256"]:
             raise BenchmarkError(f"{spec_path}: shard {e['name']!r} does not match the manifest (sha256 {got[:16]}..., "
                                  f"expected {e['sha256'][:16]}...): it is corrupt or was replaced; "

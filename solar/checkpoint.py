@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = ["save_model", "load_model_files", "load_state_strict", "save_training_state", "load_training_state",
-           "CheckpointError"]
+           "CheckpointError", "sha256_file"]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -50,7 +50,9 @@ def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: Optional
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoints here, benchmark shards in
+    `solar.benchmark`)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -61,7 +63,7 @@ def _sha256(path: Path) -> str:
 def _verify(path: Path, meta: dict) -> None:
     """Compare `path` with the sha256 its json recorded (none recorded: nothing to check)."""
     want = (meta.get("sha256") or {}).get(path.name)
-    if want is not None and path.is_file() and _sha256(path) != want:
+    if want is not None and path.is_file() and sha256_file(path) != want:
         raise CheckpointError(f"checkpoint: {path} does not match the sha256 recorded when it was written "
                               f"(corrupt or modified since)")
 
@@ -74,7 +76,7 @@ def save_model(model, directory: str | os.PathLike) -> Path:
     # tied / shared storages are not allowed by safetensors: clone every tensor
     _atomic_tensors(d / MODEL_FILE, {k: v.clone() for k, v in state.items()}, {"format": "pt", "solar": "model"})
     _atomic_json(d / CONFIG_FILE, {"solar_model_config": model.cfg.to_dict(),
-                                   "sha256": {MODEL_FILE: _sha256(d / MODEL_FILE)}})
+                                   "sha256": {MODEL_FILE: sha256_file(d / MODEL_FILE)}})
     return d
 
 
@@ -142,7 +144,7 @@ def save_training_state(directory: str | os.PathLike, model, optimizer: Optional
         opt_meta = {"param_groups": sd["param_groups"], "scalars": scalars}
     _atomic_tensors(tmp / TRAINER_TENSORS, tensors, {"format": "pt", "solar": "trainer"})
     _atomic_json(tmp / TRAINER_JSON, {"extra": extra, "optimizer": opt_meta,
-                                      "sha256": {TRAINER_TENSORS: _sha256(tmp / TRAINER_TENSORS)}})
+                                      "sha256": {TRAINER_TENSORS: sha256_file(tmp / TRAINER_TENSORS)}})
     if d.exists():
         old = d.with_name(d.name + ".old")
         if old.exists():
