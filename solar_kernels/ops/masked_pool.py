@@ -67,6 +67,29 @@ MIN_WEIGHT_SUM = torch.finfo(torch.float32).tiny
 if HAS_TRITON:
 
     @triton.jit
+    def _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd, stride_mv, stride_ml,
+                       SKIP_ZERO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """(sum_l w x [BLOCK_V, BLOCK_D], sum_l w [BLOCK_V]) of one batch row's D slice, in fp32.
+        The products accumulate in a [BLOCK_V, BLOCK_L, BLOCK_D] tile reduced over L once,
+        after the loop.  SKIP_ZERO leaves out the terms under a zero weight (0 * NaN)."""
+        acc = tl.zeros([BLOCK_V, BLOCK_L, BLOCK_D], dtype=tl.float32)
+        wacc = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            l_ok = offs_l < L
+            w = tl.load(m_row + offs_v[:, None] * stride_mv + offs_l[None, :] * stride_ml,
+                        mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
+            xt = tl.load(x_row + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                         mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            if SKIP_ZERO:
+                acc += tl.where(w[:, :, None] != 0.0, w[:, :, None] * xt[None, :, :], 0.0)
+            else:
+                acc += w[:, :, None] * xt[None, :, :]
+            wacc += w
+        return tl.sum(acc, axis=1), tl.sum(wacc, axis=1)
+
+    @triton.jit
     def _pool_fwd_kernel(
         X_ptr, M_ptr, Y_ptr, S_ptr,
         L, D, V,
@@ -97,38 +120,19 @@ if HAS_TRITON:
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         v_ok = offs_v < V
         d_ok = offs_d < D
-        acc = tl.zeros([BLOCK_V, BLOCK_L, BLOCK_D], dtype=tl.float32)
-        wacc = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
         x_row = X_ptr + pid_b * stride_xb
         m_row = M_ptr + pid_b * stride_mb
-        for l0 in range(0, L, BLOCK_L):
-            offs_l = l0 + tl.arange(0, BLOCK_L)
-            l_ok = offs_l < L
-            w = tl.load(m_row + offs_v[:, None] * stride_mv + offs_l[None, :] * stride_ml,
-                        mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
-            xt = tl.load(x_row + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                         mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc += w[:, :, None] * xt[None, :, :]
-            wacc += w
-        wsum = tl.sum(wacc, axis=1)
+        psum, wsum = _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd,
+                                    stride_mv, stride_ml, False, BLOCK_V, BLOCK_L, BLOCK_D)
         # a sum below the smallest normal fp32 is an empty row (1 / s would overflow)
         wsum = tl.where(wsum >= MIN_SUM, wsum, 0.0)
-        psum = tl.sum(acc, axis=1)
         # 0 * NaN / inf under a zero weight made the sum non-finite: redo this slice with
         # zero-weight terms skipped (rare: only when x holds non-finite values, so the hot
-        # loop above stays one FMA per weight and element)
+        # loop stays one FMA per weight and element)
         bad = (psum != psum) | (tl.abs(psum) == float("inf"))
         if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:
-            acc = tl.zeros([BLOCK_V, BLOCK_L, BLOCK_D], dtype=tl.float32)
-            for l0 in range(0, L, BLOCK_L):
-                offs_l = l0 + tl.arange(0, BLOCK_L)
-                l_ok = offs_l < L
-                w = tl.load(m_row + offs_v[:, None] * stride_mv + offs_l[None, :] * stride_ml,
-                            mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
-                xt = tl.load(x_row + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                             mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                acc += tl.where(w[:, :, None] != 0.0, w[:, :, None] * xt[None, :, :], 0.0)
-            psum = tl.sum(acc, axis=1)
+            psum, _ = _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd,
+                                     stride_mv, stride_ml, True, BLOCK_V, BLOCK_L, BLOCK_D)
         safe = tl.where(wsum > 0, wsum, 1.0)
         y = tl.where(wsum[:, None] > 0, psum / safe[:, None], 0.0)
         tl.store(Y_ptr + offs_v[:, None] * stride_yv + pid_b * stride_yb + offs_d[None, :], y,
