@@ -48,7 +48,10 @@ setup_env() {
   local cons="$VENV/solar-constraints.txt"
   echo "torch==$tv" > "$cons"
   pip install -q -c "$cons" setuptools wheel pybind11 ninja
-  pip install -q -c "$cons" --no-build-isolation -e ".[test,bench]"
+  pip install -q -c "$cons" --no-build-isolation -e ".[test,bench,towers]"
+  # CLIP's BPE vocabulary (solar.data.tokenizer.clip_tokenizer): only the files of open_clip_torch,
+  # never its dependencies (torchvision, timm); solar never imports open_clip
+  pip install -q -c "$cons" --no-deps open_clip_torch
   echo "$stamp" > "$stamp_file"
 }
 

@@ -24,7 +24,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["load", "encode", "Retriever"]
+from .towers import image_stats, resolve_tokenizer
+
+__all__ = ["load", "encode", "Retriever", "resolve_tokenizer"]
 
 
 def load(model, device=None, kind: Optional[str] = None):
@@ -38,13 +40,13 @@ def load(model, device=None, kind: Optional[str] = None):
       * a loaded `SolarModel` (kind "solar");
       * a ``(model, kind)`` tuple, as this function returns it (the kind is checked).
       The kind is the embedding rule: "solar" (SOLAR's fused pair embedding, `SolarModel.embed`,
-      [N, cfg.embed_dim]) or "clip_sf" (the CLIP score-fusion baseline, normalise(f_I + f_T),
-      [N, cfg.width]).
+      [N, cfg.embed_dim]), "clip_sf" (the CLIP score-fusion baseline, normalise(f_I + f_T),
+      [N, cfg.width]) or "clip_zs" (zero-shot CLIP-SF from pretrained towers' projection heads).
     device: None (a folder is loaded on CPU; a given model stays where it is), or "auto" (CUDA
       when available, else CPU), "cpu", "cuda", "cuda:N" or a torch.device: the model is moved
       there.  A ValueError names `device` for any other string or a CUDA device torch cannot
       see.  A given model is put in eval mode in place (and moved in place by ``.to``).
-    kind: None, "solar" or "clip_sf": the embedding rule of a folder without
+    kind: None, "solar", "clip_sf" or "clip_zs": the embedding rule of a folder without
       solar_embedding.json; for a loaded model or a tuple it replaces the kind."""
     from .baselines import EMBEDDING_KINDS
     from .distributed import resolve_device
@@ -105,7 +107,7 @@ def _to_pil(x, i: int):
 
 
 @torch.no_grad()
-def encode(images: Sequence, texts: Sequence[str], model, *, tokenizer="shapesworld", batch_size: int = 64,
+def encode(images: Sequence, texts: Sequence[str], model, *, tokenizer=None, batch_size: int = 64,
            device=None, kind: Optional[str] = None) -> torch.Tensor:
     """Pair embeddings of (images[i], texts[i]): a float32 tensor [N, E] on CPU, rows L2-normalised
     (inner product = cosine).
@@ -118,18 +120,17 @@ def encode(images: Sequence, texts: Sequence[str], model, *, tokenizer="shapeswo
     texts: a sequence of N non-empty caption strings; a bare str is a TypeError.
     model: a model folder written by `solar.train`, a loaded `SolarModel`, or a (model, kind)
     tuple (see `load`).
-    tokenizer: "shapesworld" (the default data's tokenizer), a local tokenizer folder, or a
-    tokenizer object.
+    tokenizer: None (the default: the tokenizer saved with the model; see `resolve_tokenizer`),
+    "shapesworld", "clip", a local tokenizer folder, or a tokenizer object.
     batch_size: pairs per forward pass (an int >= 1).
     device: where the model runs (see `load`): None loads a folder on CPU and leaves a given model
     where it is; "auto", "cpu", "cuda", "cuda:N" or a torch.device move it there.  The result is
     on CPU either way.
-    kind: the embedding rule ("solar" or "clip_sf"): required for a model folder without
+    kind: the embedding rule ("solar", "clip_sf" or "clip_zs"): required for a model folder without
     solar_embedding.json (an error if it contradicts the file); replaces the kind of a loaded
     model or tuple."""
     from .baselines import EMBEDDING_KINDS, pair_embedding
-    from .data.reader import collate_pairs
-    from .data.tokenizer import load_tokenizer
+    from .data.reader import ImageTransform, collate_pairs
     _check_sequence("images", images, "images")
     _check_sequence("texts", texts, "strings")
     batch_size = _check_batch_size(batch_size)
@@ -143,12 +144,13 @@ def encode(images: Sequence, texts: Sequence[str], model, *, tokenizer="shapeswo
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"texts[{i}]: expected a non-empty string, got {t!r}")
     m, kind = load(model, device, kind)
-    tok = load_tokenizer(tokenizer, model_max_length=m.cfg.max_text_len) if isinstance(tokenizer, str) else tokenizer
+    tok = resolve_tokenizer(m, tokenizer)
+    transform = ImageTransform(m.cfg.image_size, "center", *(tuple(x) for x in image_stats(m.cfg)))
     out = []
     for s in range(0, len(images), batch_size):
         ims = [_to_pil(x, s + j) for j, x in enumerate(images[s:s + batch_size])]
         b = collate_pairs(ims, list(texts[s:s + batch_size]), tok, image_size=m.cfg.image_size,
-                          patch_size=m.cfg.patch_size, max_length=m.cfg.max_text_len)
+                          patch_size=m.cfg.patch_size, max_length=m.cfg.max_text_len, transform=transform)
         b = {key: (v.to(m.device) if torch.is_tensor(v) else v) for key, v in b.items()}
         out.append(pair_embedding(m, b, kind).float().cpu())
     return torch.cat(out)
@@ -161,29 +163,30 @@ class Retriever:
       tuple (see `load`); it embeds both the collection and the queries.
     dtype: the Index's storage: "fp32" (exact scores), "fp16" (half-precision rows) or "int8"
       (per-row quantised, 4x smaller than fp32); see `solar_kernels.Index`.
-    tokenizer: "shapesworld", a local tokenizer folder or a tokenizer object (as in `encode`).
+    tokenizer: None (the model's own, saved with it), "shapesworld", "clip", a local tokenizer
+      folder or a tokenizer object (as in `encode`).
     device: where the model embeds pairs (see `load`; None: a folder is loaded on CPU).  The
       Index always stays on CPU: embeddings come back to CPU and are searched there.
     batch_size: pairs per forward pass when embedding (an int >= 1).
-    kind: the embedding rule, "solar" or "clip_sf" (see `load`): needed for a model folder
+    kind: the embedding rule, "solar", "clip_sf" or "clip_zs" (see `load`): needed for a model folder
       without solar_embedding.json.
 
     add(images, texts, ids=None) embeds and stores pairs (ids default to 0, 1, ...);
     add_embeddings(emb, ids=None) stores precomputed embeddings [n, E];
     search(images, texts, k) -> (scores [Q, k] float32, hits: list of Q lists of ids)."""
 
-    def __init__(self, model, *, dtype: str = "fp32", tokenizer="shapesworld", device=None, batch_size: int = 64,
+    def __init__(self, model, *, dtype: str = "fp32", tokenizer=None, device=None, batch_size: int = 64,
                  kind: Optional[str] = None):
         import solar_kernels as sk
 
+        from .baselines import embedding_dim
         from .config import INDEX_DTYPES
         if dtype not in INDEX_DTYPES:
             raise ValueError(f"dtype: expected one of {INDEX_DTYPES}, got {dtype!r}")
         self.batch_size = _check_batch_size(batch_size)
         self.model, self.kind = load(model, device, kind)
-        self.tokenizer = tokenizer
-        self.index = sk.Index(self.model.cfg.embed_dim if self.kind == "solar" else self.model.cfg.width,
-                              dtype=dtype)   # on CPU
+        self.tokenizer = resolve_tokenizer(self.model, tokenizer)
+        self.index = sk.Index(embedding_dim(self.model, self.kind), dtype=dtype)   # on CPU
         self.ids: list = []
 
     def __len__(self) -> int:

@@ -5,6 +5,10 @@
   the global embeddings f_I = global_image, f_T = global_text.  The pair embedding is
   normalise(f_I + f_T), so the inner product of two pair embeddings is (up to the
   norm) the sum of the four image/text cross scores: score fusion.
+* Zero-shot CLIP-SF (the paper's "zero-shot CLIP score fusion"): no training; the pretrained
+  towers' own pooled embeddings in their shared image-text space (CLIP: [CLS] / EOS through
+  CLIP's projection heads; SigLIP: its pooling heads), normalised, summed and normalised
+  again.  Needs towers that came with those heads (``cfg.tower_projections``).
 * SOLAR after stage 1 only: the stage-1 checkpoint embedded with `SolarModel.embed`
   (no code here; `solar.evaluate` handles it).
 """
@@ -19,12 +23,14 @@ from torch import nn
 
 import solar_kernels as sk
 
+from . import towers
 from .distributed import DistInfo, get_dist
 from .trainer import LoopOptions, OptimSpec, Phase, train_loop
 
-__all__ = ["clip_sf_embed", "ClipSFLoss", "run_clip_sf", "EMBEDDING_KINDS", "pair_embedding"]
+__all__ = ["clip_sf_embed", "zero_shot_embed", "ClipSFLoss", "run_clip_sf", "EMBEDDING_KINDS", "pair_embedding",
+           "embedding_dim"]
 
-EMBEDDING_KINDS = ("solar", "clip_sf")
+EMBEDDING_KINDS = ("solar", "clip_sf", "clip_zs")
 
 
 def clip_sf_embed(model, batch: dict) -> torch.Tensor:
@@ -34,12 +40,43 @@ def clip_sf_embed(model, batch: dict) -> torch.Tensor:
     return F.normalize(f_i + f_t, dim=-1)
 
 
+def _check_zero_shot(model) -> None:
+    if not model.cfg.tower_projections:
+        raise ValueError("kind 'clip_zs': the model's towers did not come with pretrained image-text projection "
+                         "heads (zero-shot CLIP-SF needs pretrained CLIP or SigLIP towers, e.g. a full CLIP folder)")
+
+
+def zero_shot_embed(model, batch: dict) -> torch.Tensor:
+    """Zero-shot CLIP-SF pair embedding [B, D]: normalise(normalise(f_I) + normalise(f_T)) with the
+    towers' own pooled, projected embeddings (D: CLIP's projection_dim)."""
+    _check_zero_shot(model)
+    dev = model.device
+    f_i = towers.zero_shot_image(model.vision, batch["pixel_values"].to(dev))
+    f_t = towers.zero_shot_text(model.text, batch["input_ids"].to(dev).long(), batch["attention_mask"].to(dev).bool())
+    return F.normalize(F.normalize(f_i, dim=-1) + F.normalize(f_t, dim=-1), dim=-1)
+
+
+def embedding_dim(model, kind: str) -> int:
+    """The width of `model`'s pair embeddings under embedding rule `kind`."""
+    if kind == "solar":
+        return int(model.cfg.embed_dim)
+    if kind == "clip_sf":
+        return int(model.cfg.width)
+    if kind == "clip_zs":
+        _check_zero_shot(model)
+        vc = model.vision.config
+        return int(getattr(vc, "projection_dim", None) or vc.hidden_size)
+    raise ValueError(f"kind: expected one of {EMBEDDING_KINDS}, got {kind!r}")
+
+
 def pair_embedding(model, batch: dict, kind: str = "solar") -> torch.Tensor:
     """The pair embedding of `batch` for an embedding rule in EMBEDDING_KINDS."""
     if kind == "solar":
         return model.embed(batch)
     if kind == "clip_sf":
         return clip_sf_embed(model, batch)
+    if kind == "clip_zs":
+        return zero_shot_embed(model, batch)
     raise ValueError(f"kind: expected one of {EMBEDDING_KINDS}, got {kind!r}")
 
 

@@ -32,6 +32,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
+TOKENIZER_DIR = "tokenizer"   # = solar.data.tokenizer.TOKENIZER_SUBDIR
 
 
 class CheckpointError(RuntimeError):
@@ -68,15 +69,34 @@ def _verify(path: Path, meta: dict) -> None:
                               f"(corrupt or modified since)")
 
 
-def save_model(model, directory: str | os.PathLike) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` for a SolarModel into `directory`."""
+def save_model(model, directory: str | os.PathLike, *, merge_lora: bool = True) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the model's tokenizer (``tokenizer/``, when
+    ``model.tokenizer`` is set) for a SolarModel into `directory`.
+
+    With LoRA in the towers, `merge_lora` writes the weights with the LoRA deltas folded in and
+    a config without LoRA (the folder loads without peft); ``merge_lora=False`` (training
+    checkpoints) keeps the adapters as they are, so a resumed run continues them."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    cfg = model.cfg.to_dict()
+    if merge_lora and cfg.get("lora_rank", 0) > 0:
+        state = model.merged_state_dict()
+        cfg["lora_rank"] = 0
+    else:
+        state = model.state_dict()
     # tied / shared storages are not allowed by safetensors: clone every tensor
     _atomic_tensors(d / MODEL_FILE, {k: v.clone() for k, v in state.items()}, {"format": "pt", "solar": "model"})
-    _atomic_json(d / CONFIG_FILE, {"solar_model_config": model.cfg.to_dict(),
-                                   "sha256": {MODEL_FILE: sha256_file(d / MODEL_FILE)}})
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        tdir, tmp = d / TOKENIZER_DIR, d / (TOKENIZER_DIR + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        tok.save_pretrained(str(tmp))
+        if tdir.exists():
+            shutil.rmtree(tdir)
+        os.replace(tmp, tdir)
+    _atomic_json(d / CONFIG_FILE, {"solar_model_config": cfg, "sha256": {MODEL_FILE: sha256_file(d / MODEL_FILE)}})
     return d
 
 
@@ -129,7 +149,7 @@ def save_training_state(directory: str | os.PathLike, model, optimizer: Optional
     tmp = d.with_name(d.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp)
+    save_model(model, tmp, merge_lora=False)
     tensors: dict[str, torch.Tensor] = dict(extra_tensors or {})
     opt_meta = None
     if optimizer is not None:

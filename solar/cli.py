@@ -207,6 +207,7 @@ def parse_args(argv=None, prog: str = "python -m solar.train") -> TrainConfig:
     cfg.preset = known.preset
     try:
         validate_config(cfg)
+        cfg.check_run()
     except ConfigError as e:
         dotted = f"{e.owner}.{e.name}"
         where = f"--config {known.config}: {dotted}" if dotted in from_json and dotted not in flags else f"--{dotted}"

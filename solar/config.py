@@ -56,8 +56,8 @@ class ModelConfig:
     vision_layers: int = option(0, "transformer layers of a from-scratch vision tower (0: embeddings + norms)")
     vision_heads: int = option(4, "attention heads of a from-scratch vision tower")
     vision_mlp: int = option(192, "MLP size of a from-scratch vision tower")
-    vision_pretrained: Optional[str] = option(None, "pretrained CLIP vision tower: local folder or hub name "
-                                                    "(none: from scratch)")
+    vision_pretrained: Optional[str] = option(None, "pretrained vision tower (CLIP, SigLIP, DINOv2): local folder "
+                                                    "written by save_pretrained, or hub name (none: from scratch)")
     # --- text tower E_L (CLIPTextConfig fields) ---
     vocab_size: int = option(512, "vocabulary size of a from-scratch text tower (set from the tokenizer)")
     max_text_len: int = option(64, "maximum caption length in tokens")
@@ -68,8 +68,8 @@ class ModelConfig:
     bos_token_id: int = option(0, "begin-of-text token id (set from the tokenizer)")
     eos_token_id: int = option(1, "end-of-text token id (set from the tokenizer)")
     pad_token_id: int = option(1, "padding token id (set from the tokenizer)")
-    text_pretrained: Optional[str] = option(None, "pretrained CLIP text tower: local folder or hub name "
-                                                  "(none: from scratch)")
+    text_pretrained: Optional[str] = option(None, "pretrained text tower (CLIP, SigLIP, BERT / XLM-R such as "
+                                                  "BGE-m3): local folder or hub name (none: from scratch)")
     # CLIP's text tower is causal.  Pretrained CLIP keeps that; the from-scratch `tiny` tower
     # drops it (our choice): with a causal mask the first words of "a small red circle at top
     # left" cannot know which object they describe, which caps the text-side mask quality.
@@ -98,7 +98,24 @@ class ModelConfig:
     # --- training options ---
     freeze_vision: bool = option(False, "freeze E_V (no gradients, eval mode)")
     freeze_text: bool = option(False, "freeze E_L (no gradients, eval mode)")
-    # resolved tower configs (filled in when the towers are built; used by from_pretrained)
+    # LoRA on the towers (the paper fine-tunes E_V / E_L with LoRA; rank, alpha and targets are
+    # our choices): only the adapters train; saved models have them folded in
+    lora_rank: int = option(0, "LoRA rank on both towers' attention / MLP linears (0: full fine-tuning or "
+                               "freezing, see freeze_*)", ge=0)
+    lora_alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / rank)", gt=0)
+    lora_dropout: float = option(0.0, "dropout on the LoRA input", ge=0, le=1)
+    lora_targets: list = option([], "comma-separated names of the linears to adapt (empty: every attention and "
+                                    "MLP linear of the tower family, solar.towers.DEFAULT_LORA_TARGETS)")
+    # image normalisation: the vision tower's own (resolved by solar.towers.image_stats from the
+    # tower folder's preprocessor_config.json or its family; empty for from-scratch towers: CLIP's)
+    image_mean: list = option([], "per-channel pixel mean (empty: the vision tower's own, CLIP's for a from-scratch "
+                                  "tower)")
+    image_std: list = option([], "per-channel pixel std (empty: as image_mean)")
+    # resolved tower classes and configs (filled in when the towers are built; used by from_pretrained)
+    vision_tower_class: str = option("", "transformers class of the vision tower (resolved; not a flag)")
+    text_tower_class: str = option("", "transformers class of the text tower (resolved; not a flag)")
+    tower_projections: bool = option(False, "both towers carry their pretrained image-text projection heads "
+                                            "(resolved; the zero-shot baseline needs them)")
     vision_tower_config: Optional[dict] = option(None, "resolved config of the vision tower (not a flag)")
     text_tower_config: Optional[dict] = option(None, "resolved config of the text tower (not a flag)")
 
@@ -134,8 +151,8 @@ class ModelConfig:
         def tid(name, fallback):
             v = getattr(tokenizer, name, None)
             return fallback if v is None else int(v)
-        bos = tid("bos_token_id", self.bos_token_id)
-        eos = tid("eos_token_id", self.eos_token_id)
+        bos = tid("bos_token_id", tid("cls_token_id", self.bos_token_id))   # BERT: [CLS] / [SEP]
+        eos = tid("eos_token_id", tid("sep_token_id", self.eos_token_id))
         pad = tid("pad_token_id", eos)
         seg = []
         for w in self.text_segment_words:
@@ -294,7 +311,12 @@ class DataConfig:
     val_bench_seed: int = option(777, "validation benchmark build seed (must differ from bench_seed)")
     num_workers: int = option(0, "reader worker processes per rank (0 = in-process)", ge=0)
     in_memory: bool = option(True, "decode the training pairs once and keep them in memory; false: stream shards")
-    tokenizer: str = option("", "tokenizer folder; empty = the ShapesWorld tokenizer")
+    tokenizer: str = option("", "tokenizer folder, 'clip' or 'shapesworld'; empty: CLIP's BPE for a pretrained "
+                                "CLIP text tower, the tower folder's own for other pretrained towers, ShapesWorld's "
+                                "for a from-scratch tower")
+    synthetic_ok: bool = option(False, "with pretrained towers, train / evaluate on ShapesWorld when train_shards / "
+                                       "bench_dir are empty (otherwise refused: such a run says nothing about real "
+                                       "data)")
 
     def __post_init__(self):
         check_fields(self)
@@ -325,6 +347,8 @@ class BaselineConfig:
     clip_sf_lr: float = option(-1.0, "CLIP-SF peak learning rate; <= 0: stage1.lr")
     clip_sf_temperature: float = option(0.05, "InfoNCE temperature of CLIP-SF", gt=0)
     stage1_only: bool = option(True, "also evaluate the stage-1 model (the ablation)")
+    zero_shot: bool = option(True, "with pretrained CLIP / SigLIP towers, also evaluate zero-shot CLIP-SF: the "
+                                   "towers' own projection heads, no training")
 
     def __post_init__(self):
         check_fields(self)
@@ -401,6 +425,21 @@ class TrainConfig:
             raise ConfigError("data", "val_bench_seed", f"must differ from data.bench_seed ({d.bench_seed}): the "
                               f"validation benchmark would be the test benchmark")
 
+    def check_run(self) -> None:
+        """Checks of what a run would do, beyond each value's own checks (`solar.cli` calls it
+        after the flags; a preset alone may leave them open): with pretrained towers the
+        training shards and the benchmark must be real data (data.train_shards, data.bench_dir)
+        unless data.synthetic_ok says ShapesWorld is meant.  ConfigError naming the flag."""
+        m, d = self.model, self.data
+        if (m.vision_pretrained or m.text_pretrained) and not d.synthetic_ok:
+            if not d.train_shards:
+                raise ConfigError("data", "train_shards", "is required with pretrained towers (webdataset shards "
+                                  "of your image-text pairs); --data.synthetic_ok true trains on ShapesWorld instead")
+            if self.run.stage == "all" and self.eval.run and not d.bench_dir:
+                raise ConfigError("data", "bench_dir", "is required with pretrained towers (a benchmark folder "
+                                  "built from real data, solar.benchmark); --data.synthetic_ok true evaluates on "
+                                  "ShapesWorld benchmarks instead, --eval.run false skips the evaluation")
+
     def warnings(self, given: Optional[set] = None) -> list:
         """Settings that run but are probably not meant: warm-up longer than the phase, and
         (with `given`, the dotted fields set by flags) flags of a stage this run skips."""
@@ -429,8 +468,13 @@ def _preset_config(name: str) -> TrainConfig:
 # scratch with attention learn to copy the whole image / caption into every position (that
 # maximises the mean-pooled local-to-global similarity), so s_V / s_L stop being local and
 # the stage-1 masks fall below the random baseline; per-position towers keep them local.
-# Pretrained towers (clip-b16) keep their layers.  `clip-b16`: the paper's SOLAR-C shape (CLIP ViT-B/16 towers,
+# Pretrained towers keep their layers.  `clip-b16`: the paper's SOLAR-C shape (CLIP ViT-B/16 towers,
 # 768-d embedding); its adapter/fusion sizes are our choice (the paper gives only 0.20B total).
+# `dinov2-bge`: SOLAR-B+D (DINOv2-base vision at 224 px = 16 x 16 patches of 14 px, BGE-m3 text, an
+# XLM-R; 768-d embedding), same stage settings.  Both fine-tune the towers with LoRA as the paper
+# does (rank 16, alpha 32 on every attention / MLP linear: our choice) at the full stage-1 lr
+# (tower_lr_scale 1: only the adapters train there).  Tower names are hub names: on a machine
+# without the hub, point --model.vision_pretrained / --model.text_pretrained at local folders.
 # `tiny` also gives each text token local phrase context (a residual 5-token convolution,
 # ``text_context_window``) and scores s_L per phrase (``text_segment_words``: phrases end at
 # "and" / punctuation); both measured to raise the stage-1 mask IoU (docs/EXPERIMENTS.md).
@@ -445,10 +489,9 @@ PRESETS: dict[str, dict[str, dict]] = {
     "clip-b16": {
         "model": dict(image_size=224, patch_size=16, max_text_len=77,
                       vision_pretrained="openai/clip-vit-base-patch16", text_pretrained="openai/clip-vit-base-patch16",
-                      vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
                       text_causal=True, width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12,
-                      fusion_mlp=3072, embed_dim=768),
-        "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=0.1, warmup_steps=200, temperature=0.05,
+                      fusion_mlp=3072, embed_dim=768, lora_rank=16, lora_alpha=32.0),
+        "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
                        teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
         "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
                        mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0),
@@ -456,6 +499,21 @@ PRESETS: dict[str, dict[str, dict]] = {
                      in_memory=False),
         "eval": dict(batch_size=512),
         "run": dict(out_dir="runs/solar-clip-b16", ckpt_every=1000, log_every=50, precision="bf16"),
+    },
+    "dinov2-bge": {
+        "model": dict(image_size=224, patch_size=14, max_text_len=128,
+                      vision_pretrained="facebook/dinov2-base", text_pretrained="BAAI/bge-m3",
+                      text_causal=False, width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12,
+                      fusion_mlp=3072, embed_dim=768, lora_rank=16, lora_alpha=32.0),
+        "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
+                       teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
+        "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
+                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0),
+        "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
+                     in_memory=False),
+        "eval": dict(batch_size=512),
+        "baseline": dict(zero_shot=False),
+        "run": dict(out_dir="runs/solar-dinov2-bge", ckpt_every=1000, log_every=50, precision="bf16"),
     },
 }
 

@@ -38,12 +38,14 @@ def main(argv=None) -> int:
                          f"(default: fp32,int8)")
     ap.add_argument("--batch-size", type=int, default=128, metavar="INT",
                     help="pairs per embedding batch (default: 128)")
-    ap.add_argument("--tokenizer", default="shapesworld", help="'shapesworld' or a local tokenizer folder")
+    ap.add_argument("--tokenizer", default=None,
+                    help="'shapesworld', 'clip' or a local tokenizer folder (default: each model's own, saved in its "
+                         "folder's tokenizer/)")
     ap.add_argument("--device", default="auto",
                     help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N' (default: auto)")
     ap.add_argument("--threads", type=int, default=0, metavar="INT",
                     help="torch CPU threads; 0 = leave torch's default (default: 0)")
-    ap.add_argument("--kind", default=None, choices=("solar", "clip_sf"),
+    ap.add_argument("--kind", default=None, choices=("solar", "clip_sf", "clip_zs"),
                     help="embedding rule of --ckpt folders without solar_embedding.json (e.g. training "
                          "checkpoints); a folder whose file names another kind is an error (default: required "
                          "only when a folder has no such file)")
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
             if (c.image_size, c.patch_size) != (first.image_size, first.patch_size):
                 raise ValueError(f"--ckpt {n}: image/patch size {c.image_size}/{c.patch_size} differs from "
                                  f"{first.image_size}/{first.patch_size}; evaluate them separately")
-        tok = load_tokenizer(a.tokenizer, model_max_length=first.max_text_len)
+        tok = load_tokenizer(a.tokenizer, model_max_length=first.max_text_len) if a.tokenizer else None
         res = evaluate_models(models, bench, tokenizer=tok, image_size=first.image_size,
                               patch_size=first.patch_size, max_length=first.max_text_len,
                               batch_size=a.batch_size, index_dtypes=dtypes,

@@ -28,6 +28,7 @@ from solar_kernels.search import quantize_int8
 
 from . import benchmark as bm
 from .baselines import EMBEDDING_KINDS, pair_embedding
+from .towers import resolve_tokenizer
 
 __all__ = ["embed_collection", "evaluate_embeddings", "evaluate_models", "format_table", "load_for_eval",
            "read_kind", "quantized_scores", "SEARCH_K"]
@@ -92,8 +93,10 @@ def embed_collection(model, kind: str, urls, tokenizer, *, image_size: int, patc
 
     from .data.reader import make_loader
     from .trainer import batch_to
+    norm = {k: tuple(v) for k, v in (("mean", getattr(model.cfg, "image_mean", None)),
+                                     ("std", getattr(model.cfg, "image_std", None))) if v}   # the model's own
     loader = make_loader(urls, tokenizer, image_size=image_size, patch_size=patch_size, max_length=max_length,
-                         batch_size=batch_size, rank=0, world_size=1, stats=stats, ground_truth="none")
+                         batch_size=batch_size, rank=0, world_size=1, stats=stats, ground_truth="none", **norm)
     was = model.training
     model.eval()
     embs, keys = [], []
@@ -173,6 +176,8 @@ def evaluate_models(models: dict, bench_dir, *, tokenizer, image_size: int, patc
     read (triplets with a lost pair are left out) and the result says how many pairs were
     searched and triplets scored ("pairs_searched", "triplets_scored", "partial").
 
+    `tokenizer`: one tokenizer for every model, or None: each model's own (`solar.towers.resolve_tokenizer`).
+
     Returns {"benchmark": {...}, "models": {name: {dtype: metrics, ...}}}."""
     bench = bench_dir if isinstance(bench_dir, bm.Benchmark) else bm.load_benchmark(bench_dir)
     problem = ""
@@ -192,7 +197,8 @@ def evaluate_models(models: dict, bench_dir, *, tokenizer, image_size: int, patc
         if model is None:
             continue
         stats = ReaderStats()
-        emb, keys = embed_collection(model, kind, bench.shards, tokenizer, image_size=image_size,
+        tok = tokenizer if tokenizer is not None else resolve_tokenizer(model)
+        emb, keys = embed_collection(model, kind, bench.shards, tok, image_size=image_size,
                                      patch_size=patch_size, max_length=max_length, batch_size=batch_size,
                                      device=device, progress=progress, desc=f"embed [{name}]", stats=stats)
         if len(keys) > bench.num_pairs:

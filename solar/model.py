@@ -37,16 +37,13 @@ import torch.utils.checkpoint
 
 import solar_kernels as sk
 
+from . import towers
 from .checkpoint import load_model_files, load_state_strict, save_model
 from .config import ModelConfig
+from .data.tokenizer import model_tokenizer
+from .towers import hub_offline
 
 __all__ = ["ModelConfig", "SolarModel", "hub_offline", "load_model"]
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` asks for local files only."""
-    return any(os.environ.get(v, "0").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 class Adapter(nn.Module):
@@ -168,11 +165,16 @@ class SolarModel(nn.Module):
             raise TypeError(f"cfg: expected a ModelConfig, got {type(cfg).__name__}")
         cfg = dataclasses.replace(cfg)
         offline = hub_offline()
+        proj_v = proj_t = False
         # --- E_V ---
         if cfg.vision_tower_config is not None and (not _load_tower_weights or not cfg.vision_pretrained):
-            self.vision = CLIPVisionModel(CLIPVisionConfig(**_tower_kwargs(cfg.vision_tower_config)))
+            self.vision, _ = towers.build_tower(cfg.vision_tower_class or "CLIPVisionModel",
+                                                config=cfg.vision_tower_config)
+            proj_v = cfg.tower_projections
         elif cfg.vision_pretrained:
-            self.vision = CLIPVisionModel.from_pretrained(cfg.vision_pretrained, local_files_only=offline)
+            cfg.vision_tower_class = towers.tower_class_for("vision", cfg.vision_pretrained, offline)
+            self.vision, proj_v = towers.build_tower(cfg.vision_tower_class, pretrained=cfg.vision_pretrained,
+                                                     offline=offline)
         else:
             self.vision = CLIPVisionModel(CLIPVisionConfig(
                 hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_mlp,
@@ -181,9 +183,12 @@ class SolarModel(nn.Module):
                 attention_dropout=cfg.dropout))
         # --- E_L ---
         if cfg.text_tower_config is not None and (not _load_tower_weights or not cfg.text_pretrained):
-            self.text = CLIPTextModel(CLIPTextConfig(**_tower_kwargs(cfg.text_tower_config)))
+            self.text, _ = towers.build_tower(cfg.text_tower_class or "CLIPTextModel", config=cfg.text_tower_config)
+            proj_t = cfg.tower_projections
         elif cfg.text_pretrained:
-            self.text = CLIPTextModel.from_pretrained(cfg.text_pretrained, local_files_only=offline)
+            cfg.text_tower_class = towers.tower_class_for("text", cfg.text_pretrained, offline)
+            self.text, proj_t = towers.build_tower(cfg.text_tower_class, pretrained=cfg.text_pretrained,
+                                                   offline=offline)
         else:
             self.text = CLIPTextModel(CLIPTextConfig(
                 vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_mlp,
@@ -198,11 +203,30 @@ class SolarModel(nn.Module):
             with torch.no_grad():
                 getattr(self.text, "text_model", self.text).embeddings.position_embedding.weight.zero_()
         vc, tc = self.vision.config, self.text.config
+        cfg.vision_tower_class = type(self.vision).__name__
+        cfg.text_tower_class = type(self.text).__name__
+        cfg.tower_projections = bool(proj_v and proj_t)
         cfg.vision_tower_config = _jsonable(vc.to_dict())
         cfg.text_tower_config = _jsonable(tc.to_dict())
-        cfg.image_size, cfg.patch_size = int(vc.image_size), int(vc.patch_size)
-        cfg.vocab_size, cfg.max_text_len = int(tc.vocab_size), int(tc.max_position_embeddings)
+        cfg.patch_size = int(vc.patch_size)
+        if towers.family(self.vision) != "dinov2":   # DINOv2 interpolates its positions: any multiple of the patch
+            cfg.image_size = int(vc.image_size)
+        elif cfg.image_size % cfg.patch_size:
+            raise ValueError(f"model.image_size: must be a multiple of the DINOv2 patch ({cfg.patch_size}), "
+                             f"got {cfg.image_size}")
+        cfg.vocab_size = int(tc.vocab_size)
+        if towers.family(self.text) == "clip":
+            cfg.max_text_len = int(tc.max_position_embeddings)
+        else:   # RoBERTa / XLM-R positions start after the pad id
+            limit = int(tc.max_position_embeddings) - (int(tc.pad_token_id) + 1 if "Roberta" in
+                                                       cfg.text_tower_class else 0)
+            if cfg.max_text_len > limit:
+                raise ValueError(f"model.max_text_len: the {cfg.text_tower_class} tower takes at most {limit} "
+                                 f"tokens, got {cfg.max_text_len}")
+        if not cfg.image_mean:   # recorded, so that a saved model is fed pixels as in training
+            cfg.image_mean, cfg.image_std = (list(x) for x in towers.image_stats(cfg))
         self.cfg = cfg
+        self.tokenizer = None   # set by solar.train / load_model; saved with the model (tokenizer/)
 
         W = cfg.width
         self.context_v = LocalContext(vc.hidden_size, cfg.vision_context_window, grid=True) \
@@ -227,6 +251,8 @@ class SolarModel(nn.Module):
         # running means of the image / text globals (see similarities_from_tokens)
         self.register_buffer("center_v", torch.zeros(W))
         self.register_buffer("center_t", torch.zeros(W))
+        if cfg.lora_rank > 0:
+            self.enable_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         self.set_freeze(vision=cfg.freeze_vision, text=cfg.freeze_text)
         self.activation_checkpointing = False   # a run-time switch, not part of the architecture
 
@@ -248,13 +274,34 @@ class SolarModel(nn.Module):
                 tower.gradient_checkpointing_disable()
 
     def set_freeze(self, *, vision: Optional[bool] = None, text: Optional[bool] = None) -> None:
-        """Freeze (True) or fine-tune (False) the towers; None leaves a tower as it is."""
+        """Freeze (True) or fine-tune (False) the towers; None leaves a tower as it is.  A tower
+        with LoRA fine-tunes its LoRA weights only; heads SOLAR never uses (CLIP's projections,
+        poolers) stay frozen (`solar.towers.set_trainable`)."""
         if vision is not None:
             self.cfg.freeze_vision = bool(vision)
-            self.vision.requires_grad_(not vision)
+            towers.set_trainable(self.vision, not vision)
         if text is not None:
             self.cfg.freeze_text = bool(text)
-            self.text.requires_grad_(not text)
+            towers.set_trainable(self.text, not text)
+
+    def enable_lora(self, rank: int, alpha: float, dropout: float = 0.0, targets=()) -> None:
+        """Inject LoRA (``peft``) of `rank` / `alpha` into both towers' attention and MLP linears
+        (`targets`: their names; empty: each tower family's default, `solar.towers`); the base
+        weights are then frozen and only the LoRA weights train.  A tower that has LoRA already is
+        left as it is.  ``save_pretrained`` folds the LoRA deltas into the weights."""
+        if rank < 1:
+            raise ValueError(f"model.lora_rank: expected >= 1 to enable LoRA, got {rank}")
+        for tower in (self.vision, self.text):
+            if not towers.has_lora(tower):
+                towers.apply_lora(tower, rank, alpha, dropout, targets)
+        self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_dropout = int(rank), float(alpha), float(dropout)
+        self.cfg.lora_targets = list(targets)
+        self.set_freeze(vision=self.cfg.freeze_vision, text=self.cfg.freeze_text)
+
+    def merged_state_dict(self) -> dict:
+        """The state dict with LoRA folded into the tower weights (plain names; see
+        `solar.towers.merged_state_dict`); ``state_dict()`` itself when there is no LoRA."""
+        return towers.merged_state_dict(self) if self.cfg.lora_rank > 0 else self.state_dict()
 
     def train(self, mode: bool = True):
         """nn.Module.train, keeping frozen towers in eval mode."""
@@ -282,8 +329,7 @@ class SolarModel(nn.Module):
         if tuple(pixel_values.shape[2:]) != (s, s):
             raise ValueError(f"pixel_values: expected spatial size {s}x{s}, got {tuple(pixel_values.shape[2:])}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vision):
-            out = self.vision(pixel_values=pixel_values.to(self.device))
-            h = getattr(self.vision, "vision_model", self.vision).post_layernorm(out.last_hidden_state[:, 1:])
+            h = towers.patch_states(self.vision, pixel_values.to(self.device))
         if self.context_v is not None:
             h = self.context_v(h)
         return self.adapter_v(h)
@@ -309,21 +355,10 @@ class SolarModel(nn.Module):
         dev = self.device
         ids, am = input_ids.to(dev).long(), attention_mask.to(dev).bool()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_text):
-            if self.cfg.text_causal:
-                h = self.text(input_ids=ids, attention_mask=am.long()).last_hidden_state
-            else:
-                h = self._bidirectional_text(ids, am)
+            h = towers.text_states(self.text, ids, am, self.cfg.text_causal)
         if self.context_l is not None:
             h = self.context_l(h, am)
         return self.adapter_l(h)
-
-    def _bidirectional_text(self, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
-        """The CLIP text tower without its causal mask (padding keys masked only)."""
-        tm = getattr(self.text, "text_model", self.text)
-        h = tm.embeddings(input_ids=ids)
-        bias = torch.zeros(am.shape, dtype=h.dtype, device=h.device).masked_fill(~am, torch.finfo(h.dtype).min)
-        out = tm.encoder(inputs_embeds=h, attention_mask=bias[:, None, None, :], is_causal=False)
-        return tm.final_layer_norm(out.last_hidden_state)
 
     def text_valid_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] bool: positions that are real content tokens (padding, BOS and EOS excluded)."""
@@ -497,9 +532,12 @@ class SolarModel(nn.Module):
         return self.masks_from_similarities(s_v, s_l, valid)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.safetensors`` (all parameters and buffers) and ``config.json``."""
-        return save_model(self, directory)
+    def save_pretrained(self, directory: str | os.PathLike, *, merge_lora: bool = True) -> Path:
+        """Write ``model.safetensors`` (all parameters and buffers), ``config.json`` and the
+        model's tokenizer (``tokenizer/``, when it has one).  LoRA weights are folded into the
+        towers (`merge_lora`, the default: the folder loads without peft); training checkpoints
+        keep them apart (``merge_lora=False``) so a resumed run continues the same adapters."""
+        return save_model(self, directory, merge_lora=merge_lora)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> "SolarModel":
@@ -515,6 +553,7 @@ def load_model(directory: str | os.PathLike, *, map_location="cpu") -> SolarMode
     meta, state = load_model_files(directory)
     model = SolarModel(ModelConfig.from_dict(meta), _load_tower_weights=False)
     load_state_strict(model, state, directory)
+    model.tokenizer = model_tokenizer(directory, model.cfg.max_text_len)
     return model.to(map_location)
 
 
@@ -529,9 +568,3 @@ def _jsonable(d: dict) -> dict:
         out[k] = v
     return out
 
-
-def _tower_kwargs(d: dict) -> dict:
-    d = dict(d)
-    for k in ("model_type", "transformers_version", "architectures", "_name_or_path"):
-        d.pop(k, None)
-    return d

@@ -50,6 +50,7 @@ from torch import nn
 
 import solar_kernels as sk
 
+from . import towers
 from .checkpoint import CheckpointError
 from .config import QDA_MODES, RHO_SCHEDULES, TEACHERS, Stage1Config, validate_config
 from .data.batches import StreamBatches
@@ -237,8 +238,9 @@ def stage1_losses_from_tokens(model: SolarModel, batch: Mapping[str, Any], v: to
     if teacher is not None and (cfg.gd_weight or cfg.ld_weight):
         tv_tower, tl_tower = teacher
         with torch.no_grad():
-            tv = tv_tower(pixel_values=pv).last_hidden_state[:, 1:]
-            tl = tl_tower(input_ids=ids, attention_mask=am.long()).last_hidden_state
+            # the teacher towers' states in the students' convention (solar.towers)
+            tv = towers.patch_states(tv_tower, pv.to(v.device))
+            tl = towers.text_states(tl_tower, ids.to(v.device), am.to(v.device).bool(), model.cfg.text_causal)
         if cfg.ld_weight:
             l_ld = local_distill_loss(v, tv, None, pg) + local_distill_loss(t, tl, valid, pg)
             total = total + cfg.ld_weight * l_ld

@@ -19,6 +19,7 @@ clip_sf/ (checkpoints and final models), results.json and results.md.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -34,17 +35,17 @@ from .checkpoint import CheckpointError
 from .cli import parse_args
 from .config import TrainConfig, config_to_dict
 from .data.batches import PairBank, ShardStreams, load_pair_bank
-from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo, barrier, init_distributed, resolve_device
 from .logging import MetricsLogger, plot_metrics
 from .model import SolarModel
+from .towers import TokenizerMismatch, check_tokenizer, default_tokenizer, image_stats, pretrained_text_config
 from .stage1 import run_stage1
 from .stage2 import run_stage2
 from .trainer import LoopOptions
 
 __all__ = ["main", "run", "prepare_data", "load_bank", "training_data", "build_model", "model_dir", "PHASES"]
 
-PHASES = ("stage1", "stage2", "clip_sf")
+PHASES = ("stage1", "stage2", "clip_sf", "zero_shot")
 EMBED_FILE = "solar_embedding.json"
 
 
@@ -171,9 +172,10 @@ def prepare_data(cfg: TrainConfig, di: DistInfo) -> tuple:
 def load_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0) -> PairBank:
     """Decode the training pairs (the first `limit` when > 0) once into a `PairBank`."""
     m = cfg.model
+    mean, std = image_stats(m)
     return load_pair_bank(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
                           max_length=m.max_text_len, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
-                          limit=limit, progress=cfg.run.progress)
+                          limit=limit, progress=cfg.run.progress, mean=mean, std=std)
 
 
 def training_data(urls, tokenizer, cfg: TrainConfig, di: DistInfo) -> tuple:
@@ -188,7 +190,7 @@ def training_data(urls, tokenizer, cfg: TrainConfig, di: DistInfo) -> tuple:
     m = cfg.model
     streams = ShardStreams(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
                            max_length=m.max_text_len, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                           rank=di.rank, world=di.world)
+                           rank=di.rank, world=di.world, **dict(zip(("mean", "std"), image_stats(m))))
     return streams, pool
 
 
@@ -207,12 +209,19 @@ def loop_options(cfg: TrainConfig) -> LoopOptions:
 # --------------------------------------------------------------------------- models
 
 def build_model(cfg: TrainConfig, tokenizer, seed: int):
-    """A fresh SolarModel for cfg.model (vocabulary and special ids from `tokenizer`)."""
+    """A fresh SolarModel for cfg.model (vocabulary and special ids from `tokenizer`, which the
+    model then carries and saves).  A pretrained text tower must match `tokenizer`
+    (`solar.towers.check_tokenizer`: ValueError otherwise)."""
     mcfg = cfg.model
     if not mcfg.text_pretrained:
         mcfg = mcfg.with_tokenizer(tokenizer)
     torch.manual_seed(seed)
-    return SolarModel(mcfg)
+    model = SolarModel(mcfg)
+    if mcfg.text_pretrained:
+        check_tokenizer(tokenizer, model.text)
+        model.cfg = dataclasses.replace(model.cfg.with_tokenizer(tokenizer), vocab_size=model.cfg.vocab_size)
+    model.tokenizer = tokenizer
+    return model
 
 
 def model_dir(out_dir: str, phase: str) -> str:
@@ -279,6 +288,7 @@ def run_phase_stage2(cfg, data, stage1_model, di, log, pool=None):
     else:
         torch.manual_seed(cfg.run.seed + 2)
         model = SolarModel(stage1_model.cfg).to(di.device)
+        model.tokenizer = stage1_model.tokenizer
         model.load_state_dict({k: v for k, v in stage1_model.state_dict().items()
                                if k.startswith(("tau_", "qda_"))}, strict=False)
     torch.manual_seed(cfg.run.seed + 2)
@@ -322,6 +332,23 @@ def run_phase_clip_sf(cfg, data, tokenizer, di, log):
     return model
 
 
+def run_phase_zero_shot(cfg, tokenizer, di):
+    """Zero-shot CLIP-SF: the pretrained towers as loaded, no training (their own projection
+    heads; `solar.baselines.zero_shot_embed`), saved as a model folder; None, with a note, for
+    towers without such heads (e.g. DINOv2)."""
+    model = build_model(cfg, tokenizer, cfg.run.seed)
+    if not model.cfg.tower_projections:
+        _say(di, f"[zero_shot] skipped: the {model.cfg.vision_tower_class} / {model.cfg.text_tower_class} towers "
+                 f"came without image-text projection heads")
+        return None
+    final = model_dir(cfg.run.out_dir, "zero_shot")
+    if di.is_main:
+        model.save_pretrained(final)
+        _write_kind(final, "clip_zs", 0)
+    barrier()
+    return model.to(di.device)
+
+
 # --------------------------------------------------------------------------- main
 
 def _setup(cfg: TrainConfig) -> DistInfo:
@@ -349,7 +376,10 @@ def run(cfg: TrainConfig) -> dict:
     # a fresh run starts a fresh metrics file; --resume and --stage 2 (after --stage 1) append
     log = MetricsLogger(os.path.join(out, "metrics.jsonl"), enabled=di.is_main,
                         truncate=not cfg.run.resume and cfg.run.stage != "2")
-    tokenizer = load_tokenizer(cfg.data.tokenizer or "shapesworld", model_max_length=cfg.model.max_text_len)
+    tokenizer = default_tokenizer(cfg.model, cfg.data.tokenizer)
+    if cfg.model.text_pretrained:   # before any data is prepared
+        tower_class, tower_config = pretrained_text_config(cfg.model)
+        check_tokenizer(tokenizer, config=tower_config, class_name=tower_class)
     urls, bench = prepare_data(cfg, di)
     val_bench = prepare_val_benchmark(cfg, di, bench)
     bank, pool = training_data(urls, tokenizer, cfg, di)
@@ -369,6 +399,9 @@ def run(cfg: TrainConfig) -> dict:
         if stage1_model is None:
             path = cfg.run.stage1_ckpt or model_dir(out, "stage1")
             stage1_model = SolarModel.from_pretrained(path, map_location=di.device)
+            if cfg.model.lora_rank > 0:   # saved models have LoRA folded in: stage 2 adapts them afresh
+                m = cfg.model
+                stage1_model.enable_lora(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
         t = time.time()
         stage2_model = run_phase_stage2(cfg, bank, stage1_model, di, log, pool)
         timings["stage2_s"] = time.time() - t
@@ -376,6 +409,9 @@ def run(cfg: TrainConfig) -> dict:
         t = time.time()
         clip_model = run_phase_clip_sf(cfg, bank, tokenizer, di, log)
         timings["clip_sf_s"] = time.time() - t
+    zs_model = None
+    if cfg.run.stage == "all" and cfg.baseline.zero_shot and (cfg.model.vision_pretrained or cfg.model.text_pretrained):
+        zs_model = run_phase_zero_shot(cfg, tokenizer, di)
     results = {}
     if cfg.run.stage == "all" and cfg.eval.run and di.is_main:
         from .evaluate import evaluate_models, format_table
@@ -385,7 +421,11 @@ def run(cfg: TrainConfig) -> dict:
             models["SOLAR stage 1 only"] = (stage1_model, "solar")
         if clip_model is not None:
             models["CLIP-SF"] = (clip_model, "clip_sf")
-        ekw = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, patch_size=cfg.model.patch_size,
+        if zs_model is not None:
+            models["CLIP-SF zero-shot"] = (zs_model, "clip_zs")
+        if cfg.data.synthetic_ok and not cfg.data.bench_dir:
+            print("[eval] benchmark: ShapesWorld (synthetic; --data.synthetic_ok), not real data", flush=True)
+        ekw = dict(tokenizer=None, image_size=cfg.model.image_size, patch_size=cfg.model.patch_size,
                    max_length=cfg.model.max_text_len, batch_size=cfg.eval.batch_size,
                    index_dtypes=cfg.eval.index_dtypes, device=di.device, progress=cfg.run.progress)
         results = evaluate_models(models, bench, **ekw)
@@ -426,7 +466,7 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     try:
         run(cfg)
-    except (CheckpointError, FileNotFoundError, BenchmarkError) as e:
+    except (CheckpointError, FileNotFoundError, BenchmarkError, TokenizerMismatch) as e:
         print(f"solar.train: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -138,8 +138,9 @@ class ShardStreams:
     per step.  Resume skips the batches already consumed."""
 
     def __init__(self, urls, tokenizer, *, image_size: int, patch_size: int, max_length: int, num_workers: int,
-                 seed: int, rank: int = 0, world: int = 1):
+                 seed: int, rank: int = 0, world: int = 1, mean=None, std=None):
         self.urls, self.tokenizer = urls, tokenizer
+        self.norm = {} if mean is None else {"mean": tuple(mean), "std": tuple(std)}   # the vision tower's own
         self.image_size, self.patch_size, self.max_length = image_size, patch_size, max_length
         self.num_workers, self.seed, self.rank, self.world = num_workers, seed, rank, world
 
@@ -153,7 +154,7 @@ class ShardStreams:
                            patch_size=self.patch_size, max_length=self.max_length,
                            batch_size=global_batch // self.world, drop_last=True, shuffle_buffer=2000,
                            shard_shuffle=True, seed=self.seed * 1000 + salt, rank=self.rank,
-                           world_size=self.world, crop="random", repeat=True)
+                           world_size=self.world, crop="random", repeat=True, **self.norm)
 
     def phase(self, global_batch: int, salt: int) -> StreamBatches:
         """The batches of one phase (`salt` tells the phases' shuffles apart)."""
@@ -161,13 +162,15 @@ class ShardStreams:
 
 
 def load_pair_bank(urls, tokenizer, *, image_size: int, patch_size: int, max_length: int, seed: int,
-                   num_workers: int = 0, limit: int = 0, progress: bool = True) -> PairBank:
+                   num_workers: int = 0, limit: int = 0, progress: bool = True, mean=None, std=None) -> PairBank:
     """Decode every training pair of `urls` once (the first `limit` when > 0) into a `PairBank`
-    whose batch order is seeded by `seed` (pixels kept as float16, returned as float32)."""
+    whose batch order is seeded by `seed` (pixels kept as float16, returned as float32;
+    normalised with `mean` / `std`, default CLIP's)."""
     from ..logging import progress_bar
     from .reader import make_loader
     loader = make_loader(urls, tokenizer, image_size=image_size, patch_size=patch_size, max_length=max_length,
-                         batch_size=500, pad_to_max_length=True, rank=0, world_size=1, num_workers=num_workers)
+                         batch_size=500, pad_to_max_length=True, rank=0, world_size=1, num_workers=num_workers,
+                         **({} if mean is None else {"mean": tuple(mean), "std": tuple(std)}))
     fields: dict = {}
     n = 0
     bar = progress_bar(desc="load pairs", unit="pair", disable=not progress, total=limit or None)
