@@ -22,7 +22,7 @@ pytestmark = pytest.mark.dist
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     r = str(tmp_path_factory.mktemp("rehearsal"))
-    rehearsal.prepare(r, presets=("clip-b16", "dinov2-bge"))
+    rehearsal.prepare(r, presets=("clip-b16",))
     return r
 
 
