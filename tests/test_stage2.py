@@ -311,7 +311,7 @@ def test_cli_every_field_and_both_spellings():
 
 
 def test_cli_presets_config_file_and_errors(tmp_path, capsys):
-    cfg = parse_args(["--preset", "clip-b16"])
+    cfg = parse_args(["--preset", "clip-b16", "--data.train_shards", "x.tar", "--data.bench_dir", "b"])
     assert cfg.model.embed_dim == 768 and cfg.preset == "clip-b16"
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"stage2": {"steps": 7}, "run": {"seed": 3}}))

@@ -9,7 +9,7 @@
 * :mod:`solar.data.prepare` -- what a training run reads, from its config: the training shards
   (ShapesWorld generated when none are given), the test / validation benchmarks (built when
   absent), the in-memory or streamed training data and each phase's batches.
-* :mod:`solar.data.tokenizer` -- the offline CLIP-compatible BPE tokenizer for ShapesWorld,
+* :mod:`solar.data.tokenizer` -- CLIP's exact BPE and the ShapesWorld BPE, built offline,
   or any local tokenizer folder.
 
 Names are imported lazily so that ``python -m solar.data.shapesworld`` runs the module once.
@@ -24,7 +24,7 @@ _EXPORTS = {
     "reader": ("CLIP_MEAN", "CLIP_STD", "ImageTransform", "PairDataset", "PairLoader", "ReaderStats",
                "collate_pairs", "expand_urls", "gt_patch_mask", "make_loader"),
     "shapesworld": ("BENCHMARK_ITEM_BASE", "VOCABULARY", "make_item", "make_pair", "write_shards"),
-    "tokenizer": ("load_tokenizer", "save_tokenizer", "shapesworld_tokenizer"),
+    "tokenizer": ("clip_tokenizer", "load_tokenizer", "model_tokenizer", "save_tokenizer", "shapesworld_tokenizer"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
