@@ -10,6 +10,7 @@ from hypothesis import example, given, settings, strategies as st
 import solar_kernels as sk
 from solar_kernels import nn as snn
 from solar_kernels.ops import contrastive as cl
+from solar_kernels.ops import contrastive_cpu as cl_cpu
 from solar_kernels.reference import contrastive_loss_reference, masked_pool_reference
 
 # the Triton interpreter evaluates both sides of tl.where (log(0), exp overflow in unused lanes)
@@ -242,9 +243,9 @@ def test_backends_agree_on_a_tiled_batch(backend):
 @pytest.mark.parametrize("single", [False, True])
 def test_torch_tiles_and_logits_cache(monkeypatch, cache_per_nd, single):
     """Several row/column tiles, with no / a partial / a full cache of forward logits."""
-    monkeypatch.setattr(cl, "CPU_TILE_ELEMS", 64 * 48)
-    monkeypatch.setattr(cl, "CPU_CACHE_PER_ND", cache_per_nd)
-    monkeypatch.setattr(cl, "_cpu_tiles", lambda n, N: (min(n, 48), min(N, 64)))
+    monkeypatch.setattr(cl_cpu, "CPU_TILE_ELEMS", 64 * 48)
+    monkeypatch.setattr(cl_cpu, "CPU_CACHE_PER_ND", cache_per_nd)
+    monkeypatch.setattr(cl_cpu, "_cpu_tiles", lambda n, N: (min(n, 48), min(N, 64)))
     for hardness, mine_k in ((0.0, 0), (0.7, 3)):
         q, k, hn, groups = _make(150, 16, 2, torch.float32, 21, single, "uneven")
         kw = dict(groups=groups, hard_negatives=hn, temperature=0.05, hardness=hardness, mine_k=mine_k)
@@ -296,7 +297,7 @@ def test_cpu_memory_is_not_quadratic(monkeypatch):
     """fwd+bwd at N=2048 on CPU with 64K-element tiles: peak RSS growth far below N x N fp32 (16 MiB)."""
     if not hasattr(__import__("os"), "sched_getaffinity"):
         pytest.skip("Linux only")
-    monkeypatch.setattr(cl, "CPU_TILE_ELEMS", 1 << 16)
+    monkeypatch.setattr(cl_cpu, "CPU_TILE_ELEMS", 1 << 16)
     n, d = 2048, 8
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(n, d, generator=gen).requires_grad_()
