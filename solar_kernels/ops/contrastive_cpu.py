@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .._topk import merge_topk, topk_lowest_index
+
 # CPU tile budget (elements of one S tile).
 CPU_TILE_ELEMS = 1 << 22
 # CPU: logits of the first rows kept from forward to backward (when gradients are needed) so
@@ -30,7 +32,7 @@ def _cpu_tiles(n: int, N: int) -> tuple[int, int]:
     return max(R, 1), max(C, 1)
 
 
-def _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, device):
+def tile_masks(gq, gk, r0, r1, c0, c1, offset, single, device):
     """(pos, diag) for the CPU tile rows [r0, r1) x columns [c0, c1); pos None = diagonal only."""
     pos = None
     if gq is not None:
@@ -50,41 +52,25 @@ def _neg_inf_where(mask, x):
     return x.masked_fill(~mask, float("-inf"))
 
 
-def _topk_lowest_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row of x ordered by (value desc, column asc), exact on ties."""
-    k = min(k, x.shape[1])
-    kth = x.topk(k, dim=1).values[:, k - 1:k]
-    gt = x > kth
-    eq = x == kth
-    need = k - gt.sum(1, keepdim=True)
-    keep = gt | (eq & (eq.cumsum(1) <= need))
-    idx = keep.nonzero()[:, 1].view(x.shape[0], k)  # ascending columns per row
-    val = x.gather(1, idx)
-    order = torch.sort(val, dim=1, descending=True, stable=True).indices
-    return val.gather(1, order), idx.gather(1, order)
-
-
-def _merge_topk(v0, i0, v1, i1, k):
-    """Merge two (value desc, index asc)-sorted lists whose indices satisfy i0 < i1."""
-    if v0 is None:
-        return v1[:, :k], i1[:, :k]
-    v = torch.cat([v0, v1], 1)
-    i = torch.cat([i0, i1], 1)
-    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
-    return v.gather(1, order), i.gather(1, order)
-
-
-def _cache_rows(n: int, N: int, D: int, backend: str, need_grad: bool) -> int:
+def cache_rows(n: int, N: int, D: int, backend: str, need_grad: bool) -> int:
     """Rows of S the CPU forward keeps for the backward (0 on Triton or without gradients)."""
     if backend == "triton" or not need_grad:
         return 0
     return int(min(n, min(CPU_CACHE_PER_ND * n * D, CPU_CACHE_MAX_ELEMS) // max(N, 1)))
 
 
-def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=None):
+def stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=None):
     """Chunked-PyTorch statistics: row stats (and column stats when `both`) in one sweep.
 
-    `cache` ([rc, N] fp32 or None) receives the logits of the first rc rows."""
+    Args as the Triton launchers': q [n, D] rows, k [N, D] columns, gq / gk group ids or
+    None, offset (global column of row 0's own column), inv_t = 1 / temperature, beta =
+    hardness, single (single-set mode: the diagonal is no column), mine_k (0: no mining).
+    `cache` ([rc, N] fp32 or None) receives the logits of the first rc rows.
+
+    Returns ((A, B, C) [n] fp32 each, C None when beta == 0; the column statistics [A, B, C]
+    of the k -> q direction when `both`, else None; (values, columns) [n, mine_k] of each
+    row's best in-batch negatives, best first, when mine_k > 0, else None).  -inf marks an
+    empty set."""
     n, D = q.shape
     N = k.shape[0]
     dev = q.device
@@ -111,7 +97,7 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
             s = _logits(buf, qf[r0:r1], kf[c0:c1], inv_t)
-            pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
+            pos, diag = tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
             if diag_pos and diag is not None:
                 # the positive is the diagonal logit itself, taken from the tile that B's
                 # log-sum-exp sees (and the backward recomputes), so that B - A >= 0 in fp32
@@ -122,7 +108,7 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
                 h = min(r1, cache.shape[0]) - r0
                 cache[r0:r0 + h, c0:c1].copy_(s[:h])
             need_neg = hard or mine_k > 0
-            pos_t = _pos_full(pos, diag, s) if (need_neg or not diag_pos) else None
+            pos_t = pos_full(pos, diag, s) if (need_neg or not diag_pos) else None
             if not diag_pos:
                 sp = _neg_inf_where(pos_t, s)
                 rA = torch.logaddexp(rA, torch.logsumexp(sp, 1))
@@ -145,18 +131,21 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
             else:
                 rB = torch.logaddexp(rB, torch.logsumexp(s, 1))
             if mine_k > 0:
-                v, i = _topk_lowest_index(sn, mine_k)
-                tv, ti = _merge_topk(tv, ti, v, i + c0, mine_k)
+                v, i = topk_lowest_index(sn, mine_k)
+                if tv is None:
+                    tv, ti = v, i + c0
+                else:
+                    tv, ti = merge_topk(torch.cat([tv, v], 1), torch.cat([ti, i + c0], 1), mine_k)
         if not diag_pos:
             rows_A[r0:r1] = rA
         rows_B[r0:r1] = rB
         if hard:
             rows_C[r0:r1] = rC
         if mine_k > 0:
-            if tv.shape[1] < mine_k:  # fewer in-batch columns than mine_k: pad with -inf
+            if tv.shape[1] < mine_k:  # fewer in-batch columns than mine_k: empty slots (-inf, -1)
                 pad = mine_k - tv.shape[1]
                 tv = torch.cat([tv, torch.full((tv.shape[0], pad), float("-inf"), device=dev)], 1)
-                ti = torch.cat([ti, torch.full((ti.shape[0], pad), N, dtype=torch.int64, device=dev)], 1)
+                ti = torch.cat([ti, torch.full((ti.shape[0], pad), -1, dtype=torch.int64, device=dev)], 1)
             if top_v is None:
                 top_v = torch.empty((n, mine_k), device=dev)
                 top_i = torch.empty((n, mine_k), dtype=torch.int64, device=dev)
@@ -168,9 +157,12 @@ def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=
     return (rows_A, rows_B, rows_C), cols, mined
 
 
-def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=None):
+def bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=None):
     """Chunked-PyTorch backward: recompute each S tile (or read the forward's cached rows),
-    G = dL/dS, dq += G k, dk += G^T q.  Tiles read from `cache` are never written to."""
+    G = dL/dS, dq += G k, dk += G^T q.  Tiles read from `cache` are never written to.
+
+    rstats / cstats: [4, n] / [4, N] (r, A, B, C) coefficients of the row and column
+    directions (cstats None: rows only).  Returns (dq [n, D], dk [N, D]) in fp32."""
     n_cached = 0 if cache is None else cache.shape[0]
     n, D = q.shape
     N = k.shape[0]
@@ -188,7 +180,7 @@ def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=
         # s: tile (masked -inf where invalid); stats broadcast along `dim` (1: rows, 0: cols)
         ex = (lambda v: v[:, None]) if dim == 1 else (lambda v: v[None, :])
         if hard:
-            sn = s if pos_t is None and diag is None else s.masked_fill(_pos_full(pos_t, diag, s), float("-inf"))
+            sn = s if pos_t is None and diag is None else s.masked_fill(pos_full(pos_t, diag, s), float("-inf"))
             g = sn.mul(1.0 + beta).sub_(ex(b)).exp_().mul_(1.0 + beta)
             g.sub_(sn.mul(beta).sub_(ex(c)).exp_().mul_(beta))
         else:
@@ -213,7 +205,7 @@ def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=
                 if h:
                     s[:h].copy_(cache[r0:r0 + h, c0:c1])
                 s[h:].addmm_(qf[r0 + h:r1], kf[c0:c1].t(), beta=0, alpha=inv_t)
-            pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
+            pos, diag = tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
             if single and diag is not None and h < r1 - r0:
                 s[diag] = float("-inf")
             g = None
@@ -282,7 +274,9 @@ def _both_directions_plain(s, pos, diag, r, a, b, rc, ac, bc):
     return g
 
 
-def _pos_full(pos_t, diag, s):
+def pos_full(pos_t, diag, s):
+    """The positives of a tile as a bool mask like s: pos_t, or the diagonal entries `diag`
+    when pos_t is None (no groups)."""
     if pos_t is not None:
         return pos_t
     m = torch.zeros_like(s, dtype=torch.bool)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .contrastive import (_backend, _check_counts, _check_logit_bound, _reduce, _validate as _validate_loss,
-                          contrastive_backward, contrastive_forward)
 from .. import _checks, _dispatch
-from .masked_pool import _check_weights, _validate as _validate_pool, pool_backward, pool_forward
+from .contrastive import Mined, choose_backend, contrastive_backward, contrastive_forward, mean_loss
+from .contrastive_checks import check_counts, check_logit_bound, validate as validate_loss
+from .masked_pool import check_weights, pool_backward, pool_forward, validate as validate_pool
 
 __all__ = ["pooled_contrastive_loss"]
 
@@ -90,8 +90,8 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
         xk, mask_k.  The logit bound of contrastive_loss is checked on the pooled rows' norms:
         at most 1 with normalize=True, else at most the largest token norm of xq / xk.
     """
-    _validate_pool(xq, mask_q, eps, names=("xq", "mask_q"))
-    _validate_pool(xk, mask_k, eps, names=("xk", "mask_k"))
+    validate_pool(xq, mask_q, eps, names=("xq", "mask_q"))
+    validate_pool(xk, mask_k, eps, names=("xk", "mask_k"))
     if mask_q.dim() != 2 or mask_k.dim() != 2:
         raise ValueError(f"mask_q and mask_k must be [N, L], got {tuple(mask_q.shape)} and {tuple(mask_k.shape)}")
     if xq.shape[0] != xk.shape[0] or xq.shape[2] != xk.shape[2]:
@@ -104,12 +104,12 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
     # dtype, device and names (so xq and xk are also checked against each other there)
     probe_q = xq.new_zeros(()).expand(n, D)
     probe_k = xk.new_zeros(()).expand(n, D)
-    temperature, hardness, mine_k = _validate_loss(probe_q, probe_k, groups, hard_negatives, temperature, hardness,
+    temperature, hardness, mine_k = validate_loss(probe_q, probe_k, groups, hard_negatives, temperature, hardness,
                                                    mine_k, names=("xq", "xk"))
     aq = _checks.check_finite_fast("xq", xq)
     ak = _checks.check_finite_fast("xk", xk)
-    _check_weights(mask_q, "mask_q")
-    _check_weights(mask_k, "mask_k")
+    check_weights(mask_q, "mask_q")
+    check_weights(mask_k, "mask_k")
     # the logit bound on the pooled rows: norm <= 1 when normalised, else at most the largest
     # token norm (a weighted mean with non-negative weights)
     one = torch.ones((1, 1))  # stands for rows of norm 1 (only read when the cheap bound fails)
@@ -117,14 +117,15 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
     keys = [rows_k] + ([("hard_negatives", hard_negatives,
                          _checks.check_finite_fast("hard_negatives", hard_negatives))]
                        if hard_negatives is not None else [])
-    _check_logit_bound("xq", rows_q[0], rows_q[1], keys, temperature, hardness)
+    check_logit_bound("xq", rows_q[0], rows_q[1], keys, temperature, hardness)
     hn = hard_negatives.float() if hard_negatives is not None else None
     H = 0 if hn is None else hn.shape[1]
-    n_pos_rows = _check_counts(groups, n, H, mine_k, False)
+    n_pos_rows = check_counts(groups, n, H, mine_k, False)
     mq = mask_q.unsqueeze(0)
     mk = mask_k.unsqueeze(0)
     both = bool(symmetric)
     row_loss, col_loss, top_v, top_i = _PooledContrastiveFunction.apply(
         xq, mq, xk, mk, hn, groups.contiguous() if groups is not None else None, bool(normalize), float(eps),
-        float(temperature), float(hardness), both, int(mine_k), _backend(xq))
-    return _reduce(row_loss, col_loss, n_pos_rows, n, both, mine_k, top_v, top_i)
+        float(temperature), float(hardness), both, int(mine_k), choose_backend(xq))
+    loss = mean_loss(row_loss, col_loss, n_pos_rows, n, both)
+    return (loss, Mined(top_i, top_v)) if mine_k > 0 else loss
