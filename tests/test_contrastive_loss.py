@@ -504,6 +504,74 @@ def test_pooled_contrastive_loss_vs_reference(backend, float_mask, hard, symmetr
     assert torch.equal(mined.indices.cpu(), idx.cpu())
 
 
+def _pooled_op_args(float_mask, hard, both, mine_k, backend="torch", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xq = torch.randn(7, 4, 5, generator=gen, requires_grad=True)
+    xk = torch.randn(7, 3, 5, generator=gen, requires_grad=True)
+    if float_mask:
+        mq = torch.rand(7, 4, generator=gen).requires_grad_()
+        mk = torch.rand(7, 3, generator=gen).requires_grad_()
+    else:
+        mq = torch.rand(7, 4, generator=gen) > 0.3
+        mq[:, 0] = True
+        mk = torch.ones(7, 3, dtype=torch.bool)
+    hn = torch.randn(7, 2, 5, generator=gen, requires_grad=True) if hard else None
+    g = torch.arange(7) // 2
+    return (xq, mq, xk, mk, hn, g, True, 1e-6, 0.2, 0.5 if hard else 0.0, both, mine_k, backend)
+
+
+@pytest.mark.parametrize("float_mask, hard, both, mine_k", [(True, True, True, 2), (False, False, False, 0)])
+def test_pooled_opcheck(float_mask, hard, both, mine_k):
+    """solar::pooled_contrastive_fwd / _bwd are one op each for torch.library (schema, fake
+    kernel, autograd registration, AOT dispatch with dynamic shapes)."""
+    args = _pooled_op_args(float_mask, hard, both, mine_k)
+    torch.library.opcheck(torch.ops.solar.pooled_contrastive_fwd.default, args)
+    out = torch.ops.solar.pooled_contrastive_fwd(*args)
+    xq, mq, xk, mk, hn, g = args[:6]
+    row_loss, col_loss, _, _, fq, aux_q, fk, aux_k, rs, cs = (t.detach() for t in out)
+    need = (True, float_mask, True, float_mask)
+    bargs = (torch.ones_like(row_loss), torch.ones_like(col_loss), xq.detach(),
+             mq.detach() if float_mask else mq, xk.detach(), mk.detach() if float_mask else mk,
+             hn.detach() if hard else None, g, fq, aux_q, fk, aux_k, rs, cs, True, 1e-6, 0.2, args[9], both,
+             "torch", *need)
+    torch.library.opcheck(torch.ops.solar.pooled_contrastive_bwd.default, bargs)
+
+
+def test_pooled_op_gradients_match_the_public_function():
+    """The op's registered autograd gives the gradients of pooled_contrastive_loss (which calls
+    it) and of masked_pool + contrastive_loss composed."""
+    args = _pooled_op_args(True, True, True, 0)
+    xq, mq, xk, mk, hn, g = args[:6]
+    loss = sk.pooled_contrastive_loss(xq, mq, xk, mk, groups=g, hard_negatives=hn, temperature=0.2, hardness=0.5)
+    got = torch.autograd.grad(loss, (xq, mq, xk, mk, hn))
+    fq = sk.masked_pool(xq, mq, normalize=True)
+    fk = sk.masked_pool(xk, mk, normalize=True)
+    ref_loss = sk.contrastive_loss(fq, fk, groups=g, hard_negatives=hn, temperature=0.2, hardness=0.5)
+    ref = torch.autograd.grad(ref_loss, (xq, mq, xk, mk, hn))
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_op_compiles_as_one_node():
+    """torch.compile(fullgraph=True) traces the op and its backward without a graph break."""
+    args = _pooled_op_args(True, False, True, 0)
+    xq, mq, xk, mk, hn, g = args[:6]
+    rest = args[6:]
+
+    def f(xq, mq, xk, mk):
+        row_loss, col_loss = torch.ops.solar.pooled_contrastive_fwd(xq, mq, xk, mk, hn, g, *rest)[:2]
+        return 0.5 * row_loss.mean() + 0.5 * col_loss.mean()
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(xq, mq, xk, mk)
+    ref = f(xq, mq, xk, mk)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out, (xq, mq, xk, mk))
+    want = torch.autograd.grad(ref, (xq, mq, xk, mk))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_pooled_bad_inputs():
     x = torch.randn(4, 3, 8)
     m = torch.ones(4, 3, dtype=torch.bool)
