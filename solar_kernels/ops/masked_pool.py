@@ -485,7 +485,7 @@ def grad_buffer_cache_mb(max_mb: int | None = None) -> int:
 # ----------------------------------------------------------------------------------------
 # 4. torch.library registration (custom ops with fake kernels)
 # ----------------------------------------------------------------------------------------
-def _check_weights(mask: torch.Tensor, name: str = "mask") -> None:
+def check_weights(mask: torch.Tensor, name: str = "mask") -> None:
     """Float weights must be finite and non-negative; one min/max reduction when they are."""
     if not mask.is_floating_point() or mask.numel() == 0:
         return
@@ -505,7 +505,7 @@ def _fwd_impl(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float) 
     # this op exists to read it once.  Non-finite values under a nonzero weight propagate into the
     # output on every backend; terms under weight 0 are skipped on every backend (each one redoes
     # a weighted sum that came out non-finite without them: the contract in the module docstring).
-    _check_weights(mask)
+    check_weights(mask)
     return pool_forward(x, mask, normalize, eps)
 
 
@@ -572,7 +572,7 @@ class _MaskedPoolFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 # The checked public entry point
 # ----------------------------------------------------------------------------------------
-def _validate(x, mask, eps, names=("x", "mask")):
+def validate(x, mask, eps, names=("x", "mask")):
     """Check masked_pool's arguments (not their values: see :func:`_fwd_impl`).  `names`: how
     errors call x and mask (pooled_contrastive_loss passes xq/mask_q and xk/mask_k)."""
     xn, mn = names
@@ -622,7 +622,7 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False,
         ValueError: wrong rank, mask's [B, L] not matching x, tensors on different devices,
             negative or non-finite mask weights, eps <= 0.
     """
-    _validate(x, mask, eps)
+    validate(x, mask, eps)
     squeeze = mask.dim() == 2
     mask3 = mask.unsqueeze(0) if squeeze else mask
     out = _MaskedPoolFunction.apply(x, mask3, bool(normalize), float(eps))
