@@ -192,7 +192,7 @@ def test_verdict_file_resumes_and_refuses_another_proposal(world, tmp_path):
     assert read_verdicts(path)[1]["t00001"]["verdict"] == "accept"
     with pytest.raises(ValueError, match="candidate: expected an int in \\[0, 3\\)"):
         app2.decide({"triplet": "t00002", "verdict": "accept", "candidate": 7})
-    with pytest.raises(VerdictError, match="is 'alice's file, not 'bob's"):
+    with pytest.raises(VerdictError, match="is the file of reviewer 'alice', not of 'bob'"):
         ReviewApp(world["proposal"], path, "bob")
     # the same verdict file against another proposal (another seed): refused, naming both hashes
     other = str(tmp_path / "other")
@@ -225,7 +225,7 @@ def test_merge_two_reviewers_and_export_consensus(world, tmp_path):
     assert m.kappa == pytest.approx(cohen_kappa(["accept", "accept", "reject", "accept"],
                                                 ["accept", "accept", "reject", "reject"]))
     assert [t for t, d in m.decisions.items() if d["verdict"] == "accept"] == ["t00000"]
-    assert bm.main(["review", "--merge", a, b, "--proposal", world["proposal"], "--out", str(tmp_path / "m.json")]) == 0
+    assert bm.main(["review", world["proposal"], "--merge", a, b, "--out", str(tmp_path / "m.json")]) == 0
     spec = export_benchmark(world["proposal"], [a, b], str(tmp_path / "bench"))
     assert [t["proposal_id"] for t in spec["triplets"]] == ["t00000"]
     assert spec["triplets"][0]["verified_by"] == ["alice", "bob"]

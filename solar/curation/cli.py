@@ -3,7 +3,7 @@
     python -m solar.benchmark propose --shards 'cat/shard-{000000..000009}.tar' \\
         --model runs/solar/clip_sf/model --out proposal/ --triplets 200 --negatives 5 --seed 0
     python -m solar.benchmark review proposal/ --reviewer alice --verdicts alice.jsonl
-    python -m solar.benchmark review --merge alice.jsonl bob.jsonl [--proposal proposal/]
+    python -m solar.benchmark review [proposal/] --merge alice.jsonl bob.jsonl [--out merged.json]
     python -m solar.benchmark export proposal/ --verdicts alice.jsonl [bob.jsonl] --out bench/
     python -m solar.eval --ckpt runs/solar/stage2/model --bench bench/
 
