@@ -71,7 +71,7 @@ from .data.shapesworld import (BENCHMARK_ITEM_BASE, GENERATOR_VERSION, GRID, _rn
                                make_pair, perturb_item, render_view, sample_key, sample_split, write_samples)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Benchmark", "BenchmarkError", "build_benchmark", "load_benchmark",
-           "benchmark_exists", "verify_benchmark", "write_manifest", "check_no_overlap",
+           "benchmark_exists", "verify_benchmark", "write_manifest", "check_no_overlap", "check_samples_no_overlap",
            "OverlapReport", "recall_at_k", "hard_negative_precision", "summarize", "metrics_from_search",
            "metrics_from_scores", "metrics_from_embeddings", "format_table", "METRIC_NAMES"]
 
@@ -456,11 +456,19 @@ def _train_urls(train):
         raise FileNotFoundError(f"train: {e}") from None
 
 
+def _norm_id(v):
+    """An item id as compared across data sets: ints (and digit strings) as int, other ids as str."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    s = str(v).strip()
+    return int(s) if s.lstrip("-").isdigit() else s
+
+
 def _ids_and_sigs(metas, content: bool):
     ids, sigs = set(), set()
     for meta in metas:
         if "item_id" in meta:
-            ids.add(int(meta["item_id"]))
+            ids.add(_norm_id(meta["item_id"]))
         if content and "objects" in meta and "text_attrs" in meta:
             sigs.add(item_signature(meta["objects"], meta["text_attrs"]))
     return ids, sigs
@@ -479,16 +487,17 @@ def _overlap(train_urls, bench_ids_sigs, bench_range, content: bool, raise_on_ov
     shared_ids, shared_sig, n = set(), set(), 0
     for _, meta in _iter_json(urls):
         n += 1
-        if int(meta.get("item_id", -1)) in bench_ids:
-            shared_ids.add(int(meta["item_id"]))
+        if "item_id" in meta and _norm_id(meta["item_id"]) in bench_ids:
+            shared_ids.add(_norm_id(meta["item_id"]))
         if content and "objects" in meta and "text_attrs" in meta:
             sig = item_signature(meta["objects"], meta["text_attrs"])
             if sig in bench_sigs:
                 shared_sig.add(sig)
-    rep = OverlapReport(n, len(bench_ids), sorted(shared_ids), len(shared_sig), range_check)
+    rep = OverlapReport(n, len(bench_ids), sorted(shared_ids, key=lambda i: (type(i).__name__, i)), len(shared_sig),
+                        range_check)
     if raise_on_overlap and (not rep.ok or range_check.endswith("OVERLAP")):
         raise ValueError(f"benchmark items appear in training data: {len(shared_ids)} shared item id(s) "
-                         f"{sorted(shared_ids)[:5]}, {len(shared_sig)} shared item content(s); {range_check}")
+                         f"{rep.shared_item_ids[:5]}, {len(shared_sig)} shared item content(s); {range_check}")
     return rep
 
 
@@ -507,6 +516,17 @@ def check_no_overlap(train, benchmark, content: bool = True, raise_on_overlap: b
     metas = (meta for _, meta in _iter_json(bench.shards))
     return _overlap(train_urls, _ids_and_sigs(metas, content), bench.spec.get("item_id_range"), content,
                     raise_on_overlap)
+
+
+def check_samples_no_overlap(train, metas, content: bool = True, raise_on_overlap: bool = True) -> OverlapReport:
+    """Verify that no item of the sample jsons ``metas`` appears in the training data ``train``.
+
+    The check of :func:`check_no_overlap` for samples not (yet) in a benchmark folder, e.g. a
+    catalogue a benchmark is being curated from (``python -m solar.benchmark propose
+    --check-train``): item ids (ints or strings) must be disjoint and, with ``content=True``,
+    no ShapesWorld item content shared.  Raises ValueError on overlap unless ``raise_on_overlap=False``.
+    """
+    return _overlap(_train_urls(train), _ids_and_sigs(metas, content), None, content, raise_on_overlap)
 
 
 # ----------------------------------------------------------------------------------------
@@ -638,8 +658,16 @@ def main(argv=None) -> int:
     Every argument (and the --check-train data, whose overlap with the new benchmark is
     checked on the generated items) is checked before anything is written: a bad one is a
     one-line error with exit status 2.  ``--write-manifest DIR`` adds a manifest to an
-    existing benchmark (see :func:`write_manifest`)."""
-    ap = argparse.ArgumentParser(prog="python -m solar.benchmark", description="Build the ShapesWorld benchmark.")
+    existing benchmark (see :func:`write_manifest`).  ``propose``, ``review`` and ``export``
+    as the first argument run the pipeline that makes a benchmark of real data
+    (:mod:`solar.curation.cli`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("propose", "review", "export"):
+        from .curation.cli import main as pipeline_main   # the pipeline imports this module
+        return pipeline_main(argv)
+    ap = argparse.ArgumentParser(prog="python -m solar.benchmark", description="Build the ShapesWorld benchmark "
+                                 "(or: python -m solar.benchmark {propose,review,export} --help, the pipeline for "
+                                 "real data).")
     ap.add_argument("--out", default=None, help="folder to build the benchmark in")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--triplets", type=int, default=200)
