@@ -71,15 +71,11 @@ def test_proposal_pairs_and_mined_negatives_are_right(world):
     import io
     ims = [Image.open(io.BytesIO(prop.store.image(k)[0])) for k in [t["query"]]]
     q = solar.encode(ims, [prop.store.caption(t["query"])], model=world["model"])
-    with tarfile.open(os.path.join(world["cat_dir"], "shard-000000.tar")) as tar:
-        pass
     cand_keys = [c["key"] for c in t["candidates"]]
     cand_emb = solar.encode([Image.open(io.BytesIO(prop.store.image(k)[0])) for k in cand_keys],
                             [prop.store.caption(k) for k in cand_keys], model=world["model"])
     assert (q @ cand_emb.T)[0].tolist() == pytest.approx([c["score"] for c in t["candidates"]], abs=1e-4)
-    # no view outside the triplets and outside the candidates' items scores above the last candidate
-    pool_store = {k for k in prop.store.keys()}
-    assert set(spec["pool"]) <= pool_store
+    assert set(spec["pool"]) <= set(prop.store.keys())
     pool_items = [cat[k]["item_id"] for k in spec["pool"]]
     assert len(pool_items) == len(set(pool_items)) == ITEMS + 1 - N_TRIPLETS   # every other item, one view each
     assert not set(pool_items) & trip_items
@@ -144,7 +140,8 @@ def test_propose_refuses_bad_catalogues(world, tmp_path):
     assert not (tmp_path / "p1").exists(), "nothing written on bad input"
     # items with one view only
     one = sw.write_shards(str(tmp_path / "one"), 12, seed=0, workers=1, image_size=32, progress=False)
-    with pytest.raises(CatalogueError, match="need 2 items with two or more distinct views; the catalogue has 0 \\(12 item.s. with one view"):
+    msg = "need 2 items with two or more distinct views; the catalogue has 0 \\(12 item.s. with one view"
+    with pytest.raises(CatalogueError, match=msg):
         propose(os.path.join(str(tmp_path / "one"), one["pattern"]), world["model"], str(tmp_path / "p2"), triplets=2)
     # more triplets than items with two views; and the CLI: one line, exit status 2
     rc = bm.main(["propose", "--shards", world["catalogue"], "--model", world["model"], "--out",
@@ -273,6 +270,10 @@ def test_export_then_eval(world, tmp_path, capsys):
     clean = tmp_path / "train"
     sw.write_shards(str(clean), 20, seed=0, workers=1, image_size=32, progress=False)
     assert bm.check_no_overlap(str(clean), out).ok
+    with pytest.raises(ValueError, match="shared item id"):     # export --check-train: refused, no spec left
+        export_benchmark(world["proposal"], v, str(tmp_path / "b2"), check_train=world["cat_dir"])
+    assert not os.path.exists(tmp_path / "b2" / "triplets.json")
+    export_benchmark(world["proposal"], v, str(tmp_path / "b3"), check_train=str(clean))
     # nothing accepted: a clear error, nothing written
     none = str(tmp_path / "none.jsonl")
     _review(world, none, "carol", {0: ("reject",)})

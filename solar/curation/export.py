@@ -59,7 +59,7 @@ def export_benchmark(proposal, verdicts, out: str, *, shard_size: int = 1000, na
     candidates.  ``check_train``: training data that must share no item with the exported
     benchmark (checked on the written benchmark; ValueError and triplets.json removed on
     overlap).  Returns the triplets.json content."""
-    from .. import benchmark as bm
+    from ..benchmark_spec import FORMAT, FORMAT_VERSION, check_samples_no_overlap
     from ..checkpoint import sha256_file
     if isinstance(verdicts, (str, os.PathLike)):
         verdicts = [verdicts]
@@ -108,16 +108,18 @@ def export_benchmark(proposal, verdicts, out: str, *, shard_size: int = 1000, na
         entries.append({"name": shard, "samples": n, "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
     record["triplets_accepted"] = len(triplets)
     record["triplets_proposed"] = len(prop.triplets)
-    spec = {"format": bm.FORMAT, "version": bm.FORMAT_VERSION, "name": name, "shards": shards,
+    spec = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "shards": shards,
             "num_pairs": len(keys), "triplets": triplets, "pool_items": len(prop.spec["pool"]),
             "model": prop.spec.get("model"), "verification": record, "manifest": {"shards": entries}}
     tmp = spec_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(spec, f, indent=1)
     os.replace(tmp, spec_path)
-    if check_train is not None:
+    if check_train is not None:   # the exported samples' own json, as solar.benchmark.check_no_overlap reads it
+        id_field = prop.spec.get("id_field", "item_id")
+        metas = [{**m, "item_id": m[id_field]} for m in (prop.store.meta(k) for k in keys)]
         try:
-            bm.check_no_overlap(check_train, out)
+            check_samples_no_overlap(check_train, metas)
         except ValueError:
             os.remove(spec_path)
             raise

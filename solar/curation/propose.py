@@ -169,8 +169,8 @@ def propose(shards, model, out: str, *, triplets: int = 50, negatives: int = 5, 
     no item with the catalogue (ValueError before the model is loaded).  Arguments and shards
     are checked before the model is loaded; ``proposal.json`` is written last.  Returns its
     content (see the module docstring)."""
-    from .. import benchmark as bm
     from ..api import load
+    from ..benchmark_spec import check_samples_no_overlap
     for name, v, lo in (("triplets", triplets, 1), ("negatives", negatives, 1), ("pool", pool, -1),
                         ("seed", seed, 0), ("batch_size", batch_size, 1)):
         _check_int(name, v, lo)
@@ -204,7 +204,7 @@ def propose(shards, model, out: str, *, triplets: int = 50, negatives: int = 5, 
     pool_views = [rng.choice(cat.by_item[i]) for i in pool_items]
     candidates = [v for i in others for v in cat.by_item[i]]
     if check_train is not None:   # the whole catalogue: negatives and distractors come from all of it
-        bm.check_samples_no_overlap(check_train, ({**v.meta, "item_id": v.item_id} for v in cat.views))
+        check_samples_no_overlap(check_train, ({**v.meta, "item_id": v.item_id} for v in cat.views))
 
     model_obj = load(model, device, kind)
     emb, rows = _embed(cat, model_obj, tokenizer, batch_size, progress)

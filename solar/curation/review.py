@@ -49,7 +49,8 @@ class ReviewApp:
         self.ids = {t["id"]: i for i, t in enumerate(self.proposal.triplets)}
         stray = [t for t in self.verdicts.latest if t not in self.ids]
         if stray:
-            raise ValueError(f"verdicts: {verdicts_path} decides triplet(s) {stray[:3]} that the proposal does not have")
+            raise ValueError(f"verdicts: {verdicts_path} decides triplet(s) {stray[:3]} that the proposal does "
+                             f"not have")
         with open(PAGE_PATH, "rb") as f:
             self.page = f.read()
 

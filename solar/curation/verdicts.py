@@ -108,7 +108,8 @@ class VerdictFile:
                 raise VerdictError(f"verdicts: {path} belongs to proposal {str(head.get('proposal_sha256'))[:16]}..., "
                                    f"not to this proposal {proposal_sha256[:16]}... (use another verdict file)")
             if reviewer is not None and head.get("reviewer") != reviewer:
-                raise VerdictError(f"verdicts: {path} is the file of reviewer {head.get('reviewer')!r}, not of {reviewer!r} "
+                raise VerdictError(f"verdicts: {path} is the file of reviewer {head.get('reviewer')!r}, "
+                                   f"not of {reviewer!r} "
                                    f"(each reviewer keeps their own file; merge them with review --merge)")
             if complete < os.path.getsize(path):   # a line cut off by a crash: drop it before appending
                 with open(path, "r+b") as f:
