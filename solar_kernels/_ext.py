@@ -30,6 +30,11 @@ def available(symbol: str | None = None) -> bool:
     return _C is not None and (symbol is None or hasattr(_C, symbol))
 
 
+def extension():
+    """The loaded extension module `solar_kernels._C`, or None (see `load_error`)."""
+    return _C
+
+
 def require(symbol: str):
     """Return `_C.<symbol>` or raise a RuntimeError that says why it is missing."""
     if _C is None:

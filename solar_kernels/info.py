@@ -36,7 +36,7 @@ def report() -> str:
     else:
         lines.append("cuda          no CUDA device")
     if _ext.available():
-        C = _ext._C
+        C = _ext.extension()
         lines.append(
             f"extension     loaded ({C.__file__}); cuda kernels: {bool(C.with_cuda)}; "
             f"openmp threads: {C.omp_max_threads()}; cpu features: {' '.join(C.cpu_features()) or 'none'}"

@@ -74,6 +74,7 @@ import torch
 
 from . import _dispatch, _ext
 from ._checks import check_finite
+from ._topk import merge_topk
 
 __all__ = ["Index", "topk_search", "quantize_int8", "IndexFileError", "simd_level", "kernel_name", "INT8_MAX_DIM"]
 
@@ -549,17 +550,6 @@ class Index:
         out._rows, out._scales, out._sums = rows.to(out.device).contiguous(), scales.to(out.device), sums.to(out.device)
         out._n = self._n
         return out
-
-
-def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Merge candidate lists [m, c] into the top-k by (score desc, id asc); id -1 marks padding."""
-    scores = torch.where(ids < 0, torch.full_like(scores, float("-inf")), scores)
-    big = torch.where(ids < 0, torch.full_like(ids, torch.iinfo(torch.int64).max), ids)
-    # Stable two-pass sort: by id ascending, then by score descending.
-    o = torch.argsort(big, dim=1, stable=True)
-    s1, i1 = scores.gather(1, o), big.gather(1, o)
-    o2 = torch.argsort(s1, dim=1, descending=True, stable=True)
-    return s1.gather(1, o2)[:, :k].contiguous(), i1.gather(1, o2)[:, :k].contiguous()
 
 
 def topk_search(q, db, k: int, *, simd=None, strategy: str = "auto",

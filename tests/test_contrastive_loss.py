@@ -10,6 +10,7 @@ from hypothesis import example, given, settings, strategies as st
 import solar_kernels as sk
 from solar_kernels import nn as snn
 from solar_kernels.ops import contrastive as cl
+from solar_kernels.ops import contrastive_cpu as cl_cpu
 from solar_kernels.reference import contrastive_loss_reference, masked_pool_reference
 
 # the Triton interpreter evaluates both sides of tl.where (log(0), exp overflow in unused lanes)
@@ -242,9 +243,9 @@ def test_backends_agree_on_a_tiled_batch(backend):
 @pytest.mark.parametrize("single", [False, True])
 def test_torch_tiles_and_logits_cache(monkeypatch, cache_per_nd, single):
     """Several row/column tiles, with no / a partial / a full cache of forward logits."""
-    monkeypatch.setattr(cl, "CPU_TILE_ELEMS", 64 * 48)
-    monkeypatch.setattr(cl, "CPU_CACHE_PER_ND", cache_per_nd)
-    monkeypatch.setattr(cl, "_cpu_tiles", lambda n, N: (min(n, 48), min(N, 64)))
+    monkeypatch.setattr(cl_cpu, "CPU_TILE_ELEMS", 64 * 48)
+    monkeypatch.setattr(cl_cpu, "CPU_CACHE_PER_ND", cache_per_nd)
+    monkeypatch.setattr(cl_cpu, "_cpu_tiles", lambda n, N: (min(n, 48), min(N, 64)))
     for hardness, mine_k in ((0.0, 0), (0.7, 3)):
         q, k, hn, groups = _make(150, 16, 2, torch.float32, 21, single, "uneven")
         kw = dict(groups=groups, hard_negatives=hn, temperature=0.05, hardness=hardness, mine_k=mine_k)
@@ -296,7 +297,7 @@ def test_cpu_memory_is_not_quadratic(monkeypatch):
     """fwd+bwd at N=2048 on CPU with 64K-element tiles: peak RSS growth far below N x N fp32 (16 MiB)."""
     if not hasattr(__import__("os"), "sched_getaffinity"):
         pytest.skip("Linux only")
-    monkeypatch.setattr(cl, "CPU_TILE_ELEMS", 1 << 16)
+    monkeypatch.setattr(cl_cpu, "CPU_TILE_ELEMS", 1 << 16)
     n, d = 2048, 8
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(n, d, generator=gen).requires_grad_()
@@ -501,6 +502,74 @@ def test_pooled_contrastive_loss_vs_reference(backend, float_mask, hard, symmetr
         assert a.shape == b.shape, nm
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5, msg=lambda m, nm=nm: f"{nm}: {m}")
     assert torch.equal(mined.indices.cpu(), idx.cpu())
+
+
+def _pooled_op_args(float_mask, hard, both, mine_k, backend="torch", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xq = torch.randn(7, 4, 5, generator=gen, requires_grad=True)
+    xk = torch.randn(7, 3, 5, generator=gen, requires_grad=True)
+    if float_mask:
+        mq = torch.rand(7, 4, generator=gen).requires_grad_()
+        mk = torch.rand(7, 3, generator=gen).requires_grad_()
+    else:
+        mq = torch.rand(7, 4, generator=gen) > 0.3
+        mq[:, 0] = True
+        mk = torch.ones(7, 3, dtype=torch.bool)
+    hn = torch.randn(7, 2, 5, generator=gen, requires_grad=True) if hard else None
+    g = torch.arange(7) // 2
+    return (xq, mq, xk, mk, hn, g, True, 1e-6, 0.2, 0.5 if hard else 0.0, both, mine_k, backend)
+
+
+@pytest.mark.parametrize("float_mask, hard, both, mine_k", [(True, True, True, 2), (False, False, False, 0)])
+def test_pooled_opcheck(float_mask, hard, both, mine_k):
+    """solar::pooled_contrastive_fwd / _bwd are one op each for torch.library (schema, fake
+    kernel, autograd registration, AOT dispatch with dynamic shapes)."""
+    args = _pooled_op_args(float_mask, hard, both, mine_k)
+    torch.library.opcheck(torch.ops.solar.pooled_contrastive_fwd.default, args)
+    out = torch.ops.solar.pooled_contrastive_fwd(*args)
+    xq, mq, xk, mk, hn, g = args[:6]
+    row_loss, col_loss, _, _, fq, aux_q, fk, aux_k, rs, cs = (t.detach() for t in out)
+    need = (True, float_mask, True, float_mask)
+    bargs = (torch.ones_like(row_loss), torch.ones_like(col_loss), xq.detach(),
+             mq.detach() if float_mask else mq, xk.detach(), mk.detach() if float_mask else mk,
+             hn.detach() if hard else None, g, fq, aux_q, fk, aux_k, rs, cs, True, 1e-6, 0.2, args[9], both,
+             "torch", *need)
+    torch.library.opcheck(torch.ops.solar.pooled_contrastive_bwd.default, bargs)
+
+
+def test_pooled_op_gradients_match_the_public_function():
+    """The op's registered autograd gives the gradients of pooled_contrastive_loss (which calls
+    it) and of masked_pool + contrastive_loss composed."""
+    args = _pooled_op_args(True, True, True, 0)
+    xq, mq, xk, mk, hn, g = args[:6]
+    loss = sk.pooled_contrastive_loss(xq, mq, xk, mk, groups=g, hard_negatives=hn, temperature=0.2, hardness=0.5)
+    got = torch.autograd.grad(loss, (xq, mq, xk, mk, hn))
+    fq = sk.masked_pool(xq, mq, normalize=True)
+    fk = sk.masked_pool(xk, mk, normalize=True)
+    ref_loss = sk.contrastive_loss(fq, fk, groups=g, hard_negatives=hn, temperature=0.2, hardness=0.5)
+    ref = torch.autograd.grad(ref_loss, (xq, mq, xk, mk, hn))
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_op_compiles_as_one_node():
+    """torch.compile(fullgraph=True) traces the op and its backward without a graph break."""
+    args = _pooled_op_args(True, False, True, 0)
+    xq, mq, xk, mk, hn, g = args[:6]
+    rest = args[6:]
+
+    def f(xq, mq, xk, mk):
+        row_loss, col_loss = torch.ops.solar.pooled_contrastive_fwd(xq, mq, xk, mk, hn, g, *rest)[:2]
+        return 0.5 * row_loss.mean() + 0.5 * col_loss.mean()
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(xq, mq, xk, mk)
+    ref = f(xq, mq, xk, mk)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out, (xq, mq, xk, mk))
+    want = torch.autograd.grad(ref, (xq, mq, xk, mk))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_pooled_bad_inputs():

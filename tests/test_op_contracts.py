@@ -21,7 +21,7 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels import _dispatch, _ext, use_backend
-from solar_kernels.ops import contrastive as cl
+from solar_kernels.ops import contrastive_checks as cl_checks
 from solar_kernels.ops import masked_pool as mp
 from solar_kernels.reference import masked_pool_reference
 
@@ -187,7 +187,7 @@ def test_temperature_whose_inverse_overflows_is_refused(backend, temperature):
         with pytest.raises(ValueError, match=r"^temperature must be >= "):
             sk.pooled_contrastive_loss(x, m, x, m, temperature=temperature)
         # the smallest accepted temperature works when the logits stay small
-        loss = sk.contrastive_loss(q, k, temperature=cl.MIN_TEMPERATURE * 1.01)
+        loss = sk.contrastive_loss(q, k, temperature=cl_checks.MIN_TEMPERATURE * 1.01)
     assert bool(torch.isfinite(loss))
 
 
@@ -238,7 +238,7 @@ def test_logits_that_can_overflow_are_refused(backend):
 def test_logits_at_the_bound_give_a_finite_loss(backend, hardness):
     """Rows scaled so that the bound max|q_i| max|k_j| (1 + hardness) / T is 0.99 of the limit
     (accepted; 1.2 times the limit is refused): the loss and its gradients are finite."""
-    a = (0.99 * cl.MAX_LOGIT_BOUND / (1.0 + hardness)) ** 0.5  # a^2 (1 + hardness) / T at T = 1
+    a = (0.99 * cl_checks.MAX_LOGIT_BOUND / (1.0 + hardness)) ** 0.5  # a^2 (1 + hardness) / T at T = 1
     q = (_unit_rows(8, 16, 4) * a).requires_grad_()
     k = (_unit_rows(8, 16, 5) * a).requires_grad_()
     with _backend(backend):

@@ -14,7 +14,7 @@ from hypothesis import example, given, settings, strategies as st
 from solar_kernels import Index, topk_search
 from solar_kernels import _ext
 from solar_kernels.reference import topk_search_reference
-from solar_kernels.search import IndexFileError, kernel_name, merge_topk, quantize_int8, simd_level
+from solar_kernels.search import IndexFileError, kernel_name, quantize_int8, simd_level
 
 pytestmark = pytest.mark.skipif(not _ext.available("search_topk_cpu"), reason=f"native extension: {_ext.load_error}")
 
@@ -230,13 +230,6 @@ def test_topk_search_one_shot_and_noncontiguous():
     _check_against_reference(s1, i1, q, x, 12, "fp32", exact=False)
     s4, i4 = topk_search(q.numpy(), x.numpy(), 12)
     assert torch.equal(i1, i4)
-
-
-def test_merge_topk_orders_by_score_then_id():
-    s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
-    i = torch.tensor([[4, 9, 2, 0, -1]])
-    ms, mi = merge_topk(s, i, 3)
-    assert mi.tolist() == [[2, 9, 0]] and ms.tolist() == [[3.0, 3.0, 2.0]]
 
 
 def test_quantize_int8_symmetric_scale():

@@ -27,11 +27,18 @@ Layers, in order (STYLE.md):
 1. ``@triton.jit`` kernels: ``_cl_stats_kernel`` (row statistics + running top-k of the
    negatives) and ``_cl_bwd_kernel`` (one program per (row block, column block) tile:
    recompute S, build dL/dS, accumulate dq and dk with fp32 atomics).
-2. Launchers (no autograd): :func:`contrastive_forward`, :func:`contrastive_backward`;
-   the CPU path is the same tiled algorithm in chunked PyTorch.
+2. Launchers (no autograd): :func:`contrastive_forward`, :func:`contrastive_backward`.
 3. ``torch.library`` custom ops ``solar::contrastive_fwd`` / ``solar::contrastive_bwd`` with
-   fake kernels, and one ``autograd.Function``.
-4. The checked public entry points :func:`contrastive_loss` (and the distributed form).
+   fake kernels; the forward op's autograd formula (``register_autograd``) is the one
+   autograd path.
+4. The checked public entry point :func:`contrastive_loss`, on one rank or many (with a
+   ``process_group`` the same op runs on each rank's rows against the gathered columns).
+
+Beside this file: ``contrastive_cpu.py`` (the same tiled algorithm in chunked PyTorch, the
+CPU path), ``contrastive_stats.py`` (what every backend does with the statistics: hard
+negatives, losses, backward coefficients, mined lists), ``contrastive_checks.py`` (argument
+checks), ``solar_kernels/_topk.py`` (the ordered top-k merge) and
+``solar_kernels/distributed.py`` (the collectives of the many-rank form).
 """
 from __future__ import annotations
 
@@ -40,7 +47,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import _checks, _dispatch
+from .. import _dispatch, distributed
+from .._topk import topk_lowest_index as _topk_lowest_index
+from .contrastive_checks import check_counts, validate
+from .contrastive_cpu import CPU_TILE_ELEMS, bwd_torch, cache_rows, stats_torch
+from .contrastive_cpu import pos_full as _pos_full, tile_masks as _tile_masks
+from .contrastive_stats import coeffs, finish_stats, hard_logits, merge_mined, num_neg
 
 try:  # triton is optional on CPU-only installs
     import triton
@@ -73,24 +85,6 @@ MAX_KERNEL_MINE_K = 16
 # Backward tiles per launch: programs beyond this loop over further tiles (grid-stride), so
 # any N fits the grid limits (N up to 2^31 rows).
 MAX_BWD_PROGRAMS = 1 << 20
-# CPU tile budget (elements of one S tile).
-CPU_TILE_ELEMS = 1 << 22
-# CPU: logits of the first rows kept from forward to backward (when gradients are needed) so
-# that backward skips their recompute; at most this many times n * D elements (O(N * D)).
-CPU_CACHE_PER_ND = 2
-CPU_CACHE_MAX_ELEMS = 1 << 24  # and at most 64 MiB: at large N the saved share is small anyway
-
-
-# Largest bound on |logit| the ops accept: max_i |q_i| * max_j |k_j| * max(1, 1/temperature)
-# * (1 + hardness) <= FLT_MAX / 3 (about 1.13e38).  By Cauchy-Schwarz it bounds every partial
-# dot, logit and (1 + hardness) logit; every fp32 statistic then fits: a log-sum-exp is at most
-# the bound + log N, a row's loss (B - A, or softplus(log n + B - C - A)) at most 2 bounds +
-# 2 log N, and the mean over rows is taken as sum(loss_i / n) (see _reduce), so it never
-# overflows on the way.  Beyond it a row's loss itself may not fit in fp32.  (The absolute error
-# of a loss computed from fp32 logits grows like the bound times 2^-23.)
-MAX_LOGIT_BOUND = torch.finfo(torch.float32).max / 3
-# 1 / temperature scales every logit in fp32 (a kernel argument): it must be a finite fp32.
-MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 
 class Mined(NamedTuple):
@@ -457,312 +451,9 @@ def _bwd_triton(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats):
     return dq, dk
 
 
-def _cpu_tiles(n: int, N: int) -> tuple[int, int]:
-    C = min(N, 8192)
-    R = min(n, max(32, CPU_TILE_ELEMS // max(C, 1)))
-    return max(R, 1), max(C, 1)
-
-
-def _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, device):
-    """(pos, diag) for the CPU tile rows [r0, r1) x columns [c0, c1); pos None = diagonal only."""
-    pos = None
-    if gq is not None:
-        pos = gq[r0:r1, None] == gk[None, c0:c1]
-    # diagonal entries (global column == row + offset) inside this tile
-    lo = max(r0 + offset, c0)
-    hi = min(r1 + offset, c1)
-    diag = None
-    if lo < hi:
-        rr = torch.arange(lo - offset - r0, hi - offset - r0, device=device)
-        cc = torch.arange(lo - c0, hi - c0, device=device)
-        diag = (rr, cc)
-    return pos, diag
-
-
-def _neg_inf_where(mask, x):
-    return x.masked_fill(~mask, float("-inf"))
-
-
-def _topk_lowest_index(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row of x ordered by (value desc, column asc), exact on ties."""
-    k = min(k, x.shape[1])
-    kth = x.topk(k, dim=1).values[:, k - 1:k]
-    gt = x > kth
-    eq = x == kth
-    need = k - gt.sum(1, keepdim=True)
-    keep = gt | (eq & (eq.cumsum(1) <= need))
-    idx = keep.nonzero()[:, 1].view(x.shape[0], k)  # ascending columns per row
-    val = x.gather(1, idx)
-    order = torch.sort(val, dim=1, descending=True, stable=True).indices
-    return val.gather(1, order), idx.gather(1, order)
-
-
-def _merge_topk(v0, i0, v1, i1, k):
-    """Merge two (value desc, index asc)-sorted lists whose indices satisfy i0 < i1."""
-    if v0 is None:
-        return v1[:, :k], i1[:, :k]
-    v = torch.cat([v0, v1], 1)
-    i = torch.cat([i0, i1], 1)
-    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
-    return v.gather(1, order), i.gather(1, order)
-
-
-def _cache_rows(n: int, N: int, D: int, backend: str, need_grad: bool) -> int:
-    """Rows of S the CPU forward keeps for the backward (0 on Triton or without gradients)."""
-    if backend == "triton" or not need_grad:
-        return 0
-    return int(min(n, min(CPU_CACHE_PER_ND * n * D, CPU_CACHE_MAX_ELEMS) // max(N, 1)))
-
-
-def _stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=None):
-    """Chunked-PyTorch statistics: row stats (and column stats when `both`) in one sweep.
-
-    `cache` ([rc, N] fp32 or None) receives the logits of the first rc rows."""
-    n, D = q.shape
-    N = k.shape[0]
-    dev = q.device
-    hard = beta > 0
-    qf = q.float()  # no copy for fp32 inputs
-    kf = k.float()
-    R, C = _cpu_tiles(n, N)
-    buf = torch.empty(R * C, device=dev)  # one tile buffer, reused
-    diag_pos = gq is None and not single
-    rows_A = torch.full((n,), float("-inf"), device=dev)
-    rows_B = torch.full((n,), float("-inf"), device=dev)
-    rows_C = torch.full((n,), float("-inf"), device=dev) if hard else None
-    cols = None
-    if both:
-        cols = [torch.full((N,), float("-inf"), device=dev), torch.full((N,), float("-inf"), device=dev),
-                torch.full((N,), float("-inf"), device=dev) if hard else None]
-    top_v = top_i = None
-    for r0 in range(0, n, R):
-        r1 = min(n, r0 + R)
-        rA = None if diag_pos else torch.full((r1 - r0,), float("-inf"), device=dev)
-        rB = torch.full((r1 - r0,), float("-inf"), device=dev)
-        rC = torch.full((r1 - r0,), float("-inf"), device=dev) if hard else None
-        tv = ti = None
-        for c0 in range(0, N, C):
-            c1 = min(N, c0 + C)
-            s = _logits(buf, qf[r0:r1], kf[c0:c1], inv_t)
-            pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
-            if diag_pos and diag is not None:
-                # the positive is the diagonal logit itself, taken from the tile that B's
-                # log-sum-exp sees (and the backward recomputes), so that B - A >= 0 in fp32
-                rows_A[r0 + diag[0]] = s[diag]
-            if single and diag is not None:
-                s[diag] = float("-inf")
-            if cache is not None and r0 < cache.shape[0]:
-                h = min(r1, cache.shape[0]) - r0
-                cache[r0:r0 + h, c0:c1].copy_(s[:h])
-            need_neg = hard or mine_k > 0
-            pos_t = _pos_full(pos, diag, s) if (need_neg or not diag_pos) else None
-            if not diag_pos:
-                sp = _neg_inf_where(pos_t, s)
-                rA = torch.logaddexp(rA, torch.logsumexp(sp, 1))
-                if both:
-                    cols[0][c0:c1] = torch.logaddexp(cols[0][c0:c1], torch.logsumexp(sp, 0))
-            sn = _neg_inf_where(~pos_t, s) if need_neg else None  # diagonal already -inf (single)
-            if hard:
-                t1 = sn * (1.0 + beta)
-                t2 = sn * beta
-                rB = torch.logaddexp(rB, torch.logsumexp(t1, 1))
-                rC = torch.logaddexp(rC, torch.logsumexp(t2, 1))
-                if both:
-                    cols[1][c0:c1] = torch.logaddexp(cols[1][c0:c1], torch.logsumexp(t1, 0))
-                    cols[2][c0:c1] = torch.logaddexp(cols[2][c0:c1], torch.logsumexp(t2, 0))
-                del t1, t2
-            elif both:
-                lse_r, lse_c = _lse_rows_cols(s)
-                rB = torch.logaddexp(rB, lse_r)
-                cols[1][c0:c1] = torch.logaddexp(cols[1][c0:c1], lse_c)
-            else:
-                rB = torch.logaddexp(rB, torch.logsumexp(s, 1))
-            if mine_k > 0:
-                v, i = _topk_lowest_index(sn, mine_k)
-                tv, ti = _merge_topk(tv, ti, v, i + c0, mine_k)
-        if not diag_pos:
-            rows_A[r0:r1] = rA
-        rows_B[r0:r1] = rB
-        if hard:
-            rows_C[r0:r1] = rC
-        if mine_k > 0:
-            if tv.shape[1] < mine_k:  # fewer in-batch columns than mine_k: pad with -inf
-                pad = mine_k - tv.shape[1]
-                tv = torch.cat([tv, torch.full((tv.shape[0], pad), float("-inf"), device=dev)], 1)
-                ti = torch.cat([ti, torch.full((ti.shape[0], pad), N, dtype=torch.int64, device=dev)], 1)
-            if top_v is None:
-                top_v = torch.empty((n, mine_k), device=dev)
-                top_i = torch.empty((n, mine_k), dtype=torch.int64, device=dev)
-            top_v[r0:r1] = tv
-            top_i[r0:r1] = ti
-    if both and diag_pos:
-        cols[0] = rows_A.clone()
-    mined = (top_v, top_i) if mine_k > 0 else None
-    return (rows_A, rows_B, rows_C), cols, mined
-
-
-def _bwd_torch(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats, cache=None):
-    """Chunked-PyTorch backward: recompute each S tile (or read the forward's cached rows),
-    G = dL/dS, dq += G k, dk += G^T q.  Tiles read from `cache` are never written to."""
-    n_cached = 0 if cache is None else cache.shape[0]
-    n, D = q.shape
-    N = k.shape[0]
-    dev = q.device
-    hard = beta > 0
-    qf = q.float()
-    kf = k.float()
-    dq = torch.zeros((n, D), dtype=torch.float32, device=dev)
-    dk = torch.zeros((N, D), dtype=torch.float32, device=dev)
-    R, C = _cpu_tiles(n, N)
-    buf = torch.empty(R * C, device=dev)
-    both = cstats is not None
-
-    def direction(s, pos_t, diag, r, a, b, c, dim):
-        # s: tile (masked -inf where invalid); stats broadcast along `dim` (1: rows, 0: cols)
-        ex = (lambda v: v[:, None]) if dim == 1 else (lambda v: v[None, :])
-        if hard:
-            sn = s if pos_t is None and diag is None else s.masked_fill(_pos_full(pos_t, diag, s), float("-inf"))
-            g = sn.mul(1.0 + beta).sub_(ex(b)).exp_().mul_(1.0 + beta)
-            g.sub_(sn.mul(beta).sub_(ex(c)).exp_().mul_(beta))
-        else:
-            g = s.sub(ex(b)).exp_()
-        if pos_t is None:  # diagonal positives only: exp(S_ii - A_i) == 1 exactly
-            if diag is not None:
-                g[diag] -= 1.0
-        else:
-            g.sub_(s.sub(ex(a)).exp_().masked_fill_(~pos_t, 0.0))
-        return g.mul_(ex(r))
-
-    for r0 in range(0, n, R):
-        r1 = min(n, r0 + R)
-        rr, ra, rb, rc = (rstats[j][r0:r1] for j in range(4))
-        for c0 in range(0, N, C):
-            c1 = min(N, c0 + C)
-            h = max(0, min(r1, n_cached) - r0)
-            if h == r1 - r0:
-                s = cache[r0:r1, c0:c1]  # read-only: the diagonal was masked in forward
-            else:
-                s = buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-                if h:
-                    s[:h].copy_(cache[r0:r0 + h, c0:c1])
-                s[h:].addmm_(qf[r0 + h:r1], kf[c0:c1].t(), beta=0, alpha=inv_t)
-            pos, diag = _tile_masks(gq, gk, r0, r1, c0, c1, offset, single, q.device)
-            if single and diag is not None and h < r1 - r0:
-                s[diag] = float("-inf")
-            g = None
-            if both:
-                cr, ca, cb, cc = (cstats[j][c0:c1] for j in range(4))
-                if not hard:
-                    g = _both_directions_plain(s, pos, diag, rr, ra, rb, cr, ca, cb)
-            if g is None:
-                g = direction(s, pos, diag, rr, ra, rb, rc, 1)
-                if both:
-                    g.add_(direction(s, pos, diag, cr, ca, cb, cc, 0))
-            dq[r0:r1].addmm_(g, kf[c0:c1], alpha=inv_t)
-            dk[c0:c1].addmm_(g.t(), qf[r0:r1], alpha=inv_t)
-    return dq, dk
-
-
-def _logits(buf: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_t: float) -> torch.Tensor:
-    """S tile = a b^T * inv_t written into the reused buffer (the scale rides on the GEMM)."""
-    out = buf[:a.shape[0] * b.shape[0]].view(a.shape[0], b.shape[0])
-    return out.addmm_(a, b.t(), beta=0, alpha=inv_t)
-
-
-# Largest spread of log-sum-exp shifts for which one exp per element serves both
-# directions (exp(-80) is still a normal fp32 number); wider tiles take the exact path.
-_SHARED_EXP_RANGE = 80.0
-
-
-def _lse_rows_cols(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column log-sum-exp of a tile with one exp pass when the tile's range allows.
-
-    e = exp(s - rowmax) gives the row sums; the column sums are e^T exp(rowmax - mu), a
-    matrix-vector product (mu = the tile max).  Exact unless a row or column max lies more
-    than _SHARED_EXP_RANGE below mu, in which case the two plain logsumexps are used.
-    """
-    m_r = s.amax(1)
-    m_c = s.amax(0)
-    mu = m_r.max()
-    if float(mu - torch.minimum(m_r.min(), m_c.min())) >= _SHARED_EXP_RANGE:
-        return torch.logsumexp(s, 1), torch.logsumexp(s, 0)
-    e = s.sub(m_r[:, None]).exp_()
-    lse_r = e.sum(1).log_().add_(m_r)
-    lse_c = torch.mv(e.t(), torch.exp(m_r - mu)).log_().add_(mu)
-    return lse_r, lse_c
-
-
-def _both_directions_plain(s, pos, diag, r, a, b, rc, ac, bc):
-    """G of both directions for hardness 0 with one exp per element (None: range too wide).
-
-    r_i exp(s - b_i) + c_j exp(s - bc_j) = e_ij (r_i + u_i c_j v_j), e = exp(s - b_i),
-    u_i = exp(b_i - rho), v_j = exp(rho - bc_j), rho = max_i b_i; both factors stay finite
-    and normal when b and bc span less than _SHARED_EXP_RANGE.
-    """
-    rho = b.max()
-    if float(rho - torch.minimum(b.min(), bc.min())) >= _SHARED_EXP_RANGE:
-        return None
-    e = s.sub(b[:, None]).exp_()
-    fac = torch.outer(torch.exp(b - rho), rc * torch.exp(rho - bc)).add_(r[:, None])
-    g = e.mul_(fac)
-    del fac
-    if pos is None:  # diagonal positives: exp(S_ii - A_i) == 1 in both directions
-        if diag is not None:
-            g[diag] -= r[diag[0]] + rc[diag[1]]
-    else:
-        g.sub_(s.sub(a[:, None]).exp_().mul_(r[:, None]).add_(s.sub(ac[None, :]).exp_().mul_(rc[None, :]))
-               .masked_fill_(~pos, 0.0))
-    return g
-
-
-def _pos_full(pos_t, diag, s):
-    if pos_t is not None:
-        return pos_t
-    m = torch.zeros_like(s, dtype=torch.bool)
-    if diag is not None:
-        m[diag] = True
-    return m
-
-
-def _hard_logits(q, hn, inv_t):
-    """[n, H] logits of each row against its own hard negatives (fp32)."""
-    return torch.einsum("nd,nhd->nh", q.float(), hn.float()) * inv_t
-
-
-def _finish_stats(A, B, C, hard_s, beta, n_neg):
-    """Fold the hard-negative logits into (A, B, C); return per-row loss and logNeg."""
-    if hard_s is not None and hard_s.shape[1] > 0:
-        if beta > 0:
-            B = torch.logaddexp(B, torch.logsumexp(hard_s * (1.0 + beta), 1))
-            C = torch.logaddexp(C, torch.logsumexp(hard_s * beta, 1))
-        else:
-            B = torch.logaddexp(B, torch.logsumexp(hard_s, 1))
-    has_pos = torch.isfinite(A)
-    if beta > 0:
-        has_neg = n_neg > 0
-        log_neg = torch.where(has_neg, torch.log(n_neg.clamp_min(1).float()) + B - C,
-                              torch.full_like(B, float("-inf")))
-        z = log_neg - torch.where(has_pos, A, torch.zeros_like(A))
-        loss = torch.where(has_pos, torch.nn.functional.softplus(z), torch.zeros_like(A))
-    else:
-        z = None
-        loss = torch.where(has_pos, B - A, torch.zeros_like(A))
-    return loss, A, B, C, z
-
-
-def _group_counts(gq: torch.Tensor, gk: torch.Tensor) -> torch.Tensor:
-    """For each row's group, the number of columns in that group (O(N log N), no N x N)."""
-    sk = torch.sort(gk).values
-    return (torch.searchsorted(sk, gq, right=True) - torch.searchsorted(sk, gq, right=False))
-
-
-def _num_neg(n, N, gq, gk, H, device):
-    if gq is None:
-        return torch.full((n,), N - 1 + H, dtype=torch.int64, device=device)
-    return N - _group_counts(gq, gk) + H
-
-
-def _backend(q: torch.Tensor) -> str:
+def choose_backend(q: torch.Tensor) -> str:
+    """The backend for rows on q's device: "triton" (CUDA, or the interpreter when chosen with
+    ``solar_kernels.use_backend``) or "torch" (the chunked PyTorch path, ops/contrastive_cpu.py)."""
     return _dispatch.backend_for(q.device, None)
 
 
@@ -784,13 +475,13 @@ def contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temper
         top_i [n, mine_k] int64, s_cache [cache_rows, N] fp32 (the first rows of S, CPU only,
         handed to the backward so that it skips their recompute; [0, N] when not kept).
     """
-    backend = backend or _backend(q)
+    backend = backend or choose_backend(q)
     inv_t = 1.0 / float(temperature)
     beta = float(hardness)
     n, N = q.shape[0], k.shape[0]
     dev = q.device
     H = 0 if hard_negatives is None else hard_negatives.shape[1]
-    n_neg = _num_neg(n, N, groups_q, groups_k, H, dev)
+    n_neg = num_neg(n, N, groups_q, groups_k, H, dev)
     if backend == "triton":
         A, B, C, mined = _stats_triton(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, mine_k)
         cols = None
@@ -799,52 +490,25 @@ def contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temper
             cols = [Ac, Bc, Cc]
     s_cache = torch.empty((cache_rows if backend != "triton" else 0, N), device=dev)
     if backend != "triton":
-        (A, B, C), cols, mined = _stats_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set,
-                                              mine_k, both, s_cache if cache_rows else None)
-    hard_s = _hard_logits(q, hard_negatives, inv_t) if H > 0 else None
-    row_loss, A, B, C, _ = _finish_stats(A, B, C if C is not None else B, hard_s, beta, n_neg)
+        (A, B, C), cols, mined = stats_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set,
+                                             mine_k, both, s_cache if cache_rows else None)
+    hard_s = hard_logits(q, hard_negatives, inv_t) if H > 0 else None
+    row_loss, A, B, C = finish_stats(A, B, C if C is not None else B, hard_s, beta, n_neg)
     row_stats = torch.stack([A, B, C])
     if both:
-        n_neg_c = _num_neg(N, n, groups_k, groups_q, 0, dev)
-        col_loss, Ac, Bc, Cc, _ = _finish_stats(cols[0], cols[1], cols[2] if cols[2] is not None else cols[1],
-                                                None, beta, n_neg_c)
+        n_neg_c = num_neg(N, n, groups_k, groups_q, 0, dev)
+        col_loss, Ac, Bc, Cc = finish_stats(cols[0], cols[1], cols[2] if cols[2] is not None else cols[1],
+                                            None, beta, n_neg_c)
         col_stats = torch.stack([Ac, Bc, Cc])
     else:
         col_loss = torch.zeros(0, device=dev)
         col_stats = torch.zeros((3, 0), device=dev)
     if mine_k > 0:
-        tv, ti = mined
-        if hard_s is not None:
-            hi = torch.arange(N, N + H, device=dev).expand(n, H)
-            # in-batch (indices < N) first so that a stable sort keeps ties on the lower index
-            order = torch.sort(ti, dim=1, stable=True).indices
-            tv, ti = tv.gather(1, order), ti.gather(1, order)
-            tv = torch.cat([tv, hard_s], 1)
-            ti = torch.cat([ti, hi], 1)
-        else:
-            order = torch.sort(ti, dim=1, stable=True).indices
-            tv, ti = tv.gather(1, order), ti.gather(1, order)
-        order = torch.sort(tv, dim=1, descending=True, stable=True).indices[:, :mine_k]
-        top_v, top_i = tv.gather(1, order), ti.gather(1, order)
+        top_v, top_i = merge_mined(mined[0], mined[1], hard_s, N, mine_k)
     else:
         top_v = torch.zeros((n, 0), device=dev)
         top_i = torch.zeros((n, 0), device=dev, dtype=torch.int64)
     return row_loss, col_loss, row_stats, col_stats, top_v, top_i, s_cache
-
-
-def _coeffs(grad, stats, beta, n_neg):
-    """[4, n] = (r, A, B, C) for the backward kernels; -inf statistics sanitised to 0."""
-    A, B, C = stats[0], stats[1], stats[2]
-    has_pos = torch.isfinite(A)
-    r = torch.where(has_pos, grad.float(), torch.zeros_like(A))
-    if beta > 0:
-        has_neg = n_neg > 0
-        log_neg = torch.where(has_neg, torch.log(n_neg.clamp_min(1).float()) + B - C,
-                              torch.full_like(B, float("-inf")))
-        z = log_neg - torch.where(has_pos, A, torch.zeros_like(A))
-        r = r * torch.sigmoid(z)
-    fin = lambda v: torch.where(torch.isfinite(v), v, torch.zeros_like(v))  # noqa: E731
-    return torch.stack([r, fin(A), fin(B), fin(C)]).contiguous()
 
 
 def contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats, col_stats,
@@ -853,20 +517,20 @@ def contrastive_backward(grad_row, grad_col, q, k, groups_q, groups_k, hard_nega
 
     Returns dq [n, D], dk [N, D] (in the inputs' dtypes) and dhn [n, H, D] (or [0]).
     """
-    backend = backend or _backend(q)
+    backend = backend or choose_backend(q)
     inv_t = 1.0 / float(temperature)
     beta = float(hardness)
     n, N = q.shape[0], k.shape[0]
     H = 0 if hard_negatives is None else hard_negatives.shape[1]
-    rs = _coeffs(grad_row, row_stats, beta, _num_neg(n, N, groups_q, groups_k, H, q.device))
-    cs = _coeffs(grad_col, col_stats, beta, _num_neg(N, n, groups_k, groups_q, 0, q.device)) if both else None
+    rs = coeffs(grad_row, row_stats, beta, num_neg(n, N, groups_q, groups_k, H, q.device))
+    cs = coeffs(grad_col, col_stats, beta, num_neg(N, n, groups_k, groups_q, 0, q.device)) if both else None
     if backend == "triton":
         dq, dk = _bwd_triton(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, rs, cs)
     else:
         cache = s_cache if s_cache is not None and s_cache.shape[0] > 0 else None
-        dq, dk = _bwd_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, rs, cs, cache)
+        dq, dk = bwd_torch(q, k, groups_q, groups_k, offset, inv_t, beta, single_set, rs, cs, cache)
     if H > 0:
-        hs = _hard_logits(q, hard_negatives, inv_t)
+        hs = hard_logits(q, hard_negatives, inv_t)
         r, b, c = rs[0][:, None], rs[2][:, None], rs[3][:, None]
         if beta > 0:
             gh = (1.0 + beta) * torch.exp((1.0 + beta) * hs - b) - beta * torch.exp(beta * hs - c)
@@ -928,12 +592,17 @@ def _(grad_row, grad_col, q, k, groups_q, groups_k, hard_negatives, row_stats, c
     return torch.empty_like(q), torch.empty_like(k), dhn
 
 
-def _save(ctx, q, k, hard_negatives, groups_q, groups_k, rstats, cstats, s_cache, args):
-    ctx.save_for_backward(q, k, hard_negatives, groups_q, groups_k, rstats, cstats, s_cache)
-    ctx.args = args
+def _setup_context(ctx, inputs, output):
+    q, k, gq, gk, hn, offset, temperature, hardness, single_set, both, _mine_k, backend, _cache_rows = inputs
+    _, _, rstats, cstats, top_v, top_i, s_cache = output
+    ctx.save_for_backward(q, k, hn, gq, gk, rstats, cstats, s_cache)
+    ctx.args = (offset, temperature, hardness, single_set, both, backend)
+    ctx.mark_non_differentiable(rstats, cstats, top_v, top_i, s_cache)
 
 
-def _backward_from_ctx(ctx, g_row, g_col):
+def _backward(ctx, g_row, g_col, *_unused):
+    """Gradients of solar::contrastive_fwd's row_loss and col_loss (the other outputs are
+    non-differentiable) for q, k and hard_negatives, by solar::contrastive_bwd."""
     q, k, hn, gq, gk, rstats, cstats, s_cache = ctx.saved_tensors
     offset, temperature, hardness, single_set, both, backend = ctx.args
     if g_row is None:
@@ -943,181 +612,28 @@ def _backward_from_ctx(ctx, g_row, g_col):
     dq, dk, dhn = torch.ops.solar.contrastive_bwd(g_row.contiguous(), g_col.contiguous(), q, k, gq, gk, hn, rstats,
                                                   cstats, offset, temperature, hardness, single_set, both, backend,
                                                   s_cache)
-    return dq, dk, (dhn if hn is not None else None)
+    return (dq, dk, None, None, dhn if hn is not None else None) + (None,) * 8
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, gq, gk, hn, offset, temperature, hardness, single_set, both, mine_k, backend, cache_rows = inputs
-    _, _, rstats, cstats, top_v, top_i, s_cache = output
-    _save(ctx, q, k, hn, gq, gk, rstats, cstats, s_cache, (offset, temperature, hardness, single_set, both, backend))
-    ctx.mark_non_differentiable(rstats, cstats, top_v, top_i, s_cache)
+# The one autograd path: contrastive_loss, its many-rank form, direct callers of
+# torch.ops.solar.contrastive_fwd, opcheck and torch.compile all differentiate the op through this.
+torch.library.register_autograd("solar::contrastive_fwd", _backward, setup_context=_setup_context)
 
 
-def _fwd_backward(ctx, g_row, g_col, *_unused):
-    dq, dk, dhn = _backward_from_ctx(ctx, g_row, g_col)
-    return (dq, dk, None, None, dhn) + (None,) * 8
-
-
-# Direct callers of torch.ops.solar.contrastive_fwd (and opcheck / torch.compile) get gradients too.
-torch.library.register_autograd("solar::contrastive_fwd", _fwd_backward, setup_context=_fwd_setup_context)
-
-
-class _ContrastiveFunction(torch.autograd.Function):
-    """(row_loss [n], col_loss [N or 0], top_v, top_i) of the rows of q against k."""
-
-    @staticmethod
-    def forward(ctx, q, k, hard_negatives, groups_q, groups_k, offset, temperature, hardness, single_set,
-                both, mine_k, backend, cache_rows):
-        row_loss, col_loss, rstats, cstats, top_v, top_i, s_cache = torch.ops.solar.contrastive_fwd(
-            q, k, groups_q, groups_k, hard_negatives, offset, temperature, hardness, single_set, both,
-            mine_k, backend, cache_rows)
-        _save(ctx, q, k, hard_negatives, groups_q, groups_k, rstats, cstats, s_cache,
-              (offset, temperature, hardness, single_set, both, backend))
-        ctx.mark_non_differentiable(top_v, top_i)
-        return row_loss, col_loss, top_v, top_i
-
-    @staticmethod
-    def backward(ctx, g_row, g_col, _gv, _gi):
-        dq, dk, dhn = _backward_from_ctx(ctx, g_row, g_col)
-        return (dq, dk, dhn) + (None,) * 10
-
-
+# ----------------------------------------------------------------------------------------
+# 4. The checked public entry point (one rank or many)
+# ----------------------------------------------------------------------------------------
 def _need_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# ----------------------------------------------------------------------------------------
-# 4. The checked public entry point
-# ----------------------------------------------------------------------------------------
-def _dtype_name(dt) -> str:
-    return str(dt).replace("torch.", "")
-
-
-def _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k, names=("q", "k")):
-    """Check the arguments of contrastive_loss; returns (temperature, hardness, mine_k) as python
-    numbers.  `names`: how errors call q and k (pooled_contrastive_loss passes [N, D] stand-ins
-    for its token tensors xq and xk)."""
-    qn, kn = names
-    _checks.check_tensor(qn, q, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    n, D = q.shape
-    if k is not None:
-        _checks.check_tensor(kn, k, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-        if tuple(k.shape) != (n, D):
-            raise ValueError(f"{kn} must have the shape of {qn} [N, D] = {tuple(q.shape)}, got {tuple(k.shape)}")
-        if k.dtype != q.dtype:
-            raise TypeError(f"{kn} must have {qn}'s dtype {_dtype_name(q.dtype)}, got {_dtype_name(k.dtype)}")
-    else:
-        if groups is None:
-            raise ValueError("single-set mode (k=None) needs groups: [N] int64 group ids of the rows of q")
-    if n == 0 or D == 0:
-        raise ValueError(f"{qn} must have N >= 1 rows and D >= 1 columns, got shape {tuple(q.shape)}")
-    if groups is not None:
-        _checks.check_tensor("groups", groups, ndim=1)
-        if groups.dtype != torch.int64:
-            raise TypeError(f"groups must have dtype int64, got {_dtype_name(groups.dtype)}")
-        if groups.shape[0] != n:
-            raise ValueError(f"groups must have length N = {n} (rows of {qn}), got {groups.shape[0]}")
-    if hard_negatives is not None:
-        _checks.check_tensor("hard_negatives", hard_negatives, ndim=3, dtypes=_checks.FLOAT_DTYPES)
-        if hard_negatives.shape[0] != n or hard_negatives.shape[2] != D:
-            raise ValueError(f"hard_negatives must have shape [N, H, D] = [{n}, H, {D}], "
-                             f"got {tuple(hard_negatives.shape)}")
-        if hard_negatives.dtype != q.dtype:
-            raise TypeError(f"hard_negatives must have {qn}'s dtype {_dtype_name(q.dtype)}, "
-                            f"got {_dtype_name(hard_negatives.dtype)}")
-    _checks.check_same_device(**{qn: q, kn: k}, groups=groups, hard_negatives=hard_negatives)
-    temperature = _checks.as_float("temperature", temperature)
-    hardness = _checks.as_float("hardness", hardness)
-    _checks.check_positive("temperature", temperature)
-    _check_temperature(temperature)
-    if hardness < 0:
-        raise ValueError(f"hardness must be >= 0, got {hardness}")
-    mine_k = _checks.as_int("mine_k", mine_k)
-    amax = {}
-    for name, t in ((qn, q), (kn, k), ("hard_negatives", hard_negatives)):
-        if t is not None:
-            amax[name] = _checks.check_finite_fast(name, t)
-    # (pooled_contrastive_loss's all-zero stand-ins pass here: it checks its own tokens' bound)
-    keys = [(kn, k, amax[kn]) if k is not None else (qn, q, amax[qn])]
-    if hard_negatives is not None:
-        keys.append(("hard_negatives", hard_negatives, amax["hard_negatives"]))
-    _check_logit_bound(qn, q, amax[qn], keys, temperature, hardness)
-    return temperature, hardness, mine_k
-
-
-def _check_temperature(temperature: float) -> None:
-    if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.3g} (1 / temperature scales the logits in "
-                         f"float32 and must be finite there), got {temperature!r}")
-
-
-def _check_logit_bound(qn: str, q: torch.Tensor, q_absmax: float, keys: list, temperature: float,
-                       hardness: float) -> None:
-    """Refuse inputs whose logits can overflow the fp32 statistics (see MAX_LOGIT_BOUND).
-
-    q: the rows (or tokens whose weighted means are the rows: a mean's norm is at most the
-    largest token norm), feature dimension last, with its max |entry|; keys: (name, tensor, max
-    |entry|) triples holding the columns (k, the hard negatives, or key tokens).  The cheap bound
-    sqrt(D) * max|entry| on each row norm (the max entries are known from the finiteness check)
-    needs no pass over the data; only when it fails are the row norms computed (in fp64, so that
-    they cannot overflow themselves).
-    """
-    scale = max(1.0, 1.0 / temperature) * (1.0 + hardness)
-    cheap_k = max(t.shape[-1] ** 0.5 * a for _, t, a in keys)
-    if q.shape[-1] ** 0.5 * q_absmax * cheap_k * scale <= MAX_LOGIT_BOUND:
-        return
-    with torch.no_grad():
-        nq = float(torch.linalg.vector_norm(q, dim=-1, dtype=torch.float64).max())
-        nk, kn = max((float(torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64).max()), name)
-                     for name, t, _ in keys)
-    bound = nq * nk * scale
-    if bound > MAX_LOGIT_BOUND:
-        raise ValueError(
-            f"{qn} and {kn} are too large for temperature = {temperature:.4g}"
-            f"{f' and hardness = {hardness:.4g}' if hardness else ''}: logits can reach "
-            f"max|{qn}_i| * max|{kn}_j| * max(1, 1/temperature) * (1 + hardness) = {bound:.4g} (largest row norms "
-            f"{nq:.4g} and {nk:.4g}), above {MAX_LOGIT_BOUND:.4g} (a third of the largest float32), where "
-            f"the float32 logits and loss can overflow; normalise {qn} and {kn} or raise temperature")
-
-
-def _check_counts(groups: torch.Tensor | None, n: int, H: int, mine_k: int, single: bool):
-    """The number of rows that have a positive (the loss's divisor); raises when there is none
-    (single-set mode), when no row has a negative (the loss would be 0 with no gradient) or
-    when mine_k exceeds some row's number of negatives.
-
-    groups: the [n] group ids of all rows the loss sees (None: each row is its own group);
-    H: hard negatives per row.
-    """
-    if groups is not None:
-        counts = _group_counts(groups, groups)
-        n_rows_pos = int((counts > 1).sum()) if single else n
-        min_neg = int((n - counts).min()) + H
-        max_neg = n - int(counts.min()) + H
-    else:
-        n_rows_pos, min_neg = n, n - 1 + H
-        max_neg = min_neg
-    if single and n_rows_pos == 0:
-        raise ValueError("no row has a positive: in single-set mode every group has one member "
-                         "(give at least two rows the same group id)")
-    if max_neg == 0:
-        raise ValueError(f"no row has a negative: {'N = 1' if n == 1 else 'every row is in one group'} and "
-                         "there are no hard negatives, so the loss is 0 and carries no gradient (use a batch "
-                         "of at least two groups, or pass hard_negatives)")
-    if mine_k > min_neg:
-        raise ValueError(f"mine_k = {mine_k} is larger than the number of negatives of some row "
-                         f"(the smallest is {min_neg})")
-    return n_rows_pos
-
-
-def _reduce(row_loss, col_loss, n_pos_rows: int, n: int, both: bool, mine_k: int, top_v, top_i):
-    """The public result from per-row losses: the mean over rows with a positive (q->k), averaged
-    with the k->q mean when symmetric; plus the mined negatives when mine_k > 0."""
-    # divide before summing: a sum of row losses can overflow fp32 where their mean fits
+def mean_loss(row_loss: torch.Tensor, col_loss: torch.Tensor, n_pos_rows: int, n: int, both: bool) -> torch.Tensor:
+    """The loss from per-row losses: the mean over the n_pos_rows rows with a positive (q->k),
+    averaged with the mean of the n k->q rows when `both`.  Each term is divided before the
+    sum: a sum of row losses can overflow fp32 where their mean fits."""
     loss = (row_loss / n_pos_rows).sum()
     if both:
         loss = 0.5 * loss + 0.5 * (col_loss / n).sum()
-    if mine_k > 0:
-        return loss, Mined(top_i, top_v)
     return loss
 
 
@@ -1139,9 +655,13 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
       row's negative weights sum to its number of negatives (Robinson et al. 2021); 0 = InfoNCE.
     * ``mine_k`` > 0 also returns :class:`Mined` (indices, scores) of each row's mine_k best
       negatives (column j < N in-batch, N + h for hard negative h), ties to the lower index.
-    * ``process_group``: a torch.distributed group; each rank passes its local rows, keys are
-      all-gathered with gradient, and the loss equals the single-process loss over the
-      concatenated batch (every rank returns the same value).
+    * ``process_group``: a torch.distributed group; each rank passes its local rows (the same
+      n and H on every rank), the columns are all-gathered with gradient (their backward sums
+      every rank's gradients into each rank's slice), and each rank computes the terms of its
+      own rows against all columns.  The loss equals the single-process loss over the
+      concatenated batch (every rank returns the same value; row i of rank r is global row
+      r * n + i, and mined indices are global).  Memory per rank is O(N_total * D).  All ranks
+      must call it, and its backward, together.
 
     Args:
         q: [N, D] float32/float16/bfloat16.  k: [N, D] (same dtype) or None.
@@ -1165,25 +685,43 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
         bound times 2^-23),
         non-finite inputs, single-set mode without any positive pair, no row with any negative
         (N = 1 or every row in one group, without hard negatives: the loss would be 0 with no
-        gradient).  TypeError: process_group that is not a ProcessGroup.
+        gradient), ranks with different numbers of rows or hard negatives.  TypeError:
+        process_group that is not a ProcessGroup.
     """
-    temperature, hardness, mine_k = _validate(q, k, groups, hard_negatives, temperature, hardness, mine_k)
-    if process_group is not None:
-        from ..distributed import distributed_contrastive_loss
-
-        return distributed_contrastive_loss(q, k, groups=groups, hard_negatives=hard_negatives,
-                                            temperature=temperature, symmetric=symmetric, hardness=hardness,
-                                            mine_k=mine_k, process_group=process_group)
+    temperature, hardness, mine_k = validate(q, k, groups, hard_negatives, temperature, hardness, mine_k)
+    group = process_group
+    world, rank = (1, 0) if group is None else distributed.world_and_rank(group)
     single = k is None
-    n = q.shape[0]
+    n, D = q.shape
     H = 0 if hard_negatives is None else hard_negatives.shape[1]
-    n_pos_rows = _check_counts(groups, n, H, mine_k, single)
-    both = bool(symmetric) and not single
-    backend = _backend(q)
-    kk = q if single else k
+    if world > 1:
+        sizes = distributed.all_gather_rows(torch.tensor([n, H], device=q.device, dtype=torch.int64), group)
+        sizes = sizes.view(world, 2)
+        if bool((sizes[:, 0] != n).any()) or bool((sizes[:, 1] != H).any()):
+            raise ValueError(f"every rank must pass the same number of rows and hard negatives; got (rows, H) "
+                             f"per rank {sizes.tolist()}")
+    # rank r holds the global rows r * n .. r * n + n - 1 and sees all N columns
+    N, offset = n * world, rank * n
     g = groups.contiguous() if groups is not None else None
-    cache_rows = _cache_rows(n, n, q.shape[1], backend, _need_grad(q, k, hard_negatives))
-    row_loss, col_loss, top_v, top_i = _ContrastiveFunction.apply(
-        q, kk, hard_negatives, g, g, 0, float(temperature), float(hardness), single, both, int(mine_k),
-        backend, cache_rows)
-    return _reduce(row_loss, col_loss, n_pos_rows, n, both, mine_k, top_v, top_i)
+    g_all = distributed.all_gather_rows(g, group) if world > 1 and g is not None else g
+    n_pos_rows = check_counts(g_all, N, H, mine_k, single)
+    both = bool(symmetric) and not single
+    # on one rank the k->q statistics come from the same sweep over S; on many, the columns
+    # of that direction (all rows of q) are gathered and it is a pass of its own
+    fused = both and world == 1
+    backend = choose_backend(q)
+    rc = cache_rows(n, N, D, backend, _need_grad(q, k, hard_negatives))
+    T, beta = float(temperature), float(hardness)
+    cols = q if single else k
+    if world > 1:
+        cols = distributed.all_gather_rows_with_grad(cols, group)
+    row_loss, col_loss, _, _, top_v, top_i, _ = torch.ops.solar.contrastive_fwd(
+        q, cols, g, g_all, hard_negatives, offset, T, beta, single, fused, int(mine_k), backend, rc)
+    if both and not fused:
+        q_all = distributed.all_gather_rows_with_grad(q, group)
+        col_loss = torch.ops.solar.contrastive_fwd(k, q_all, g, g_all, None, offset, T, beta, False, False, 0,
+                                                   backend, rc)[0]
+    loss = mean_loss(row_loss, col_loss, n_pos_rows, N, both)
+    if world > 1:
+        loss = distributed.sum_over_ranks(loss, group)
+    return (loss, Mined(top_i, top_v)) if mine_k > 0 else loss
