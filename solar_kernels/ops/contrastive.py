@@ -503,6 +503,10 @@ def _stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k, cols=False)
     dev = q.device
     cfg = _settings_for(q, N)
     hard = beta > 0
+    if cols and hard and "num_warps" in cfg:
+        # three running log-sum-exps per row, three column partials: 4 warps spilled (sm_90, fp16
+        # with hardness and mining, Triton 3.6); 8 warps halve each thread's share of the tile
+        cfg["num_warps"] = 8
     A = torch.empty(n, device=dev, dtype=torch.float32)
     B = torch.empty(n, device=dev, dtype=torch.float32)
     C = torch.empty(n, device=dev, dtype=torch.float32) if hard else A
@@ -560,8 +564,8 @@ def _bwd_settings(n_rows: int, n_cols: int, D: int, dtype: torch.dtype, target: 
     """Blocks of the three backward kernels and the panel height, in one visible place.
 
     "grad" (S recompute + G) takes the statistics kernel's D chunks and precision; on CUDA its
-    tile is 128 x 128 for bf16 / fp16 (a GEMM tile with a store epilogue: no accumulator lives
-    across column tiles).  "dq" / "dk" are plain GEMMs (output block [BLOCK_M or BLOCK_N,
+    tile is 64 x 128 with 8 warps for bf16 / fp16 (a GEMM tile with a store epilogue: no
+    accumulator lives across column tiles).  "dq" / "dk" are plain GEMMs (output block [BLOCK_M or BLOCK_N,
     BLOCK_D], reduction in BLOCK_K chunks).  For fp16 BLOCK_K must divide the grad tile's
     side along the reduction (one power-of-two scale per chunk).
     """
@@ -578,7 +582,8 @@ def _bwd_settings(n_rows: int, n_cols: int, D: int, dtype: torch.dtype, target: 
         dq = dict(BLOCK_M=64, BLOCK_K=16, BLOCK_D=bd, PRECISION=prec, num_warps=4, num_stages=2)
         dk = dict(BLOCK_N=64, BLOCK_K=16, BLOCK_D=bd, PRECISION=prec, num_warps=4, num_stages=2)
     else:
-        grad = dict(base, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+        # 128 x 128 spilled (576 B of stack for fp16 + hardness + both directions, Triton 3.6)
+        grad = dict(base, BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)
         bd = max(16, min(128, _next_pow2(D)))
         dq = dict(BLOCK_M=128, BLOCK_K=64, BLOCK_D=bd, PRECISION=prec, num_warps=8, num_stages=3)
         dk = dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=bd, PRECISION=prec, num_warps=8, num_stages=3)
