@@ -9,7 +9,8 @@ cubins; this test asserts on its report:
 * the hot variants (D = 768 losses of every mode and dtype, the pooled loss, every pooling
   variant) have no stack frame and no spill loads / stores;
 * every bf16 / fp16 loss kernel's dots are warpgroup MMAs (HGMMA in the SASS);
-* no GPU-scope fence anywhere (the backward's atomics are relaxed).
+* no atomics in any contrastive-loss kernel (the backward writes each output block from one
+  program) and no GPU-scope fence anywhere.
 
 The GPU machine's Triton (GPU_TRITON) is installed with ``pip install --target`` into
 ``$SOLAR_CACHE`` (default ~/.cache/solar) once and reused; Triton's own kernel cache lives
@@ -97,7 +98,8 @@ def _check(report: dict):
                                                for f in report["failures"])
     kernels = report["kernels"]
     assert {k["kernel"] for k in kernels} >= {"_pool_fwd_kernel", "_pool_bwd_kernel", "_pool_norm_kernel",
-                                              "_pool_bwd_prep_kernel", "_cl_stats_kernel", "_cl_bwd_kernel"}
+                                              "_pool_bwd_prep_kernel", "_cl_stats_kernel", "_cl_grad_kernel",
+                                              "_cl_dq_kernel", "_cl_dk_kernel"}
     problems = []
     for k in kernels:
         hot = any(h in k["case"] for h in HOT) and not any(h in k["case"] and "float32" in k["case"] for h in NOT_HOT)
@@ -107,6 +109,8 @@ def _check(report: dict):
         if k["kernel"].startswith("_cl_") and ("bfloat16" in k["case"] or "float16" in k["case"]
                                                or "bf16" in k["case"]) and not k["hgmma"]:
             problems.append(f"{where}: bf16/fp16 dots without HGMMA ({k['mma']} MMAs)")
+        if k["kernel"].startswith("_cl_") and k["atomics"]:
+            problems.append(f"{where}: {k['atomics']} atomic instruction(s) in a contrastive kernel")
         if k["membar"]:
             problems.append(f"{where}: {k['membar']} GPU-scope fence(s)")
     assert not problems, f"Triton {report['triton']}:\n" + "\n".join(problems)

@@ -171,22 +171,50 @@ def test_masked_pool_backward_offsets_past_2_31():
     torch.testing.assert_close(gx, gref)
 
 
-def test_backward_grid_stride_covers_every_tile(monkeypatch):
-    """The backward launches at most MAX_BWD_PROGRAMS programs and each loops over further
-    tiles (so any N fits the grid limits: 2^20 programs at N = 16M, where the old 2-D grid's
-    second axis, cdiv(N, 64) <= 65535, stopped at N = 4.19M).  With the cap forced to 3
-    programs for 3 x 3 tiles of 64, every tile must still be added exactly once."""
-    import triton
-
-    n_rows = 16 * 2 ** 20
-    tiles = triton.cdiv(n_rows, 64) ** 2
-    assert min(tiles, cl.MAX_BWD_PROGRAMS) < 2 ** 31 - 1
-    monkeypatch.setattr(cl, "MAX_BWD_PROGRAMS", 3)
-    n, d = 150, 24
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backward_panels_cover_every_row(monkeypatch, dtype):
+    """The backward materialises G = dL/dS for panels of rows (R x N <= MAX_PANEL_ELEMS): dq is
+    written per panel, dk is stored by the first panel and added to by the later ones.  With the
+    budget forced down to one 128-row panel's worth, n = 300 rows make three panels (the last
+    of 44 rows): every row's dq and every column's dk must match the reference (groups, both
+    directions and hardness, so every term of G is exercised)."""
+    n, d = 300, 24
+    cfg = cl._bwd_settings(n, n, d, dtype, "cuda")
+    step = max(cfg["grad"]["BLOCK_M"], cfg["dq"]["BLOCK_M"], cfg["dk"]["BLOCK_K"])
+    monkeypatch.setattr(cl, "MAX_PANEL_ELEMS", step * n)
+    assert cl._bwd_settings(n, n, d, dtype, "cuda")["panel_rows"] == step < n
     g = torch.Generator().manual_seed(9)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
+    groups = torch.arange(n, device=DEV) // 3
+    kw = dict(groups=groups, temperature=0.1, hardness=0.5)
+    with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+        dq, dk = torch.autograd.grad(sk.contrastive_loss(q, k, **kw), (q, k))
+    rq, rk = torch.autograd.grad(contrastive_loss_reference(q, k, dtype=torch.float64, **kw), (q, k))
+    tol = 1e-4 if dtype == torch.float32 else 1.2e-2
+    assert _rel_err(dq, rq) < tol and _rel_err(dk, rk) < tol, (_rel_err(dq, rq), _rel_err(dk, rk))
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.01], ids=["shared-exp", "wide-spread"])
+def test_column_statistics_from_the_row_pass(monkeypatch, temperature):
+    """The symmetric loss takes both directions' statistics from one pass over S: each program
+    keeps one row of column partials, merged over its row blocks.  With MAX_COL_PARTIALS = 2
+    for 3 row blocks one program merges two blocks.  Temperature 0.1 keeps every tile's spread
+    small (the column sums reuse the row exponentials); 0.01 makes logits span about 200, so
+    tiles take the per-column fallback.  Loss and gradients against the fp64 reference, with
+    groups and hardness (all three statistics per direction)."""
+    monkeypatch.setattr(cl, "MAX_COL_PARTIALS", 2)
+    n, d = 150, 24
+    g = torch.Generator().manual_seed(13)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV).requires_grad_()
-    with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
-        dq, dk = torch.autograd.grad(sk.contrastive_loss(q, k, temperature=0.1), (q, k))
-    rq, rk = torch.autograd.grad(contrastive_loss_reference(q, k, temperature=0.1, dtype=torch.float64), (q, k))
-    assert _rel_err(dq, rq) < 1e-4 and _rel_err(dk, rk) < 1e-4
+    groups = torch.arange(n, device=DEV) // 4
+    for hardness in (0.0, 0.5):
+        kw = dict(groups=groups, temperature=temperature, hardness=hardness)
+        with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+            loss = sk.contrastive_loss(q, k, **kw)
+            dq, dk = torch.autograd.grad(loss, (q, k))
+        ref = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+        rq, rk = torch.autograd.grad(ref, (q, k))
+        assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-5 * (1 + abs(float(ref.detach())))
+        assert _rel_err(dq, rq) < 1e-4 and _rel_err(dk, rk) < 1e-4, (_rel_err(dq, rq), _rel_err(dk, rk))
