@@ -18,7 +18,8 @@ and the next section run):
             bool masks V = 1 and 3, GB/s against a device-to-device copy of the same bytes.
 5. search:  Index.search at N = 1M, d = 768, m in {1, 16, 1024}, k in {10, 1024}, fp32 / fp16 /
             int8, against torch mm + topk in the same dtype (int8: torch._int_mm where it
-            applies, else fp16 of the same codes).
+            applies, else fp16 of the same codes); every result is checked against torch's
+            exact top-k on the card (a "FAILED" row when it differs).
 6. kernels: registers and spills of every Triton kernel compiled in this process, as the real
             driver reports them.
 
@@ -45,6 +46,7 @@ from harness import Recorder, bench, copy_bandwidth, peak_memory  # noqa: E402
 
 import solar_kernels as sk  # noqa: E402
 from solar_kernels.reference import contrastive_loss_reference  # noqa: E402
+from solar_kernels.search import quantize_int8  # noqa: E402
 
 FLOOR_TFLOPS = 790.0   # measured bf16 matmul on the H200 lent here (tool library, KINDS.md)
 FLOOR_GBPS = 4300.0    # measured device-to-device copy, read + write
@@ -286,6 +288,8 @@ def section_search(s: Suite):
                 read = n * d * {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
                 gbps = read / st.median_s / 1e9
                 s.add(impl="solar", case=case, stats=st, gbps=gbps, of_floor=gbps / (FLOOR_GBPS / 2))
+                bad = _search_check(index, base, dtype, qs, k, s.dev)
+                s.add(impl="solar check" if not bad else "FAILED", case=case, note=bad or "ids / scores match torch")
                 peer = _search_peer(base, dtype, qs, k, s.dev)
                 if peer is not None:
                     st_p = s.timed(peer, 5)
@@ -293,6 +297,38 @@ def section_search(s: Suite):
         del index
         if not dry:
             torch.cuda.empty_cache()
+
+
+def _search_check(index, base, dtype, qs, k, dev) -> str:
+    """Index.search against torch on the same device: "" when its top-k is the exact top-k.
+
+    The reference scores every row in fp32 as the kernels define the dtype (fp16 rows widened,
+    fp32 queries; int8: integer dots times the two scales).  Checked: the returned scores are
+    the reference's k best (to fp32 accumulation error), each returned id has the reported
+    score, ids are distinct, and equal scores come in increasing id order."""
+    scores, ids = index.search(qs, k=k)
+    x = base.to(dev)
+    if dtype == "int8":
+        xc, xs = quantize_int8(x)
+        qc, qsc = quantize_int8(qs)
+        full = (qc.float() @ xc.float().t()) * (xs[None, :] * qsc[:, None])
+    else:
+        full = qs.float() @ (x.half().float() if dtype == "fp16" else x).t()
+    want = torch.topk(full, k, dim=1).values
+    tol = 1e-5 * float(qs.abs().amax()) * float(x.abs().sum(1).amax()) + 1e-6
+    problems = []
+    err = float((scores - want).abs().amax())
+    if err > tol:
+        problems.append(f"scores differ from the exact top-k by {err:.3g} > {tol:.3g}")
+    err_id = float((full.gather(1, ids) - scores).abs().amax())
+    if err_id > tol:
+        problems.append(f"an id's score differs from the reported one by {err_id:.3g}")
+    if bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
+        problems.append("duplicate ids")
+    same = scores[:, 1:] == scores[:, :-1]
+    if not bool((ids[:, 1:] > ids[:, :-1])[same].all()):
+        problems.append("tied scores not in increasing id order")
+    return "; ".join(problems)
 
 
 def _search_peer(base, dtype, qs, k, dev):

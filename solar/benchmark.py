@@ -66,17 +66,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .benchmark_spec import (FORMAT, FORMAT_VERSION, OverlapReport, _ids_and_sigs, _iter_json, _overlap, _train_urls,
+                             check_samples_no_overlap)
 from .checkpoint import sha256_file
-from .data.shapesworld import (BENCHMARK_ITEM_BASE, GENERATOR_VERSION, GRID, _rng, item_signature, make_item,
+from .data.shapesworld import (BENCHMARK_ITEM_BASE, GENERATOR_VERSION, GRID, _rng, make_item,
                                make_pair, perturb_item, render_view, sample_key, sample_split, write_samples)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Benchmark", "BenchmarkError", "build_benchmark", "load_benchmark",
-           "benchmark_exists", "verify_benchmark", "write_manifest", "check_no_overlap",
+           "benchmark_exists", "verify_benchmark", "write_manifest", "check_no_overlap", "check_samples_no_overlap",
            "OverlapReport", "recall_at_k", "hard_negative_precision", "summarize", "metrics_from_search",
            "metrics_from_scores", "metrics_from_embeddings", "format_table", "METRIC_NAMES"]
 
-FORMAT = "solar-mm2mm-benchmark"
-FORMAT_VERSION = 1
 METRIC_NAMES = ("R@1", "R@5", "R@10", "mR", "Prec", "Avg")
 _REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
 
@@ -398,100 +398,6 @@ def verify_benchmark(bench) -> Benchmark:
 # ----------------------------------------------------------------------------------------
 # no-overlap check
 # ----------------------------------------------------------------------------------------
-def _iter_json(urls):
-    from .data.reader import expand_urls
-
-    for u in expand_urls(urls):
-        if u.startswith("pipe:") or "://" in u:
-            import webdataset as wds
-            for s in wds.tarfile_to_samples()(iter([{"url": u}])):
-                if "json" in s:
-                    yield s["__key__"], json.loads(s["json"])
-            continue
-        with tarfile.open(u, "r") as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    yield m.name[:-5], json.loads(tar.extractfile(m).read())
-
-
-@dataclass
-class OverlapReport:
-    """Result of :func:`check_no_overlap`."""
-    train_samples: int
-    benchmark_items: int
-    shared_item_ids: list
-    shared_contents: int
-    range_check: str
-
-    @property
-    def ok(self) -> bool:
-        return not self.shared_item_ids and not self.shared_contents
-
-
-def _train_urls(train):
-    """(shard urls, ShapesWorld manifest or None) of training data; FileNotFoundError when absent."""
-    if isinstance(train, (str, os.PathLike)) and os.path.isdir(train):
-        train = os.fspath(train)
-        man = os.path.join(train, "shapesworld.json")
-        if os.path.isfile(man):
-            try:
-                with open(man) as f:
-                    m = json.load(f)
-                urls = [os.path.join(train, s) for s in m["shards"]]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"train: {man} is not a ShapesWorld manifest ({type(e).__name__}: {e})") from None
-            missing = [u for u in urls if not os.path.isfile(u)]
-            if missing:
-                raise FileNotFoundError(f"train: {len(missing)} shard(s) listed in {man} are missing "
-                                        f"(first: {missing[0]!r})")
-            return urls, m
-        names = sorted(n for n in os.listdir(train) if n.endswith(".tar"))
-        if not names:
-            raise FileNotFoundError(f"train: no .tar shards in folder {train!r}")
-        return [os.path.join(train, n) for n in names], None
-    from .data.reader import expand_urls
-    try:
-        return expand_urls(train), None
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        raise FileNotFoundError(f"train: {e}") from None
-
-
-def _ids_and_sigs(metas, content: bool):
-    ids, sigs = set(), set()
-    for meta in metas:
-        if "item_id" in meta:
-            ids.add(int(meta["item_id"]))
-        if content and "objects" in meta and "text_attrs" in meta:
-            sigs.add(item_signature(meta["objects"], meta["text_attrs"]))
-    return ids, sigs
-
-
-def _overlap(train_urls, bench_ids_sigs, bench_range, content: bool, raise_on_overlap: bool) -> OverlapReport:
-    urls, manifest = train_urls
-    bench_ids, bench_sigs = bench_ids_sigs
-    range_check = "not declared"
-    if manifest is not None and bench_range is not None:
-        tr = manifest["item_id_range"]
-        br = bench_range
-        disjoint = tr[1] <= br[0] or br[1] <= tr[0]
-        range_check = f"train ids [{tr[0]}, {tr[1]}) vs benchmark [{br[0]}, {br[1]}): " + \
-            ("disjoint" if disjoint else "OVERLAP")
-    shared_ids, shared_sig, n = set(), set(), 0
-    for _, meta in _iter_json(urls):
-        n += 1
-        if int(meta.get("item_id", -1)) in bench_ids:
-            shared_ids.add(int(meta["item_id"]))
-        if content and "objects" in meta and "text_attrs" in meta:
-            sig = item_signature(meta["objects"], meta["text_attrs"])
-            if sig in bench_sigs:
-                shared_sig.add(sig)
-    rep = OverlapReport(n, len(bench_ids), sorted(shared_ids), len(shared_sig), range_check)
-    if raise_on_overlap and (not rep.ok or range_check.endswith("OVERLAP")):
-        raise ValueError(f"benchmark items appear in training data: {len(shared_ids)} shared item id(s) "
-                         f"{sorted(shared_ids)[:5]}, {len(shared_sig)} shared item content(s); {range_check}")
-    return rep
-
-
 def check_no_overlap(train, benchmark, content: bool = True, raise_on_overlap: bool = True) -> OverlapReport:
     """Verify that no benchmark item appears in the training data.
 
@@ -638,8 +544,18 @@ def main(argv=None) -> int:
     Every argument (and the --check-train data, whose overlap with the new benchmark is
     checked on the generated items) is checked before anything is written: a bad one is a
     one-line error with exit status 2.  ``--write-manifest DIR`` adds a manifest to an
-    existing benchmark (see :func:`write_manifest`)."""
-    ap = argparse.ArgumentParser(prog="python -m solar.benchmark", description="Build the ShapesWorld benchmark.")
+    existing benchmark (see :func:`write_manifest`).  ``propose``, ``review`` and ``export``
+    as the first argument run the pipeline that makes a benchmark of real data
+    (:mod:`solar.curation.cli`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("propose", "review", "export"):
+        # Loaded by name when the command runs: the pipeline embeds with solar.api, which
+        # evaluates through solar.evaluate, which imports this module.
+        import importlib
+        return importlib.import_module("solar.curation.cli").main(argv)
+    ap = argparse.ArgumentParser(prog="python -m solar.benchmark", description="Build the ShapesWorld benchmark "
+                                 "(or: python -m solar.benchmark {propose,review,export} --help, the pipeline for "
+                                 "real data).")
     ap.add_argument("--out", default=None, help="folder to build the benchmark in")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--triplets", type=int, default=200)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import solar_kernels
 from solar_kernels import _ext, masked_pool, use_backend
 from solar_kernels.nn import MaskedPool
+from solar_kernels.ops import masked_pool as mp
 from solar_kernels.ops.masked_pool import MAX_V_PER_PASS, pool_backward, pool_forward
 from solar_kernels.reference import masked_pool_reference
 
@@ -389,3 +390,50 @@ def test_bf16_gradient_rounds_half_to_even(backend):
     assert x.grad.dtype == torch.bfloat16
     assert x.grad[0, 1].tolist() == [0.765625] * 4
     assert x.grad[0, 0].tolist() == [0.255859375] * 4  # 1.0234375 / 4, exact in bf16
+
+
+@pytest.mark.skipif(not (mp.HAS_TRITON and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")),
+                    reason="needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize):
+    """The Triton forward is one kernel launch without normalize (no fill of aux, no norm:
+    nothing reads the norm then) and one more with it.  The kernels are replaced by recorders
+    and every aten op the launcher runs is logged, so only the launcher's own work counts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    for name in ("_pool_fwd_kernel", "_pool_norm_kernel"):
+        monkeypatch.setattr(mp, name, Recorder(name))
+    ops = []
+
+    class LogOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x, mask = make_inputs(3, 4, 9, 40, 2, torch.float16, mask_kind="bool")
+    with LogOps():
+        mp._forward_triton(x, mask, normalize, 1e-6)
+    assert launches == ["_pool_fwd_kernel"] + (["_pool_norm_kernel"] if normalize else [])
+    computing = [op for op in ops if op not in ("aten.empty", "aten.select", "aten.view", "aten.detach")]
+    assert not computing, f"the launcher runs torch ops (each a kernel launch on a GPU): {computing}"
+
+
+@pytest.mark.skipif(not (mp.HAS_TRITON and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")),
+                    reason="needs Triton (CUDA or the interpreter)")
+def test_triton_forward_aux_without_normalize():
+    """aux[0] holds the mask sums and aux[1] zeros (written by the forward kernel, not a fill)."""
+    x, mask = make_inputs(5, 3, 11, 20, 2, torch.float32, mask_kind="float")
+    with use_backend("triton"):
+        out, aux = pool_forward(x, mask, False, 1e-6)
+    torch.testing.assert_close(aux[0], mask.float().sum(-1))
+    assert torch.equal(aux[1], torch.zeros_like(aux[1]))
+    torch.testing.assert_close(out, masked_pool_reference(x, mask).float(), rtol=1e-5, atol=1e-5)

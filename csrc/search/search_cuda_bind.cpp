@@ -70,10 +70,14 @@ std::vector<at::Tensor> search_topk_cuda(const at::Tensor& q, const c10::optiona
   at::Tensor ws = at::empty({(int64_t)plan.workspace_bytes}, q.options().dtype(at::kByte));
   at::Tensor scores = at::empty({m, k}, q.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({m, k}, q.options().dtype(at::kLong));
+  at::Tensor unfilled = at::empty({1}, q.options().dtype(at::kInt));
   const int err = cuda_search::launch_search(dtype, q.data_ptr(), qs, x.data_ptr(), xs, m, n, d, (int)k, plan,
                                              ws.data_ptr(), scores.data_ptr<float>(), ids.data_ptr<int64_t>(),
-                                             c10::cuda::getCurrentCUDAStream().stream());
+                                             unfilled.data_ptr<int>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "CUDA search failed: ", cudaGetErrorString((cudaError_t)err));
+  // The CPU path's contract (search_cpu.cpp): an error, not -inf / -1 slots.  One host sync.
+  TORCH_CHECK(unfilled.item<int>() == 0, "search produced fewer than k finite scores: the inner products "
+              "overflowed float32 (NaN or -inf scores); rescale the vectors");
   return {scores, ids};
 }
 

@@ -91,7 +91,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _pool_fwd_kernel(
-        X_ptr, M_ptr, Y_ptr, S_ptr,
+        X_ptr, M_ptr, Y_ptr, S_ptr, N_ptr,
         L, D, V,
         stride_xb, stride_xl, stride_xd,
         stride_mv, stride_mb, stride_ml,
@@ -109,7 +109,9 @@ if HAS_TRITON:
         BLOCK_D] tile that is reduced over L once, after the loop: no cross-thread reduction
         (shared memory and barriers) per L step.  (A reduction inside the loop also made
         Triton 3.6's TritonGPUOptimizeThreadLocality pass fail for float masks at
-        BLOCK_L >= 256.)  Y is fp32 [V, B, D], S (the mask sums) fp32 [V, B].  Terms under a
+        BLOCK_L >= 256.)  Y is fp32 [V, B, D], S (the mask sums) fp32 [V, B]; N (same strides
+        as S) is set to 0, so that without normalize no other launch touches the outputs
+        (_pool_norm_kernel overwrites it with the norms when normalising).  Terms under a
         zero weight are skipped by recomputing a slice whose sum came out non-finite (only
         then can 0 * NaN / inf have entered it).
         """
@@ -139,6 +141,7 @@ if HAS_TRITON:
                  mask=v_ok[:, None] & d_ok[None, :])
         if pid_d == 0:
             tl.store(S_ptr + offs_v * stride_sv + pid_b, wsum, mask=v_ok)
+            tl.store(N_ptr + offs_v * stride_sv + pid_b, tl.zeros_like(wsum), mask=v_ok)
 
     @triton.jit
     def _pool_norm_kernel(Y_ptr, N_ptr, D, eps, BLOCK_D: tl.constexpr):
@@ -258,14 +261,15 @@ def _forward_triton(x, mask, normalize, eps):
     V, B, L = mask.shape
     D = x.shape[2]
     out = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
-    aux = torch.zeros((2, V, B), device=x.device, dtype=torch.float32)
     if out.numel() == 0:
-        return out, aux
+        return out, torch.zeros((2, V, B), device=x.device, dtype=torch.float32)
+    # every element of aux is written by the kernels: no fill launch
+    aux = torch.empty((2, V, B), device=x.device, dtype=torch.float32)
     m = _mask_for_triton(mask)
     bv, bl, bd = _triton_blocks(V, D, x.device)
     grid = (B, triton.cdiv(V, bv), triton.cdiv(D, bd))
     _pool_fwd_kernel[grid](
-        x, m, out, aux[0],
+        x, m, out, aux[0], aux[1],
         L, D, V,
         x.stride(0), x.stride(1), x.stride(2),
         m.stride(0), m.stride(1), m.stride(2),
@@ -273,10 +277,8 @@ def _forward_triton(x, mask, normalize, eps):
         aux.stride(1),
         BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd, MIN_SUM=MIN_WEIGHT_SUM,
     )
-    if normalize:
+    if normalize:  # without it, no launch beyond the forward kernel (aux[1] stays 0)
         _pool_norm_kernel[(V * B,)](out, aux[1], D, float(eps), BLOCK_D=triton.next_power_of_2(D))
-    else:
-        aux[1] = out.norm(dim=-1)
     return out, aux
 
 
@@ -426,7 +428,10 @@ def pool_forward(x: torch.Tensor, mask: torch.Tensor, normalize: bool = False, e
              MIN_WEIGHT_SUM are 0.  Non-finite x: as in the module docstring.
         aux: [2, V, B] float32: aux[0] = sum_l mask (the denominators; 0 for those empty
              rows, so that the backward treats them as empty too), aux[1] = the norm
-             of the un-normalised mean row.  Pass both unchanged to :func:`pool_backward`.
+             of the un-normalised mean row when normalize=True (the backward of the
+             normalisation needs it; without normalize nothing reads it, and the Triton path
+             leaves it 0 rather than spend launches on it).  Pass both unchanged to
+             :func:`pool_backward`.
 
     Dispatch: CUDA -> Triton, CPU -> C++ (``solar_kernels._C``) or the chunked torch path
     (see ``solar_kernels.use_backend``).  Inputs are assumed validated (shapes, dtypes,
