@@ -78,7 +78,10 @@ def test_merging_split_lists_equals_one_topk(m, c, parts, k, levels, seed):
         if tv is None:
             tv, ti = v, i + c0
         else:
-            tv, ti = merge_topk(torch.cat([tv, v], 1), torch.cat([ti, i + c0], 1), k)
+            both = torch.cat([tv, v], 1), torch.cat([ti, i + c0], 1)
+            fast = merge_topk(*both, k, ties_in_id_order=True)
+            tv, ti = merge_topk(*both, k)
+            assert torch.equal(fast[0], tv) and torch.equal(fast[1], ti)
     assert torch.equal(ti, whole[1]) and torch.equal(tv, whole[0])
 
 

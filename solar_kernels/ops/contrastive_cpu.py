@@ -135,7 +135,9 @@ def stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=N
                 if tv is None:
                     tv, ti = v, i + c0
                 else:
-                    tv, ti = merge_topk(torch.cat([tv, v], 1), torch.cat([ti, i + c0], 1), mine_k)
+                    # best-first lists, the earlier tile's columns all lower: ties already in column order
+                    tv, ti = merge_topk(torch.cat([tv, v], 1), torch.cat([ti, i + c0], 1), mine_k,
+                                        ties_in_id_order=True)
         if not diag_pos:
             rows_A[r0:r1] = rA
         rows_B[r0:r1] = rB
