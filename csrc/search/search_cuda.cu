@@ -143,14 +143,13 @@ __device__ __forceinline__ void dot_rows(const void* __restrict__ x, const unsig
 
 // Reduce-scatter of P = 2^LOG2P partials per lane over the warp (topk_merge.h): on return
 // v[0 .. max(1, P / 32)) hold full sums of value indices topk::rs_first(lane, LOG2P) + i.
-template <int LOG2P, class T>
-__device__ __forceinline__ void warp_reduce_scatter(T (&v)[1 << LOG2P], int lane) {
-  constexpr int S = LOG2P < 5 ? LOG2P : 5;
-  int n = 1 << LOG2P;
-#pragma unroll
-  for (int s = 0; s < S; ++s) {
-    const int off = 16 >> s;
-    const int half = (1 << LOG2P) >> (s + 1);
+// One template instance per halving stage, so that every index is a compile-time constant
+// (a runtime-bounded inner loop left the accumulators in local memory).
+template <int STAGE, int LOG2P, class T>
+__device__ __forceinline__ void rs_halving(T (&v)[1 << LOG2P], int lane) {
+  if constexpr (STAGE < (LOG2P < 5 ? LOG2P : 5)) {
+    constexpr int off = 16 >> STAGE;
+    constexpr int half = (1 << LOG2P) >> (STAGE + 1);
     const bool upper = topk::rs_upper(lane, off);
 #pragma unroll
     for (int i = 0; i < half; ++i) {
@@ -158,11 +157,16 @@ __device__ __forceinline__ void warp_reduce_scatter(T (&v)[1 << LOG2P], int lane
       const T keep = topk::rs_keep(v[i], v[i + half], upper);
       v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
     }
-    n = half;
+    rs_halving<STAGE + 1, LOG2P>(v, lane);
   }
+}
+
+template <int LOG2P, class T>
+__device__ __forceinline__ void warp_reduce_scatter(T (&v)[1 << LOG2P], int lane) {
+  constexpr int S = LOG2P < 5 ? LOG2P : 5;
+  rs_halving<0, LOG2P>(v, lane);
 #pragma unroll
   for (int off = 16 >> S; off > 0; off >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
-  (void)n;
 }
 
 // Shared-memory layout of the scoring kernel: the staged queries first (16-byte aligned for
@@ -232,8 +236,10 @@ __device__ void merge_round(const Smem& s, int nq, int k) {
   __syncthreads();
 }
 
+// (kThreads, 1): ptxas may use up to 255 registers; with its default heuristics the scalar
+// QB = 2 instances capped themselves at 80 and spilled.
 template <int DT, int QB, bool VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     score_topk_kernel(const void* __restrict__ q, const float* __restrict__ q_scale, const void* __restrict__ x,
                       const float* __restrict__ x_scale, int64_t m, int64_t n, int64_t d, int k,
                       int64_t rows_per_split, uint64_t* __restrict__ partial) {
