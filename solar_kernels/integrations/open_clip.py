@@ -26,9 +26,10 @@ How each distributed mode of open_clip is reproduced (n rows per rank, N = n * w
   against all N columns and the feature gradients are world x those of the global loss; they
   come from the same distributed call, the value and the ``logit_scale`` derivative of the
   local rows from one extra chunked forward pass (n x N logits, nothing kept for backward).
-* ``local_loss=True, gather_with_grad=False``: the gradient is that of the local rows only,
-  with the other ranks' features constant; this is computed as an N x N loss whose other
-  rows are zero (see ``_rect``), i.e. world x the work of the other modes (memory O(N x D)).
+* ``local_loss=True, gather_with_grad=False``: open_clip gathers all columns without gradient
+  (this rank's own included), so the gradient flows only through the local rows; this is
+  computed as an N x N loss whose other rows are zero (see ``_rect``), i.e. world x the work
+  of the other modes (memory O(N x D)).
 
 ``cache_labels`` is accepted for compatibility: no label tensor is built, so there is nothing
 to cache.  ``logit_bias`` (SigLIP-style models passing one to ClipLoss) shifts every logit by
@@ -211,11 +212,10 @@ class ClipLoss(nn.Module):
                 value, dscale = value.to(feat.dtype), dscale.to(feat.dtype)
                 loss = feat + (value - feat).detach() + (scale - scale.detach()) * dscale
             else:
+                # open_clip gathers every column without gradient here (its own rank's too)
                 n = img.shape[0]
                 all_img, all_txt = _gather(img, group, world), _gather(txt, group, world)
                 off = self.rank * n
-                all_img = torch.cat([all_img[:off], img, all_img[off + n:]])   # own rows keep their gradient
-                all_txt = torch.cat([all_txt[:off], txt, all_txt[off + n:]])
                 loss = 0.5 * (padded_rows_loss(scale * img, all_txt, off) + padded_rows_loss(scale * txt, all_img, off))
         if logit_bias is not None and isinstance(logit_bias, torch.Tensor):
             loss = loss + 0.0 * logit_bias.sum()   # a constant shift of every logit: no effect, zero gradient
