@@ -25,7 +25,7 @@ TORCH_CPU_PIN=${SOLAR_TORCH_PIN:-torch==2.13.0+cpu}
 
 log() { echo "[run.sh] $*" >&2; }
 
-setup_env() {
+setup_core() {
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtual env $VENV"
     "$PYTHON" -m venv --system-site-packages "$VENV"
@@ -51,8 +51,33 @@ setup_env() {
   pip install -q -c "$cons" --no-build-isolation -e ".[test,bench,towers]"
   # CLIP's BPE vocabulary (solar.data.tokenizer.clip_tokenizer): only the files of open_clip_torch,
   # never its dependencies (torchvision, timm); solar never imports open_clip
-  pip install -q -c "$cons" --no-deps open_clip_torch
+  pip install -q -c "$cons" --no-deps "open_clip_torch==3.3.0"
   echo "$stamp" > "$stamp_file"
+}
+
+# The peers the integration tests compare against (solar_kernels/integrations), installed so
+# that none of them can bring another torch: open_clip_torch without its dependencies (they
+# include torchvision; its loss module needs torch alone), sentence-transformers (+ datasets
+# and accelerate for its trainer) under the torch constraint.  Tried once per set of pins
+# (stamp); a failure (e.g. no package index) only warns: those tests then skip with the reason.
+PEERS="open_clip_torch==3.3.0 sentence-transformers==6.2.0 datasets accelerate"
+setup_peers() {
+  local stamp_file="$VENV/.solar-peers-stamp"
+  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$PEERS" ]; then
+    return 0
+  fi
+  local cons="$VENV/solar-constraints.txt"
+  log "installing the integration tests' peers ($PEERS)"
+  pip install -q --no-deps "open_clip_torch==3.3.0" \
+    || log "warning: open_clip_torch not installed; the open_clip integration tests will skip"
+  pip install -q -c "$cons" "sentence-transformers==6.2.0" datasets accelerate \
+    || log "warning: sentence-transformers not installed; its integration tests will skip"
+  echo "$PEERS" > "$stamp_file"
+}
+
+setup_env() {
+  setup_core
+  setup_peers
 }
 
 cmd=${1:-}

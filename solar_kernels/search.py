@@ -551,6 +551,21 @@ class Index:
         out._n = self._n
         return out
 
+    def to_faiss(self):
+        """This index as a FAISS index with the same vectors (fp32 -> IndexFlatIP, fp16 ->
+        IndexScalarQuantizer QT_fp16); see solar_kernels.integrations.faiss (needs faiss-cpu)."""
+        from .integrations.faiss import to_faiss
+
+        return to_faiss(self)
+
+    @classmethod
+    def from_faiss(cls, faiss_index, device: Union[str, torch.device] = "cpu") -> "Index":
+        """An Index with the vectors of a FAISS IndexFlatIP ("fp32") or QT_fp16 inner-product
+        IndexScalarQuantizer ("fp16"); see solar_kernels.integrations.faiss (needs faiss-cpu)."""
+        from .integrations.faiss import from_faiss
+
+        return from_faiss(faiss_index, device=device)
+
 
 def topk_search(q, db, k: int, *, simd=None, strategy: str = "auto",
                 num_threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
