@@ -37,6 +37,7 @@ from .data.batches import PairBank, ShardStreams, load_pair_bank
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo, barrier, init_distributed, resolve_device
 from .logging import MetricsLogger, plot_metrics
+from .mining import PoolSource
 from .model import SolarModel
 from .stage1 import run_stage1
 from .stage2 import run_stage2
@@ -178,14 +179,16 @@ def load_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0) -> PairBank:
 
 def training_data(urls, tokenizer, cfg: TrainConfig, di: DistInfo) -> tuple:
     """(data, mining pool): a `PairBank` of every pair (data.in_memory) and no separate pool, or
-    `ShardStreams` over the shards and a `PairBank` of the first pairs as the pool (it serves
-    stage 2's mining and the document frequencies of the neutral caption tokens)."""
+    `ShardStreams` over the shards and a `solar.mining.PoolSource` naming the first
+    stage2.mine_pool_size pairs as the pool (stage 2 streams it for mining, holding embeddings
+    only, and for the document frequencies of the neutral caption tokens; nothing is decoded here)."""
     if cfg.data.in_memory:
         return load_bank(urls, tokenizer, cfg), None
+    m = cfg.model
     pool = None
     if cfg.stage2.mine_k > 0 or 0 < cfg.stage2.text_neutral_df < 1:
-        pool = load_bank(urls, tokenizer, cfg, limit=max(cfg.stage2.mine_pool_size, 1))
-    m = cfg.model
+        pool = PoolSource(urls, tokenizer, size=cfg.stage2.mine_pool_size, image_size=m.image_size,
+                          patch_size=m.patch_size, max_length=m.max_text_len, num_workers=cfg.data.num_workers)
     streams = ShardStreams(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
                            max_length=m.max_text_len, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                            rank=di.rank, world=di.world)
@@ -254,8 +257,11 @@ def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
     resume = cfg.run.resume and os.path.isdir(os.path.join(out, "ckpt"))
     gt_src = pool if pool is not None else (data if isinstance(data, PairBank) else None)
-    eval_batches = [b for b in itertools.islice(gt_src.iter_chunks(128), 4)] \
-        if gt_src is not None and "gt_patch_mask" in gt_src.fields and "gt_token_mask" in gt_src.fields else None
+    if isinstance(gt_src, PoolSource):
+        eval_batches = gt_src.eval_batches(4, 128)
+    else:
+        eval_batches = [b for b in itertools.islice(gt_src.iter_chunks(128), 4)] \
+            if gt_src is not None and "gt_patch_mask" in gt_src.fields and "gt_token_mask" in gt_src.fields else None
     # under torchrun every rank trains on its share of each global batch; the losses and QDA
     # thresholds are the global batch's
     run_stage1(model, phase_data(data, cfg.data.batch_size, 1), cfg.stage1, out_dir=out, resume=resume, log=log,
