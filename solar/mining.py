@@ -41,6 +41,7 @@ import torch
 
 import solar_kernels as sk
 
+from .data.reader import IMAGE_EXTENSIONS, iter_sample_range, make_loader
 from .distributed import DistInfo, get_dist
 from .logging import progress_bar
 from .trainer import batch_to
@@ -164,7 +165,6 @@ class PoolSource:
 
     def loader(self, start: int, stop: int, batch_size: int):
         """A `PairLoader` of the decoded pairs at positions [start, stop) (center crop, in order)."""
-        from .data.reader import make_loader
         return make_loader(self.urls, self.tokenizer, num_workers=self.num_workers, image_size=self.image_size,
                            patch_size=self.patch_size, max_length=self.max_length, batch_size=batch_size,
                            sample_range=(start, stop), rank=0, world_size=1)
@@ -174,7 +174,6 @@ class PoolSource:
         decoding images (samples the reader would drop for a missing image or caption are skipped)."""
         import webdataset as wds
 
-        from .data.reader import IMAGE_EXTENSIONS, iter_sample_range
         buf = []
         for s in iter_sample_range(self.urls, start, stop, handler=wds.warn_and_continue):
             if not any(k in s for k in IMAGE_EXTENSIONS) or "txt" not in s:

@@ -33,7 +33,8 @@ from .benchmark import BenchmarkError
 from .checkpoint import CheckpointError
 from .cli import parse_args
 from .config import TrainConfig, config_to_dict
-from .data.batches import PairBank, ShardStreams, load_pair_bank
+from .data.batches import PairBank
+from .data.prepare import describe_data, phase_data, prepare_data, prepare_val_benchmark, training_data
 from .data.tokenizer import load_tokenizer
 from .distributed import DistInfo, barrier, init_distributed, resolve_device
 from .logging import MetricsLogger, plot_metrics
@@ -43,7 +44,7 @@ from .stage1 import run_stage1
 from .stage2 import run_stage2
 from .trainer import LoopOptions
 
-__all__ = ["main", "run", "prepare_data", "load_bank", "training_data", "build_model", "model_dir", "PHASES"]
+__all__ = ["main", "run", "build_model", "model_dir", "loop_options", "clip_sf_steps", "PHASES"]
 
 PHASES = ("stage1", "stage2", "clip_sf")
 EMBED_FILE = "solar_embedding.json"
@@ -54,151 +55,7 @@ def _say(di: DistInfo, *a):
         print(*a, flush=True)
 
 
-# --------------------------------------------------------------------------- data
-
-def _shapesworld_dir(cfg: TrainConfig) -> str:
-    d = cfg.data
-    return os.path.join(d.cache_dir, f"shapesworld-s{d.seed}-n{d.train_pairs}-i{cfg.model.image_size}")
-
-
-def _bench_dir(cfg: TrainConfig) -> str:
-    d = cfg.data
-    if d.bench_dir:
-        return d.bench_dir
-    return os.path.join(d.cache_dir, f"bench-s{d.bench_seed}-t{d.bench_triplets}-p{d.bench_pool}-i{cfg.model.image_size}")
-
-
-# validation benchmark item ids start here: above every test-benchmark id the default builder
-# uses (BENCHMARK_ITEM_BASE + 2 * triplets + pool) and below nothing training may use
-VAL_ITEM_BASE_OFFSET = 500_000_000
-
-
-def _val_bench_dir(cfg: TrainConfig) -> str:
-    d = cfg.data
-    if d.val_bench_dir:
-        return d.val_bench_dir
-    return os.path.join(d.cache_dir, f"val-s{d.val_bench_seed}-t{d.bench_triplets}-p{d.bench_pool}"
-                                      f"-i{cfg.model.image_size}")
-
-
-def prepare_val_benchmark(cfg: TrainConfig, di: DistInfo, bench: str) -> Optional[str]:
-    """The validation benchmark folder (None when data.val_bench is off).
-
-    Built like the test benchmark (`solar.benchmark.build_benchmark`, same sizes) from
-    data.val_bench_seed and the item ids from BENCHMARK_ITEM_BASE + VAL_ITEM_BASE_OFFSET on, so it
-    shares no item with training data or with the test benchmark; when it is built, that is
-    verified with `solar.benchmark.check_no_overlap` (item ids and item contents) against the
-    generated training data and the test benchmark.  Use it, never the test benchmark, for any
-    hyperparameter or design choice."""
-    d = cfg.data
-    if not d.val_bench:
-        return None
-    from . import benchmark as bm
-    from .data.shapesworld import BENCHMARK_ITEM_BASE
-    val = _val_bench_dir(cfg)
-    if d.val_bench_dir and not os.path.isdir(val):
-        raise FileNotFoundError(f"data.val_bench_dir: {val!r} does not exist")
-    if os.path.abspath(val) == os.path.abspath(bench):
-        raise ValueError(f"data.val_bench_dir: the validation benchmark must differ from the test benchmark {bench!r}")
-    if di.is_main and not bm.benchmark_exists(val):
-        if d.val_bench_dir:
-            raise FileNotFoundError(f"data.val_bench_dir: {val!r} is not a benchmark folder")
-        if d.val_bench_seed == d.bench_seed:
-            raise ValueError(f"data.val_bench_seed: must differ from data.bench_seed ({d.bench_seed})")
-        print(f"[data] building the validation benchmark ({d.bench_triplets} triplets, {d.bench_pool} pool pairs, "
-              f"seed {d.val_bench_seed}) in {val}", flush=True)
-        bm.build_benchmark(val, triplets=d.bench_triplets, pool=d.bench_pool, seed=d.val_bench_seed,
-                           image_size=cfg.model.image_size, item_base=BENCHMARK_ITEM_BASE + VAL_ITEM_BASE_OFFSET,
-                           progress=cfg.run.progress)
-        try:
-            if not d.train_shards:
-                bm.check_no_overlap(_shapesworld_dir(cfg), val)
-            bm.check_no_overlap(bm.load_benchmark(bench).shards, val)
-        except ValueError:
-            import shutil
-            shutil.rmtree(val, ignore_errors=True)
-            raise
-    barrier()
-    return val
-
-
-def prepare_data(cfg: TrainConfig, di: DistInfo) -> tuple:
-    """(training urls, benchmark folder): generate / build them in the cache when absent
-    (rank 0 writes, the others wait).  A given --data.train_shards / --data.bench_dir that
-    does not exist is an error, never silently replaced."""
-    from .data.reader import expand_urls
-    d = cfg.data
-    if d.train_shards:
-        try:
-            urls = expand_urls(d.train_shards)
-        except (FileNotFoundError, ValueError) as e:
-            raise FileNotFoundError(f"data.train_shards: {e}") from e
-        local = [u for u in urls if not u.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))]
-        missing = [u for u in local if not os.path.isfile(u)]
-        if missing:
-            raise FileNotFoundError(f"data.train_shards: {len(missing)} of {len(urls)} shards do not exist "
-                                    f"(first: {missing[0]!r})")
-    else:
-        sw = _shapesworld_dir(cfg)
-        manifest = os.path.join(sw, "shapesworld.json")
-        if di.is_main and not os.path.isfile(manifest):
-            from .data.shapesworld import write_shards
-            print(f"[data] generating {d.train_pairs} ShapesWorld pairs into {sw}", flush=True)
-            write_shards(sw, d.train_pairs, seed=d.seed, shard_size=d.shard_size, image_size=cfg.model.image_size,
-                         progress=cfg.run.progress)
-        barrier()
-        with open(manifest) as fh:
-            m = json.load(fh)
-        urls = [os.path.join(sw, s) for s in m["shards"]]
-    bench = _bench_dir(cfg)
-    from . import benchmark as bm
-    if d.bench_dir and not os.path.isdir(bench):
-        raise FileNotFoundError(f"data.bench_dir: {bench!r} does not exist")
-    if di.is_main and not bm.benchmark_exists(bench):
-        if d.bench_dir:  # say why: no manifest, a damaged shard, a pair count that does not add up
-            try:
-                bm.load_benchmark(bench, verify=True)
-            except (bm.BenchmarkError, FileNotFoundError, ValueError) as e:
-                raise bm.BenchmarkError(f"data.bench_dir: {bench!r} is not a usable benchmark: {e}") from None
-            raise FileNotFoundError(f"data.bench_dir: {bench!r} is not a benchmark folder")
-        print(f"[data] building the benchmark ({d.bench_triplets} triplets, {d.bench_pool} pool pairs) in {bench}",
-              flush=True)
-        bm.build_benchmark(bench, triplets=d.bench_triplets, pool=d.bench_pool, seed=d.bench_seed,
-                           image_size=cfg.model.image_size)
-    barrier()
-    return urls, bench
-
-
-def load_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0) -> PairBank:
-    """Decode the training pairs (the first `limit` when > 0) once into a `PairBank`."""
-    m = cfg.model
-    return load_pair_bank(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
-                          max_length=m.max_text_len, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
-                          limit=limit, progress=cfg.run.progress)
-
-
-def training_data(urls, tokenizer, cfg: TrainConfig, di: DistInfo) -> tuple:
-    """(data, mining pool): a `PairBank` of every pair (data.in_memory) and no separate pool, or
-    `ShardStreams` over the shards and a `solar.mining.PoolSource` naming the first
-    stage2.mine_pool_size pairs as the pool (stage 2 streams it for mining, holding embeddings
-    only, and for the document frequencies of the neutral caption tokens; nothing is decoded here)."""
-    if cfg.data.in_memory:
-        return load_bank(urls, tokenizer, cfg), None
-    m = cfg.model
-    pool = None
-    if cfg.stage2.mine_k > 0 or 0 < cfg.stage2.text_neutral_df < 1:
-        pool = PoolSource(urls, tokenizer, size=cfg.stage2.mine_pool_size, image_size=m.image_size,
-                          patch_size=m.patch_size, max_length=m.max_text_len, num_workers=cfg.data.num_workers)
-    streams = ShardStreams(urls, tokenizer, image_size=m.image_size, patch_size=m.patch_size,
-                           max_length=m.max_text_len, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                           rank=di.rank, world=di.world)
-    return streams, pool
-
-
-def phase_data(data, global_batch: int, salt: int):
-    """A phase's batches: the PairBank itself, or the phase's own stream (`salt` per phase)."""
-    return data if isinstance(data, PairBank) else data.phase(global_batch, salt)
-
+# --------------------------------------------------------------------------- loop
 
 def loop_options(cfg: TrainConfig) -> LoopOptions:
     """The loop features run.* asks for (precision, activation checkpointing, micro-batches)."""
@@ -328,6 +185,39 @@ def run_phase_clip_sf(cfg, data, tokenizer, di, log):
     return model
 
 
+def run_phase_eval(cfg, models: dict, tokenizer, bench: str, val_bench: Optional[str], di, log, timings: dict,
+                   t_start: float) -> dict:
+    """Evaluate {name: (model, kind)} on the test benchmark (and the validation benchmark when
+    there is one), write results.json / results.md into run.out_dir, print the table and log
+    the fp32 metrics.  Runs on rank 0 only; returns the results dict."""
+    from .evaluate import evaluate_models, format_table
+    out = cfg.run.out_dir
+    t = time.time()
+    ekw = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, patch_size=cfg.model.patch_size,
+               max_length=cfg.model.max_text_len, batch_size=cfg.eval.batch_size,
+               index_dtypes=cfg.eval.index_dtypes, device=di.device, progress=cfg.run.progress)
+    results = evaluate_models(models, bench, **ekw)
+    if val_bench is not None:
+        # the validation benchmark: the one to compare settings on (the test table is for reporting)
+        results["val"] = evaluate_models(models, val_bench, **ekw)
+    timings["eval_s"] = time.time() - t
+    timings["total_s"] = time.time() - t_start
+    results["timings"] = timings
+    results["config"] = config_to_dict(cfg)
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    table = format_table(results)
+    if "val" in results:
+        table = "VALIDATION (model selection)\n" + format_table(results["val"]) + "\nTEST\n" + table
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table, flush=True)
+    log({"event": "results", **{f"{m}/{k}": v for m, r in results["models"].items()
+                                for k, v in r.get("fp32", {}).items() if isinstance(v, (int, float))}},
+        stage="eval", step=0)
+    return results
+
+
 # --------------------------------------------------------------------------- main
 
 def _setup(cfg: TrainConfig) -> DistInfo:
@@ -359,12 +249,7 @@ def run(cfg: TrainConfig) -> dict:
     urls, bench = prepare_data(cfg, di)
     val_bench = prepare_val_benchmark(cfg, di, bench)
     bank, pool = training_data(urls, tokenizer, cfg, di)
-    if cfg.data.in_memory:
-        _say(di, f"[data] {len(bank)} training pairs in memory, benchmark {bench}, world size {di.world}, "
-                 f"device {di.device}")
-    else:
-        _say(di, f"[data] streaming {len(urls)} shard(s) (mining pool {len(pool) if pool else 0} pairs), "
-                 f"benchmark {bench}, world size {di.world}, device {di.device}")
+    _say(di, describe_data(bank, pool, urls, bench, di))
     timings = {}
     stage1_model = stage2_model = clip_model = None
     if cfg.run.stage in ("1", "all"):
@@ -384,35 +269,12 @@ def run(cfg: TrainConfig) -> dict:
         timings["clip_sf_s"] = time.time() - t
     results = {}
     if cfg.run.stage == "all" and cfg.eval.run and di.is_main:
-        from .evaluate import evaluate_models, format_table
-        t = time.time()
         models = {"SOLAR": (stage2_model, "solar")}
         if cfg.baseline.stage1_only:
             models["SOLAR stage 1 only"] = (stage1_model, "solar")
         if clip_model is not None:
             models["CLIP-SF"] = (clip_model, "clip_sf")
-        ekw = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, patch_size=cfg.model.patch_size,
-                   max_length=cfg.model.max_text_len, batch_size=cfg.eval.batch_size,
-                   index_dtypes=cfg.eval.index_dtypes, device=di.device, progress=cfg.run.progress)
-        results = evaluate_models(models, bench, **ekw)
-        if val_bench is not None:
-            # the validation benchmark: the one to compare settings on (the test table is for reporting)
-            results["val"] = evaluate_models(models, val_bench, **ekw)
-        timings["eval_s"] = time.time() - t
-        timings["total_s"] = time.time() - t_start
-        results["timings"] = timings
-        results["config"] = config_to_dict(cfg)
-        with open(os.path.join(out, "results.json"), "w") as fh:
-            json.dump(results, fh, indent=1)
-        table = format_table(results)
-        if "val" in results:
-            table = "VALIDATION (model selection)\n" + format_table(results["val"]) + "\nTEST\n" + table
-        with open(os.path.join(out, "results.md"), "w") as fh:
-            fh.write(table + "\n")
-        print(table, flush=True)
-        log({"event": "results", **{f"{m}/{k}": v for m, r in results["models"].items()
-                                    for k, v in r.get("fp32", {}).items() if isinstance(v, (int, float))}},
-            stage="eval", step=0)
+        results = run_phase_eval(cfg, models, tokenizer, bench, val_bench, di, log, timings, t_start)
     if di.is_main:
         png = plot_metrics(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
         print(f"[done] {time.time() - t_start:.0f} s; outputs in {out}" + (f" (curves: {png})" if png else ""),

@@ -113,7 +113,7 @@ def test_index_reserve_never_regrows():
 def test_pool_holds_embeddings_only_and_decodes_only_its_share(shards):
     """Bytes of the pool = n x (D x 2 + 8) for fp16 (no pixel bank), its rows equal the model's
     embeddings of the first POOL pairs, and a rank decodes only its share."""
-    from solar.train import load_pair_bank
+    from solar.data.batches import load_pair_bank
     model = _model().eval()
     pool = EmbeddingPool(_source(shards), dtype="fp16", chunk=64, progress=False)
     pool.refresh(model, step=0)
@@ -179,7 +179,7 @@ def test_one_and_two_gloo_processes_mine_the_same_negatives(shards, tmp_path):
 
 
 def test_streamed_frequent_ids_equal_the_in_memory_ones(shards):
-    from solar.train import load_pair_bank
+    from solar.data.batches import load_pair_bank
     model = _model()
     bank = load_pair_bank(shards, _tokenizer(), image_size=32, patch_size=8, max_length=40, seed=0, limit=POOL,
                           progress=False)
@@ -194,7 +194,7 @@ def test_streamed_stage2_refreshes_every_r_steps_and_builds_no_pixel_bank(shards
     """run_stage2 on streamed shards: the pool is embedded at steps 0, R, 2R, ... (counted), each
     time decoding the pool once; training_data decodes nothing up front."""
     import solar.stage2 as s2
-    import solar.train as train
+    import solar.data.prepare as prepare
     from solar.config import Stage2Config, TrainConfig
     from solar.data.batches import ShardStreams
     from solar.distributed import DistInfo
@@ -215,12 +215,12 @@ def test_streamed_stage2_refreshes_every_r_steps_and_builds_no_pixel_bank(shards
     def no_bank(*a, **kw):
         raise AssertionError("a pixel bank was decoded")
 
-    monkeypatch.setattr(train, "load_pair_bank", no_bank)
+    monkeypatch.setattr(prepare, "load_pair_bank", no_bank)
     cfg = TrainConfig()
     cfg.data.in_memory = False
     cfg.model.image_size, cfg.model.patch_size, cfg.model.max_text_len = 32, 8, 40
     cfg.stage2.mine_pool_size = 100
-    data, pool = train.training_data(shards, _tokenizer(), cfg, DistInfo())
+    data, pool = prepare.training_data(shards, _tokenizer(), cfg, DistInfo())
     assert isinstance(data, ShardStreams) and isinstance(pool, PoolSource) and len(pool) == 100
     model = _model()
     scfg = Stage2Config(steps=5, batch_size=8, warmup_steps=1, mine_k=2, refresh_every=2, mine_pool_size=100,

@@ -6,6 +6,9 @@
   batches in the format documented there; :func:`collate_pairs` for in-memory pairs.
 * :mod:`solar.data.batches` -- training data as the training loop reads it: ``PairBank``
   (in memory, deterministic batches), ``StreamBatches`` / ``ShardStreams`` (streaming shards).
+* :mod:`solar.data.prepare` -- what a training run reads, from its config: the training shards
+  (ShapesWorld generated when none are given), the test / validation benchmarks (built when
+  absent), the in-memory or streamed training data and each phase's batches.
 * :mod:`solar.data.tokenizer` -- the offline CLIP-compatible BPE tokenizer for ShapesWorld,
   or any local tokenizer folder.
 
@@ -15,6 +18,9 @@ import importlib
 
 _EXPORTS = {
     "batches": ("PairBank", "StreamBatches", "ShardStreams", "load_pair_bank"),
+    "prepare": ("VAL_ITEM_BASE_OFFSET", "bench_dir", "describe_data", "load_bank", "phase_data", "prepare_benchmark",
+                "prepare_data", "prepare_val_benchmark", "shapesworld_dir", "training_data", "training_urls",
+                "val_bench_dir"),
     "reader": ("CLIP_MEAN", "CLIP_STD", "ImageTransform", "PairDataset", "PairLoader", "ReaderStats",
                "collate_pairs", "expand_urls", "gt_patch_mask", "make_loader"),
     "shapesworld": ("BENCHMARK_ITEM_BASE", "VOCABULARY", "make_item", "make_pair", "write_shards"),
