@@ -35,7 +35,8 @@ every unlabeled (image, caption) pair into views, all encoded by the trained mod
   it is dropped.
 * Offline mining (`Miner`): every `refresh_every` steps the training pool is embedded
   with the current model into a `solar_kernels.Index`; each pair's nearest pool
-  neighbours (self excluded) under its current embedding are its mined negatives.
+  neighbours (self excluded) under its current embedding are its mined negatives.  On
+  streamed shards the pool holds embeddings only, sharded by rank (`solar.mining`).
 * Loss: `solar_kernels.contrastive_loss` in single-set mode (multi-positive InfoNCE,
   temperature eta), over the global batch when distributed (process_group).
 
@@ -59,6 +60,7 @@ import solar_kernels as sk
 
 from .config import Stage2Config, validate_config
 from .distributed import DistInfo, get_dist
+from .mining import DocFrequency, EmbeddingPool, PoolSource, pool_frequent_token_ids
 from .trainer import LoopOptions, OptimSpec, Phase, batch_to, train_loop
 
 __all__ = ["frequent_token_ids", "low_norm_patches", "segment_patches", "text_views", "image_views", "Views",
@@ -78,21 +80,16 @@ def frequent_token_ids(input_ids: torch.Tensor, valid: torch.Tensor, max_df: flo
 
     input_ids [N, T], valid [N, T] bool (content tokens).  These are the corpus' function
     words ("a", "and", "of" in English captions): they say nothing about which content a
-    pair has, so stage 2 never hides them.  Returns a sorted int64 tensor (empty when
-    max_df <= 0 or >= 1, or there are no captions)."""
+    pair has, so stage 2 never hides them.  Counted by `solar.mining.DocFrequency` in chunks
+    of captions (memory O(vocabulary + chunk), never an N x vocabulary matrix).  Returns a
+    sorted int64 tensor (empty when max_df <= 0 or >= 1, or there are no captions)."""
     if input_ids.shape != valid.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids / valid: expected two [N, T] tensors, got {tuple(input_ids.shape)} "
                          f"and {tuple(valid.shape)}")
-    n = input_ids.shape[0]
-    if not 0 < max_df < 1 or n == 0:
-        return torch.zeros(0, dtype=torch.long)
-    ids = input_ids.long().cpu()
-    valid = valid.bool().cpu()
-    V = int(ids.max()) + 1
-    present = torch.zeros(n, V + 1, dtype=torch.bool)          # column V collects non-content positions
-    present.scatter_(1, ids.masked_fill(~valid, V), True)
-    df = present[:, :V].float().mean(0)
-    return (df > max_df).nonzero().flatten()
+    counter = DocFrequency()
+    for s in range(0, input_ids.shape[0], 65536):
+        counter.update(input_ids[s:s + 65536], valid[s:s + 65536])
+    return counter.frequent(max_df)
 
 
 @torch.no_grad()
@@ -484,8 +481,9 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
     """Train `model` (initialised from stage 1) with stage 2's loss for cfg.steps steps.
 
     data: a `PairBank` (the mining pool is a seeded subset of it) or a `StreamBatches`
-    (then `pool`, a PairBank of training pairs with keys, is the mining pool; without
-    one, mining is off and no caption token is neutral).  The neutral (never hidden)
+    (then `pool` is the mining pool: a `solar.mining.PoolSource`, mined through an
+    `EmbeddingPool` that holds embeddings only, or a PairBank of training pairs with keys;
+    without one, mining is off and no caption token is neutral).  The neutral (never hidden)
     caption tokens are those in more than cfg.text_neutral_df of the pool's captions.
     The frozen teacher is a copy of `model` taken now (or the given one).  Checkpoints in
     {out_dir}/ckpt; options: `solar.trainer.LoopOptions`; returns the loop's summary dict."""
@@ -497,14 +495,21 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
     miner = None
     if pool is None and hasattr(data, "rows") and hasattr(data, "__len__"):
         pool = data
-    if cfg.mine_k > 0 and pool is not None:
+    streamed = isinstance(pool, PoolSource)
+    if cfg.mine_k > 0 and streamed:
+        miner = EmbeddingPool(pool, dtype=cfg.mine_dtype, exclude_top=cfg.mine_exclude_top, dist_info=di,
+                              progress=progress)
+    elif cfg.mine_k > 0 and pool is not None:
         g = torch.Generator().manual_seed(seed + 17)
         n_pool = len(pool) if cfg.mine_pool_size <= 0 else min(cfg.mine_pool_size, len(pool))
         pool_ids = torch.randperm(len(pool), generator=g)[:n_pool].sort().values
         miner = Miner(pool, pool_ids, dtype=cfg.mine_dtype, exclude_top=cfg.mine_exclude_top)
     neutral_ids = None
     fields = getattr(pool, "fields", None)
-    if cfg.text_neutral_df > 0 and fields is not None and "input_ids" in fields:
+    if streamed:
+        # one caption-only pass over the pool, each rank its share, counts summed
+        neutral_ids = pool_frequent_token_ids(pool, teacher.text_valid_mask, cfg.text_neutral_df, di)
+    elif cfg.text_neutral_df > 0 and fields is not None and "input_ids" in fields:
         # document frequencies over the training pool (every rank sees the same pool: same ids)
         ids, am = fields["input_ids"], fields["attention_mask"]
         valid = torch.cat([teacher.text_valid_mask(ids[s:s + 65536], am[s:s + 65536]).cpu()
@@ -513,17 +518,27 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
     loss_mod = Stage2Loss(model, teacher, cfg, seed=seed, miner=miner, dist_info=di, neutral_ids=neutral_ids)
 
     def on_step(step):
-        if miner is not None and (miner.refreshed_at < 0 or step - miner.refreshed_at >= cfg.refresh_every):
+        if miner is None:
+            return
+        due = miner.refreshed_at < 0 or step - miner.refreshed_at >= cfg.refresh_every
+        if due or miner.index is None:
+            at = miner.refreshed_at
             miner.refresh(model, step, di)
+            if not due:   # a resumed streamed pool (no bank in the checkpoint): re-embedded, same schedule
+                miner.refreshed_at = at
 
     def extra_state():
-        if miner is None or miner.bank is None:
+        if miner is None or miner.index is None:
             return {}, {}
+        if streamed:
+            return {"refreshed_at": miner.refreshed_at}, {}
         return {"refreshed_at": miner.refreshed_at}, {"mining_bank": miner.bank}
 
     def restore_extra(ex, tensors):
         if miner is not None and "mining_bank" in tensors:
             miner.set_bank(tensors["mining_bank"], ex["refreshed_at"])
+        elif streamed and miner is not None and "refreshed_at" in ex:
+            miner.refreshed_at = int(ex["refreshed_at"])
 
     phase = Phase(name="stage2", model=model, loss=loss_mod, data=data, steps=cfg.steps, global_batch=cfg.batch_size,
                   optim=OptimSpec(lr=cfg.lr, warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay,

@@ -38,6 +38,7 @@ from .data.batches import PairBank
 from .data.prepare import describe_data, phase_data, prepare_data, prepare_val_benchmark, training_data
 from .distributed import DistInfo, barrier, init_distributed, resolve_device
 from .logging import MetricsLogger, plot_metrics
+from .mining import PoolSource
 from .model import SolarModel
 from .towers import TokenizerMismatch, check_tokenizer, default_tokenizer, pretrained_text_config
 from .stage1 import run_stage1
@@ -121,8 +122,11 @@ def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
     resume = cfg.run.resume and os.path.isdir(os.path.join(out, "ckpt"))
     gt_src = pool if pool is not None else (data if isinstance(data, PairBank) else None)
-    eval_batches = [b for b in itertools.islice(gt_src.iter_chunks(128), 4)] \
-        if gt_src is not None and "gt_patch_mask" in gt_src.fields and "gt_token_mask" in gt_src.fields else None
+    if isinstance(gt_src, PoolSource):
+        eval_batches = gt_src.eval_batches(4, 128)
+    else:
+        eval_batches = [b for b in itertools.islice(gt_src.iter_chunks(128), 4)] \
+            if gt_src is not None and "gt_patch_mask" in gt_src.fields and "gt_token_mask" in gt_src.fields else None
     # under torchrun every rank trains on its share of each global batch; the losses and QDA
     # thresholds are the global batch's
     run_stage1(model, phase_data(data, cfg.data.batch_size, 1), cfg.stage1, out_dir=out, resume=resume, log=log,

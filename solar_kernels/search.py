@@ -356,6 +356,14 @@ class Index:
             sums[: self._n].copy_(self._sums[: self._n])
         self._rows, self._scales, self._sums, self._mmap = rows, scales, sums, None
 
+    def reserve(self, n: int) -> None:
+        """Allocate room for `n` vectors in all, so that adding them in chunks never copies
+        the rows into a larger buffer (growth otherwise doubles the capacity: up to twice the
+        memory of the rows while they are added, and up to half of it left unused)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        self._reserve(int(n))
+
     def add(self, x) -> torch.Tensor:
         """Append vectors x [n, dim] (tensor or ndarray, any float dtype); returns their ids.
 

@@ -7,7 +7,7 @@
 2. `prepare_benchmark` / `prepare_val_benchmark`: the test and validation benchmark folders,
    built in the cache when absent (a folder the user named is never replaced);
 3. `training_data`: the pairs in memory (`PairBank`) or streamed (`ShardStreams`), plus the
-   stage-2 mining pool; `phase_data` gives each phase its batches.
+   stage-2 mining pool (streamed: a `solar.mining.PoolSource`, decoded by stage 2 only); `phase_data` gives each phase its batches.
 
 Under torchrun rank 0 writes what is missing and every rank waits at a barrier, so all ranks
 read the same files.  Folder names in the cache carry the settings that fix their content
@@ -23,6 +23,7 @@ from typing import Optional
 from .. import benchmark as bm
 from ..config import TrainConfig
 from ..distributed import DistInfo, barrier
+from ..mining import PoolSource
 from ..towers import image_stats
 from .batches import PairBank, ShardStreams, load_pair_bank
 from .reader import expand_urls
@@ -168,15 +169,18 @@ def load_bank(urls, tokenizer, cfg: TrainConfig, limit: int = 0) -> PairBank:
 
 def training_data(urls, tokenizer, cfg: TrainConfig, di: DistInfo) -> tuple:
     """(data, mining pool): a `PairBank` of every pair (data.in_memory) and no separate pool, or
-    `ShardStreams` over the shards and a `PairBank` of the first pairs as the pool (it serves
-    stage 2's mining and the document frequencies of the neutral caption tokens)."""
+    `ShardStreams` over the shards and a `solar.mining.PoolSource` naming the first
+    stage2.mine_pool_size pairs as the pool (stage 2 streams it for mining, holding embeddings
+    only, and for the document frequencies of the neutral caption tokens; nothing is decoded here)."""
     if cfg.data.in_memory:
         return load_bank(urls, tokenizer, cfg), None
-    pool = None
-    if cfg.stage2.mine_k > 0 or 0 < cfg.stage2.text_neutral_df < 1:
-        pool = load_bank(urls, tokenizer, cfg, limit=max(cfg.stage2.mine_pool_size, 1))
     m = cfg.model
     mean, std = image_stats(m)
+    pool = None
+    if cfg.stage2.mine_k > 0 or 0 < cfg.stage2.text_neutral_df < 1:
+        pool = PoolSource(urls, tokenizer, size=cfg.stage2.mine_pool_size, image_size=m.image_size,
+                          patch_size=m.patch_size, max_length=m.max_text_len, num_workers=cfg.data.num_workers,
+                          mean=mean, std=std)
     streams = ShardStreams(urls, tokenizer, mean=mean, std=std, image_size=m.image_size, patch_size=m.patch_size,
                            max_length=m.max_text_len, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                            rank=di.rank, world=di.world)

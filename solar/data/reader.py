@@ -53,8 +53,8 @@ import torch
 from PIL import Image
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_EXTENSIONS", "GROUND_TRUTH_MODES", "ReaderStats", "ImageTransform",
-           "expand_urls", "collate_pairs", "gt_patch_mask", "has_ground_truth", "PairDataset", "PairLoader",
-           "make_loader"]
+           "expand_urls", "collate_pairs", "gt_patch_mask", "has_ground_truth", "iter_sample_range", "PairDataset",
+           "PairLoader", "make_loader"]
 
 logger = logging.getLogger("solar.data")
 
@@ -373,6 +373,28 @@ def expand_urls(urls) -> list[str]:
     return out
 
 
+def iter_sample_range(urls, start: int, stop: int, handler=None):
+    """The raw webdataset samples at positions [start, stop) of `urls` read in order.
+
+    Position p is the p-th sample of the shards concatenated in the given order, counted
+    before any decoding, so every process asking for a range gets the same samples: a mining
+    pool is split between ranks and workers without any decoding another's share
+    (`solar.mining`).  Samples before `start` are read from the tar, not decoded."""
+    import webdataset as wds
+
+    if not 0 <= start <= stop:
+        raise ValueError(f"start, stop: expected 0 <= start <= stop, got {start}, {stop}")
+    if start == stop:
+        return
+    samples = wds.tarfile_to_samples(handler=handler or wds.reraise_exception)(
+        iter([{"url": u} for u in expand_urls(urls)]))
+    for pos, s in enumerate(samples):
+        if pos >= start:
+            yield s
+        if pos + 1 >= stop:
+            break
+
+
 def _dist_info(rank, world_size):
     if rank is None or world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -405,14 +427,26 @@ class PairDataset(torch.utils.data.IterableDataset):
         stats: a :class:`ReaderStats` to count into (default: a new one, ``self.stats``).
         ground_truth: "auto", "require" or "none" (see the module docstring); the resolved
             mode is ``self.ground_truth``.
+        sample_range: (start, stop): only the samples at these positions of the shards read
+            in order (see :func:`iter_sample_range`), split contiguously between DataLoader
+            workers; rank / world_size do not split them.  No shuffle, no repeat.
     """
 
     def __init__(self, urls, tokenizer="shapesworld", image_size: int = 64, patch_size: int = 8,
                  max_length: int = 77, batch_size: int = 64, drop_last: bool = False, shuffle_buffer: int = 0,
                  shard_shuffle: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  crop: str = "center", mean=CLIP_MEAN, std=CLIP_STD, repeat: bool = False,
-                 pad_to_max_length: bool = False, stats: ReaderStats | None = None, ground_truth: str = "auto"):
+                 pad_to_max_length: bool = False, stats: ReaderStats | None = None, ground_truth: str = "auto",
+                 sample_range: tuple | None = None):
         super().__init__()
+        if sample_range is not None:
+            if len(sample_range) != 2 or not 0 <= int(sample_range[0]) <= int(sample_range[1]):
+                raise ValueError(f"sample_range: expected (start, stop) with 0 <= start <= stop, got {sample_range!r}")
+            if shuffle_buffer or shard_shuffle or repeat:
+                raise ValueError("sample_range: reads the shards in order once; got shuffle_buffer="
+                                 f"{shuffle_buffer}, shard_shuffle={shard_shuffle}, repeat={repeat}")
+            sample_range = (int(sample_range[0]), int(sample_range[1]))
+        self.sample_range = sample_range
         if ground_truth not in GROUND_TRUTH_MODES:
             raise ValueError(f"ground_truth: expected one of {GROUND_TRUTH_MODES}, got {ground_truth!r}")
         if batch_size < 1:
@@ -524,9 +558,15 @@ class PairDataset(torch.utils.data.IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:  # a forked worker inherits the parent's pending counts: not its own
             self.stats._pending = [0] * len(self.stats.FIELDS)
-        shards = self._shards(epoch, worker, num_workers)
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
-        samples = wds.tarfile_to_samples(handler=self._on_read_error)(iter([{"url": u} for u in shards]))
+        if self.sample_range is not None:
+            start, stop = self.sample_range
+            n = stop - start
+            samples = iter_sample_range(self.urls, start + n * worker // num_workers,
+                                        start + n * (worker + 1) // num_workers, handler=self._on_read_error)
+        else:
+            shards = self._shards(epoch, worker, num_workers)
+            samples = wds.tarfile_to_samples(handler=self._on_read_error)(iter([{"url": u} for u in shards]))
         if self.shuffle_buffer > 1:
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
         buf = []
@@ -565,7 +605,7 @@ class PairLoader:
         if num_workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             n = len(dataset._shards(0, 0, 1))
-            if n < num_workers:
+            if n < num_workers and dataset.sample_range is None:   # a sample range is split by sample
                 logger.warning("reader: %d shard(s) for this rank but %d workers: %d worker(s) will be idle",
                                n, num_workers, num_workers - n)
         self.dataset, self.stats = dataset, dataset.stats
