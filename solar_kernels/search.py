@@ -572,7 +572,7 @@ class Index:
         IndexScalarQuantizer ("fp16"); see solar_kernels.integrations.faiss (needs faiss-cpu)."""
         from .integrations.faiss import from_faiss
 
-        return from_faiss(faiss_index, device=device)
+        return from_faiss(faiss_index, cls, device=device)
 
 
 def topk_search(q, db, k: int, *, simd=None, strategy: str = "auto",

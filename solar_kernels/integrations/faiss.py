@@ -44,9 +44,8 @@ def to_faiss(index):
     inner product (each stored half value is re-encoded to the same half value).  A CUDA index
     is copied to CPU.  ValueError for an int8 index (no exact FAISS format).
     """
-    from solar_kernels.search import Index
-
-    if not isinstance(index, Index):
+    # duck-typed: solar_kernels.search imports this module (Index.to_faiss), not the reverse
+    if not all(hasattr(index, a) for a in ("metric", "dtype", "dim", "reconstruct")):
         raise TypeError(f"index must be a solar_kernels.Index, got {type(index).__name__}")
     if index.metric != "ip":
         raise ValueError(f"index.metric must be 'ip' to map onto FAISS, got {index.metric!r}")
@@ -66,13 +65,13 @@ def to_faiss(index):
     return out
 
 
-def from_faiss(faiss_index, device="cpu"):
-    """A solar_kernels.Index holding exactly the vectors of a FAISS ``IndexFlatIP`` (-> "fp32") or an
-    inner-product ``IndexScalarQuantizer`` with ``QT_fp16`` (-> "fp16"), ids 0..n-1 as in FAISS.
+def from_faiss(faiss_index, index_cls, device="cpu"):
+    """An `index_cls` (solar_kernels.Index: call it as ``Index.from_faiss(faiss_index)``) holding
+    exactly the vectors of a FAISS ``IndexFlatIP`` (-> "fp32") or an inner-product
+    ``IndexScalarQuantizer`` with ``QT_fp16`` (-> "fp16"), ids 0..n-1 as in FAISS.
 
     ValueError names the FAISS type, metric or quantiser that has no exact counterpart.
     """
-    from solar_kernels.search import Index
 
     faiss = _faiss()
     if not isinstance(faiss_index, faiss.Index):
@@ -92,7 +91,7 @@ def from_faiss(faiss_index, device="cpu"):
     else:
         raise ValueError(f"faiss_index: a {kind} has no exact solar_kernels.Index format; expected IndexFlatIP "
                          f"or IndexScalarQuantizer(QT_fp16, inner product)")
-    out = Index(idx.d, dtype=dtype, device="cpu")
+    out = index_cls(idx.d, dtype=dtype, device="cpu")
     for a in range(0, idx.ntotal, _CHUNK):
         out.add(torch.from_numpy(idx.reconstruct_n(a, min(_CHUNK, idx.ntotal - a))))
     return out.to(device) if str(device) != "cpu" else out
