@@ -39,15 +39,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, incomplete or corrupt."""
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk: a rename is only durable across
+    a power loss once what it points to, and the folder holding it, are on the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
 def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: Optional[dict] = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -165,15 +177,18 @@ def save_training_state(directory: str | os.PathLike, model, optimizer: Optional
     _atomic_tensors(tmp / TRAINER_TENSORS, tensors, {"format": "pt", "solar": "trainer"})
     _atomic_json(tmp / TRAINER_JSON, {"extra": extra, "optimizer": opt_meta,
                                       "sha256": {TRAINER_TENSORS: sha256_file(tmp / TRAINER_TENSORS)}})
+    _fsync(tmp)
     if d.exists():
         old = d.with_name(d.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         os.replace(d, old)
         os.replace(tmp, d)
+        _fsync(d.parent)
         shutil.rmtree(old)
     else:
         os.replace(tmp, d)
+        _fsync(d.parent)
     return d
 
 

@@ -71,6 +71,12 @@ class MetricsLogger:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if truncate and os.path.exists(path):
                 os.remove(path)
+            elif os.path.exists(path) and os.path.getsize(path) > 0:
+                # a line cut by a kill would swallow the next line appended to it
+                with open(path, "rb+") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        fh.write(b"\n")
 
     def log(self, metrics: dict, stage: str = "", step: int = -1, **extra) -> None:
         """Write one line: {"stage", "step", "time", **metrics, **extra}."""

@@ -31,7 +31,7 @@ import torch
 
 from .baselines import run_clip_sf
 from .benchmark import BenchmarkError
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, recover_interrupted_save
 from .cli import parse_args
 from .config import TrainConfig, config_to_dict
 from .data.batches import PairBank
@@ -120,7 +120,8 @@ def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
         _say(di, f"[stage1] done already: {final}")
         return SolarModel.from_pretrained(final, map_location=di.device)
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
-    resume = cfg.run.resume and os.path.isdir(os.path.join(out, "ckpt"))
+    # a rotation a kill interrupted leaves only ckpt.old / ckpt.tmp: finish it before asking
+    resume = cfg.run.resume and recover_interrupted_save(os.path.join(out, "ckpt"))
     gt_src = pool if pool is not None else (data if isinstance(data, PairBank) else None)
     if isinstance(gt_src, PoolSource):
         eval_batches = gt_src.eval_batches(4, 128)

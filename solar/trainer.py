@@ -362,6 +362,8 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
     if resume and recover_interrupted_save(ckpt):
         meta = load_train_state(ckpt, model=model, optimizer=opt, generators=phase.generators)
         start = int(meta["step"])
+        if dist_info.is_main:
+            print(f"[{name}] resumed from step {start} ({ckpt})", flush=True)
         for line in check_resume(ckpt, start, meta.get("run", {}), run_spec(phase), name):
             if dist_info.is_main:
                 print(f"[{name}] warning: --resume with a changed setting: {line}", flush=True)
