@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_train_dist import _bank, _model  # noqa: E402
+from test_train_dist import _bank, _model  # noqa: E402  (tests/distributed, on sys.path: conftest.py)
 
 from solar.config import Stage1Config, Stage2Config  # noqa: E402
 from solar.distributed import DistInfo  # noqa: E402
