@@ -68,7 +68,7 @@ if [ $DRY = 0 ]; then
 
   step "Triton GPU tests"
   SOLAR_HYPOTHESIS_PROFILE=gpu run 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --maxfail 30 \
-    --junitxml "$OUT/junit-triton.xml" tests/test_cuda_settings.py tests/test_masked_pool.py tests/test_contrastive_loss.py
+    --junitxml "$OUT/junit-triton.xml" tests/kernels/test_cuda_settings.py tests/kernels/test_masked_pool.py tests/kernels/test_contrastive_loss.py
 
   step "wait for the build"
   wait $BUILD_PID
@@ -77,7 +77,7 @@ if [ $DRY = 0 ]; then
 
   step "CUDA search + build tests"
   SOLAR_HYPOTHESIS_PROFILE=gpu run 90 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --maxfail 30 \
-    --junitxml "$OUT/junit-cuda.xml" tests/test_search.py tests/test_build.py
+    --junitxml "$OUT/junit-cuda.xml" tests/kernels/test_search.py tests/kernels/test_build.py
 
   step "benchmarks"
   run 400 "$PY" bench/gpu_suite.py --out "$OUT" --deadline $((DEADLINE - 25))
@@ -96,7 +96,7 @@ torch.cuda.synchronize(); print('memcheck done')" > "$OUT/sanitizer.log" 2>&1
 else
   step "dry run: CPU, tiny sizes (no wheels, no CUDA build, no CUDA tests)"
   TRITON_INTERPRET=1 run 120 "$PY" -m pytest -q -p no:cacheprovider --junitxml "$OUT/junit-triton.xml" \
-    tests/test_cuda_settings.py -k "settings_follow or cuda_blocks_vs_reference"
+    tests/kernels/test_cuda_settings.py -k "settings_follow or cuda_blocks_vs_reference"
   step "benchmarks (dry run)"
   run 150 "$PY" bench/gpu_suite.py --dry-run --out "$OUT" --deadline $((DEADLINE - 10))
 fi

@@ -25,8 +25,10 @@ A `Phase` is a loss module over a model plus its data and its optimisation setti
 - checkpoints ({out_dir}/ckpt): model, optimizer (with its per-group lr scales), RNG states
   (torch, CUDA, the phase's generators) and the step, written to a temporary name and
   renamed; with `resume` the loop continues from there with the same batches and RNG
-  streams as an uninterrupted run.  The data position is the step: a `PairBank`'s batch s
-  is a pure function of s; a `StreamBatches` re-reads and drops the batches before s.
+  streams as an uninterrupted run.  The data position: a `PairBank`'s batch s is a pure
+  function of s; data with `state_dict()` / `load_state_dict()` (`StreamBatches`) has every
+  rank's state saved with the checkpoint (gathered to rank 0), so a seekable stream continues
+  from its readers' shard and sample offsets without decoding the consumed batches.
   bf16 needs no loss scaler, so there is no scaler state to save.
 
 With micro_batches > 1 the step is not wrapped in DDP (its hooks would all-reduce once per
@@ -179,9 +181,11 @@ def clip_order(model: nn.Module, opt: torch.optim.Optimizer, lr_scales: Optional
 # --------------------------------------------------------------------------- checkpoints
 
 def save_train_state(path: str, *, model, step: int, optimizer, generators: dict, extra: Optional[dict] = None,
-                     extra_tensors: Optional[dict] = None, run: Optional[dict] = None) -> None:
+                     extra_tensors: Optional[dict] = None, run: Optional[dict] = None,
+                     data: Optional[list] = None) -> None:
     """Model + optimizer + RNG states + the step + caller state (json-able `extra`, tensors
-    `extra_tensors`) + the run's settings (`run`, see `run_spec`; checked on resume) through
+    `extra_tensors`) + the run's settings (`run`, see `run_spec`; checked on resume) + the data
+    position of every rank (`data`, json-able, one entry per rank) through
     `solar.checkpoint.save_training_state` (safetensors + json, no pickle, written to a
     temporary name and renamed)."""
     tensors = {"rng.torch": torch.get_rng_state()}
@@ -191,14 +195,17 @@ def save_train_state(path: str, *, model, step: int, optimizer, generators: dict
         tensors[f"gen.{name}"] = g.get_state()
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
-    save_training_state(path, model, optimizer, {"step": int(step), "extra": extra or {}, "run": run or {},
-                                                 "format": "solar-train-state-v1"}, tensors)
+    meta = {"step": int(step), "extra": extra or {}, "run": run or {}, "format": "solar-train-state-v1"}
+    if data is not None:
+        meta["data"] = data
+    save_training_state(path, model, optimizer, meta, tensors)
 
 
 def load_train_state(path: str, *, model, optimizer, generators: dict) -> dict:
     """Restore what `save_train_state` wrote (model in place, optimizer, RNG streams).
 
-    Returns {"step", "extra", "extra_tensors"}; raises CheckpointError (naming the path)
+    Returns {"step", "extra", "run", "data", "extra_tensors"} ("data": the ranks' data positions
+    or None); raises CheckpointError (naming the path)
     for a missing, incomplete or corrupt checkpoint."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint: {path!r} does not exist or is not a directory")
@@ -216,6 +223,7 @@ def load_train_state(path: str, *, model, optimizer, generators: dict) -> dict:
             raise CheckpointError(f"checkpoint: {path!r} lacks generator state {name!r}")
         g.set_state(tensors[key])
     return {"step": int(meta["step"]), "extra": meta.get("extra", {}), "run": meta.get("run", {}),
+            "data": meta.get("data"),
             "extra_tensors": {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}}
 
 
@@ -369,6 +377,7 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
                 print(f"[{name}] warning: --resume with a changed setting: {line}", flush=True)
         if phase.restore_extra is not None:
             phase.restore_extra(meta.get("extra", {}), meta.get("extra_tensors", {}))
+        _restore_data_state(phase, meta.get("data"), dist_info, ckpt)
     elif resume and dist_info.is_main:
         print(f"[{name}] --resume: no checkpoint in {ckpt!r}, starting from step 0")
     step_mod = _Step(model, phase.loss, autocast)
@@ -447,13 +456,42 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
         if extra_row and log is not None:
             log(extra_row, stage=name, step=done)
         if due_ckpt:
+            data_state = _gather_data_state(phase.data, dist_info)
             if dist_info.is_main:
                 ex, ext = phase.extra_state() if phase.extra_state else ({}, {})
                 save_train_state(ckpt, model=model, step=done, optimizer=opt, generators=phase.generators,
-                                 extra=ex, extra_tensors=ext, run=run_spec(phase))
+                                 extra=ex, extra_tensors=ext, run=run_spec(phase), data=data_state)
             barrier()
     bar.close()
     return {"step": phase.steps, "loss": result_loss, "seconds": time.perf_counter() - t_start}
+
+
+def _gather_data_state(data, di: DistInfo) -> Optional[list]:
+    """Every rank's `data.state_dict()` (a list by rank, on every rank), or None when the data
+    has no state beyond the step (a PairBank)."""
+    if not hasattr(data, "state_dict"):
+        return None
+    state = data.state_dict()
+    if not di.enabled:
+        return [state]
+    import torch.distributed as dist
+    out = [None] * di.world
+    dist.all_gather_object(out, state, group=di.group)
+    return out
+
+
+def _restore_data_state(phase: "Phase", states: Optional[list], di: DistInfo, ckpt: str) -> None:
+    """Hand this rank's saved data position to `phase.data` (when both have one).  A checkpoint
+    written by another world size cannot place this rank's readers: the data then replays
+    from the step (said once)."""
+    if states is None or not hasattr(phase.data, "load_state_dict"):
+        return
+    if len(states) != di.world:
+        if di.is_main:
+            print(f"[{phase.name}] warning: {ckpt!r} holds the data position of {len(states)} rank(s), this run has "
+                  f"{di.world}: the stream is read again from its start up to the checkpoint's step", flush=True)
+        return
+    phase.data.load_state_dict(states[di.rank])
 
 
 def _flop_counter():

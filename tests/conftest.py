@@ -5,9 +5,22 @@
 * Hypothesis profiles: `ci` (default; small shapes, few examples, interpreter-friendly)
   and `gpu` (more and larger examples, no shrinking).  Pick with SOLAR_HYPOTHESIS_PROFILE=gpu.
 * Tests marked `slow` run only with --runslow or SOLAR_RUN_SLOW=1.
+* Layout: tests/kernels (solar_kernels: ops, search, compile and build checks), tests/method
+  (solar: data, model, stages, trainer, benchmark, end to end), tests/distributed (everything
+  that spawns gloo processes), tests/integrations (open_clip, sentence-transformers, FAISS, the
+  index CLI); the shared modules (oracle.py, dist_harness.py, aot_harness.py)
+  stay in tests/.  tests/ and its subfolders go on sys.path here, so a test file imports a
+  shared module, or a helper of a test file in another folder, by its basename (basenames are
+  unique: pytest's prepend import mode needs that), also in spawned worker processes.
 """
 import os
 import sys
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _d in ("integrations", "distributed", "method", "kernels", ""):
+    _p = os.path.join(_TESTS, _d) if _d else _TESTS
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 
 def _has_cuda_device() -> bool:

@@ -5,13 +5,14 @@
   resumed run sees exactly the batches an uninterrupted run would have seen.  Batches come
   out with float32 pixels and text trimmed to the longest caption of the batch.
 - `StreamBatches`: the same interface over a streaming loader (real webdataset shards); it
-  reports its position (`state_dict`) so a resumed run continues from the same batch.
+  reports its position (`state_dict`) so a resumed run continues from the same batch (from
+  the readers' shard and sample offsets when the loader is seekable).
 - `ShardStreams`: makes one `StreamBatches` per phase over the training shards, split by rank.
 - `load_pair_bank`: decode shards once into a `PairBank`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -103,29 +104,63 @@ class PairBank:
 class StreamBatches:
     """Batches from a streaming loader (an iterable of batch dicts, re-iterated when exhausted).
 
-    Asked for step s, it returns the s-th batch of the stream.  A fresh object asked for a
-    later step (a resumed run) first reads the batches before it again and throws them away;
-    `skipped` counts them."""
+    Asked for step s, it returns the s-th batch of the stream.  `state_dict()` is the stream's
+    position after the last batch returned (json-able); a fresh object given it with
+    `load_state_dict` continues there:
 
-    def __init__(self, make_loader: Callable[[], object]):
+    - seekable (`make_loader(start)` takes a position, as `ShardStreams`' readers do): the
+      loader starts at the position, so no consumed batch is read or decoded again;
+    - otherwise (`make_loader()`): it reads the batches before s again and throws them away.
+
+    `skipped` counts batches read and thrown away."""
+
+    def __init__(self, make_loader: Callable, *, seekable: bool = False, num_workers: int = 0):
         self.make_loader = make_loader
+        self.seekable, self.num_workers = seekable, num_workers
         self._it = None
         self._pos = 0
+        self._stream = None        # the reader position after batch _pos - 1 (seekable)
+        self._resume = None        # a state given to load_state_dict, used by the next (re)start
         self.skipped = 0
+
+    def state_dict(self) -> dict:
+        """{"step": batches consumed, "stream": the reader position (None unless seekable)}."""
+        return {"step": self._pos, "stream": self._stream}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (a `state_dict()`) when next asked for a step at or after it."""
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"state: expected a StreamBatches.state_dict(), got {state!r}")
+        self._resume = state
+        self._it = None
+
+    def _restart(self, step: int) -> None:
+        r = self._resume
+        workers = max(1, self.num_workers)
+        if (self.seekable and r is not None and isinstance(r.get("stream"), dict) and int(r["step"]) <= step
+                and r["stream"].get("workers") == workers):
+            self._pos, self._stream = int(r["step"]), r["stream"]
+            self._it = iter(self.make_loader(self._stream))
+        else:
+            self._pos, self._stream = 0, None
+            self._it = iter(self.make_loader(None) if self.seekable else self.make_loader())
 
     def batch(self, step: int, global_batch: int = 0, rank: int = 0, world: int = 1) -> dict:
         """Batch number `step` of the stream (the loader is already this rank's share)."""
         if self._it is None or step < self._pos:
-            self._it, self._pos = iter(self.make_loader()), 0
+            self._restart(step)
         while True:
             try:
                 b = next(self._it)
             except StopIteration:
-                self._it = iter(self.make_loader())
+                self._it, self._stream = iter(self.make_loader(None) if self.seekable else self.make_loader()), None
                 try:
                     b = next(self._it)
                 except StopIteration:
                     raise ValueError("data: the training loader yielded no batches") from None
+            if self.seekable:
+                from .reader import advance_state
+                self._stream = advance_state(self._stream, b.pop("stream_position").tolist(), self.num_workers)
             self._pos += 1
             if self._pos > step:
                 return b
@@ -135,7 +170,8 @@ class StreamBatches:
 class ShardStreams:
     """Streaming training data (real shards): one reader per phase, split by rank and by
     DataLoader worker (`solar.data.reader`), each rank reading global_batch / world pairs
-    per step.  Resume skips the batches already consumed."""
+    per step.  Its streams are seekable: resume continues from the recorded shard and sample
+    offset of every reader, without decoding the batches already consumed."""
 
     def __init__(self, urls, tokenizer, *, image_size: int, patch_size: int, max_length: int, num_workers: int,
                  seed: int, rank: int = 0, world: int = 1, mean=None, std=None):
@@ -144,8 +180,9 @@ class ShardStreams:
         self.image_size, self.patch_size, self.max_length = image_size, patch_size, max_length
         self.num_workers, self.seed, self.rank, self.world = num_workers, seed, rank, world
 
-    def make(self, global_batch: int, salt: int):
-        """A loader of this rank's share of each global batch (seeded by `salt` per phase)."""
+    def make(self, global_batch: int, salt: int, start: Optional[dict] = None):
+        """A loader of this rank's share of each global batch (seeded by `salt` per phase),
+        continuing from reader position `start` (None: the beginning)."""
         from .reader import make_loader
         if global_batch % self.world:
             raise ValueError(f"batch_size: global batch {global_batch} is not divisible by the world size "
@@ -154,11 +191,13 @@ class ShardStreams:
                            patch_size=self.patch_size, max_length=self.max_length,
                            batch_size=global_batch // self.world, drop_last=True, shuffle_buffer=2000,
                            shard_shuffle=True, seed=self.seed * 1000 + salt, rank=self.rank,
-                           world_size=self.world, crop="random", repeat=True, **self.norm)
+                           world_size=self.world, crop="random", repeat=True, positions=True, start=start,
+                           **self.norm)
 
     def phase(self, global_batch: int, salt: int) -> StreamBatches:
         """The batches of one phase (`salt` tells the phases' shuffles apart)."""
-        return StreamBatches(lambda: self.make(global_batch, salt))
+        return StreamBatches(lambda start: self.make(global_batch, salt, start), seekable=True,
+                             num_workers=self.num_workers)
 
 
 def load_pair_bank(urls, tokenizer, *, image_size: int, patch_size: int, max_length: int, seed: int,

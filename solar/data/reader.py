@@ -6,9 +6,25 @@ is split too.  Samples are LAION/CC-style: an image (``jpg``/``jpeg``/``png``/``
 caption (``txt``) and an optional ``json``.  ShapesWorld's json adds the ground truth.
 
 Pipeline (per epoch): expand urls -> optional shard shuffle (same order on every rank) ->
-split by node (``rank``/``world_size``) -> split by DataLoader worker -> read tar ->
-shuffle buffer -> decode, resize (shorter side) + crop to ``image_size``, normalise ->
+split over the readers (every DataLoader worker of every rank; see below) -> read tar ->
+block shuffle -> decode, resize (shorter side) + crop to ``image_size``, normalise ->
 tokenise and batch with padding masks.
+
+Splitting: reader ``slot = rank + world_size * worker`` of ``slots = world_size * workers``.
+With at least as many shards as readers, reader ``slot`` reads shards ``slot, slot + slots,
+...``; with fewer, the readers of shard ``slot % n`` split its samples by index.  Either way
+every sample is read by exactly one reader per epoch, and no reader is left without data (a
+reader whose whole epoch gives no full batch stops with a warning instead of looping over
+empty epochs forever).
+
+Shuffling is position-addressable, so a stream can resume from a position without decoding
+what came before it: the shard order is drawn per epoch, each shard's samples are permuted in
+blocks of ``shuffle_buffer`` consecutive samples (seeded by seed, epoch, reader, shard and
+block), and a random crop draws from a generator seeded by the sample's position.  With
+``positions=True`` every batch carries ``stream_position`` (reader role, epoch, shard number
+and sample offset after its last sample); a dataset built with ``start=`` (see
+:class:`PairDataset`) continues from such positions: earlier shards are not opened, and the
+samples of the current shard before the offset are read from the tar but not decoded.
 
 Never a crash, never a silent hole: an unreadable shard, a corrupt image, a missing image
 or caption, an empty or non-UTF-8 caption, a bad json or missing ground truth is skipped
@@ -54,7 +70,7 @@ from PIL import Image
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_EXTENSIONS", "GROUND_TRUTH_MODES", "ReaderStats", "ImageTransform",
            "expand_urls", "collate_pairs", "gt_patch_mask", "has_ground_truth", "iter_sample_range", "PairDataset",
-           "PairLoader", "make_loader"]
+           "PairLoader", "make_loader", "advance_state"]
 
 logger = logging.getLogger("solar.data")
 
@@ -429,7 +445,13 @@ class PairDataset(torch.utils.data.IterableDataset):
             mode is ``self.ground_truth``.
         sample_range: (start, stop): only the samples at these positions of the shards read
             in order (see :func:`iter_sample_range`), split contiguously between DataLoader
-            workers; rank / world_size do not split them.  No shuffle, no repeat.
+            workers; rank / world_size do not split them.  No repeat; positions / start unused.
+        positions: add ``stream_position`` (int64 [4]: role, epoch, shard number, offset) to
+            every batch.
+        start: where to continue (a stream's state, see :func:`advance_state`):
+            {"workers": W, "next_role": r, "roles": [[epoch, shard, offset] or None] * W}.
+            DataLoader worker i plays reader role (i + r) % W, so the first batch comes from
+            role r, as it would have in the uninterrupted stream.
     """
 
     def __init__(self, urls, tokenizer="shapesworld", image_size: int = 64, patch_size: int = 8,
@@ -437,7 +459,7 @@ class PairDataset(torch.utils.data.IterableDataset):
                  shard_shuffle: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  crop: str = "center", mean=CLIP_MEAN, std=CLIP_STD, repeat: bool = False,
                  pad_to_max_length: bool = False, stats: ReaderStats | None = None, ground_truth: str = "auto",
-                 sample_range: tuple | None = None):
+                 sample_range: tuple | None = None, positions: bool = False, start: dict | None = None):
         super().__init__()
         if sample_range is not None:
             if len(sample_range) != 2 or not 0 <= int(sample_range[0]) <= int(sample_range[1]):
@@ -468,6 +490,10 @@ class PairDataset(torch.utils.data.IterableDataset):
         self.pad_to_max_length = pad_to_max_length
         self.stats = stats if stats is not None else ReaderStats()
         self.epoch = 0
+        self.positions = positions
+        if start is not None and not (isinstance(start, dict) and {"workers", "next_role", "roles"} <= set(start)):
+            raise ValueError(f"start: expected a dict with workers, next_role and roles, got {start!r}")
+        self.start = start
         if ground_truth == "auto":
             found, read = _peek_ground_truth(self.urls)
             ground_truth = "require" if found else "none"
@@ -486,11 +512,39 @@ class PairDataset(torch.utils.data.IterableDataset):
         logger.warning("reader: skipping unreadable data (%s: %s)", type(exn).__name__, exn)
         return True
 
-    def _shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+    def plan(self, epoch: int, role: int, num_workers: int) -> list[tuple[str, int, int]]:
+        """What reader `role` (of `num_workers` per rank) reads in `epoch`: [(url, stride, first)],
+        the samples i of shard url with i % stride == first (see the module docstring)."""
         urls = list(self.urls)
         if self.shard_shuffle:
             random.Random(f"{self.seed}-{epoch}").shuffle(urls)
-        return urls[self.rank::self.world_size][worker::num_workers]
+        slots = self.world_size * num_workers
+        slot = self.rank + self.world_size * role
+        if len(urls) >= slots:
+            return [(u, 1, 0) for u in urls[slot::slots]]
+        g = slot % len(urls)
+        return [(urls[g], len(range(g, slots, len(urls))), slot // len(urls))]
+
+    def _shard_samples(self, url: str, stride: int, first: int, key: str):
+        """The raw samples of one shard that this reader keeps, in this epoch's order (blocks of
+        shuffle_buffer consecutive kept samples, each permuted by a generator seeded with `key`
+        and the block number)."""
+        import webdataset as wds
+
+        raw = wds.tarfile_to_samples(handler=self._on_read_error)(iter([{"url": url}]))
+        kept = (x for i, x in enumerate(raw) if i % stride == first)
+        if self.shuffle_buffer <= 1:
+            yield from kept
+            return
+        block, n = [], 0
+        for x in kept:
+            block.append(x)
+            if len(block) == self.shuffle_buffer:
+                random.Random(f"{key}-{n}").shuffle(block)
+                yield from block
+                block, n = [], n + 1
+        random.Random(f"{key}-{n}").shuffle(block)
+        yield from block
 
     def _decode(self, sample: dict, rng: random.Random):
         self.stats.add("seen")
@@ -551,24 +605,43 @@ class PairDataset(torch.utils.data.IterableDataset):
         self.stats.flush()
         return batch
 
-    def _one_epoch(self, epoch: int):
-        import webdataset as wds
+    def _batch(self, buf, role: int, epoch: int, shard: int, offset: int) -> dict:
+        batch = self._collate(buf)
+        if self.positions:
+            batch["stream_position"] = torch.tensor([role, epoch, shard, offset], dtype=torch.int64)
+        return batch
 
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if info is not None:  # a forked worker inherits the parent's pending counts: not its own
-            self.stats._pending = [0] * len(self.stats.FIELDS)
-        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
-        if self.sample_range is not None:
-            start, stop = self.sample_range
-            n = stop - start
-            samples = iter_sample_range(self.urls, start + n * worker // num_workers,
-                                        start + n * (worker + 1) // num_workers, handler=self._on_read_error)
-        else:
-            shards = self._shards(epoch, worker, num_workers)
-            samples = wds.tarfile_to_samples(handler=self._on_read_error)(iter([{"url": u} for u in shards]))
-        if self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
+    def _one_epoch(self, epoch: int, role: int, num_workers: int, shard0: int = 0, offset0: int = 0):
+        """Reader `role`'s batches of `epoch`, from shard number `shard0`, sample `offset0` on
+        (the samples before it are read but not decoded; earlier shards are not opened)."""
+        plan = self.plan(epoch, role, num_workers)
+        crop_random = self.transform.crop == "random"
+        buf = []
+        for p in range(shard0, len(plan)):
+            url, stride, first = plan[p]
+            key = f"{self.seed}-{epoch}-{self.rank}-{role}-{p}"
+            for j, sample in enumerate(self._shard_samples(url, stride, first, key)):
+                if p == shard0 and j < offset0:
+                    continue
+                item = self._decode(sample, random.Random(f"{key}-{j}") if crop_random else None)
+                if item is None:
+                    continue
+                buf.append(item)
+                if len(buf) == self.batch_size:
+                    yield self._batch(buf, role, epoch, p, j + 1)
+                    buf = []
+        if buf and not self.drop_last:
+            yield self._batch(buf, role, epoch, len(plan), 0)
+        self.stats.flush()
+
+    def _range_batches(self, worker: int, num_workers: int):
+        """Batches of a `sample_range` reader: DataLoader worker `worker` reads its contiguous
+        part of the range, in order (the mining pool's global ids follow sample order)."""
+        start, stop = self.sample_range
+        n = stop - start
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        samples = iter_sample_range(self.urls, start + n * worker // num_workers,
+                                    start + n * (worker + 1) // num_workers, handler=self._on_read_error)
         buf = []
         for s in samples:
             item = self._decode(s, rng)
@@ -583,12 +656,48 @@ class PairDataset(torch.utils.data.IterableDataset):
         self.stats.flush()
 
     def __iter__(self):
-        epoch = self.epoch
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:  # a forked worker inherits the parent's pending counts: not its own
+            self.stats._pending = [0] * len(self.stats.FIELDS)
+        if self.sample_range is not None:
+            yield from self._range_batches(worker, num_workers)
+            return
+        role, (epoch, shard, offset) = worker, (self.epoch, 0, 0)
+        if self.start is not None:
+            if int(self.start["workers"]) != num_workers:
+                raise ValueError(f"start: a position of a stream with {self.start['workers']} reader worker(s) "
+                                 f"cannot continue with {num_workers}")
+            role = (worker + int(self.start["next_role"])) % num_workers
+            if self.start["roles"][role] is not None:
+                epoch, shard, offset = (int(v) for v in self.start["roles"][role])
         while True:
-            yield from self._one_epoch(epoch)
+            got = 0
+            for b in self._one_epoch(epoch, role, num_workers, shard, offset):
+                got += 1
+                yield b
             if not self.repeat:
                 break
-            epoch += 1
+            if not got and (shard, offset) == (0, 0):
+                # a whole epoch without a full batch: the next epochs would be as empty
+                logger.warning("reader: rank %d reader %d of %d got no full batch of %d from a whole epoch "
+                               "(%d shard(s) for %d rank(s) x %d worker(s)); it stops", self.rank, role,
+                               num_workers, self.batch_size, len(self.urls), self.world_size, num_workers)
+                return
+            epoch, shard, offset = epoch + 1, 0, 0
+
+
+def advance_state(state: dict | None, position, num_workers: int) -> dict:
+    """The stream state after a batch with ``stream_position`` `position` (role, epoch, shard,
+    offset): that role continues after it and the next batch comes from the next role.
+    `state` None is a stream's beginning."""
+    workers = max(1, num_workers)
+    if state is None:
+        state = {"workers": workers, "next_role": 0, "roles": [None] * workers}
+    role, epoch, shard, offset = (int(v) for v in position)
+    roles = list(state["roles"])
+    roles[role] = [epoch, shard, offset]
+    return {"workers": workers, "next_role": (role + 1) % workers, "roles": roles}
 
 
 class PairLoader:
@@ -604,10 +713,10 @@ class PairLoader:
             raise ValueError(f"num_workers: expected <= {ReaderStats.MAX_WORKERS}, got {num_workers}")
         if num_workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            n = len(dataset._shards(0, 0, 1))
-            if n < num_workers and dataset.sample_range is None:   # a sample range is split by sample
-                logger.warning("reader: %d shard(s) for this rank but %d workers: %d worker(s) will be idle",
-                               n, num_workers, num_workers - n)
+        readers = dataset.world_size * max(1, num_workers)
+        if len(dataset.urls) < readers and dataset.sample_range is None:   # a sample range is split by sample
+            logger.info("reader: %d shard(s) for %d readers (%d rank(s) x %d worker(s)): shards are split by sample",
+                        len(dataset.urls), readers, dataset.world_size, max(1, num_workers))
         self.dataset, self.stats = dataset, dataset.stats
         kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=persistent_workers and num_workers > 0,

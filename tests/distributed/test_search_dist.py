@@ -3,7 +3,6 @@ equal a single index over the concatenated shards."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -55,7 +54,6 @@ def test_sharded_search_matches_single_index(tmp_path):
 
     from solar_kernels import Index
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     q, x = _data()
     for dtype in ("fp32", "int8"):

@@ -19,16 +19,14 @@ from solar_kernels.ops import contrastive as cl
 from solar_kernels.ops import masked_pool as mp
 from solar_kernels.reference import contrastive_loss_reference
 
+from oracle import rel_err  # tests/oracle.py (on sys.path: conftest.py)
+
 pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                        reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU"),
     pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
 ]
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _rel_err(got, ref):
-    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
 
 
 def test_settings_follow_the_target():
@@ -68,8 +66,8 @@ def test_fp16_backward_does_not_underflow_at_large_n():
     rq, rk = torch.autograd.grad(ref, (q, k))
     assert abs(float(loss.detach()) - float(ref.detach())) < 1e-3
     # fp16 output rounding alone is 2^-11 = 4.9e-4 of the largest element
-    assert _rel_err(dq, rq) < 3e-3, f"dq relative error {_rel_err(dq, rq):.3g}"
-    assert _rel_err(dk, rk) < 3e-3, f"dk relative error {_rel_err(dk, rk):.3g}"
+    assert rel_err(dq, rq) < 3e-3, f"dq relative error {rel_err(dq, rq):.3g}"
+    assert rel_err(dk, rk) < 3e-3, f"dk relative error {rel_err(dk, rk):.3g}"
 
 
 @pytest.mark.parametrize("case", [
@@ -103,7 +101,7 @@ def test_contrastive_cuda_settings_vs_reference(case):
     assert abs(float(loss.detach()) - float(loss64.detach())) <= tol * (1 + abs(float(loss64.detach())))
     for name, a, b in zip(("dq", "dk", "dhn"), got, ref):
         assert a.dtype == dtype
-        assert _rel_err(a, b) < (1e-4 if dtype == torch.float32 else 1.2e-2), f"{name}: {_rel_err(a, b):.3g}"
+        assert rel_err(a, b) < (1e-4 if dtype == torch.float32 else 1.2e-2), f"{name}: {rel_err(a, b):.3g}"
     if mined is not None:
         assert torch.equal(mined.indices.cpu(), mined64[0].cpu())
 
@@ -192,7 +190,7 @@ def test_backward_panels_cover_every_row(monkeypatch, dtype):
         dq, dk = torch.autograd.grad(sk.contrastive_loss(q, k, **kw), (q, k))
     rq, rk = torch.autograd.grad(contrastive_loss_reference(q, k, dtype=torch.float64, **kw), (q, k))
     tol = 1e-4 if dtype == torch.float32 else 1.2e-2
-    assert _rel_err(dq, rq) < tol and _rel_err(dk, rk) < tol, (_rel_err(dq, rq), _rel_err(dk, rk))
+    assert rel_err(dq, rq) < tol and rel_err(dk, rk) < tol, (rel_err(dq, rq), rel_err(dk, rk))
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.01], ids=["shared-exp", "wide-spread"])
@@ -217,4 +215,4 @@ def test_column_statistics_from_the_row_pass(monkeypatch, temperature):
         ref = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
         rq, rk = torch.autograd.grad(ref, (q, k))
         assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-5 * (1 + abs(float(ref.detach())))
-        assert _rel_err(dq, rq) < 1e-4 and _rel_err(dk, rk) < 1e-4, (_rel_err(dq, rq), _rel_err(dk, rk))
+        assert rel_err(dq, rq) < 1e-4 and rel_err(dk, rk) < 1e-4, (rel_err(dq, rq), rel_err(dk, rk))

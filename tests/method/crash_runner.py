@@ -89,7 +89,7 @@ def _install(kill_at: str) -> None:
 
 def main() -> None:
     # the checkout this file belongs to, not whatever `solar` is installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     argv = sys.argv[1:]
     if len(argv) < 2 or argv[1] != "--":
         raise SystemExit("usage: crash_runner.py KILL_AT -- <solar.train args>")

@@ -13,6 +13,8 @@ from solar_kernels.ops import contrastive as cl
 from solar_kernels.ops import contrastive_cpu as cl_cpu
 from solar_kernels.reference import contrastive_loss_reference, masked_pool_reference
 
+from oracle import assert_close_to_fp64  # tests/oracle.py (on sys.path: conftest.py)
+
 # the Triton interpreter evaluates both sides of tl.where (log(0), exp overflow in unused lanes)
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -74,20 +76,6 @@ def _grads(loss, tensors):
     return torch.autograd.grad(loss, present)
 
 
-def _check_close(name, got, ref64, ref_lp, scale_atol):
-    """Kernel error vs fp64 at most 2x plain PyTorch's error in the same dtype, plus atol."""
-    got64 = got.double()
-    err = (got64 - ref64).abs()
-    torch_err = (ref_lp.double() - ref64).abs().max().item() if ref_lp is not None else 0.0
-    atol = scale_atol * (1.0 + ref64.abs().max().item())
-    bound = 2 * torch_err + atol
-    if err.numel() and err.max().item() > bound:
-        worst = int(err.argmax())
-        raise AssertionError(f"{name}: max error {err.max().item():.3e} > bound {bound:.3e} at flat index {worst} "
-                             f"(got {got64.flatten()[worst].item():.6g}, ref {ref64.flatten()[worst].item():.6g}); "
-                             f"{int((err > bound).sum())} of {err.numel()} elements fail")
-
-
 def _run_vs_reference(backend, n, d, h, dtype, temperature, hardness, gkind, single, symmetric, mine_k, seed):
     q, k, hn, groups = _make(n, d, h, dtype, seed, single, gkind)
     if single and groups is None:
@@ -115,11 +103,12 @@ def _run_vs_reference(backend, n, d, h, dtype, temperature, hardness, gkind, sin
         losslp = outlp[0] if mine_k else outlp
         lp = (losslp, _grads(losslp, tensors))
     atol = 2e-5 if dtype == torch.float32 else 2e-3
-    _check_close("loss", loss.detach(), loss64.detach(), None if lp is None else lp[0].detach(), atol)
+    assert_close_to_fp64("loss", loss.detach(), loss64.detach(), None if lp is None else lp[0].detach(),
+                         rel_atol=atol, ulp=False)
     present = [(nm, t) for nm, t in zip(("dq", "dk", "dhn"), tensors) if t is not None]
     for i, (nm, t) in enumerate(present):
         assert got[i].dtype == dtype and got[i].shape == t.shape, nm
-        _check_close(nm, got[i], ref64[i], None if lp is None else lp[1][i], atol)
+        assert_close_to_fp64(nm, got[i], ref64[i], None if lp is None else lp[1][i], rel_atol=atol, ulp=False)
     if mine_k:
         idx64, sc64 = mined64
         assert mined.indices.shape == (n, mine_k) and mined.indices.dtype == torch.int64

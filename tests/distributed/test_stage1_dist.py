@@ -2,7 +2,6 @@
 split by rank give the same losses, QDA thresholds/statistics and weights as one process over
 the same global batch (masked ITC, GLA, distillation and QDA negatives over the global batch)."""
 import os
-import sys
 
 import pytest
 import torch
@@ -34,7 +33,6 @@ class _Half:
 
 
 def _train(out_dir, di=None, half=False, micro=1) -> dict:
-    sys.path.insert(0, os.path.dirname(__file__))
     from test_train_dist import _bank, _model
 
     from solar.distributed import DistInfo
@@ -76,7 +74,6 @@ def _dist_train(di, out_dir, micro=1):
 def test_stage1_two_process_gloo_matches_single_process(tmp_path, micro):
     """micro=2: each rank's share in 2 GradCache micro-batches, still one process's numbers."""
     single = _train(str(tmp_path / "single"))
-    sys.path.insert(0, os.path.dirname(__file__))
     from dist_harness import run_ranks
     ranks = run_ranks(_dist_train, tmp_path, str(tmp_path), micro)
     assert len(single["logs"]) == STEPS

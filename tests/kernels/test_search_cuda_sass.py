@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(ROOT, "csrc", "search", "search_cuda.cu")
 FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-gencode", "arch=compute_90,code=sm_90"]
 KERNEL = re.compile(r"score_topk_kernelILi(\d)ELi(\d+)ELb([01])E")

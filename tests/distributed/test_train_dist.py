@@ -95,7 +95,6 @@ def test_two_process_gloo_matches_single_process(tmp_path, micro):
     from solar.distributed import DistInfo
     mine_k = 2 if hasattr(sk, "Index") else 0
     single = _train(str(tmp_path / "single"), DistInfo(), mine_k)
-    sys.path.insert(0, os.path.dirname(__file__))
     from dist_harness import run_ranks
     ranks = run_ranks(_dist_train, tmp_path, str(tmp_path), mine_k, micro)
     for phase in ("stage2", "clip_sf"):
@@ -120,7 +119,6 @@ def test_torchrun_cli_two_processes(tmp_path):
     """`torchrun --nproc_per_node=2 -m solar.train ...` runs the whole job (tiny sizes)."""
     import subprocess
     import sys
-    sys.path.insert(0, os.path.dirname(__file__))
     from test_train_e2e import TINY
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "solar.train", *TINY,

@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_train_dist import _bank, _model  # noqa: E402
+from test_train_dist import _bank, _model  # noqa: E402  (tests/distributed, on sys.path: conftest.py)
 
 from solar.config import Stage1Config, Stage2Config  # noqa: E402
 from solar.distributed import DistInfo  # noqa: E402
@@ -327,3 +326,83 @@ def test_resume_checks_the_checkpoint_against_the_run(tmp_path, capsys):
     train_loop(phase, out_dir=out, resume=True, log=None, dist_info=DistInfo(), options=LoopOptions(progress=False))
     err = capsys.readouterr().out
     assert "changed setting: optim.lr: 0.001 -> 0.0005" in err and "steps: 4 -> 6" in err
+
+
+@pytest.fixture(scope="module")
+def stream_urls(tmp_path_factory):
+    from solar.data.shapesworld import write_shards
+    out = tmp_path_factory.mktemp("stream_shards")
+    man = write_shards(str(out), 48, seed=4, shard_size=16, workers=1, image_size=32, progress=False)
+    return [str(out / n) for n in man["shards"]]
+
+
+def _stream(urls):
+    """A streamed phase's batches (ShapesWorld shards, in-process reader) and the loaders it made."""
+    from solar.data.batches import ShardStreams
+    from solar.data.tokenizer import shapesworld_tokenizer
+    streams = ShardStreams(urls, shapesworld_tokenizer(16), image_size=32, patch_size=8, max_length=16,
+                           num_workers=0, seed=0)
+    made = []
+    make = streams.make
+
+    def keep(global_batch, salt, start=None):
+        made.append(make(global_batch, salt, start))
+        return made[-1]
+    streams.make = keep
+    return streams.phase(BATCH, 1), made
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_streaming_resume_equals_an_uninterrupted_run_without_decoding_consumed_batches(phase, stream_urls,
+                                                                                        tmp_path):
+    """A streamed phase killed at step 5 (checkpoint at 4) and resumed: bit-identical logged
+    losses and weights, and the resumed reader decodes only the batches of steps 4.. (none of
+    the 4 consumed ones); the checkpoint holds the reader position."""
+    from solar.data.tokenizer import shapesworld_tokenizer
+    tok = shapesworld_tokenizer(16)
+    steps, ckpt_every, kill_at = 7, 4, 5
+
+    def run(out, resume, data, log=None, loss=None):
+        from solar.model import ModelConfig, SolarModel
+        torch.manual_seed(0)     # _model()'s tiny model, with the tokenizer's vocabulary and special ids
+        model = SolarModel(ModelConfig(
+            image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64,
+            max_text_len=16, text_hidden=32, text_layers=1, text_heads=2, text_mlp=64, width=32, adapter_hidden=64,
+            fusion_layers=1, fusion_heads=2, fusion_mlp=64, embed_dim=16).with_tokenizer(tok))
+        model.tau_v.fill_(0.0)
+        model.tau_l.fill_(0.0)
+        p = _phase(phase, model, steps=steps, ckpt_every=ckpt_every, loss=loss and loss(model))
+        p.data = data
+        train_loop(p, out_dir=out, resume=resume, log=log, dist_info=DistInfo(), options=LoopOptions(progress=False))
+        return model
+    ref_log = {}
+    ref = run(str(tmp_path / "ref"), False, _stream(stream_urls)[0],
+              log=lambda r, stage, step: ref_log.__setitem__(step, r["loss"]))
+
+    def killing_loss(model):
+        loss = _loss(phase, model)
+        fwd = type(loss).forward
+
+        def boom(batch, step):
+            if step == kill_at:
+                raise _Boom
+            return fwd(loss, batch, step)
+        loss.forward = boom
+        return loss
+    out = str(tmp_path / "killed")
+    with pytest.raises(_Boom):
+        run(out, False, _stream(stream_urls)[0], loss=killing_loss)
+    import json
+    saved = json.load(open(os.path.join(out, "ckpt", "trainer.json")))
+    pos = saved["extra"]["data"][0]
+    assert pos["step"] == ckpt_every and pos["stream"]["roles"][0] is not None
+    torch.manual_seed(1234)
+    data, made = _stream(stream_urls)
+    got_log = {}
+    model = run(out, True, data, log=lambda r, stage, step: got_log.__setitem__(step, r["loss"]))
+    assert min(got_log) == ckpt_every + 1 and data.skipped == 0
+    assert len(made) == 1 and made[0].stats.totals()["seen"] == (steps - ckpt_every) * BATCH
+    for step, v in got_log.items():
+        assert v == ref_log[step], (phase, step)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), f"{phase}: {k} differs after resume"

@@ -22,6 +22,8 @@ from solar_kernels.ops import masked_pool as mp
 from solar_kernels.ops.masked_pool import MAX_V_PER_PASS, pool_backward, pool_forward
 from solar_kernels.reference import masked_pool_reference
 
+from oracle import assert_close_to_fp64  # tests/oracle.py (on sys.path: conftest.py)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 
@@ -63,29 +65,6 @@ def make_inputs(seed, B, L, D, V, dtype, *, mask_kind="float", mask_ndim=3, nonc
     return x, mask.to(device)
 
 
-def assert_oracle(name, got, ref64, plain, atol):
-    """max|got - ref64| <= 2 * max|plain - ref64| + atol, with the worst element in the message."""
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}"
-    got64 = got.detach().to(torch.float64).cpu()
-    ref64 = ref64.detach().cpu()
-    plain_err = (plain.detach().to(torch.float64).cpu() - ref64).abs()
-    tol = 2 * (float(plain_err.max()) if plain_err.numel() else 0.0) + atol
-    # plus one unit in the last place of got's dtype: a result stored in a coarser dtype than
-    # it was computed in (a bf16 mask's gradient) may round to the neighbour of the reference
-    # rounded the same way (that left plain_err at 0 and failed ~1 draw in 200)
-    ulp = torch.finfo(got.dtype).eps * ref64.abs() if got.is_floating_point() else 0.0
-    err = (got64 - ref64).abs()
-    err = torch.where(torch.isnan(got64), torch.full_like(err, float("inf")), err)
-    bad = err > tol + ulp
-    if bool(bad.any()):
-        i = int(err.flatten().argmax())
-        idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape))
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{err.numel()} elements exceed tol {tol:.3g} "
-            f"(2 x plain-{got.dtype} error {float(plain_err.max()):.3g} + atol {atol:g}); worst at {idx}: "
-            f"got {float(got64[idx]):.6g}, fp64 reference {float(ref64[idx]):.6g}, error {float(err[idx]):.3g}")
-
-
 def check_case(backend, x, mask, normalize, *, mask_grad, eps=1e-6):
     """Forward and backward of `backend` against the fp64 reference and plain PyTorch in x's dtype."""
     dtype = x.dtype
@@ -103,7 +82,7 @@ def check_case(backend, x, mask, normalize, *, mask_grad, eps=1e-6):
 
     ref = masked_pool_reference(x, mask, normalize=normalize, eps=eps, dtype=torch.float64)
     plain = masked_pool_reference(x, mask, normalize=normalize, eps=eps)  # plain PyTorch in x's dtype
-    assert_oracle("out", out, ref, plain, atol)
+    assert_close_to_fp64("out", out, ref, plain, atol=atol)
     assert not torch.isnan(out).any()
 
     with use_backend(backend):
@@ -111,11 +90,11 @@ def check_case(backend, x, mask, normalize, *, mask_grad, eps=1e-6):
     ref_grads = torch.autograd.grad(ref, inputs, g.to(torch.float64))
     plain_grads = torch.autograd.grad(plain, inputs, g.to(dtype))
     assert grads[0].dtype == dtype and grads[0].shape == x.shape
-    assert_oracle("grad_x", grads[0], ref_grads[0], plain_grads[0], atol)
+    assert_close_to_fp64("grad_x", grads[0], ref_grads[0], plain_grads[0], atol=atol)
     if mask_grad:
         assert grads[1].dtype == mask.dtype and grads[1].shape == mask.shape
         # the mask gradient sums D products: scale atol with sqrt(D)
-        assert_oracle("grad_mask", grads[1], ref_grads[1], plain_grads[1], atol * max(1.0, x.shape[2] ** 0.5))
+        assert_close_to_fp64("grad_mask", grads[1], ref_grads[1], plain_grads[1], atol=atol * max(1.0, x.shape[2] ** 0.5))
 
 
 SIZES_BL = st.sampled_from([1, 2, 17, 33, 63, 64, 65])

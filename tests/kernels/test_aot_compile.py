@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HARNESS = os.path.join(ROOT, "tests", "aot_harness.py")
 GPU_TRITON = "3.6.0"  # the GPU machine's (bench/gpu_check.sh runs there)
 CACHE = os.environ.get("SOLAR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "solar"))

@@ -39,7 +39,7 @@ def _run(kill_at, cache, out, *extra, timeout=600):
     cmd = [sys.executable, os.path.join(HERE, "crash_runner.py"), kill_at, "--",
            *TINY, "--data.cache_dir", str(cache), "--run.out_dir", str(out), "--run.progress", "false", *RUN, *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=os.path.dirname(HERE))
+                          cwd=os.path.dirname(os.path.dirname(HERE)))
 
 
 def _weights(out):
