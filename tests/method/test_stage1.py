@@ -353,6 +353,18 @@ class _FakeTower:
         return SimpleNamespace(last_hidden_state=self.out)
 
 
+# solar.towers reads a tower's conventions off its class name: these fakes follow DINOv2's
+# (patch states = every state after [CLS], no register tokens) and BERT's (token states as
+# returned), so the features given are exactly what the loss sees.
+class Dinov2Model(_FakeTower):
+    from types import SimpleNamespace as _NS
+    config = _NS(num_register_tokens=0)
+
+
+class BertModel(_FakeTower):
+    pass
+
+
 def test_gd_teacher_text_global_pools_content_tokens_only():
     """L_GD's teacher text global is the mean over content tokens: BOS, EOS and padding
     features of the teacher do not change it."""
@@ -368,7 +380,7 @@ def test_gd_teacher_text_global_pools_content_tokens_only():
 
     def loss_gd(tl_feats):
         with torch.no_grad():
-            _, m = stage1_losses(model, b, cfg, 1.0, teacher=(_FakeTower(tv), _FakeTower(tl_feats)))
+            _, m = stage1_losses(model, b, cfg, 1.0, teacher=(Dinov2Model(tv), BertModel(tl_feats)))
         return float(m["loss_gd"])
 
     valid = model.text_valid_mask(ids, am)
