@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time-large", action="store_true", help="also time N > 8192")
     args = ap.parse_args(argv)
     rec = Recorder("integrations", device="cpu")
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]   # "" : only the sentence-transformers case
     cases = [("clip", "open_clip", "solar", n) for n in sizes] + [("st", "mnrl", "solar", args.st_n)]
     for which, peer, ours, n in cases:
         time_it = n <= 8192 or args.time_large
