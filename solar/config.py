@@ -494,7 +494,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
                        teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
         "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
-                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0),
+                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0,
+                       mine_dtype="fp16"),   # the streamed pool: N x D fp16 (solar.mining)
         "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
                      in_memory=False),
         "eval": dict(batch_size=512),
@@ -508,7 +509,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
                        teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
         "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
-                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0),
+                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0,
+                       mine_dtype="fp16"),   # the streamed pool: N x D fp16 (solar.mining)
         "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
                      in_memory=False),
         "eval": dict(batch_size=512),
