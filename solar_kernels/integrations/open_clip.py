@@ -46,6 +46,7 @@ from torch import nn
 
 import solar_kernels as sk
 
+from ._autograd import ScaleGrad
 from ._rect import padded_rows_loss
 
 __all__ = ["ClipLoss"]
@@ -69,19 +70,6 @@ class _AllReduceGrad(torch.autograd.Function):
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
         return g, None
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by a constant."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.factor, None
 
 
 def _gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -198,13 +186,13 @@ class ClipLoss(nn.Module):
             world = self.world_size
             if not self.local_loss:
                 if self.gather_with_grad:
-                    img, txt = _ScaleGrad.apply(img, float(world)), _ScaleGrad.apply(txt, float(world))
+                    img, txt = ScaleGrad.apply(img, float(world)), ScaleGrad.apply(txt, float(world))
                 scale_all = _AllReduceGrad.apply(scale, group)
                 loss = sk.contrastive_loss(scale_all * img, txt, temperature=1.0, symmetric=True,
                                            process_group=group)
             elif self.gather_with_grad:
                 n = img.shape[0]
-                gi, gt = _ScaleGrad.apply(img, float(world)), _ScaleGrad.apply(txt, float(world))
+                gi, gt = ScaleGrad.apply(img, float(world)), ScaleGrad.apply(txt, float(world))
                 feat = sk.contrastive_loss(scale.detach() * gi, gt, temperature=1.0, symmetric=True,
                                            process_group=group)
                 value, dscale = _local_value(img, txt, _gather(img, group, world), _gather(txt, group, world),

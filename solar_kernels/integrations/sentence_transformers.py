@@ -40,22 +40,10 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from ._autograd import ScaleGrad
 from ._rect import padded_rows_loss
 
 __all__ = ["SolarRankingLoss", "mine_hard_negatives"]
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by a constant."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.factor, None
 
 
 def _is_cos_sim(fn) -> bool:
@@ -159,7 +147,7 @@ class SolarRankingLoss(nn.Module):
             rank, world = dist.get_rank(group), dist.get_world_size(group)
         embeddings = [torch.nn.functional.normalize(e, dim=-1) for e in embeddings]
         if world > 1:   # all_gather-with-grad semantics of MNRL: gradients summed over ranks
-            embeddings = [_ScaleGrad.apply(e, float(world)) for e in embeddings]
+            embeddings = [ScaleGrad.apply(e, float(world)) for e in embeddings]
         anchors, cands = embeddings[0], torch.cat(embeddings[1:])
         M = cands.shape[0]
         groups = self._column_groups(labels, n, M, rank, world, anchors.device)
