@@ -284,9 +284,18 @@ class Stage2Config:
     img_neutral_ratio: float = option(0.25, "patches whose adapted token norm is below this share of their "
                                             "image's largest are neutral (0: none)", ge=0, le=1)
     init_from_stage1: bool = option(True, "start from the stage-1 weights (the paper does); false: fresh init")
+    ema_decay: float = option(0.0, "the final stage-2 model is the exponential moving average of its weights "
+                                   "with this decay per step, started at the stage-1 weights (0: the last "
+                                   "step's weights)", ge=0, le=0.9999)
+    select_every: int = option(0, "score the model on the validation benchmark (data.val_bench) every this many "
+                                  "steps and after the last, and keep the best snapshot as the stage-2 model "
+                                  "(0: the last step's model)", ge=0)
 
     def __post_init__(self):
         check_fields(self)
+        if self.select_every and self.ema_decay:
+            raise ConfigError(type(self).__name__, "select_every", f"selects among the raw snapshots and cannot be "
+                              f"combined with ema_decay ({self.ema_decay}); set one of them to 0")
 
 
 @dataclass
@@ -421,6 +430,9 @@ class TrainConfig:
             if s2.mine_k >= pool:
                 raise ConfigError("stage2", "mine_k", f"must be smaller than the mining pool ({pool} pairs: "
                                   f"stage2.mine_pool_size / data.train_pairs), got {s2.mine_k}")
+        if s2.select_every and not d.val_bench:
+            raise ConfigError("stage2", "select_every", f"scores snapshots on the validation benchmark, which "
+                              f"data.val_bench false turns off; got {s2.select_every} (0: keep the last step's model)")
         if not d.bench_dir and not d.val_bench_dir and d.val_bench_seed == d.bench_seed:
             raise ConfigError("data", "val_bench_seed", f"must differ from data.bench_seed ({d.bench_seed}): the "
                               f"validation benchmark would be the test benchmark")
@@ -485,6 +497,7 @@ def _preset_config(name: str) -> TrainConfig:
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "model": dict(text_context_window=5, text_segment_words=["and", ",", ".", ";"]),
+        "stage2": dict(select_every=50),
     },
     "clip-b16": {
         "model": dict(image_size=224, patch_size=16, max_text_len=77,

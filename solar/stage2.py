@@ -58,7 +58,9 @@ from torch import nn
 
 import solar_kernels as sk
 
+from .averaging import attach_ema
 from .config import Stage2Config, validate_config
+from .selection import attach_selection
 from .distributed import DistInfo, get_dist
 from .mining import DocFrequency, EmbeddingPool, PoolSource, pool_frequent_token_ids
 from .trainer import LoopOptions, OptimSpec, Phase, batch_to, train_loop
@@ -477,7 +479,7 @@ class Stage2Loss(nn.Module):
 
 def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = False, log=None, seed: int = 0,
                dist_info: Optional[DistInfo] = None, teacher=None, ckpt_every: int = 100, log_every: int = 10,
-               progress: bool = True, pool=None, options=None) -> dict:
+               progress: bool = True, pool=None, options=None, select_score=None) -> dict:
     """Train `model` (initialised from stage 1) with stage 2's loss for cfg.steps steps.
 
     data: a `PairBank` (the mining pool is a seeded subset of it) or a `StreamBatches`
@@ -486,7 +488,13 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
     without one, mining is off and no caption token is neutral).  The neutral (never hidden)
     caption tokens are those in more than cfg.text_neutral_df of the pool's captions.
     The frozen teacher is a copy of `model` taken now (or the given one).  Checkpoints in
-    {out_dir}/ckpt; options: `solar.trainer.LoopOptions`; returns the loop's summary dict."""
+    {out_dir}/ckpt; options: `solar.trainer.LoopOptions`.  With cfg.ema_decay > 0 the weights
+    left in `model` at the end are the exponential moving average of its weights over the run
+    (`solar.averaging`; mining re-embeds the pool with the current, not the averaged, weights).
+    With cfg.select_every > 0 and a `select_score(model) -> float` (the validation Avg, see
+    `solar.train`), the model is scored every select_every steps and after the last, and the
+    best-scoring snapshot is what `model` holds at the end (`solar.selection`; without
+    `select_score` selection is off).  Returns the loop's summary dict."""
     di = dist_info or get_dist()
     if teacher is None:
         teacher = copy.deepcopy(model)
@@ -547,4 +555,15 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
                   restore_extra=restore_extra)
     options = options or LoopOptions()
     options = dataclasses.replace(options, progress=progress and options.progress)
-    return train_loop(phase, out_dir=out_dir, resume=resume, log=log, dist_info=di, options=options)
+    # the model stage 2 returns is the average of its weights when cfg.ema_decay > 0
+    ema = attach_ema(phase, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    # ... or the best of its snapshots on the validation benchmark when cfg.select_every > 0
+    sel = attach_selection(phase, select_score, cfg.select_every, di) \
+        if cfg.select_every > 0 and select_score is not None else None
+    summary = train_loop(phase, out_dir=out_dir, resume=resume, log=log, dist_info=di, options=options)
+    if ema is not None:
+        ema.copy_to(model)
+    if sel is not None:
+        sel.copy_to(model)
+        summary = {**summary, "selected_step": sel.step, "selected_score": sel.score}
+    return summary

@@ -45,7 +45,7 @@ from .stage1 import run_stage1
 from .stage2 import run_stage2
 from .trainer import LoopOptions
 
-__all__ = ["main", "run", "build_model", "model_dir", "loop_options", "clip_sf_steps", "PHASES"]
+__all__ = ["main", "run", "build_model", "model_dir", "loop_options", "clip_sf_steps", "val_scorer", "PHASES"]
 
 PHASES = ("stage1", "stage2", "clip_sf", "zero_shot")
 EMBED_FILE = "solar_embedding.json"
@@ -139,8 +139,30 @@ def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
     return model
 
 
-def run_phase_stage2(cfg, data, stage1_model, di, log, pool=None):
-    """Stage 2 from the stage-1 model (its frozen copy builds the views)."""
+def val_scorer(cfg, val_bench: Optional[str], di):
+    """`score(model) -> validation Avg` (fp32 index, SOLAR embedding) for stage 2's checkpoint
+    selection (`stage2.select_every`), or None when there is nothing to select with.  The
+    benchmark is loaded and verified once; rank 0 scores (`solar.selection` broadcasts it)."""
+    if cfg.stage2.select_every <= 0 or val_bench is None:
+        return None
+    from . import benchmark as bm
+    from .evaluate import evaluate_models
+    bench = bm.verify_benchmark(bm.load_benchmark(val_bench)) if di.is_main else None
+    m = cfg.model
+
+    def score(model) -> float:
+        with torch.no_grad():
+            r = evaluate_models({"m": (model, "solar")}, bench, tokenizer=None, image_size=m.image_size,
+                                patch_size=m.patch_size, max_length=m.max_text_len, batch_size=cfg.eval.batch_size,
+                                index_dtypes=("fp32",), device=di.device, progress=False)
+        return float(r["models"]["m"]["fp32"]["Avg"])
+    return score
+
+
+def run_phase_stage2(cfg, data, stage1_model, di, log, pool=None, val_bench: Optional[str] = None):
+    """Stage 2 from the stage-1 model (its frozen copy builds the views); with
+    stage2.select_every > 0 the stage-2 model is its best snapshot on the validation benchmark
+    `val_bench` (never the test one)."""
     final = model_dir(cfg.run.out_dir, "stage2")
     if cfg.run.resume and _phase_done(final, cfg.stage2.steps):
         _say(di, f"[stage2] done already: {final}")
@@ -158,7 +180,8 @@ def run_phase_stage2(cfg, data, stage1_model, di, log, pool=None):
     out = os.path.join(cfg.run.out_dir, "stage2")
     run_stage2(model, phase_data(data, cfg.stage2.batch_size, 2), cfg.stage2, out_dir=out, resume=cfg.run.resume,
                log=log, seed=cfg.run.seed, dist_info=di, teacher=teacher, ckpt_every=cfg.run.ckpt_every,
-               log_every=cfg.run.log_every, progress=cfg.run.progress, pool=pool, options=loop_options(cfg))
+               log_every=cfg.run.log_every, progress=cfg.run.progress, pool=pool, options=loop_options(cfg),
+               select_score=val_scorer(cfg, val_bench, di))
     if di.is_main:
         model.save_pretrained(final)
         _write_kind(final, "solar", cfg.stage2.steps)
@@ -294,7 +317,7 @@ def run(cfg: TrainConfig) -> dict:
                 m = cfg.model
                 stage1_model.enable_lora(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
         t = time.time()
-        stage2_model = run_phase_stage2(cfg, bank, stage1_model, di, log, pool)
+        stage2_model = run_phase_stage2(cfg, bank, stage1_model, di, log, pool, val_bench)
         timings["stage2_s"] = time.time() - t
     if cfg.run.stage == "all" and cfg.baseline.clip_sf:
         t = time.time()
