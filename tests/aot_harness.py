@@ -42,7 +42,7 @@ from triton.backends.driver import DriverBase  # noqa: E402
 
 H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
-_current_case = {"name": "?", "config": ""}
+_current_case = {"name": "?", "config": "", "dtype": ""}
 RECORDS: list[dict] = []
 CONFIG_FAILURES: list[dict] = []  # configs that failed inside an autotuner (which skips them)
 _SEEN: set[str] = set()
@@ -106,7 +106,7 @@ class _Utils:
         if digest not in _SEEN:
             _SEEN.add(digest)
             RECORDS.append(dict(case=_current_case["name"], kernel=name, config=_current_case["config"],
-                                shared=int(shared), cubin=digest, **usage))
+                                dtype=_current_case["dtype"], shared=int(shared), cubin=digest, **usage))
         max_threads = 1024 if usage["regs"] <= 64 else max(32, (65536 // max(usage["regs"], 1)) // 32 * 32)
         return None, None, usage["regs"], usage["local"] // 4, min(1024, max_threads)
 
@@ -190,6 +190,7 @@ def _label_launches():
     def run(self, *args, **kwargs):
         blocks = "x".join(str(v) for k, v in kwargs.items() if k.startswith("BLOCK_"))
         _current_case["config"] = f"{blocks} w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"
+        _current_case["dtype"] = next((str(a.dtype)[6:] for a in args if isinstance(a, torch.Tensor)), "")
         return real(self, *args, **kwargs)
 
     JITFunction.run = run
@@ -337,10 +338,33 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_by_config(report: dict, prefix: str = "_cl_") -> str:
+    """One row per (kernel, operand dtype, config) over every case that compiled it: the
+    register range, shared memory, the largest stack frame and spill counts (with the case),
+    whether every compile has HGMMA, and atomics / GPU fences summed."""
+    rows: dict = {}
+    for r in report["kernels"]:
+        if r["kernel"].startswith(prefix):
+            rows.setdefault((r["kernel"], r.get("dtype", ""), r.get("config", "")), []).append(r)
+    lines = ["| kernel | dtype | config (BLOCKs, warps, stages) | compiles | regs | smem B | max stack B (case) | "
+             "spill ld/st | HGMMA in all | atomics | GPU fences |", "|---|---|---|---:|---|---|---|---|---|---:|---:|"]
+    for (kernel, dtype, config), rs in rows.items():
+        worst = max(rs, key=lambda r: (r["stack"], r["local_ld"] + r["local_st"]))
+        regs = sorted({r["regs"] for r in rs})
+        smem = sorted({r["shared"] for r in rs})
+        where = f" ({worst['case']})" if worst["stack"] else ""
+        lines.append(f"| {kernel} | {dtype} | {config} | {len(rs)} | {regs[0]}-{regs[-1]} | "
+                     f"{smem[0]}{'-' + str(smem[-1]) if len(smem) > 1 else ''} | {worst['stack']}{where} | "
+                     f"{worst['local_ld']}/{worst['local_st']} | {'yes' if all(r['hgmma'] for r in rs) else 'NO'} | "
+                     f"{sum(r['atomics'] for r in rs)} | {sum(r['membar'] for r in rs)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="where to write the report (JSON)")
     ap.add_argument("--markdown", help="also write the table as markdown here")
+    ap.add_argument("--by-config", help="also write the contrastive kernels' table by config here (markdown)")
     ap.add_argument("--quick", action="store_true",
                     help="fewer V / mine_k variants; every contrastive config only at D = 768")
     ap.add_argument("--only", help="run only the cases whose name contains this string")
@@ -355,6 +379,9 @@ def main():
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(report))
+    if args.by_config:
+        with open(args.by_config, "w") as f:
+            f.write(markdown_by_config(report))
     print(markdown(report))
 
 

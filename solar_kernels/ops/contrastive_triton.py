@@ -396,16 +396,19 @@ def _next_pow2(x: int) -> int:
 # runs under the CUDA target and what SOLAR_CL_AUTOTUNE=0 launches.  Every entry is compiled for
 # sm_90 by tests/aot_harness.py and must stay free of spills (bench/RESULTS.md, compile harness):
 # * bf16 / fp16 ("16bit"): operands on tensor cores (wgmma), fp32 accumulation.  The GEMM's
-#   BLOCK_K (32 or 64) divides every grad tile side (64 or 128): fp16's per-chunk scales.  The
-#   grad kernel keeps no accumulator across column tiles, but a 128 x 128 tile spilled
-#   (576 B, fp16 + hardness + both directions, Triton 3.6).
+#   BLOCK_K (32 or 64) divides every grad tile side (64 or 128): fp16's per-chunk scales.
+#   128 x 128 tiles (statistics, grad) read each operand byte from L2 for 128 FLOP where 64 x 64
+#   tiles read it for 64 (q and k chunks are reloaded per tile), but they hold twice the live
+#   values: the grad tile spilled 576 B with fp16 + hardness + both directions (Triton 3.6), so
+#   they are candidates only without hardness and mining (LARGE_TILE).
 # * fp32 (tf32x3 keeps each operand's high and low parts live): of the 64 x 64 statistics / grad
 #   configurations compiled, only 16-wide D chunks with 8 warps kept the backward free of spills
 #   (32-wide at 4 warps: 96 B of stack); so the fp32 sets vary stages and the GEMM's shape only.
 CONFIGS = {
-    "stats": {"16bit": [(64, 64, 64, 4, 2), (64, 64, 64, 8, 3), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2)],
+    "stats": {"16bit": [(64, 64, 64, 4, 2), (64, 64, 64, 8, 3), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2),
+                        (128, 128, 64, 8, 2)],
               "fp32": [(64, 64, 16, 8, 2), (64, 64, 16, 8, 3)]},
-    "grad": {"16bit": [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
+    "grad": {"16bit": [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2)],
              "fp32": [(64, 64, 16, 8, 2), (64, 64, 16, 8, 3)]},
     "gemm": {"16bit": [(128, 64, 128, 8, 3), (128, 32, 128, 4, 4), (64, 64, 128, 4, 3), (128, 64, 256, 8, 3)],
              "fp32": [(64, 16, 64, 4, 2), (64, 16, 64, 4, 3), (128, 16, 64, 8, 2)]},
@@ -422,6 +425,8 @@ TUNING_KEYS = {
 # Arguments a kernel reads and writes: saved before and restored after each benchmarked config
 _RESTORE = {"stats": ["CP_ptr"], "grad": [], "gemm_dq": [], "gemm_dk": ["Out_ptr"]}
 _TUNERS: dict = {}
+# tiles of at least this many elements (128 x 128) only without hardness and in-kernel mining
+LARGE_TILE = 128 * 128
 
 
 def autotuning() -> bool:
@@ -432,13 +437,14 @@ def autotuning() -> bool:
 
 
 def kernel_configs(kernel: str, dtype: torch.dtype, n_rows: int, n_cols: int, D: int, target: str, *,
-                   hard: bool = False, cols: bool = False, scale_block: int = 0) -> list:
+                   hard: bool = False, cols: bool = False, mine: bool = False, scale_block: int = 0) -> list:
     """The configs (``triton.Config``) `kernel` may run with, default first.
 
     kernel: "stats", "grad", "gemm_dq" or "gemm_dk".  target "cuda": CONFIGS for the dtype
     class, with BLOCK_D narrowed to D's power of two (a 64-wide chunk for D = 17 is 3/4
     padding), the statistics kernel at 8 warps when the column statistics and hardness are both
-    on (4 warps spilled: three running log-sum-exps and three column partials), and, for fp16's
+    on (4 warps spilled: three running log-sum-exps and three column partials), LARGE_TILE tiles
+    only without hardness (`hard`) and in-kernel mining (`mine`), and, for fp16's
     scaled GEMMs, only BLOCK_K that divide `scale_block` (the grad tile's side along the
     reduction).  target "interpreter" (CPU tensors under TRITON_INTERPRET=1): one config of
     large blocks (the interpreter pays per tile operation)."""
@@ -455,6 +461,8 @@ def kernel_configs(kernel: str, dtype: torch.dtype, n_rows: int, n_cols: int, D:
     for bm, b2, bd, warps, stages in table:
         bd = min(bd, max(16, _next_pow2(D)))
         if kernel == "stats" and cols and hard and warps < 8:
+            continue
+        if kernel in ("stats", "grad") and bm * b2 >= LARGE_TILE and (hard or mine):
             continue
         if scale_block and scale_block % b2:
             continue
@@ -500,11 +508,12 @@ def stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k, cols=False):
     N = k.shape[0]
     dev = q.device
     hard = beta > 0
-    configs = kernel_configs("stats", q.dtype, n, N, D, _dispatch.target_for(dev), hard=hard, cols=bool(cols))
+    kernel_mine = 0 < mine_k <= MAX_KERNEL_MINE_K
+    configs = kernel_configs("stats", q.dtype, n, N, D, _dispatch.target_for(dev), hard=hard, cols=bool(cols),
+                             mine=kernel_mine)
     A = torch.empty(n, device=dev, dtype=torch.float32)
     B = torch.empty(n, device=dev, dtype=torch.float32)
     C = torch.empty(n, device=dev, dtype=torch.float32) if hard else A
-    kernel_mine = 0 < mine_k <= MAX_KERNEL_MINE_K
     kk = mine_k if kernel_mine else 1
     tv = torch.empty((n, kk), device=dev, dtype=torch.float32)
     ti = torch.empty((n, kk), device=dev, dtype=torch.int64)

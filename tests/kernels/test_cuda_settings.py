@@ -232,6 +232,11 @@ def test_config_sets_hold_their_constraints():
                        for g in grad16), (kernel, c)
             assert ct.PANEL_STEP % c.kwargs["BLOCK_M"] == 0 and ct.PANEL_STEP % c.kwargs["BLOCK_K"] == 0
     assert all(ct.PANEL_STEP % g.kwargs["BLOCK_M"] == 0 for g in grad16)
+    big = [c for c in ct.kernel_configs("stats", torch.bfloat16, 4096, 4096, 768, "cuda")
+           if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= ct.LARGE_TILE]
+    assert big and not any(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= ct.LARGE_TILE
+                           for h, m in ((True, False), (False, True))
+                           for c in ct.kernel_configs("stats", torch.bfloat16, 4096, 4096, 768, "cuda", hard=h, mine=m))
     for kernel in ("stats", "grad"):
         for c in ct.kernel_configs(kernel, torch.float32, 4096, 4096, 768, "cuda"):
             assert c.kwargs["BLOCK_D"] == 16 and c.num_warps == 8, (kernel, c)
@@ -267,13 +272,18 @@ def test_interpreter_never_autotunes():
     assert len(ct._TUNERS) == before
 
 
-@pytest.mark.parametrize("dtype,index", [(torch.float16, i) for i in range(4)] + [(torch.float32, i) for i in range(3)],
-                         ids=[f"fp16-config{i}" for i in range(4)] + [f"fp32-config{i}" for i in range(3)])
-def test_every_config_vs_reference(monkeypatch, dtype, index):
+_CONFIG_CASES = ([(torch.float16, i, True) for i in range(5)] + [(torch.float16, i, False) for i in (3, 4)]
+                 + [(torch.float32, i, True) for i in range(3)])
+
+
+@pytest.mark.parametrize("dtype,index,hard", _CONFIG_CASES,
+                         ids=[f"{str(d)[6:]}-config{i}-{'hard-mined' if h else 'plain'}" for d, i, h in _CONFIG_CASES])
+def test_every_config_vs_reference(monkeypatch, dtype, index, hard):
     """Each config of the autotuning sets, forced on every kernel at once (the index-th of each
-    set, wrapping), runs the symmetric loss with groups and hardness (fp16: the scaled G with
-    that config's GEMM chunks against its grad tile) and matches the fp64 reference: whichever
-    config the GPU's autotuner picks computes the same loss and gradients."""
+    set, wrapping), runs the symmetric loss with groups, with hardness and mining or without
+    (the large tiles are candidates only without; fp16: the scaled G with that config's GEMM
+    chunks against its grad tile) and matches the fp64 reference: whichever config the GPU's
+    autotuner picks computes the same loss and gradients."""
     real = ct.kernel_configs
 
     def forced(*args, **kwargs):
@@ -285,13 +295,21 @@ def test_every_config_vs_reference(monkeypatch, dtype, index):
     g = torch.Generator().manual_seed(21)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
-    kw = dict(groups=torch.arange(n, device=DEV) // 3, temperature=0.1, hardness=0.5, mine_k=2)
+    kw = dict(groups=torch.arange(n, device=DEV) // 3, temperature=0.1, hardness=0.5 if hard else 0.0,
+              mine_k=2 if hard else 0)
+    if not hard:
+        big = [c for c in real("stats", dtype, n, n, d, "cuda")
+               if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= ct.LARGE_TILE]
+        assert big, "the plain case must reach the large tiles"
     with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
-        loss, mined = sk.contrastive_loss(q, k, **kw)
+        out = sk.contrastive_loss(q, k, **kw)
+        loss = out[0] if hard else out
         dq, dk = torch.autograd.grad(loss, (q, k))
-    ref, (idx64, _) = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    out64 = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    ref = out64[0] if hard else out64
     rq, rk = torch.autograd.grad(ref, (q, k))
     tol = 1e-4 if dtype == torch.float32 else 1.2e-2
     assert abs(float(loss.detach()) - float(ref.detach())) <= tol * (1 + abs(float(ref.detach())))
     assert rel_err(dq, rq) < tol and rel_err(dk, rk) < tol, (rel_err(dq, rq), rel_err(dk, rk))
-    assert torch.equal(mined.indices.cpu(), idx64.cpu())
+    if hard:
+        assert torch.equal(out[1].indices.cpu(), out64[1][0].cpu())
