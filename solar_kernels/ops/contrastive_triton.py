@@ -397,10 +397,11 @@ def _next_pow2(x: int) -> int:
 # sm_90 by tests/aot_harness.py and must stay free of spills (bench/RESULTS.md, compile harness):
 # * bf16 / fp16 ("16bit"): operands on tensor cores (wgmma), fp32 accumulation.  The GEMM's
 #   BLOCK_K (32 or 64) divides every grad tile side (64 or 128): fp16's per-chunk scales.
-#   128 x 128 tiles (statistics, grad) read each operand byte from L2 for 128 FLOP where 64 x 64
-#   tiles read it for 64 (q and k chunks are reloaded per tile), but they hold twice the live
-#   values: the grad tile spilled 576 B with fp16 + hardness + both directions (Triton 3.6), so
-#   they are candidates only without hardness and mining (LARGE_TILE).
+#   The statistics and grad kernels reload the q and k chunks of every tile, so a BM x BN tile
+#   does BM BN / (BM + BN) FLOP per byte it reads: 32 at 64 x 64, 64 at 128 x 128.  A 128 x 128
+#   tile at 8 warps holds twice the S values per thread of 64 x 64 at 4; the grad tile spilled
+#   576 B with fp16 + hardness + both directions (Triton 3.6), so the large tiles are
+#   candidates only without hardness and mining (LARGE_TILE).
 # * fp32 (tf32x3 keeps each operand's high and low parts live): of the 64 x 64 statistics / grad
 #   configurations compiled, only 16-wide D chunks with 8 warps kept the backward free of spills
 #   (32-wide at 4 warps: 96 B of stack); so the fp32 sets vary stages and the GEMM's shape only.
