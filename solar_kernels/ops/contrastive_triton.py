@@ -288,7 +288,8 @@ if HAS_TRITON:
         the scale goes to SR [n_prow, n_col_blocks]) and G2 scaled per column likewise (for dk;
         SC [n_row_blocks, n_cols]).  The consumers divide the exact power of two back out of
         their fp32 partial sums, so the rounding is relative to each row's (column's) largest
-        term in the tile, whatever N is.  bf16 has fp32's exponent range: stored unscaled.  n_bucket: autotuning key only.
+        term in the tile, whatever N is.  bf16 has fp32's exponent range: stored unscaled.
+        n_bucket: autotuning key only.
         """
         pid = tl.program_id(0).to(tl.int64)
         n_m = tl.cdiv(n_prow, BLOCK_M)
