@@ -397,22 +397,24 @@ def _next_pow2(x: int) -> int:
 # runs under the CUDA target and what SOLAR_CL_AUTOTUNE=0 launches.  Every entry is compiled for
 # sm_90 by tests/aot_harness.py and must stay free of spills (bench/RESULTS.md, compile harness):
 # * bf16 / fp16 ("16bit"): operands on tensor cores (wgmma), fp32 accumulation.  The GEMM's
-#   BLOCK_K (32 or 64) divides every grad tile side (64 or 128): fp16's per-chunk scales.
+#   BLOCK_K (64) divides every grad tile side (64 or 128): fp16's per-chunk scales.
 #   The statistics and grad kernels reload the q and k chunks of every tile, so a BM x BN tile
-#   does BM BN / (BM + BN) FLOP per byte it reads: 32 at 64 x 64, 64 at 128 x 128.  A 128 x 128
-#   tile at 8 warps holds twice the S values per thread of 64 x 64 at 4; the grad tile spilled
-#   576 B with fp16 + hardness + both directions (Triton 3.6), so the large tiles are
-#   candidates only without hardness and mining (LARGE_TILE).
+#   does BM BN / (BM + BN) FLOP per byte it reads: 32 at 64 x 64, 43 at 128 x 64.  128 x 128
+#   (64) spilled in both kernels even without hardness (up to 328 B at D = 768, Triton 3.6).
+#   With in-kernel mining (the running top-k in registers) only 64 x 64 at 8 warps stayed
+#   spill-free (128 x 64 / 64 x 128: 24-72 B; 4 warps: 8-56 B).  GEMMs with more than 64
+#   accumulator values per thread (128 x 128 at 4 warps, 128 x 256 at 8) spilled for fp16 (whose
+#   scaled products cannot chain the accumulator through the dot: 136-176 B at D = 768) and for
+#   bf16 with a row count that is not a multiple of 16 (96-104 B, Triton 3.9).
 # * fp32 (tf32x3 keeps each operand's high and low parts live): of the 64 x 64 statistics / grad
 #   configurations compiled, only 16-wide D chunks with 8 warps kept the backward free of spills
 #   (32-wide at 4 warps: 96 B of stack); so the fp32 sets vary stages and the GEMM's shape only.
 CONFIGS = {
-    "stats": {"16bit": [(64, 64, 64, 4, 2), (64, 64, 64, 8, 3), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2),
-                        (128, 128, 64, 8, 2)],
+    "stats": {"16bit": [(64, 64, 64, 4, 2), (64, 64, 64, 8, 3), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2)],
               "fp32": [(64, 64, 16, 8, 2), (64, 64, 16, 8, 3)]},
-    "grad": {"16bit": [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2)],
+    "grad": {"16bit": [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
              "fp32": [(64, 64, 16, 8, 2), (64, 64, 16, 8, 3)]},
-    "gemm": {"16bit": [(128, 64, 128, 8, 3), (128, 32, 128, 4, 4), (64, 64, 128, 4, 3), (128, 64, 256, 8, 3)],
+    "gemm": {"16bit": [(128, 64, 128, 8, 3), (64, 64, 128, 4, 3)],
              "fp32": [(64, 16, 64, 4, 2), (64, 16, 64, 4, 3), (128, 16, 64, 8, 2)]},
 }
 # The autotuning key of each kernel (triton.autotune adds every tensor argument's dtype): the
@@ -427,8 +429,6 @@ TUNING_KEYS = {
 # Arguments a kernel reads and writes: saved before and restored after each benchmarked config
 _RESTORE = {"stats": ["CP_ptr"], "grad": [], "gemm_dq": [], "gemm_dk": ["Out_ptr"]}
 _TUNERS: dict = {}
-# tiles of at least this many elements (128 x 128) only without hardness and in-kernel mining
-LARGE_TILE = 128 * 128
 
 
 def autotuning() -> bool:
@@ -445,10 +445,10 @@ def kernel_configs(kernel: str, dtype: torch.dtype, n_rows: int, n_cols: int, D:
     kernel: "stats", "grad", "gemm_dq" or "gemm_dk".  target "cuda": CONFIGS for the dtype
     class, with BLOCK_D narrowed to D's power of two (a 64-wide chunk for D = 17 is 3/4
     padding), the statistics kernel at 8 warps when the column statistics and hardness are both
-    on (4 warps spilled: three running log-sum-exps and three column partials), LARGE_TILE tiles
-    only without hardness (`hard`) and in-kernel mining (`mine`), and, for fp16's
-    scaled GEMMs, only BLOCK_K that divide `scale_block` (the grad tile's side along the
-    reduction).  target "interpreter" (CPU tensors under TRITON_INTERPRET=1): one config of
+    on (4 warps spilled: three running log-sum-exps and three column partials), only 64 x 64 at
+    8 warps with in-kernel mining (`mine`; the others spilled), and, for fp16's scaled GEMMs
+    (`scale_block` > 0), only BLOCK_K that divide `scale_block` (the grad tile's side along
+    the reduction).  target "interpreter" (CPU tensors under TRITON_INTERPRET=1): one config of
     large blocks (the interpreter pays per tile operation)."""
     if target != "cuda":
         bm, bn = max(16, min(64, _next_pow2(n_rows))), max(16, min(64, _next_pow2(n_cols)))
@@ -464,7 +464,7 @@ def kernel_configs(kernel: str, dtype: torch.dtype, n_rows: int, n_cols: int, D:
         bd = min(bd, max(16, _next_pow2(D)))
         if kernel == "stats" and cols and hard and warps < 8:
             continue
-        if kernel in ("stats", "grad") and bm * b2 >= LARGE_TILE and (hard or mine):
+        if kernel == "stats" and mine and (bm * b2 > 64 * 64 or warps < 8):
             continue
         if scale_block and scale_block % b2:
             continue
