@@ -405,7 +405,7 @@ def _next_pow2(x: int) -> int:
 #   spill-free (128 x 64 / 64 x 128: 24-72 B; 4 warps: 8-56 B).  GEMMs with more than 64
 #   accumulator values per thread (128 x 128 at 4 warps, 128 x 256 at 8) spilled for fp16 (whose
 #   scaled products cannot chain the accumulator through the dot: 136-176 B at D = 768) and for
-#   bf16 with a row count that is not a multiple of 16 (96-104 B, Triton 3.9).
+#   bf16 at the harness's D = 4096 case (N = 130; 8 B on Triton 3.6, 96-104 B on 3.9).
 # * fp32 (tf32x3 keeps each operand's high and low parts live): of the 64 x 64 statistics / grad
 #   configurations compiled, only 16-wide D chunks with 8 warps kept the backward free of spills
 #   (32-wide at 4 warps: 96 B of stack); so the fp32 sets vary stages and the GEMM's shape only.
