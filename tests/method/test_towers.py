@@ -238,6 +238,26 @@ def test_lora_trains_adapters_only_and_saves_merged(clip_dir, tmp_path):
     assert towers.has_lora(m3.text) and torch.allclose(m3.embed(batch), f, atol=1e-6)
 
 
+def test_resume_after_stage1_gives_stage2_its_lora_back(clip_dir, tmp_path):
+    """`--resume` with stage 1 finished loads the saved stage-1 model (LoRA folded in); stage 2
+    must get LoRA again, as with `--run.stage 2`, or a stage-2 checkpoint written with LoRA
+    cannot be loaded (and stage 2 would silently fine-tune the whole towers)."""
+    pytest.importorskip("peft")
+    import solar.train as T
+    from solar.distributed import DistInfo
+    tok = clip_tokenizer()
+    cfg = _clip_b16(clip_dir)
+    cfg.model.lora_rank, cfg.model.lora_alpha = 4, 8.0
+    cfg.run.out_dir, cfg.run.resume = str(tmp_path), True
+    trained = T.build_model(cfg, tok, 0)          # what stage 1 trains (LoRA in the towers)
+    final = T.model_dir(cfg.run.out_dir, "stage1")
+    trained.save_pretrained(final)                # folded in
+    T._write_kind(final, "solar", cfg.stage1.steps)
+    back = T.run_phase_stage1(cfg, None, tok, DistInfo(), None)
+    assert towers.has_lora(back.vision) and towers.has_lora(back.text)
+    assert set(back.state_dict()) == set(trained.state_dict())     # a stage-2 checkpoint's keys
+
+
 # --------------------------------------------------------------------------- zero-shot CLIP-SF
 
 def test_zero_shot_clip_sf_uses_clips_projection_heads(clip_dir):
