@@ -390,7 +390,7 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
             phase.restore_extra(meta.get("extra", {}), meta.get("extra_tensors", {}))
         _restore_data_state(phase, meta.get("data"), dist_info, ckpt)
         if phase.restore_rank_state is not None:
-            folder = rank_state_dir(ckpt, dist_info.rank, dist_info.world)
+            folder = _rank_state_folder(ckpt, dist_info)
             phase.restore_rank_state(None if folder is None else str(folder))
     elif resume and dist_info.is_main:
         print(f"[{name}] --resume: no checkpoint in {ckpt!r}, starting from step 0")
@@ -519,6 +519,27 @@ def _write_rank_state(phase: "Phase", ckpt: str, di: DistInfo) -> tuple:
     out = [None] * di.world
     dist.all_gather_object(out, hashes, group=di.group)   # also: every rank has written before rank 0 moves
     return staging, {str(r): h for r, h in enumerate(out)}
+
+
+def _rank_state_folder(ckpt: str, di: DistInfo):
+    """This rank's folder of per-rank state in `ckpt` (`solar.checkpoint.rank_state_dir`), or
+    None.  Every rank checks its own files; a corrupt one is a CheckpointError on every rank
+    (agreed over the group, so that no rank waits for one that has failed)."""
+    folder, err = None, None
+    try:
+        folder = rank_state_dir(ckpt, di.rank, di.world)
+    except CheckpointError as e:
+        err = e
+    if di.enabled:
+        import torch.distributed as dist
+        bad = torch.tensor([int(err is not None)], device=di.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=di.group)
+        if int(bad.item()) and err is None:
+            err = CheckpointError(f"checkpoint: {ckpt!r}: another rank's files in ranks/ are missing or corrupt "
+                                  f"(its error names them)")
+    if err is not None:
+        raise err
+    return folder
 
 
 def _restore_data_state(phase: "Phase", states: Optional[list], di: DistInfo, ckpt: str) -> None:

@@ -244,15 +244,18 @@ class _Killed(Exception):
     checkpoint stays on disk; nothing of the process survives into the resumed run)."""
 
 
-def _stage2_resume_runs(di, urls, out, streamed=True, kill_after=3):
+def _stage2_resume_runs(di, urls, out, streamed=True, kill_after=3, corrupt=False):
     """Stage 2 with mining, 5 steps, refreshes at steps 0 and 3, checkpoints at 2, 4, 5: an
     uninterrupted run, and a run killed after step `kill_after` (checkpoint of step 2) then
     resumed in new objects.  Returns, per run, the pool ids mined at each step (the global
-    search's ids, in call order), the step it resumed from and a digest of each final weight."""
+    search's ids, in call order), the step it resumed from and a digest of each final weight.
+    corrupt: then flip a byte of the last rank's pool share and resume once more ("corrupt": the
+    error each rank raised)."""
     import hashlib
 
     import solar.stage2 as s2
     from solar.config import Stage2Config
+    from solar.checkpoint import CheckpointError
     from solar.data.batches import ShardStreams, load_pair_bank
     torch.set_num_threads(1)
     mined: list = []
@@ -284,8 +287,18 @@ def _stage2_resume_runs(di, urls, out, streamed=True, kill_after=3):
     s2.EmbeddingPool, s2.Miner = Spy, MinerSpy
     try:
         runs = {}
-        for name, kill, resume in (("uninterrupted", None, False), ("killed", kill_after, False),
-                                   ("resumed", None, True)):
+        plan = [("uninterrupted", None, False), ("killed", kill_after, False), ("resumed", None, True)]
+        for name, kill, resume in plan + ([("corrupt", None, True)] if corrupt else []):
+            if name == "corrupt":
+                from solar.distributed import barrier
+                if di.rank == di.world - 1:
+                    f = os.path.join(out, "killed", "ckpt", "ranks", str(di.rank), EmbeddingPool.KEYS_FILE)
+                    with open(f, "r+b") as fh:
+                        fh.seek(-1, 2)
+                        b = fh.read(1)
+                        fh.seek(-1, 2)
+                        fh.write(bytes([b[0] ^ 1]))
+                barrier()
             mined.clear()
             tok = _tokenizer()
             model = _model()
@@ -300,7 +313,7 @@ def _stage2_resume_runs(di, urls, out, streamed=True, kill_after=3):
                 pool = None
             cfg = Stage2Config(steps=5, batch_size=8, warmup_steps=1, mine_k=2, refresh_every=3, mine_pool_size=POOL,
                                n_segments=3, kmeans_iters=2, mine_dtype="fp16", lr=3e-3)
-            run_dir = os.path.join(out, "killed" if name == "resumed" else name)
+            run_dir = os.path.join(out, "killed" if name in ("resumed", "corrupt") else name)
 
             def log(row, stage="", step=-1, **_):
                 if kill is not None and step == kill:
@@ -314,6 +327,11 @@ def _stage2_resume_runs(di, urls, out, streamed=True, kill_after=3):
                 printed = buf.getvalue().splitlines()
             except _Killed:
                 pass
+            except CheckpointError as e:
+                if name != "corrupt":
+                    raise
+                runs[name] = str(e)
+                continue
             start = next((int(x.split("resumed from step ")[1].split()[0]) for x in printed
                           if "resumed from step" in x), 0)
             runs[name] = {"mined": list(mined), "start": start, "printed": printed, "rank": di.rank,
@@ -363,11 +381,14 @@ def test_resumed_in_memory_stage2_restores_the_bank(shards, tmp_path):
 @pytest.mark.dist
 def test_resumed_streamed_stage2_on_two_gloo_processes(shards, tmp_path):
     """Two ranks: each writes and restores its own share (ranks/0, ranks/1), and the resumed run
-    equals the uninterrupted two-process run."""
+    equals the uninterrupted two-process run; a modified share is refused on both ranks."""
     from dist_harness import run_ranks
-    ranks = run_ranks(_stage2_resume_runs, tmp_path, shards, str(tmp_path / "runs"))
+    ranks = run_ranks(_stage2_resume_runs, tmp_path, shards, str(tmp_path / "runs"), True, 3, True)
     for runs in ranks:
         _check_exact_resume(runs)
+    # rank 1's share modified on disk: both ranks refuse the checkpoint (none waits for the other)
+    assert "ranks/1/mining_pool.safetensors" in ranks[1]["corrupt"] and "sha256" in ranks[1]["corrupt"]
+    assert "another rank" in ranks[0]["corrupt"]
     assert ranks[0]["resumed"]["weights"] == ranks[1]["resumed"]["weights"]
     for r in (0, 1):
         assert (tmp_path / "runs" / "killed" / "ckpt" / "ranks" / str(r) / EmbeddingPool.INDEX_FILE).is_file()
