@@ -213,21 +213,6 @@ class PoolSource:
         return out if out and "gt_patch_mask" in out[0] and "gt_token_mask" in out[0] else None
 
 
-def _load_index(path: str) -> sk.Index:
-    """`solar_kernels.Index.load(path)`, usable by `reconstruct(ids)`: an fp32 / fp16 index read
-    by `Index.load` keeps an empty per-row scale buffer, which `reconstruct(ids)` indexes (an
-    IndexError; int8 indexes are read whole), so such rows are copied into a new index (exact:
-    the stored values are re-added in their own dtype).  The copy costs, while it lasts, the
-    share once more in float32."""
-    loaded = sk.Index.load(path)
-    if loaded.dtype == "int8" or len(loaded) == 0:
-        return loaded
-    index = sk.Index(loaded.dim, dtype=loaded.dtype)
-    index.reserve(len(loaded))
-    index.add(loaded.reconstruct())
-    return index
-
-
 _GLOO_GROUPS: dict = {}
 
 
@@ -355,7 +340,7 @@ class EmbeddingPool:
         if changed:
             return "the saved share was written under other settings: " + ", ".join(
                 f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-        index = _load_index(ipath)
+        index = sk.Index.load(ipath)
         keys, sizes = tensors["keys"], [int(n) for n in state["sizes"]]
         if not len(index) == len(keys) == sizes[self.dist_info.rank]:
             raise ValueError(f"{folder}: the pool share holds {len(index)} rows, {len(keys)} keys and sizes "
