@@ -116,6 +116,21 @@ def _check(report: dict):
         if k["membar"]:
             problems.append(f"{where}: {k['membar']} GPU-scope fence(s)")
     assert not problems, f"Triton {report['triton']}:\n" + "\n".join(problems)
+    _check_every_config_compiled(kernels)
+
+
+def _check_every_config_compiled(kernels: list):
+    """The autotuners ran the stand-in benchmarker over their whole sets: at the first bf16
+    D = 768 case every config of each contrastive kernel's set has its own compile."""
+    import torch
+    from solar_kernels.ops import contrastive_triton as ct
+
+    case = "contrastive bfloat16 two-tower D=768"
+    for kernel, name in (("stats", "_cl_stats_kernel"), ("grad", "_cl_grad_kernel"), ("gemm_dq", "_cl_gemm_kernel")):
+        want = {"x".join(str(v) for v in c.kwargs.values()) + f" w{c.num_warps} s{c.num_stages}"
+                for c in ct.kernel_configs(kernel, torch.bfloat16, 256, 256, 768, "cuda", cols=True)}
+        got = {k.get("config") for k in kernels if k["kernel"] == name and k["case"] == case}
+        assert len(want) > 1 and want <= got, f"{name}: configs not compiled {sorted(want - got)}"
 
 
 def test_kernels_compile_for_sm90_installed_triton(reports):
