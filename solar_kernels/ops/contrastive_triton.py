@@ -25,8 +25,7 @@ import os
 import torch
 
 from .. import _dispatch
-from .._topk import topk_lowest_index
-from .contrastive_cpu import CPU_TILE_ELEMS, pos_full, tile_masks
+from .contrastive_cpu import mine_chunked
 
 try:  # triton is optional on CPU-only installs
     import triton
@@ -542,7 +541,7 @@ def stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k, cols=False):
     elif kernel_mine:
         mined = (tv, ti)
     else:
-        mined = _mine_chunked(q, k, gq, gk, offset, inv_t, single, mine_k)
+        mined = mine_chunked(q, k, gq, gk, offset, inv_t, single, mine_k)
     if not cols:
         return A, B, C, mined
     col = torch.logsumexp(cp, dim=0)  # rows of programs that did not run stay -inf
@@ -551,26 +550,6 @@ def stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k, cols=False):
 
 def _precision(dtype: torch.dtype) -> str:
     return FP32_DOT_PRECISION if dtype == torch.float32 else "ieee"
-
-
-def _mine_chunked(q, k, gq, gk, offset, inv_t, single, mine_k):
-    """The mine_k best negatives per row for mine_k > MAX_KERNEL_MINE_K: S in row chunks of
-    at most CPU_TILE_ELEMS elements (fp32 matmul, any device), exact top-k with ties to the
-    lower column.  Same contract as the kernel's (values, indices), sorted."""
-    n, N = q.shape[0], k.shape[0]
-    R = max(1, min(n, CPU_TILE_ELEMS // max(N, 1)))
-    kf = k.float()
-    tv = torch.empty((n, mine_k), device=q.device, dtype=torch.float32)
-    ti = torch.empty((n, mine_k), device=q.device, dtype=torch.int64)
-    for r0 in range(0, n, R):
-        r1 = min(n, r0 + R)
-        s = q[r0:r1].float() @ kf.t() * inv_t
-        pos, diag = tile_masks(gq, gk, r0, r1, 0, N, offset, single, q.device)
-        s = s.masked_fill(pos_full(pos, diag, s), float("-inf"))
-        if single and diag is not None:
-            s[diag] = float("-inf")
-        tv[r0:r1], ti[r0:r1] = topk_lowest_index(s, mine_k)
-    return tv, ti
 
 
 def bwd_triton(q, k, gq, gk, offset, inv_t, beta, single, rstats, cstats):
