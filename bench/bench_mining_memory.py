@@ -6,10 +6,13 @@ embeddings only.  The script predicts the pool's bytes first, N x (D x b + 8) pe
 (b = 2 for fp16, 8 for the key hash), then measures the peak RSS; the difference between
 two pool sizes should be the difference of their banks.  It also reports pairs/s of each
 phase: the caption pass (document frequencies), the pool refresh (decode + embed) and the
-training steps (without the refreshes).
+training steps (without the refreshes).  With --ckpt the run writes a stage-2 checkpoint at its
+last step and reports the bytes of the pool shares in it (``ckpt/ranks/<r>/``: the index file
+and the key hashes), against the same formula.
 
     python bench/bench_mining_memory.py                        # pools of 10k and 100k pairs, 32 px, D = 768
     python bench/bench_mining_memory.py --pools 10000 --steps 2 --out bench/out/mining.json
+    python bench/bench_mining_memory.py --pools 10000 --steps 2 --ckpt     # + the checkpoint's pool bytes
 
 Shards are ShapesWorld pairs written once into --shards (default .solar_cache/bench-mining-...).
 """
@@ -87,12 +90,21 @@ def child(args) -> dict:
                        mine_pool_size=args.pool, mine_dtype="fp16", n_segments=3, kmeans_iters=2)
     rss_before = _current_rss_mib()
     t0 = time.perf_counter()
-    s2.run_stage2(model, streams.phase(args.batch, 2), cfg, out_dir=args.tmp, seed=0, teacher=teacher, ckpt_every=0,
+    s2.run_stage2(model, streams.phase(args.batch, 2), cfg, out_dir=args.tmp, seed=0, teacher=teacher,
+                  ckpt_every=args.steps if args.ckpt else 0,
                   log_every=args.steps, progress=False, pool=source, log=lambda *a, **k: None)
     total = time.perf_counter() - t0
     (pool,) = made
     train_s = total - sum(pool.refresh_seconds) - sum(df_s)
-    return {"pool": args.pool, "embed_dim": args.embed_dim, "image_size": args.image_size,
+    ckpt = {}
+    if args.ckpt:
+        def size(folder):
+            return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+        ranks = os.path.join(args.tmp, "ckpt", "ranks")
+        ckpt = {"ckpt_pool_bytes": size(ranks), "ckpt_pool_files": {f: os.path.getsize(os.path.join(ranks, "0", f))
+                                                                    for f in sorted(os.listdir(os.path.join(ranks, "0")))},
+                "ckpt_bytes": size(os.path.join(args.tmp, "ckpt"))}
+    return {**ckpt, "pool": args.pool, "embed_dim": args.embed_dim, "image_size": args.image_size,
             "pool_bytes": pool.nbytes, "predicted_pool_bytes": args.pool * (args.embed_dim * 2 + 8),
             "rss_before_mib": round(rss_before, 1), "peak_rss_mib": round(_rss_mib(), 1),
             "refreshes": pool.refreshes, "decoded": pool.decoded,
@@ -114,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--shards", default=os.path.join(ROOT, ".solar_cache", "bench-mining"),
                    help="ShapesWorld shards folder (written when absent)")
+    p.add_argument("--ckpt", action="store_true", help="write a checkpoint at the last step; report its pool bytes")
     p.add_argument("--out", default="", help="write the rows as JSON here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pool", type=int, default=0, help=argparse.SUPPRESS)
@@ -141,7 +154,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--pool", str(n), "--urls", json.dumps(urls),
                    "--tmp", tmp, "--embed-dim", str(args.embed_dim), "--image-size", str(args.image_size),
                    "--steps", str(args.steps), "--refresh-every", str(args.refresh_every), "--batch", str(args.batch),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads)] + (["--ckpt"] if args.ckpt else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)

@@ -13,7 +13,7 @@ and the next section run):
             floor (FLOOR_TFLOPS).
 2. pooled:  pooled_contrastive_loss at N = 16384, L = 77, D = 768, bf16, against the unfused
             masked_pool + contrastive_loss.
-3. sweep:   the loss kernels' tile / warp / stage settings at N = 16384 (fwd + bwd).
+3. sweep:   each config of the loss kernels' autotuning sets forced in turn, then autotuned (N = 16384, fwd + bwd).
 4. pool:    masked_pool forward and forward + backward on x of about 1.9 GB (beyond L2),
             bool masks V = 1 and 3, GB/s against a device-to-device copy of the same bytes.
 5. search:  Index.search at N = 1M, d = 768, m in {1, 16, 1024}, k in {10, 1024}, fp32 / fp16 /
@@ -203,32 +203,33 @@ def section_pooled(s: Suite):
 
 
 def section_sweep(s: Suite):
-    from solar_kernels.ops import contrastive as cl
+    """fwd+bwd of the symmetric loss with each config of each kernel's autotuning set forced
+    (the other kernels at their default), then autotuned: what the autotuner chose between."""
+    from solar_kernels import _dispatch
+    from solar_kernels.ops import contrastive_triton as ct
 
     dry = s.args.dry_run
     n, d = (128, 32) if dry else (16384, 768)
     dtype = torch.float32 if dry else torch.bfloat16
     q, k = _qk(n, d, dtype, s.dev)
-    configs = [(64, 64, 64, 4, 2), (64, 64, 64, 8, 2), (64, 64, 64, 4, 3), (128, 64, 64, 8, 2),
-               (64, 128, 64, 8, 2), (128, 128, 64, 8, 2), (64, 64, 128, 4, 2), (64, 64, 32, 4, 3)]
+    real = ct.kernel_configs
+    variants = [(kernel, i) for kernel in ("stats", "grad", "gemm_dq", "gemm_dk")
+                for i in range(len(real(kernel, dtype, n, n, d, "cuda")))]
     if dry:
-        configs = configs[:2]
-    real = cl._triton_settings
-    from solar_kernels import _dispatch
-
+        variants = variants[:2]
     try:
-        for bm, bn, bd, warps, stages in configs:
+        for kernel, index in variants + [("autotuned", 0)]:
             if s.time_left() < 20:
                 break
 
-            def patched(n_rows, n_cols, D, dt, target, c=(bm, bn, bd, warps, stages)):
-                cfg = real(n_rows, n_cols, D, dt, target)
-                if target == "cuda":
-                    cfg.update(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_D=c[2], num_warps=c[3], num_stages=c[4])
-                return cfg
-            cl._triton_settings = patched
-            case = {"section": "sweep", "N": n, "D": d, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd,
-                    "warps": warps, "stages": stages}
+            def forced(name, *args, _kernel=kernel, _index=index, **kwargs):
+                configs = real(name, *args, **kwargs)
+                if _kernel == "autotuned":
+                    return configs
+                return [configs[_index if name == _kernel and _index < len(configs) else 0]]
+            ct.kernel_configs = forced
+            label = "autotuned" if kernel == "autotuned" else str(real(kernel, dtype, n, n, d, "cuda")[index])
+            case = {"section": "sweep", "N": n, "D": d, "kernel": kernel, "config": label}
             try:
                 _, both = _fwd_bwd(_solar(), q, k)
                 with _dispatch.kernel_target("cuda"):  # the dry run interprets the CUDA settings too
@@ -236,7 +237,7 @@ def section_sweep(s: Suite):
             except Exception as e:  # e.g. out of shared memory / registers
                 s.add(impl="solar", case=case, note=f"failed: {type(e).__name__}: {str(e)[:160]}")
     finally:
-        cl._triton_settings = real
+        ct.kernel_configs = real
 
 
 def section_pool(s: Suite):

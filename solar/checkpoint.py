@@ -4,7 +4,8 @@ A model directory holds ``config.json`` (the ModelConfig, with the resolved towe
 and ``model.safetensors`` (every parameter and buffer, including the stage-1 thresholds
 tau_v / tau_l and the QDA statistics).  A training-state directory adds
 ``trainer.safetensors`` (optimizer tensors) and ``trainer.json`` (step, optimizer
-hyper-parameters, scalar state, RNG seeds).  Writes go to a temporary name and are renamed
+hyper-parameters, scalar state, RNG seeds) and, when the phase keeps state per rank (the
+streamed mining pool's shares), ``ranks/<r>/`` with rank r's files.  Writes go to a temporary name and are renamed
 into place, so an interrupted save never leaves a half-written checkpoint behind.  Each json
 file (written after its tensors) records the sha256 of its safetensors file, and loading
 checks it: a flipped bit in the weights is a CheckpointError, not a model that silently
@@ -26,20 +27,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = ["save_model", "load_model_files", "load_state_strict", "save_training_state", "load_training_state",
-           "CheckpointError", "sha256_file"]
+           "rank_state_dir", "write_tensors", "read_tensors", "CheckpointError", "sha256_file", "fsync_path"]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
 TOKENIZER_DIR = "tokenizer"   # = solar.data.tokenizer.TOKENIZER_SUBDIR
+RANKS_DIR = "ranks"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, incomplete or corrupt."""
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's (or a folder's entries') data to the disk: a rename is only durable across
     a power loss once what it points to, and the folder holding it, are on the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -52,15 +54,30 @@ def _fsync(path: Path) -> None:
 def _atomic_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 
 def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: Optional[dict] = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: Optional[dict] = None) -> None:
+    """Write `tensors` (and string `meta`) as safetensors to `path`: a temporary name, fsync'd, renamed."""
+    _atomic_tensors(Path(path), tensors, meta)
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors on the CPU, string metadata) of a safetensors file; CheckpointError when missing or unreadable."""
+    from safetensors import safe_open
+    path = Path(path)
+    tensors = _read_tensors(path, "cpu")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return tensors, meta
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -152,10 +169,15 @@ def load_state_strict(model, state: dict[str, torch.Tensor], directory) -> None:
 
 
 def save_training_state(directory: str | os.PathLike, model, optimizer: Optional[torch.optim.Optimizer],
-                        extra: dict, extra_tensors: Optional[dict[str, torch.Tensor]] = None) -> Path:
+                        extra: dict, extra_tensors: Optional[dict[str, torch.Tensor]] = None,
+                        rank_dir: Optional[str | os.PathLike] = None, rank_sha256: Optional[dict] = None) -> Path:
     """Save model + optimizer + JSON-serialisable `extra` (step, schedule state...) into `directory`.
 
     Written into ``directory.tmp`` first and renamed, so `directory` is always complete.
+    `rank_dir`: a folder of per-rank subfolders ``<r>/`` that every rank has written (and
+    fsync'd) before this call; it is moved into the checkpoint as ``ranks/`` before the
+    trainer json, which records `rank_sha256` ({rank: {file name: sha256}}, hashed by each
+    rank over its own files) for `rank_state_dir` to check.
     """
     d = Path(directory)
     tmp = d.with_name(d.name + ".tmp")
@@ -175,20 +197,24 @@ def save_training_state(directory: str | os.PathLike, model, optimizer: Optional
                     scalars.setdefault(str(pid), {})[name] = val
         opt_meta = {"param_groups": sd["param_groups"], "scalars": scalars}
     _atomic_tensors(tmp / TRAINER_TENSORS, tensors, {"format": "pt", "solar": "trainer"})
-    _atomic_json(tmp / TRAINER_JSON, {"extra": extra, "optimizer": opt_meta,
-                                      "sha256": {TRAINER_TENSORS: sha256_file(tmp / TRAINER_TENSORS)}})
-    _fsync(tmp)
+    meta = {"extra": extra, "optimizer": opt_meta, "sha256": {TRAINER_TENSORS: sha256_file(tmp / TRAINER_TENSORS)}}
+    if rank_dir is not None:
+        fsync_path(rank_dir)
+        os.replace(rank_dir, tmp / RANKS_DIR)
+        meta["ranks_sha256"] = {str(r): dict(h) for r, h in (rank_sha256 or {}).items()}
+    _atomic_json(tmp / TRAINER_JSON, meta)
+    fsync_path(tmp)
     if d.exists():
         old = d.with_name(d.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         os.replace(d, old)
         os.replace(tmp, d)
-        _fsync(d.parent)
+        fsync_path(d.parent)
         shutil.rmtree(old)
     else:
         os.replace(tmp, d)
-        _fsync(d.parent)
+        fsync_path(d.parent)
     return d
 
 
@@ -216,6 +242,26 @@ def recover_interrupted_save(directory: str | os.PathLike) -> bool:
     else:
         os.replace(old, d)
     return True
+
+
+def rank_state_dir(directory: str | os.PathLike, rank: int, world: int) -> Optional[Path]:
+    """Rank `rank`'s folder ``ranks/<rank>`` of a checkpoint, its files checked against the
+    sha256 recorded when it was written; None when the checkpoint holds no per-rank state or
+    was written by another number of ranks than `world` (a rank's share is then not this
+    rank's).  CheckpointError for a missing or modified file."""
+    d = Path(directory)
+    hashes = _read_json(d / TRAINER_JSON).get("ranks_sha256")
+    if not hashes or len(hashes) != world:
+        return None
+    folder = d / RANKS_DIR / str(rank)
+    for name, want in sorted(hashes.get(str(rank), {}).items()):
+        f = folder / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint: missing {f}")
+        if sha256_file(f) != want:
+            raise CheckpointError(f"checkpoint: {f} does not match the sha256 recorded when it was written "
+                                  f"(corrupt or modified since)")
+    return folder
 
 
 def load_training_state(directory: str | os.PathLike, model, optimizer: Optional[torch.optim.Optimizer]):

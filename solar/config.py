@@ -497,42 +497,41 @@ def _preset_config(name: str) -> TrainConfig:
 # stage 2: img_neutral_ratio off (the low-norm rule was measured on ShapesWorld's flat
 # backgrounds only; pretrained ViTs put a few very high-norm tokens in an image, next to which
 # most patches would count as neutral); function words (text_neutral_df) stay neutral.
+def _derive(base: dict, **overrides: dict) -> dict:
+    """A preset equal to `base` except the fields each section of `overrides` sets."""
+    return {sec: {**base.get(sec, {}), **overrides.get(sec, {})} for sec in dict.fromkeys([*base, *overrides])}
+
+
+_CLIP_B16 = {
+    "model": dict(image_size=224, patch_size=16, max_text_len=77,
+                  vision_pretrained="openai/clip-vit-base-patch16", text_pretrained="openai/clip-vit-base-patch16",
+                  text_causal=True, width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12,
+                  fusion_mlp=3072, embed_dim=768, lora_rank=16, lora_alpha=32.0),
+    "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
+                   teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
+    "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
+                   mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0,
+                   mine_dtype="fp16"),   # the streamed pool: N x D fp16 (solar.mining)
+    "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
+                 in_memory=False),
+    "eval": dict(batch_size=512),
+    "run": dict(out_dir="runs/solar-clip-b16", ckpt_every=1000, log_every=50, precision="bf16"),
+}
+
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "model": dict(text_context_window=5, text_segment_words=["and", ",", ".", ";"]),
         "stage2": dict(select_every=50),
     },
-    "clip-b16": {
-        "model": dict(image_size=224, patch_size=16, max_text_len=77,
-                      vision_pretrained="openai/clip-vit-base-patch16", text_pretrained="openai/clip-vit-base-patch16",
-                      text_causal=True, width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12,
-                      fusion_mlp=3072, embed_dim=768, lora_rank=16, lora_alpha=32.0),
-        "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
-                       teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
-        "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
-                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0,
-                       mine_dtype="fp16"),   # the streamed pool: N x D fp16 (solar.mining)
-        "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
-                     in_memory=False),
-        "eval": dict(batch_size=512),
-        "run": dict(out_dir="runs/solar-clip-b16", ckpt_every=1000, log_every=50, precision="bf16"),
-    },
-    "dinov2-bge": {
-        "model": dict(image_size=224, patch_size=14, max_text_len=128,
-                      vision_pretrained="facebook/dinov2-base", text_pretrained="BAAI/bge-m3",
-                      text_causal=False, width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12,
-                      fusion_mlp=3072, embed_dim=768, lora_rank=16, lora_alpha=32.0),
-        "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
-                       teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
-        "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
-                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0,
-                       mine_dtype="fp16"),   # the streamed pool: N x D fp16 (solar.mining)
-        "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
-                     in_memory=False),
-        "eval": dict(batch_size=512),
-        "baseline": dict(zero_shot=False),
-        "run": dict(out_dir="runs/solar-dinov2-bge", ckpt_every=1000, log_every=50, precision="bf16"),
-    },
+    "clip-b16": _CLIP_B16,
+    # SOLAR-B+D: clip-b16's sizes and stage settings on other towers (bidirectional text, 14 px
+    # patches, BGE-m3's longer captions) and no zero-shot baseline (no shared projection heads)
+    "dinov2-bge": _derive(
+        _CLIP_B16,
+        model=dict(patch_size=14, max_text_len=128, vision_pretrained="facebook/dinov2-base",
+                   text_pretrained="BAAI/bge-m3", text_causal=False),
+        baseline=dict(zero_shot=False),
+        run=dict(out_dir="runs/solar-dinov2-bge")),
 }
 
 

@@ -21,6 +21,11 @@ a `PoolSource` (a recipe: urls, tokenizer, sizes), and
   Memory per rank: ceil(N / w) x (D x b + 8) bytes, b = 4 (fp32), 2 (fp16) or 1 + 8 / D
   (int8 codes, per-row scale and code sum); plus, while mining, the global batch's
   candidates (G x (k + 1) x D x 4 bytes for a global batch of G).
+  Each stage-2 checkpoint holds every rank's share as written (`save_state`: the index file
+  in its stored dtype, the key hashes, the ranks' sizes and the refresh step; the same bytes
+  per rank, plus two file headers), and a resumed run restores it (`restore`) instead of
+  re-embedding the pool with the resumed weights, so it mines the same negatives as an
+  uninterrupted run until the next refresh.
 * `DocFrequency` counts in how many captions each token id occurs, one batch at a time
   (unique (caption, id) pairs, bincount): memory O(vocabulary), never a caption x
   vocabulary matrix.  `pool_frequent_token_ids` runs it over the pool's captions in one
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -41,6 +48,7 @@ import torch
 
 import solar_kernels as sk
 
+from .checkpoint import read_tensors, write_tensors
 from .data.reader import IMAGE_EXTENSIONS, iter_sample_range, make_loader
 from .distributed import DistInfo, get_dist
 from .logging import progress_bar
@@ -294,6 +302,72 @@ class EmbeddingPool:
         if self.progress and di.is_main:
             print(f"[stage2] mining pool: {len(self)} pairs embedded at step {step} in "
                   f"{self.refresh_seconds[-1]:.1f} s ({self.nbytes / 2 ** 20:.1f} MiB on this rank)", flush=True)
+
+    # ---- checkpoints: each rank writes and reads its own share
+
+    INDEX_FILE, KEYS_FILE = "mining_pool.index", "mining_pool.safetensors"
+
+    def _identity(self, di: DistInfo) -> dict:
+        """What a saved share must match to be this rank's share of this pool."""
+        return {"rank": di.rank, "world": di.world, "pool_size": len(self.source), "dtype": self.dtype}
+
+    def save_state(self, folder: str) -> None:
+        """Write this rank's share into `folder`: the index (`solar_kernels.Index.save`, its
+        stored rows, CRC-checked, fsync'd, renamed into place) and a safetensors file with the
+        key hashes, whose metadata holds the ranks' sizes, the refresh step and what the share
+        belongs to (rank, world, pool size, dtype).  Nothing is written before the first refresh."""
+        if self.index is None:
+            return
+        di = self.dist_info
+        self.index.save(os.path.join(folder, self.INDEX_FILE))
+        meta = {**self._identity(di), "sizes": list(self.sizes), "refreshed_at": int(self.refreshed_at)}
+        write_tensors(os.path.join(folder, self.KEYS_FILE), {"keys": self.keys},
+                      {"solar": "mining_pool", "state": json.dumps(meta, sort_keys=True)})
+
+    def load_state(self, folder: Optional[str]) -> Optional[str]:
+        """Install the share `save_state` wrote into `folder` (this rank only, not collective).
+        Returns None when it was installed, else why not (no folder or files, or a share of
+        another rank, world size, pool size or dtype); a corrupt file raises."""
+        if folder is None:
+            return "the checkpoint holds no pool share for this rank and world size"
+        ipath, kpath = os.path.join(folder, self.INDEX_FILE), os.path.join(folder, self.KEYS_FILE)
+        if not (os.path.isfile(ipath) and os.path.isfile(kpath)):
+            return f"no pool share in {folder}"
+        tensors, meta = read_tensors(kpath)
+        state = json.loads(meta.get("state", "{}"))
+        want = self._identity(self.dist_info)
+        changed = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+        if changed:
+            return "the saved share was written under other settings: " + ", ".join(
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        index = sk.Index.load(ipath)
+        keys, sizes = tensors["keys"], [int(n) for n in state["sizes"]]
+        if not len(index) == len(keys) == sizes[self.dist_info.rank]:
+            raise ValueError(f"{folder}: the pool share holds {len(index)} rows, {len(keys)} keys and sizes "
+                             f"{sizes}: not one share")
+        self.index, self.keys, self.sizes = index, keys, sizes
+        self.refreshed_at = int(state["refreshed_at"])
+        return None
+
+    def restore(self, folder: Optional[str]) -> bool:
+        """Collective (every rank calls it): install each rank's saved share (`load_state`); when
+        any rank cannot, every rank drops its share, so that the next step re-embeds the pool
+        on all ranks (said once, with the reason).  Returns whether the shares were restored."""
+        di = self.dist_info
+        why = self.load_state(folder)
+        ok = why is None
+        if di.enabled:
+            import torch.distributed as dist
+            flag = torch.tensor([int(ok)], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_cpu_group(di))
+            ok = bool(flag.item())
+        if not ok:
+            self.index = self.keys = None
+            self.sizes = []
+            if di.is_main:
+                print(f"[stage2] mining pool not restored ({why or 'another rank could not'}): it is embedded "
+                      f"again with the resumed weights", flush=True)
+        return ok
 
     def self_rows(self, batch: dict) -> torch.Tensor:
         """The key hash of each pair of `batch` (its own pool entry is never its negative)."""

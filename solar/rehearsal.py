@@ -17,8 +17,9 @@ can be tried (and is, in the test suite) before any GPU time is spent:
   ShapesWorld pairs whose captions are rewritten as sentences ("A photo of ...");
 * ``bench/``: a 224 px benchmark (`solar.benchmark`).
 
-Then it prints the training command (``--run``: runs it on 2 gloo processes with torchrun, then
-``solar.eval`` on the written models).  The tokenizer of the CLIP run is CLIP's real BPE
+Then it prints the training and evaluation commands of each preset (``--preset``, default both;
+``--run``: runs them, training on 2 gloo processes with torchrun, then ``solar.eval`` on the
+written models).  The tokenizer of the CLIP run is CLIP's real BPE
 (`solar.data.tokenizer.clip_tokenizer`, from open_clip_torch's vocabulary file).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import sys
 from .data import shapesworld as sw
 
 __all__ = ["write_clip_towers", "write_dinov2_xlmr_towers", "sentence_caption", "write_laion_shards",
-           "train_command", "main"]
+           "train_command", "eval_command", "prepare", "PRESETS", "main"]
 
 IMAGE_SIZE = 224
 
@@ -180,29 +181,44 @@ def prepare(root: str, pairs: int = 96, shard_size: int = 24, triplets: int = 8,
                         progress=False)
 
 
+PRESETS = ("clip-b16", "dinov2-bge")
+_EVAL_MODELS = {"clip-b16": (("SOLAR", "stage2/model"), ("CLIP-SF", "clip_sf/model")),
+                "dinov2-bge": (("SOLAR-B+D", "stage2/model"), ("CLIP-SF (B+D towers)", "clip_sf/model"))}
+
+
+def eval_command(root: str, preset: str = "clip-b16") -> list[str]:
+    """The `solar.eval` command over the models the rehearsal's run of `preset` writes (each
+    folder brings its own tokenizer and pixel normalisation; the two presets' models are
+    evaluated apart: their patch grids differ, 16 vs 14 px)."""
+    if preset not in _EVAL_MODELS:
+        raise ValueError(f"preset: expected one of {list(_EVAL_MODELS)}, got {preset!r}")
+    ckpts = [x for name, sub in _EVAL_MODELS[preset]
+             for x in ("--ckpt", f"{name}={os.path.join(root, f'run-{preset}', sub)}")]
+    return [sys.executable, "-m", "solar.eval", "--bench", os.path.join(root, "bench"), "--device", "cpu",
+            "--no-progress"] + ckpts
+
+
 def main(argv=None) -> int:
     """Command-line entry point (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m solar.rehearsal", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the towers, shards, benchmark and runs")
-    ap.add_argument("--preset", default="clip-b16", choices=("clip-b16", "dinov2-bge"))
+    ap.add_argument("--preset", default="all", choices=PRESETS + ("all",),
+                    help="the preset to rehearse (all: clip-b16, then dinov2-bge)")
     ap.add_argument("--nproc", type=int, default=2, help="gloo processes (torchrun); 1: a plain process")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps of each phase")
     ap.add_argument("--run", action="store_true", help="run the training and evaluation commands")
     a = ap.parse_args(argv)
     if a.nproc < 1 or a.steps < 1:
         ap.error(f"--nproc / --steps: expected >= 1, got {a.nproc} / {a.steps}")
-    prepare(a.out, presets=(a.preset,))
-    cmd = train_command(a.out, a.preset, a.nproc, a.steps)
-    run_dir = os.path.join(a.out, f"run-{a.preset}")
-    ev = [sys.executable, "-m", "solar.eval", "--bench", os.path.join(a.out, "bench"), "--device", "cpu",
-          "--no-progress"] + [x for name, sub in (("SOLAR", "stage2/model"), ("CLIP-SF", "clip_sf/model"))
-                              for x in ("--ckpt", f"{name}={os.path.join(run_dir, sub)}")]
-    print(" ".join(cmd))
-    print(" ".join(ev))
+    presets = PRESETS if a.preset == "all" else (a.preset,)
+    prepare(a.out, presets=presets)
+    cmds = [c for p in presets for c in (train_command(a.out, p, a.nproc, a.steps), eval_command(a.out, p))]
+    for c in cmds:
+        print(" ".join(c))
     if not a.run:
         return 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for c in (cmd, ev):
+    for c in cmds:
         rc = subprocess.call(c, env=env)
         if rc:
             return rc

@@ -36,7 +36,9 @@ every unlabeled (image, caption) pair into views, all encoded by the trained mod
 * Offline mining (`Miner`): every `refresh_every` steps the training pool is embedded
   with the current model into a `solar_kernels.Index`; each pair's nearest pool
   neighbours (self excluded) under its current embedding are its mined negatives.  On
-  streamed shards the pool holds embeddings only, sharded by rank (`solar.mining`).
+  streamed shards the pool holds embeddings only, sharded by rank (`solar.mining`).  Both
+  banks are checkpointed (the in-memory one by rank 0, a streamed one by each rank for its
+  share) and restored on resume, so a resumed run mines what an uninterrupted one does.
 * Loss: `solar_kernels.contrastive_loss` in single-set mode (multi-positive InfoNCE,
   temperature eta), over the global batch when distributed (process_group).
 
@@ -532,13 +534,13 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
         if due or miner.index is None:
             at = miner.refreshed_at
             miner.refresh(model, step, di)
-            if not due:   # a resumed streamed pool (no bank in the checkpoint): re-embedded, same schedule
+            if not due:   # a resumed streamed pool whose shares could not be restored: same schedule
                 miner.refreshed_at = at
 
     def extra_state():
         if miner is None or miner.index is None:
             return {}, {}
-        if streamed:
+        if streamed:   # the embeddings are in the ranks' own files (rank_state)
             return {"refreshed_at": miner.refreshed_at}, {}
         return {"refreshed_at": miner.refreshed_at}, {"mining_bank": miner.bank}
 
@@ -548,11 +550,16 @@ def run_stage2(model, data, cfg: Stage2Config, *, out_dir: str, resume: bool = F
         elif streamed and miner is not None and "refreshed_at" in ex:
             miner.refreshed_at = int(ex["refreshed_at"])
 
+    # streamed pool: each rank checkpoints its own share of the embeddings and restores it, so a
+    # resumed run mines from the bank the interrupted run had (not one embedded by resumed weights)
+    pool_state = dict(rank_state=miner.save_state, restore_rank_state=miner.restore) \
+        if streamed and miner is not None else {}
+
     phase = Phase(name="stage2", model=model, loss=loss_mod, data=data, steps=cfg.steps, global_batch=cfg.batch_size,
                   optim=OptimSpec(lr=cfg.lr, warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay,
                                   grad_clip=cfg.grad_clip, min_lr_ratio=cfg.min_lr_ratio),
                   ckpt_every=ckpt_every, log_every=log_every, on_step=on_step, extra_state=extra_state,
-                  restore_extra=restore_extra)
+                  restore_extra=restore_extra, **pool_state)
     options = options or LoopOptions()
     options = dataclasses.replace(options, progress=progress and options.progress)
     # the model stage 2 returns is the average of its weights when cfg.ema_decay > 0

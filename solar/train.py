@@ -45,7 +45,8 @@ from .stage1 import run_stage1
 from .stage2 import run_stage2
 from .trainer import LoopOptions
 
-__all__ = ["main", "run", "build_model", "model_dir", "loop_options", "clip_sf_steps", "val_scorer", "PHASES"]
+__all__ = ["main", "run", "build_model", "load_stage1", "model_dir", "loop_options", "clip_sf_steps", "val_scorer",
+           "PHASES"]
 
 PHASES = ("stage1", "stage2", "clip_sf", "zero_shot")
 EMBED_FILE = "solar_embedding.json"
@@ -112,13 +113,24 @@ def _phase_done(path: str, steps: int) -> bool:
 
 # --------------------------------------------------------------------------- phases
 
+def load_stage1(cfg: TrainConfig, path: str, di) -> SolarModel:
+    """The saved stage-1 model at `path`, ready for stage 2: saved models have LoRA folded in, so
+    with cfg.model.lora_rank > 0 the towers get LoRA again (stage 2 adapts them afresh; a stage-2
+    checkpoint written with LoRA then loads into it, as `--resume` needs)."""
+    model = SolarModel.from_pretrained(path, map_location=di.device)
+    if cfg.model.lora_rank > 0:
+        m = cfg.model
+        model.enable_lora(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
+    return model
+
+
 def run_phase_stage1(cfg, data, tokenizer, di, log, pool=None):
     """Stage 1 from a fresh model (or its finished model when resuming a completed phase)."""
     out = os.path.join(cfg.run.out_dir, "stage1")
     final = model_dir(cfg.run.out_dir, "stage1")
     if cfg.run.resume and _phase_done(final, cfg.stage1.steps):
         _say(di, f"[stage1] done already: {final}")
-        return SolarModel.from_pretrained(final, map_location=di.device)
+        return load_stage1(cfg, final, di)
     model = build_model(cfg, tokenizer, cfg.run.seed).to(di.device)
     # a rotation a kill interrupted leaves only ckpt.old / ckpt.tmp: finish it before asking
     resume = cfg.run.resume and recover_interrupted_save(os.path.join(out, "ckpt"))
@@ -311,11 +323,7 @@ def run(cfg: TrainConfig) -> dict:
         timings["stage1_s"] = time.time() - t
     if cfg.run.stage in ("2", "all"):
         if stage1_model is None:
-            path = cfg.run.stage1_ckpt or model_dir(out, "stage1")
-            stage1_model = SolarModel.from_pretrained(path, map_location=di.device)
-            if cfg.model.lora_rank > 0:   # saved models have LoRA folded in: stage 2 adapts them afresh
-                m = cfg.model
-                stage1_model.enable_lora(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
+            stage1_model = load_stage1(cfg, cfg.run.stage1_ckpt or model_dir(out, "stage1"), di)
         t = time.time()
         stage2_model = run_phase_stage2(cfg, bank, stage1_model, di, log, pool, val_bench)
         timings["stage2_s"] = time.time() - t

@@ -29,6 +29,9 @@ A `Phase` is a loss module over a model plus its data and its optimisation setti
   function of s; data with `state_dict()` / `load_state_dict()` (`StreamBatches`) has every
   rank's state saved with the checkpoint (gathered to rank 0), so a seekable stream continues
   from its readers' shard and sample offsets without decoding the consumed batches.
+  State that each rank holds a different share of (`Phase.rank_state`: the streamed mining
+  pool's embeddings) is written by every rank into the checkpoint's ``ranks/<r>/`` and read
+  back by the same rank on resume, so no rank ever holds another's share;
   bf16 needs no loss scaler, so there is no scaler state to save.
 
 With micro_batches > 1 the step is not wrapped in DDP (its hooks would all-reduce once per
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -47,7 +51,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_training_state, recover_interrupted_save, save_training_state
+from .checkpoint import (CheckpointError, fsync_path, load_training_state, rank_state_dir, recover_interrupted_save,
+                         save_training_state, sha256_file)
 from .distributed import DistInfo, barrier
 from .logging import progress_bar
 
@@ -95,8 +100,11 @@ class Phase:
     generators: torch.Generators the loss draws from, saved and restored with checkpoints.
     on_step(step): runs before each step (e.g. re-mining).  after_step(done) -> dict or None:
     runs after each step on every rank; a dict returned is logged (e.g. an evaluation).
-    extra_state() -> (json dict, tensor dict) is saved with each checkpoint and handed back
-    to restore_extra(json, tensors) on resume."""
+    extra_state() -> (json dict, tensor dict) is saved with each checkpoint (rank 0's) and handed
+    back to restore_extra(json, tensors) on resume.  rank_state(folder) runs on every rank at each
+    checkpoint and writes that rank's own files into `folder` (fsync'd); on resume
+    restore_rank_state(folder or None) runs on every rank with the folder this rank wrote (None
+    when the checkpoint has none or was written by another number of ranks)."""
 
     name: str
     model: nn.Module
@@ -113,6 +121,8 @@ class Phase:
     after_step: Optional[Callable[[int], Optional[dict]]] = None
     extra_state: Optional[Callable[[], tuple]] = None
     restore_extra: Optional[Callable[[dict, dict], None]] = None
+    rank_state: Optional[Callable[[str], None]] = None
+    restore_rank_state: Optional[Callable[[Optional[str]], None]] = None
 
 
 @dataclass
@@ -182,12 +192,13 @@ def clip_order(model: nn.Module, opt: torch.optim.Optimizer, lr_scales: Optional
 
 def save_train_state(path: str, *, model, step: int, optimizer, generators: dict, extra: Optional[dict] = None,
                      extra_tensors: Optional[dict] = None, run: Optional[dict] = None,
-                     data: Optional[list] = None) -> None:
+                     data: Optional[list] = None, rank_dir: Optional[str] = None,
+                     rank_sha256: Optional[dict] = None) -> None:
     """Model + optimizer + RNG states + the step + caller state (json-able `extra`, tensors
     `extra_tensors`) + the run's settings (`run`, see `run_spec`; checked on resume) + the data
-    position of every rank (`data`, json-able, one entry per rank) through
-    `solar.checkpoint.save_training_state` (safetensors + json, no pickle, written to a
-    temporary name and renamed)."""
+    position of every rank (`data`, json-able, one entry per rank) + the ranks' own files
+    (`rank_dir`, see `_write_rank_state`) through `solar.checkpoint.save_training_state`
+    (safetensors + json, no pickle, written to a temporary name and renamed)."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -198,7 +209,7 @@ def save_train_state(path: str, *, model, step: int, optimizer, generators: dict
     meta = {"step": int(step), "extra": extra or {}, "run": run or {}, "format": "solar-train-state-v1"}
     if data is not None:
         meta["data"] = data
-    save_training_state(path, model, optimizer, meta, tensors)
+    save_training_state(path, model, optimizer, meta, tensors, rank_dir=rank_dir, rank_sha256=rank_sha256)
 
 
 def load_train_state(path: str, *, model, optimizer, generators: dict) -> dict:
@@ -378,6 +389,9 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
         if phase.restore_extra is not None:
             phase.restore_extra(meta.get("extra", {}), meta.get("extra_tensors", {}))
         _restore_data_state(phase, meta.get("data"), dist_info, ckpt)
+        if phase.restore_rank_state is not None:
+            folder = _rank_state_folder(ckpt, dist_info)
+            phase.restore_rank_state(None if folder is None else str(folder))
     elif resume and dist_info.is_main:
         print(f"[{name}] --resume: no checkpoint in {ckpt!r}, starting from step 0")
     step_mod = _Step(model, phase.loss, autocast)
@@ -457,10 +471,12 @@ def train_loop(phase: Phase, *, out_dir: str, resume: bool, log, dist_info: Dist
             log(extra_row, stage=name, step=done)
         if due_ckpt:
             data_state = _gather_data_state(phase.data, dist_info)
+            rank_dir, rank_sha = _write_rank_state(phase, ckpt, dist_info)
             if dist_info.is_main:
                 ex, ext = phase.extra_state() if phase.extra_state else ({}, {})
                 save_train_state(ckpt, model=model, step=done, optimizer=opt, generators=phase.generators,
-                                 extra=ex, extra_tensors=ext, run=run_spec(phase), data=data_state)
+                                 extra=ex, extra_tensors=ext, run=run_spec(phase), data=data_state,
+                                 rank_dir=rank_dir, rank_sha256=rank_sha)
             barrier()
     bar.close()
     return {"step": phase.steps, "loss": result_loss, "seconds": time.perf_counter() - t_start}
@@ -478,6 +494,52 @@ def _gather_data_state(data, di: DistInfo) -> Optional[list]:
     out = [None] * di.world
     dist.all_gather_object(out, state, group=di.group)
     return out
+
+
+def _write_rank_state(phase: "Phase", ckpt: str, di: DistInfo) -> tuple:
+    """Every rank writes its own state (`phase.rank_state`) into {ckpt}.ranks.tmp/<rank>/ and
+    hashes its files; returns (that folder, {rank: {file: sha256}}) on every rank, or
+    (None, None) when the phase keeps no state per rank.  Rank 0 moves the folder into the
+    checkpoint it writes next (`save_training_state`), so the shares become part of the
+    checkpoint in the same atomic rename; a folder left by a killed save is removed first."""
+    if phase.rank_state is None:
+        return None, None
+    staging = ckpt + ".ranks.tmp"
+    if di.is_main and os.path.exists(staging):
+        shutil.rmtree(staging)
+    barrier()
+    mine = os.path.join(staging, str(di.rank))
+    os.makedirs(mine)
+    phase.rank_state(mine)
+    fsync_path(mine)
+    hashes = {name: sha256_file(os.path.join(mine, name)) for name in sorted(os.listdir(mine))}
+    if not di.enabled:
+        return staging, {"0": hashes}
+    import torch.distributed as dist
+    out = [None] * di.world
+    dist.all_gather_object(out, hashes, group=di.group)   # also: every rank has written before rank 0 moves
+    return staging, {str(r): h for r, h in enumerate(out)}
+
+
+def _rank_state_folder(ckpt: str, di: DistInfo):
+    """This rank's folder of per-rank state in `ckpt` (`solar.checkpoint.rank_state_dir`), or
+    None.  Every rank checks its own files; a corrupt one is a CheckpointError on every rank
+    (agreed over the group, so that no rank waits for one that has failed)."""
+    folder, err = None, None
+    try:
+        folder = rank_state_dir(ckpt, di.rank, di.world)
+    except CheckpointError as e:
+        err = e
+    if di.enabled:
+        import torch.distributed as dist
+        bad = torch.tensor([int(err is not None)], device=di.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=di.group)
+        if int(bad.item()) and err is None:
+            err = CheckpointError(f"checkpoint: {ckpt!r}: another rank's files in ranks/ are missing or corrupt "
+                                  f"(its error names them)")
+    if err is not None:
+        raise err
+    return folder
 
 
 def _restore_data_state(phase: "Phase", states: Optional[list], di: DistInfo, ckpt: str) -> None:

@@ -42,8 +42,9 @@ from triton.backends.driver import DriverBase  # noqa: E402
 
 H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
-_current_case = {"name": "?"}
+_current_case = {"name": "?", "config": "", "dtype": ""}
 RECORDS: list[dict] = []
+CONFIG_FAILURES: list[dict] = []  # configs that failed inside an autotuner (which skips them)
 _SEEN: set[str] = set()
 
 
@@ -104,7 +105,8 @@ class _Utils:
         usage = _res_usage(kernel, digest)
         if digest not in _SEEN:
             _SEEN.add(digest)
-            RECORDS.append(dict(case=_current_case["name"], kernel=name, shared=int(shared), cubin=digest, **usage))
+            RECORDS.append(dict(case=_current_case["name"], kernel=name, config=_current_case["config"],
+                                dtype=_current_case["dtype"], shared=int(shared), cubin=digest, **usage))
         max_threads = 1024 if usage["regs"] <= 64 else max(32, (65536 // max(usage["regs"], 1)) // 32 * 32)
         return None, None, usage["regs"], usage["local"] // 4, min(1024, max_threads)
 
@@ -159,7 +161,15 @@ class StandInSm90Driver(DriverBase):
 
     def get_benchmarker(self):
         def bench(fn, quantiles=None, **kwargs):
-            fn()
+            # an autotuner benchmarks each config: compile it, and report a failure that the
+            # autotuner would otherwise swallow (it skips configs that run out of resources)
+            try:
+                fn()
+            except Exception as e:
+                CONFIG_FAILURES.append(dict(case=f"{_current_case['name']} [{_current_case['config']}]",
+                                            error=f"{type(e).__name__}: {str(e)[:2000]}",
+                                            traceback=traceback.format_exc()[-4000:]))
+                raise
             return [1.0] * len(quantiles) if quantiles else 1.0
         return bench
 
@@ -168,6 +178,38 @@ class StandInSm90Driver(DriverBase):
 
     def clear_cache(self, cache):
         pass
+
+
+def _label_launches():
+    """Label every compile with the launch's meta-parameters (BLOCK_*, warps, stages): with
+    autotuning one kernel compiles once per config of its set."""
+    from triton.runtime.jit import JITFunction
+
+    real = JITFunction.run
+
+    def run(self, *args, **kwargs):
+        blocks = "x".join(str(v) for k, v in kwargs.items() if k.startswith("BLOCK_"))
+        _current_case["config"] = f"{blocks} w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"
+        _current_case["dtype"] = next((str(a.dtype)[6:] for a in args if isinstance(a, torch.Tensor)), "")
+        return real(self, *args, **kwargs)
+
+    JITFunction.run = run
+
+
+@contextlib.contextmanager
+def _default_configs(on: bool):
+    """With `on`, the contrastive kernels launch their default config instead of autotuning
+    (SOLAR_CL_AUTOTUNE=0): --quick compiles every config only for the hot (D = 768) cases."""
+    old = os.environ.get("SOLAR_CL_AUTOTUNE")
+    if on:
+        os.environ["SOLAR_CL_AUTOTUNE"] = "0"
+    try:
+        yield
+    finally:
+        if on and old is None:
+            del os.environ["SOLAR_CL_AUTOTUNE"]
+        elif on:
+            os.environ["SOLAR_CL_AUTOTUNE"] = old
 
 
 # ------------------------------------------------------------------------------------------
@@ -203,9 +245,13 @@ def _pool_cases(quick: bool):
 
 def _loss_cases(quick: bool):
     import solar_kernels as sk
-    from solar_kernels.ops.contrastive import MAX_KERNEL_MINE_K
+    from solar_kernels.ops.contrastive_triton import MAX_KERNEL_MINE_K
 
     def run(N, D, dtype, mode, hard_neg=0, hardness=0.0, mine_k=0):
+        with _default_configs(quick and D != 768):
+            _run(N, D, dtype, mode, hard_neg, hardness, mine_k)
+
+    def _run(N, D, dtype, mode, hard_neg, hardness, mine_k):
         g = torch.Generator().manual_seed(1)
         q = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1).to(dtype).requires_grad_()
         k = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1).to(dtype).requires_grad_()
@@ -258,6 +304,7 @@ def _pooled_cases(quick: bool):
 
 def run_all(quick: bool, only: str | None = None) -> dict:
     triton.runtime.driver.set_active(StandInSm90Driver())
+    _label_launches()
     import solar_kernels
     from solar_kernels import _dispatch
 
@@ -274,16 +321,16 @@ def run_all(quick: bool, only: str | None = None) -> dict:
                 tb = traceback.format_exc()
                 failures.append(dict(case=name, error=f"{type(e).__name__}: {str(e)[:2000]}", traceback=tb[-4000:]))
     return dict(triton=triton.__version__, torch=torch.__version__, cases=[c[0] for c in cases],
-                kernels=RECORDS, failures=failures)
+                kernels=RECORDS, failures=failures + CONFIG_FAILURES)
 
 
 def markdown(report: dict) -> str:
     lines = [f"Triton {report['triton']} (sm_90, compiled ahead of time; {len(report['cases'])} cases, "
              f"{len(report['kernels'])} specialisations, {len(report['failures'])} failures)", "",
-             "| kernel | first case | regs | smem B | stack B | spill ld/st | wgmma | atomics | GPU fences | bar.sync |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| kernel | first case | config | regs | smem B | stack B | spill ld/st | wgmma | atomics | GPU fences | bar.sync |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["kernels"]:
-        lines.append(f"| {r['kernel']} | {r['case']} | {r['regs']} | {r['shared']} | {r['stack']} | "
+        lines.append(f"| {r['kernel']} | {r['case']} | {r.get('config', '')} | {r['regs']} | {r['shared']} | {r['stack']} | "
                      f"{r['local_ld']}/{r['local_st']} | {'yes' if r['hgmma'] else 'no'} | {r['atomics']} | "
                      f"{r['membar']} | {r['barriers']} |")
     for f in report["failures"]:
@@ -291,11 +338,35 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_by_config(report: dict, prefix: str = "_cl_") -> str:
+    """One row per (kernel, operand dtype, config) over every case that compiled it: the
+    register range, shared memory, the largest stack frame and spill counts (with the case),
+    whether every compile has HGMMA, and atomics / GPU fences summed."""
+    rows: dict = {}
+    for r in report["kernels"]:
+        if r["kernel"].startswith(prefix):
+            rows.setdefault((r["kernel"], r.get("dtype", ""), r.get("config", "")), []).append(r)
+    lines = ["| kernel | dtype | config (BLOCKs, warps, stages) | compiles | regs | smem B | max stack B (case) | "
+             "spill ld/st | HGMMA in all | atomics | GPU fences |", "|---|---|---|---:|---|---|---|---|---|---:|---:|"]
+    for (kernel, dtype, config), rs in rows.items():
+        worst = max(rs, key=lambda r: (r["stack"], r["local_ld"] + r["local_st"]))
+        regs = sorted({r["regs"] for r in rs})
+        smem = sorted({r["shared"] for r in rs})
+        where = f" ({worst['case']})" if worst["stack"] else ""
+        lines.append(f"| {kernel} | {dtype} | {config} | {len(rs)} | {regs[0]}-{regs[-1]} | "
+                     f"{smem[0]}{'-' + str(smem[-1]) if len(smem) > 1 else ''} | {worst['stack']}{where} | "
+                     f"{worst['local_ld']}/{worst['local_st']} | {'yes' if all(r['hgmma'] for r in rs) else 'NO'} | "
+                     f"{sum(r['atomics'] for r in rs)} | {sum(r['membar'] for r in rs)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="where to write the report (JSON)")
     ap.add_argument("--markdown", help="also write the table as markdown here")
-    ap.add_argument("--quick", action="store_true", help="fewer V / mine_k variants")
+    ap.add_argument("--by-config", help="also write the contrastive kernels' table by config here (markdown)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer V / mine_k variants; every contrastive config only at D = 768")
     ap.add_argument("--only", help="run only the cases whose name contains this string")
     args = ap.parse_args()
     report = run_all(args.quick, args.only)
@@ -308,6 +379,9 @@ def main():
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(report))
+    if args.by_config:
+        with open(args.by_config, "w") as f:
+            f.write(markdown_by_config(report))
     print(markdown(report))
 
 

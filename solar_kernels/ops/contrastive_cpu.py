@@ -285,3 +285,24 @@ def pos_full(pos_t, diag, s):
     if diag is not None:
         m[diag] = True
     return m
+
+
+def mine_chunked(q, k, gq, gk, offset, inv_t, single, mine_k):
+    """The mine_k best negatives per row for mine_k above the Triton statistics kernel's
+    in-register bound (contrastive_triton.MAX_KERNEL_MINE_K): S in row chunks of
+    at most CPU_TILE_ELEMS elements (fp32 matmul, any device), exact top-k with ties to the
+    lower column.  Same contract as the kernel's (values, indices), sorted."""
+    n, N = q.shape[0], k.shape[0]
+    R = max(1, min(n, CPU_TILE_ELEMS // max(N, 1)))
+    kf = k.float()
+    tv = torch.empty((n, mine_k), device=q.device, dtype=torch.float32)
+    ti = torch.empty((n, mine_k), device=q.device, dtype=torch.int64)
+    for r0 in range(0, n, R):
+        r1 = min(n, r0 + R)
+        s = q[r0:r1].float() @ kf.t() * inv_t
+        pos, diag = tile_masks(gq, gk, r0, r1, 0, N, offset, single, q.device)
+        s = s.masked_fill(pos_full(pos, diag, s), float("-inf"))
+        if single and diag is not None:
+            s[diag] = float("-inf")
+        tv[r0:r1], ti[r0:r1] = topk_lowest_index(s, mine_k)
+    return tv, ti

@@ -1,7 +1,6 @@
 """`python -m solar.index build|search` on a tiny benchmark and an untrained model folder:
 one process, two gloo processes writing index shards (searched sharded and in one process),
 and the one-line errors."""
-import io
 import json
 import os
 import tarfile
@@ -10,9 +9,9 @@ import pytest
 import torch
 
 from solar import benchmark as bm
-from solar.data.tokenizer import load_tokenizer
 from solar.index import main
-from solar.model import ModelConfig, SolarModel
+
+from model_fixtures import tiny_model_folder
 
 SIZE = 32
 
@@ -26,18 +25,7 @@ def bench(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny untrained model folder as `solar.train` writes it (as in test_fault_injection)."""
-    tok = load_tokenizer("shapesworld", model_max_length=40)
-    torch.manual_seed(0)
-    cfg = ModelConfig(image_size=SIZE, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64,
-                      max_text_len=40, text_hidden=32, text_layers=1, text_heads=2, text_mlp=64, width=32,
-                      adapter_hidden=32, fusion_layers=1, fusion_heads=2, fusion_mlp=64,
-                      embed_dim=16).with_tokenizer(tok)
-    d = tmp_path_factory.mktemp("model") / "model"
-    SolarModel(cfg).save_pretrained(d)
-    with open(d / "solar_embedding.json", "w") as fh:
-        json.dump({"embedding": "solar", "steps": 0}, fh)
-    return str(d)
+    return tiny_model_folder(tmp_path_factory.mktemp("model") / "model", image_size=SIZE)
 
 
 def _query(bench, tmp_path, shard=2, which=3):

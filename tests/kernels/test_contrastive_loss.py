@@ -11,6 +11,7 @@ import solar_kernels as sk
 from solar_kernels import nn as snn
 from solar_kernels.ops import contrastive as cl
 from solar_kernels.ops import contrastive_cpu as cl_cpu
+from solar_kernels.ops import contrastive_triton as ct
 from solar_kernels.reference import contrastive_loss_reference, masked_pool_reference
 
 from oracle import assert_close_to_fp64  # tests/oracle.py (on sys.path: conftest.py)
@@ -157,16 +158,22 @@ def test_triton_backend_vs_reference(n, d, h, dtype, temperature, hardness, gkin
     dict(n=17, h=1, hardness=0.0, gkind="lonely", single=True, symmetric=False, mine_k=2, seed=12),
 ], ids=["two-tower-hard-mined", "single-set-mined"])
 def test_triton_several_d_chunks(monkeypatch, case):
-    """The S tile and the backward sweep D in BLOCK_D chunks.  Under the interpreter BLOCK_D is
-    next_pow2(D) (one chunk), so force BLOCK_D = 16 with d = 33: three chunks, the last of one
-    column; forward, backward, hard negatives and mining against the reference."""
-    real = cl._triton_settings
+    """The S tile and the backward's grad tile and GEMMs sweep D in BLOCK_D chunks.  Under the
+    interpreter BLOCK_D is next_pow2(D) (one chunk), so force BLOCK_D = 16 with d = 33: three
+    chunks, the last of one column; forward, backward, hard negatives and mining against the
+    reference."""
+    real = ct.kernel_configs
 
-    def small_d_chunks(n_rows, n_cols, D, dtype, target):
-        return dict(real(n_rows, n_cols, D, dtype, target), BLOCK_D=16)
+    def small_d_chunks(*args, **kwargs):
+        configs = real(*args, **kwargs)
+        for c in configs:
+            c.kwargs["BLOCK_D"] = 16
+        return configs
 
-    monkeypatch.setattr(cl, "_triton_settings", small_d_chunks)
-    assert -(-33 // cl._triton_settings(17, 17, 33, torch.float32, "interpreter")["BLOCK_D"]) == 3
+    monkeypatch.setattr(ct, "kernel_configs", small_d_chunks)
+    for kernel in ("stats", "grad", "gemm_dq", "gemm_dk"):
+        (cfg,) = ct.kernel_configs(kernel, torch.float32, 17, 17, 33, "interpreter")
+        assert -(-33 // cfg.kwargs["BLOCK_D"]) == 3
     _run_vs_reference("triton", d=33, dtype=torch.float32, temperature=0.1, **case)
 
 

@@ -15,7 +15,7 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels import _dispatch
-from solar_kernels.ops import contrastive as cl
+from solar_kernels.ops import contrastive_triton as ct
 from solar_kernels.ops import masked_pool as mp
 from solar_kernels.reference import contrastive_loss_reference
 
@@ -37,8 +37,8 @@ def test_settings_follow_the_target():
     with _dispatch.kernel_target("cuda"):
         assert _dispatch.target_for(cpu) == "cuda"
         assert mp._triton_blocks(3, 768, cpu) == (4, 8, 128)
-        cfg = cl._settings_for(torch.empty(4096, 768, dtype=torch.bfloat16), 4096)
-        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"]) == (64, 64, 64, 4)
+        cfg = ct.kernel_configs("stats", torch.bfloat16, 4096, 4096, 768, _dispatch.target_for(cpu))[0]
+        assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_D"], cfg.num_warps) == (64, 64, 64, 4)
     assert _dispatch.target_for(cpu) == "interpreter"
     assert _dispatch.target_for(torch.device("cuda")) == "cuda"
     with pytest.raises(ValueError, match="kernel target"):
@@ -109,7 +109,7 @@ def test_contrastive_cuda_settings_vs_reference(case):
 def test_mine_k_above_the_kernel_bound():
     """mine_k > MAX_KERNEL_MINE_K mines in the chunked second pass: same indices and scores as
     the reference (ties to the lower index), on both targets' settings."""
-    n, d, mk = 90, 24, cl.MAX_KERNEL_MINE_K + 9
+    n, d, mk = 90, 24, ct.MAX_KERNEL_MINE_K + 9
     g = torch.Generator().manual_seed(5)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV)
     k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV)
@@ -177,10 +177,11 @@ def test_backward_panels_cover_every_row(monkeypatch, dtype):
     of 44 rows): every row's dq and every column's dk must match the reference (groups, both
     directions and hardness, so every term of G is exercised)."""
     n, d = 300, 24
-    cfg = cl._bwd_settings(n, n, d, dtype, "cuda")
-    step = max(cfg["grad"]["BLOCK_M"], cfg["dq"]["BLOCK_M"], cfg["dk"]["BLOCK_K"])
-    monkeypatch.setattr(cl, "MAX_PANEL_ELEMS", step * n)
-    assert cl._bwd_settings(n, n, d, dtype, "cuda")["panel_rows"] == step < n
+    step = ct.PANEL_STEP
+    for kernel, side in (("grad", "BLOCK_M"), ("gemm_dq", "BLOCK_M"), ("gemm_dk", "BLOCK_K")):
+        assert all(step % c.kwargs[side] == 0 for c in ct.kernel_configs(kernel, dtype, n, n, d, "cuda"))
+    monkeypatch.setattr(ct, "MAX_PANEL_ELEMS", step * n)
+    assert ct.panel_rows(n, n) == step < n
     g = torch.Generator().manual_seed(9)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
@@ -201,7 +202,7 @@ def test_column_statistics_from_the_row_pass(monkeypatch, temperature):
     small (the column sums reuse the row exponentials); 0.01 makes logits span about 200, so
     tiles take the per-column fallback.  Loss and gradients against the fp64 reference, with
     groups and hardness (all three statistics per direction)."""
-    monkeypatch.setattr(cl, "MAX_COL_PARTIALS", 2)
+    monkeypatch.setattr(ct, "MAX_COL_PARTIALS", 2)
     n, d = 150, 24
     g = torch.Generator().manual_seed(13)
     q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV).requires_grad_()
@@ -216,3 +217,97 @@ def test_column_statistics_from_the_row_pass(monkeypatch, temperature):
         rq, rk = torch.autograd.grad(ref, (q, k))
         assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-5 * (1 + abs(float(ref.detach())))
         assert rel_err(dq, rq) < 1e-4 and rel_err(dk, rk) < 1e-4, (rel_err(dq, rq), rel_err(dk, rk))
+
+
+def test_config_sets_hold_their_constraints():
+    """The autotuning sets (ct.CONFIGS) keep the invariants the kernels rely on: fp16's GEMM
+    chunks divide every grad tile side (one power-of-two scale per chunk), fp32 statistics /
+    grad tiles stay at the spill-free 16-wide D chunks with 8 warps, every row block divides
+    PANEL_STEP, the default comes first, the interpreter gets exactly one config, and the
+    statistics kernel with both directions and hardness never runs 4 warps (it spilled)."""
+    grad16 = ct.kernel_configs("grad", torch.float16, 4096, 4096, 768, "cuda")
+    for kernel in ("gemm_dq", "gemm_dk"):
+        for c in ct.kernel_configs(kernel, torch.float16, 4096, 4096, 768, "cuda"):
+            assert all(g.kwargs["BLOCK_M"] % c.kwargs["BLOCK_K"] == 0 and g.kwargs["BLOCK_N"] % c.kwargs["BLOCK_K"] == 0
+                       for g in grad16), (kernel, c)
+            assert ct.PANEL_STEP % c.kwargs["BLOCK_M"] == 0 and ct.PANEL_STEP % c.kwargs["BLOCK_K"] == 0
+    assert all(ct.PANEL_STEP % g.kwargs["BLOCK_M"] == 0 for g in grad16)
+    # mining: 64 x 64 at 8 warps only; GEMMs: at most 64 accumulator values per thread
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in
+            ct.kernel_configs("stats", torch.bfloat16, 4096, 4096, 768, "cuda", mine=True)] == [(64, 64, 8)]
+    for dtype in (torch.bfloat16, torch.float32):
+        for c in ct.kernel_configs("gemm_dk", dtype, 4096, 4096, 768, "cuda"):
+            assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_D"] <= 64 * 32 * c.num_warps, c
+    for kernel in ("stats", "grad"):
+        for c in ct.kernel_configs(kernel, torch.float32, 4096, 4096, 768, "cuda"):
+            assert c.kwargs["BLOCK_D"] == 16 and c.num_warps == 8, (kernel, c)
+        first = ct.CONFIGS[kernel]["16bit"][0]
+        c = ct.kernel_configs(kernel, torch.bfloat16, 4096, 4096, 768, "cuda")[0]
+        assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) == first
+    assert all(c.num_warps == 8 for c in ct.kernel_configs("stats", torch.float16, 4096, 4096, 768, "cuda",
+                                                           hard=True, cols=True))
+    # a grad tile side of 16 would leave no GEMM whose BLOCK_K divides it: an error, not a wrong scale
+    with pytest.raises(RuntimeError, match="no gemm_dq config"):
+        ct.kernel_configs("gemm_dq", torch.float16, 4096, 4096, 768, "cuda", scale_block=16)
+    # D chunks narrowed to D: D = 17 needs 32-wide chunks at most
+    assert all(c.kwargs["BLOCK_D"] <= 32 for k in ("stats", "grad", "gemm_dq")
+               for c in ct.kernel_configs(k, torch.bfloat16, 4096, 4096, 17, "cuda"))
+    for kernel in ("stats", "grad", "gemm_dq", "gemm_dk"):
+        assert len(ct.kernel_configs(kernel, torch.float16, 300, 300, 24, "interpreter")) == 1
+
+
+def test_interpreter_never_autotunes():
+    """Under TRITON_INTERPRET=1 every launch runs one config, chosen deterministically (the
+    first of the set under the CUDA target): no autotuner is built, nothing is benchmarked."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreter only")
+    assert not ct.autotuning()
+    n, d = 70, 16
+    g = torch.Generator().manual_seed(4)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(torch.float16).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(torch.float16).requires_grad_()
+    before = len(ct._TUNERS)
+    with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+        assert len(ct.kernel_configs("gemm_dq", torch.float16, n, n, d, "cuda")) > 1
+        torch.autograd.grad(sk.contrastive_loss(q, k, hardness=0.5), (q, k))
+    assert len(ct._TUNERS) == before
+
+
+_CONFIG_CASES = ([(torch.float16, i, True) for i in range(3)] + [(torch.float16, i, False) for i in (2, 3)]
+                 + [(torch.float32, i, True) for i in range(3)])
+
+
+@pytest.mark.parametrize("dtype,index,hard", _CONFIG_CASES,
+                         ids=[f"{str(d)[6:]}-config{i}-{'hard-mined' if h else 'plain'}" for d, i, h in _CONFIG_CASES])
+def test_every_config_vs_reference(monkeypatch, dtype, index, hard):
+    """Each config of the autotuning sets, forced on every kernel at once (the index-th of each
+    set, wrapping), runs the symmetric loss with groups, with hardness and mining or without
+    (mining narrows the statistics set to one config; fp16: the scaled G with that config's
+    GEMM chunks against its grad tile) and matches the fp64
+    reference: whichever config the GPU's autotuner picks computes the same loss and
+    gradients."""
+    real = ct.kernel_configs
+
+    def forced(*args, **kwargs):
+        configs = real(*args, **kwargs)
+        return [configs[index % len(configs)]]
+
+    monkeypatch.setattr(ct, "kernel_configs", forced)
+    n, d = 150, 40
+    g = torch.Generator().manual_seed(21)
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEV, dtype).requires_grad_()
+    kw = dict(groups=torch.arange(n, device=DEV) // 3, temperature=0.1, hardness=0.5 if hard else 0.0,
+              mine_k=2 if hard else 0)
+    with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+        out = sk.contrastive_loss(q, k, **kw)
+        loss = out[0] if hard else out
+        dq, dk = torch.autograd.grad(loss, (q, k))
+    out64 = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    ref = out64[0] if hard else out64
+    rq, rk = torch.autograd.grad(ref, (q, k))
+    tol = 1e-4 if dtype == torch.float32 else 1.2e-2
+    assert abs(float(loss.detach()) - float(ref.detach())) <= tol * (1 + abs(float(ref.detach())))
+    assert rel_err(dq, rq) < tol and rel_err(dk, rk) < tol, (rel_err(dq, rq), rel_err(dk, rk))
+    if hard:
+        assert torch.equal(out[1].indices.cpu(), out64[1][0].cpu())

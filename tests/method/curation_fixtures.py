@@ -9,11 +9,8 @@ import json
 import os
 import tarfile
 
-import torch
-
+from model_fixtures import tiny_model_folder
 from solar.data import shapesworld as sw
-from solar.data.tokenizer import load_tokenizer
-from solar.model import ModelConfig, SolarModel
 
 ITEMS, VIEWS, SIZE, SEED, OFFSET = 20, 3, 32, 3, 500
 PAIRS = ITEMS * VIEWS + 1        # + one view of one more item
@@ -44,18 +41,8 @@ def make_catalogue(out: str, hostile_keys=(HOSTILE_KEY,)) -> str:
 
 
 def make_model(out: str) -> str:
-    """A tiny untrained SOLAR model folder as `solar.train` writes it (weights + solar_embedding.json)."""
-    tok = load_tokenizer("shapesworld", model_max_length=40)
-    torch.manual_seed(0)
-    cfg = ModelConfig(image_size=SIZE, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64,
-                      max_text_len=40, text_hidden=32, text_layers=1, text_heads=2, text_mlp=64, width=32,
-                      adapter_hidden=32, fusion_layers=1, fusion_heads=2, fusion_mlp=64,
-                      embed_dim=16).with_tokenizer(tok)
-    d = os.path.join(out, "model")
-    SolarModel(cfg).save_pretrained(d)
-    with open(os.path.join(d, "solar_embedding.json"), "w") as fh:
-        json.dump({"embedding": "solar", "steps": 0}, fh)
-    return d
+    """A tiny untrained SOLAR model folder, ``out/model`` (`model_fixtures.tiny_model_folder`)."""
+    return tiny_model_folder(os.path.join(out, "model"), image_size=SIZE)
 
 
 def metas(shards_dir: str) -> dict:

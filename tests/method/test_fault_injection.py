@@ -21,6 +21,8 @@ from solar.data.reader import ReaderStats, make_loader
 from solar.data.tokenizer import load_tokenizer
 from solar.model import ModelConfig, SolarModel
 
+from model_fixtures import tiny_model_folder
+
 N_TRIPLETS, POOL, SHARD, SIZE = 6, 20, 10, 32   # 38 pairs in 4 shards
 N_PAIRS = 3 * N_TRIPLETS + POOL
 
@@ -39,18 +41,8 @@ def bench(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tok):
-    """A tiny untrained model folder as `solar.train` writes it (weights + solar_embedding.json)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(image_size=SIZE, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64,
-                      max_text_len=40, text_hidden=32, text_layers=1, text_heads=2, text_mlp=64, width=32,
-                      adapter_hidden=32, fusion_layers=1, fusion_heads=2, fusion_mlp=64,
-                      embed_dim=16).with_tokenizer(tok)
-    d = tmp_path_factory.mktemp("model") / "model"
-    SolarModel(cfg).save_pretrained(d)
-    with open(d / "solar_embedding.json", "w") as fh:
-        json.dump({"embedding": "solar", "steps": 0}, fh)
-    return str(d)
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("model") / "model", image_size=SIZE)
 
 
 def _copy(src, dst):

@@ -1,8 +1,11 @@
 """Mining over a streamed pool in bounded memory (solar.mining): document frequencies by a
 counter equal the dense definition; the pool holds embeddings only (bytes counted, nothing
 but its share decoded); it is refreshed every R steps; 1 and 2 gloo processes mine the same
-negatives; the reader's sample ranges split a pool without overlap."""
+negatives; the reader's sample ranges split a pool without overlap; each rank's share is
+checkpointed and restored, so a resumed stage 2 equals an uninterrupted one."""
+import contextlib
 import copy
+import io
 import os
 import sys
 
@@ -232,3 +235,202 @@ def test_streamed_stage2_refreshes_every_r_steps_and_builds_no_pixel_bank(shards
     (p,) = made
     assert p.steps == [0, 2, 4] and p.refreshes == 3 and p.decoded == 3 * 100
     assert all("mined_sim" in r for r in rows) and len(rows) == 5
+
+
+# --------------------------------------------------------------------------- exact resume of the mining bank
+
+class _Killed(Exception):
+    """Raised from the log callback: the run stops there, as a killed process would (its last
+    checkpoint stays on disk; nothing of the process survives into the resumed run)."""
+
+
+def _stage2_resume_runs(di, urls, out, streamed=True, kill_after=3, corrupt=False):
+    """Stage 2 with mining, 5 steps, refreshes at steps 0 and 3, checkpoints at 2, 4, 5: an
+    uninterrupted run, and a run killed after step `kill_after` (checkpoint of step 2) then
+    resumed in new objects.  Returns, per run, the pool ids mined at each step (the global
+    search's ids, in call order), the step it resumed from and a digest of each final weight.
+    corrupt: then flip a byte of the last rank's pool share and resume once more ("corrupt": the
+    error each rank raised)."""
+    import hashlib
+
+    import solar.stage2 as s2
+    from solar.config import Stage2Config
+    from solar.checkpoint import CheckpointError
+    from solar.data.batches import ShardStreams, load_pair_bank
+    torch.set_num_threads(1)
+    mined: list = []
+
+    class Spy(EmbeddingPool):
+        def neighbours(self, f, self_rows, k):
+            search, depth = self.index.search, []
+
+            def spy(*a, **kw):   # the sharded search calls search again for its own shard
+                depth.append(1)
+                scores, ids = search(*a, **kw)
+                depth.pop()
+                if not depth:
+                    mined.append(ids.tolist())
+                return scores, ids
+            self.index.search = spy
+            try:
+                return super().neighbours(f, self_rows, k)
+            finally:
+                del self.index.search
+
+    class MinerSpy(s2.Miner):
+        def neighbours(self, f, self_rows, k):
+            out = super().neighbours(f, self_rows, k)
+            mined.append(self.index.search(f.detach().float().cpu().contiguous(), k + 1)[1].tolist())
+            return out
+
+    real = s2.EmbeddingPool, s2.Miner
+    s2.EmbeddingPool, s2.Miner = Spy, MinerSpy
+    try:
+        runs = {}
+        plan = [("uninterrupted", None, False), ("killed", kill_after, False), ("resumed", None, True)]
+        for name, kill, resume in plan + ([("corrupt", None, True)] if corrupt else []):
+            if name == "corrupt":
+                from solar.distributed import barrier
+                if di.rank == di.world - 1:
+                    f = os.path.join(out, "killed", "ckpt", "ranks", str(di.rank), EmbeddingPool.KEYS_FILE)
+                    with open(f, "r+b") as fh:
+                        fh.seek(-1, 2)
+                        b = fh.read(1)
+                        fh.seek(-1, 2)
+                        fh.write(bytes([b[0] ^ 1]))
+                barrier()
+            mined.clear()
+            tok = _tokenizer()
+            model = _model()
+            teacher = copy.deepcopy(model)
+            if streamed:
+                data = ShardStreams(urls, tok, image_size=32, patch_size=8, max_length=40, num_workers=0, seed=0,
+                                    rank=di.rank, world=di.world).phase(8, 2)
+                pool = _source(urls, size=POOL)
+            else:
+                data = load_pair_bank(urls, tok, image_size=32, patch_size=8, max_length=40, seed=0, limit=POOL,
+                                      progress=False)
+                pool = None
+            cfg = Stage2Config(steps=5, batch_size=8, warmup_steps=1, mine_k=2, refresh_every=3, mine_pool_size=POOL,
+                               n_segments=3, kmeans_iters=2, mine_dtype="fp16", lr=3e-3)
+            run_dir = os.path.join(out, "killed" if name in ("resumed", "corrupt") else name)
+
+            def log(row, stage="", step=-1, **_):
+                if kill is not None and step == kill:
+                    raise _Killed()
+            printed = []
+            try:
+                buf = io.StringIO()
+                with contextlib.redirect_stdout(buf):
+                    s2.run_stage2(model, data, cfg, out_dir=run_dir, resume=resume, seed=1, dist_info=di,
+                                  teacher=teacher, ckpt_every=2, log_every=1, progress=False, pool=pool, log=log)
+                printed = buf.getvalue().splitlines()
+            except _Killed:
+                pass
+            except CheckpointError as e:
+                if name != "corrupt":
+                    raise
+                runs[name] = str(e)
+                continue
+            start = next((int(x.split("resumed from step ")[1].split()[0]) for x in printed
+                          if "resumed from step" in x), 0)
+            runs[name] = {"mined": list(mined), "start": start, "printed": printed, "rank": di.rank,
+                          "weights": {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest()
+                                      for k, v in model.state_dict().items()}}
+        return runs
+    finally:
+        s2.EmbeddingPool, s2.Miner = real
+
+
+def _check_exact_resume(runs):
+    ref, resumed = runs["uninterrupted"], runs["resumed"]
+    assert len(ref["mined"]) == 5 and len(runs["killed"]["mined"]) == 3
+    assert resumed["start"] == 2 or resumed["rank"] > 0, resumed["printed"]   # rank 0 says where it resumed
+    assert not any("not restored" in x for x in resumed["printed"]), resumed["printed"]
+    # step 2 mines from the bank embedded at step 0 (restored), step 3 refreshes as scheduled
+    assert resumed["mined"] == ref["mined"][2:], "mined neighbour ids differ from the uninterrupted run's"
+    differ = [k for k in ref["weights"] if resumed["weights"][k] != ref["weights"][k]]
+    assert not differ, f"final weights differ from the uninterrupted run's: {differ[:5]}"
+
+
+def test_resumed_streamed_stage2_restores_the_pool_and_equals_an_uninterrupted_run(shards, tmp_path):
+    """Killed between two refreshes (after step 3; refreshes at 0 and 3, last checkpoint at
+    step 2), the resumed run restores the pool share of the checkpoint instead of embedding the
+    pool with the step-2 weights: it mines the same ids at every step and ends with the same
+    weights, bit for bit (one thread)."""
+    from solar.distributed import DistInfo
+    runs = _stage2_resume_runs(DistInfo(), shards, str(tmp_path))
+    _check_exact_resume(runs)
+    share = tmp_path / "killed" / "ckpt" / "ranks" / "0"
+    D = _model().cfg.embed_dim
+    assert sorted(p.name for p in share.iterdir()) == [EmbeddingPool.INDEX_FILE, EmbeddingPool.KEYS_FILE]
+    index_bytes = (share / EmbeddingPool.INDEX_FILE).stat().st_size
+    keys_bytes = (share / EmbeddingPool.KEYS_FILE).stat().st_size
+    # the share as held in memory, N x (D x 2 + 8) bytes, plus two small headers
+    assert 0 <= index_bytes - POOL * D * 2 < 256 and 0 <= keys_bytes - POOL * 8 < 512
+    assert not (tmp_path / "killed" / "ckpt.ranks.tmp").exists()
+
+
+def test_resumed_in_memory_stage2_restores_the_bank(shards, tmp_path):
+    """The in-memory `Miner` (ShapesWorld's default path) already saved its bank with rank 0's
+    checkpoint: the same exact resume holds there."""
+    from solar.distributed import DistInfo
+    _check_exact_resume(_stage2_resume_runs(DistInfo(), shards, str(tmp_path), False))
+
+
+@pytest.mark.dist
+def test_resumed_streamed_stage2_on_two_gloo_processes(shards, tmp_path):
+    """Two ranks: each writes and restores its own share (ranks/0, ranks/1), and the resumed run
+    equals the uninterrupted two-process run; a modified share is refused on both ranks."""
+    from dist_harness import run_ranks
+    ranks = run_ranks(_stage2_resume_runs, tmp_path, shards, str(tmp_path / "runs"), True, 3, True)
+    for runs in ranks:
+        _check_exact_resume(runs)
+    # rank 1's share modified on disk: both ranks refuse the checkpoint (none waits for the other)
+    assert "ranks/1/mining_pool.safetensors" in ranks[1]["corrupt"] and "sha256" in ranks[1]["corrupt"]
+    assert "another rank" in ranks[0]["corrupt"]
+    assert ranks[0]["resumed"]["weights"] == ranks[1]["resumed"]["weights"]
+    for r in (0, 1):
+        assert (tmp_path / "runs" / "killed" / "ckpt" / "ranks" / str(r) / EmbeddingPool.INDEX_FILE).is_file()
+
+
+def test_pool_share_round_trip_and_refusals(shards, tmp_path):
+    """save_state / load_state give back the same rows, keys, sizes and refresh step; a share
+    written for another pool size is refused with the reason (the pool is then re-embedded);
+    a modified share file is a CheckpointError when the checkpoint is read."""
+    from solar.checkpoint import CheckpointError, rank_state_dir, save_training_state, sha256_file
+
+    model = _model().eval()
+    pool = EmbeddingPool(_source(shards, size=60), dtype="fp16", progress=False)
+    pool.refresh(model, step=7)
+    share = tmp_path / "stage" / "0"
+    share.mkdir(parents=True)
+    pool.save_state(str(share))
+    back = EmbeddingPool(_source(shards, size=60), dtype="fp16", progress=False)
+    assert back.load_state(str(share)) is None
+    assert torch.equal(back.index.reconstruct(), pool.index.reconstruct())
+    assert torch.equal(back.index.reconstruct([5, 2]), pool.index.reconstruct([5, 2]))
+    assert torch.equal(back.keys, pool.keys) and back.sizes == [60] and back.refreshed_at == 7
+    other = EmbeddingPool(_source(shards, size=61), dtype="fp16", progress=False)
+    assert "pool_size 60 -> 61" in other.load_state(str(share))
+    assert not other.restore(str(share)) and other.index is None
+    assert "no pool share" in other.load_state(str(tmp_path))
+
+    class Tiny(torch.nn.Module):     # what save_model needs of a model
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+            self.cfg = type("Cfg", (), {"to_dict": lambda self: {}})()
+    hashes = {"0": {n: sha256_file(share / n) for n in os.listdir(share)}}
+    ckpt = tmp_path / "ckpt"
+    save_training_state(ckpt, Tiny(), None, {}, rank_dir=tmp_path / "stage", rank_sha256=hashes)
+    assert not (tmp_path / "stage").exists()
+    assert rank_state_dir(ckpt, 0, 1) == ckpt / "ranks" / "0"
+    assert rank_state_dir(ckpt, 0, 2) is None                    # written by one rank, read by two
+    with open(ckpt / "ranks" / "0" / EmbeddingPool.KEYS_FILE, "r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    with pytest.raises(CheckpointError, match="sha256"):
+        rank_state_dir(ckpt, 0, 1)

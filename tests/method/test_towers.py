@@ -238,6 +238,26 @@ def test_lora_trains_adapters_only_and_saves_merged(clip_dir, tmp_path):
     assert towers.has_lora(m3.text) and torch.allclose(m3.embed(batch), f, atol=1e-6)
 
 
+def test_resume_after_stage1_gives_stage2_its_lora_back(clip_dir, tmp_path):
+    """`--resume` with stage 1 finished loads the saved stage-1 model (LoRA folded in); stage 2
+    must get LoRA again, as with `--run.stage 2`, or a stage-2 checkpoint written with LoRA
+    cannot be loaded (and stage 2 would silently fine-tune the whole towers)."""
+    pytest.importorskip("peft")
+    import solar.train as T
+    from solar.distributed import DistInfo
+    tok = clip_tokenizer()
+    cfg = _clip_b16(clip_dir)
+    cfg.model.lora_rank, cfg.model.lora_alpha = 4, 8.0
+    cfg.run.out_dir, cfg.run.resume = str(tmp_path), True
+    trained = T.build_model(cfg, tok, 0)          # what stage 1 trains (LoRA in the towers)
+    final = T.model_dir(cfg.run.out_dir, "stage1")
+    trained.save_pretrained(final)                # folded in
+    T._write_kind(final, "solar", cfg.stage1.steps)
+    back = T.run_phase_stage1(cfg, None, tok, DistInfo(), None)
+    assert towers.has_lora(back.vision) and towers.has_lora(back.text)
+    assert set(back.state_dict()) == set(trained.state_dict())     # a stage-2 checkpoint's keys
+
+
 # --------------------------------------------------------------------------- zero-shot CLIP-SF
 
 def test_zero_shot_clip_sf_uses_clips_projection_heads(clip_dir):
@@ -286,3 +306,51 @@ def test_encode_and_retriever_use_the_models_own_tokenizer(tmp_path):
     r = solar.Retriever(d)
     r.add(images, texts)
     assert torch.allclose(r.encode(images, texts), got, atol=1e-6)
+
+
+# the pretrained-tower presets as they were written out in full, before dinov2-bge was derived
+# from clip-b16 (the section overrides each preset sets)
+_WRITTEN_OUT = {
+    "clip-b16": {
+        "model": dict(image_size=224, patch_size=16, max_text_len=77,
+                      vision_pretrained="openai/clip-vit-base-patch16", text_pretrained="openai/clip-vit-base-patch16",
+                      text_causal=True, width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12,
+                      fusion_mlp=3072, embed_dim=768, lora_rank=16, lora_alpha=32.0),
+        "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
+                       teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
+        "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
+                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0,
+                       mine_dtype="fp16"),
+        "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
+                     in_memory=False),
+        "eval": dict(batch_size=512),
+        "run": dict(out_dir="runs/solar-clip-b16", ckpt_every=1000, log_every=50, precision="bf16"),
+    },
+    "dinov2-bge": {
+        "model": dict(image_size=224, patch_size=14, max_text_len=128,
+                      vision_pretrained="facebook/dinov2-base", text_pretrained="BAAI/bge-m3",
+                      text_causal=False, width=768, adapter_hidden=1536, fusion_layers=3, fusion_heads=12,
+                      fusion_mlp=3072, embed_dim=768, lora_rank=16, lora_alpha=32.0),
+        "stage1": dict(steps=5000, lr=1e-4, tower_lr_scale=1.0, warmup_steps=200, temperature=0.05,
+                       teacher="init", gd_weight=1.0, ld_weight=1.0, log_every=50, eval_every=500, ckpt_every=1000),
+        "stage2": dict(steps=5000, batch_size=1024, lr=5e-5, warmup_steps=200, refresh_every=1000,
+                       mine_pool_size=1_000_000, mine_k=8, n_segments=8, kmeans_iters=10, img_neutral_ratio=0.0,
+                       mine_dtype="fp16"),
+        "data": dict(train_pairs=1_000_000, batch_size=1024, shard_size=10000, bench_pool=100_000, num_workers=8,
+                     in_memory=False),
+        "eval": dict(batch_size=512),
+        "baseline": dict(zero_shot=False),
+        "run": dict(out_dir="runs/solar-dinov2-bge", ckpt_every=1000, log_every=50, precision="bf16"),
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(_WRITTEN_OUT))
+def test_derived_presets_resolve_as_the_written_out_ones(name, monkeypatch):
+    """dinov2-bge is clip-b16 plus overrides: each preset resolves to the same TrainConfig as its
+    written-out form (compared resolved, so a changed default moves both alike)."""
+    import solar.config as C
+    got = C.config_to_dict(C.get_preset(name))
+    monkeypatch.setitem(C.PRESETS, name, _WRITTEN_OUT[name])
+    assert got == C.config_to_dict(C.get_preset(name))
+    assert C.PRESETS["dinov2-bge"] is not C.PRESETS["clip-b16"]
