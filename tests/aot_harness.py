@@ -78,8 +78,28 @@ def _sass_counts(path: str) -> dict:
         membar=len(wide_fences),
         barriers=sum(o.startswith("BAR.SYNC") or o == "BAR" for o in ops),
         local_ld=sum(n == "LDL" for n in names), local_st=sum(n == "STL" for n in names),
-        n_sass=len(names),
+        n_sass=len(names), **_loop_counts(text),
     )
+
+
+def _loop_counts(text: str) -> dict:
+    """Barriers and global-load widths inside loop bodies: the SASS between a backward branch's
+    target and the branch (self-branches, the trap after EXIT, excluded).  loop_ldg maps a load's
+    width suffix (U8, U16, 32 for plain LDG.E, 64, 128) to its count."""
+    ins = [(int(a, 16), op) for a, op in re.findall(r"^\s+/\*([0-9a-f]+)\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);",
+                                                    text, flags=re.M)]
+    loops = []
+    for addr, op in ins:
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", op)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    body = [op for addr, op in ins if any(lo <= addr <= hi for lo, hi in loops)]
+    ldg: dict = {}
+    for op in body:
+        m = re.search(r"\bLDG\.E(?:\.(U8|S8|U16|S16|64|128))?\b", op)
+        if m:
+            ldg[m.group(1) or "32"] = ldg.get(m.group(1) or "32", 0) + 1
+    return dict(loop_barriers=sum("BAR.SYNC" in op for op in body), loop_ldg=ldg)
 
 
 def _res_usage(cubin: bytes, digest: str) -> dict:
@@ -89,7 +109,7 @@ def _res_usage(cubin: bytes, digest: str) -> dict:
         f.write(cubin)
         f.flush()
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
-        if digest not in _SASS_CACHE:
+        if "loop_ldg" not in _SASS_CACHE.get(digest, {}):  # (entries from before the loop counts)
             _SASS_CACHE[digest] = _sass_counts(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)
     if m is None:
@@ -280,12 +300,14 @@ def run_all(quick: bool, only: str | None = None) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Triton {report['triton']} (sm_90, compiled ahead of time; {len(report['cases'])} cases, "
              f"{len(report['kernels'])} specialisations, {len(report['failures'])} failures)", "",
-             "| kernel | first case | regs | smem B | stack B | spill ld/st | wgmma | atomics | GPU fences | bar.sync |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| kernel | first case | regs | smem B | stack B | spill ld/st | wgmma | atomics | GPU fences | bar.sync "
+             "| in loops: bar.sync | in loops: LDG by width |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["kernels"]:
         lines.append(f"| {r['kernel']} | {r['case']} | {r['regs']} | {r['shared']} | {r['stack']} | "
                      f"{r['local_ld']}/{r['local_st']} | {'yes' if r['hgmma'] else 'no'} | {r['atomics']} | "
-                     f"{r['membar']} | {r['barriers']} |")
+                     f"{r['membar']} | {r['barriers']} | {r['loop_barriers']} | "
+                     f"{' '.join(f'{w}:{n}' for w, n in sorted(r['loop_ldg'].items()))} |")
     for f in report["failures"]:
         lines.append(f"\nFAILED {f['case']}: {f['error'][:300]}")
     return "\n".join(lines) + "\n"

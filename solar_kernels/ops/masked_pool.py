@@ -62,179 +62,13 @@ MIN_WEIGHT_SUM = torch.finfo(torch.float32).tiny
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Triton kernels
+# 1. Triton kernels: ops/masked_pool_kernels.py
 # ----------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from .masked_pool_kernels import _pool_bwd_kernel, _pool_bwd_prep_kernel, _pool_fwd_kernel, _pool_norm_kernel
 
-    @triton.jit
-    def _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd, stride_mv, stride_ml,
-                       SKIP_ZERO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-        """(sum_l w x [BLOCK_V, BLOCK_D], sum_l w [BLOCK_V]) of one batch row's D slice, in fp32.
-        The products accumulate in a [BLOCK_V, BLOCK_L, BLOCK_D] tile reduced over L once,
-        after the loop.  SKIP_ZERO leaves out the terms under a zero weight (0 * NaN)."""
-        acc = tl.zeros([BLOCK_V, BLOCK_L, BLOCK_D], dtype=tl.float32)
-        wacc = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
-        for l0 in range(0, L, BLOCK_L):
-            offs_l = l0 + tl.arange(0, BLOCK_L)
-            l_ok = offs_l < L
-            w = tl.load(m_row + offs_v[:, None] * stride_mv + offs_l[None, :] * stride_ml,
-                        mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
-            xt = tl.load(x_row + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                         mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            if SKIP_ZERO:
-                acc += tl.where(w[:, :, None] != 0.0, w[:, :, None] * xt[None, :, :], 0.0)
-            else:
-                acc += w[:, :, None] * xt[None, :, :]
-            wacc += w
-        return tl.sum(acc, axis=1), tl.sum(wacc, axis=1)
-
-    @triton.jit
-    def _pool_fwd_kernel(
-        X_ptr, M_ptr, Y_ptr, S_ptr, N_ptr,
-        L, D, V,
-        stride_xb, stride_xl, stride_xd,
-        stride_mv, stride_mb, stride_ml,
-        stride_yv, stride_yb,
-        stride_sv,
-        BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-        MIN_SUM: tl.constexpr,
-    ):
-        """y[v, b, d] = sum_{l: w != 0} w[v, b, l] x[b, l, d] / s[v, b],  s = sum_l w[v, b, l];
-        y = 0 and s = 0 where s < MIN_SUM (the smallest normal fp32: the non-finite contract).
-
-        Grid (B, cdiv(V, BLOCK_V), cdiv(D, BLOCK_D)): one program owns a BLOCK_D slice of
-        row b for BLOCK_V masks, so each x tile is loaded once for all of them.  x and the
-        weights are upcast to fp32; the products accumulate in fp32 in a [BLOCK_V, BLOCK_L,
-        BLOCK_D] tile that is reduced over L once, after the loop: no cross-thread reduction
-        (shared memory and barriers) per L step.  (A reduction inside the loop also made
-        Triton 3.6's TritonGPUOptimizeThreadLocality pass fail for float masks at
-        BLOCK_L >= 256.)  Y is fp32 [V, B, D], S (the mask sums) fp32 [V, B]; N (same strides
-        as S) is set to 0, so that without normalize no other launch touches the outputs
-        (_pool_norm_kernel overwrites it with the norms when normalising).  Terms under a
-        zero weight are skipped by recomputing a slice whose sum came out non-finite (only
-        then can 0 * NaN / inf have entered it).
-        """
-        pid_b = tl.program_id(0).to(tl.int64)
-        pid_v = tl.program_id(1).to(tl.int64)
-        pid_d = tl.program_id(2).to(tl.int64)
-        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        v_ok = offs_v < V
-        d_ok = offs_d < D
-        x_row = X_ptr + pid_b * stride_xb
-        m_row = M_ptr + pid_b * stride_mb
-        psum, wsum = _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd,
-                                    stride_mv, stride_ml, False, BLOCK_V, BLOCK_L, BLOCK_D)
-        # a sum below the smallest normal fp32 is an empty row (1 / s would overflow)
-        wsum = tl.where(wsum >= MIN_SUM, wsum, 0.0)
-        # 0 * NaN / inf under a zero weight made the sum non-finite: redo this slice with
-        # zero-weight terms skipped (rare: only when x holds non-finite values, so the hot
-        # loop stays one FMA per weight and element)
-        bad = (psum != psum) | (tl.abs(psum) == float("inf"))
-        if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:
-            psum, _ = _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd,
-                                     stride_mv, stride_ml, True, BLOCK_V, BLOCK_L, BLOCK_D)
-        safe = tl.where(wsum > 0, wsum, 1.0)
-        y = tl.where(wsum[:, None] > 0, psum / safe[:, None], 0.0)
-        tl.store(Y_ptr + offs_v[:, None] * stride_yv + pid_b * stride_yb + offs_d[None, :], y,
-                 mask=v_ok[:, None] & d_ok[None, :])
-        if pid_d == 0:
-            tl.store(S_ptr + offs_v * stride_sv + pid_b, wsum, mask=v_ok)
-            tl.store(N_ptr + offs_v * stride_sv + pid_b, tl.zeros_like(wsum), mask=v_ok)
-
-    @triton.jit
-    def _pool_norm_kernel(Y_ptr, N_ptr, D, eps, BLOCK_D: tl.constexpr):
-        """Row-wise L2 normalisation in place: n[r] = ||y[r]||, y[r] /= max(n[r], eps).
-
-        One program per row of the fp32 [V*B, D] buffer; BLOCK_D >= D.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK_D)
-        ok = offs < D
-        y = tl.load(Y_ptr + row * D + offs, mask=ok, other=0.0)
-        n = tl.sqrt(tl.sum(y * y, axis=0))
-        tl.store(Y_ptr + row * D + offs, y / tl.maximum(n, eps), mask=ok)
-        tl.store(N_ptr + row, n)
-
-    @triton.jit
-    def _pool_bwd_prep_kernel(G_ptr, O_ptr, S_ptr, N_ptr, DP_ptr, C_ptr, D, eps,
-                              NORMALIZE: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Per (v, b) row: dp = dy / s and c = y . dp (formulas in the module docstring).
-
-        G (grad of out), O (the fp32 output) and DP are fp32 [V*B, D]; S, N, C fp32 [V*B].
-        One program per row; BLOCK_D >= D.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK_D)
-        ok = offs < D
-        g = tl.load(G_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
-        o = tl.load(O_ptr + row * D + offs, mask=ok, other=0.0)
-        s = tl.load(S_ptr + row)
-        if NORMALIZE:
-            n = tl.load(N_ptr + row)
-            denom = tl.maximum(n, eps)
-            og = tl.sum(o * g, axis=0)
-            proj = tl.where(n > eps, og, 0.0)
-            dy = (g - o * proj) / denom
-            y = o * denom
-        else:
-            dy = g
-            y = o
-        inv_s = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
-        dp = dy * inv_s
-        tl.store(DP_ptr + row * D + offs, dp, mask=ok)
-        tl.store(C_ptr + row, tl.sum(y * dp, axis=0))
-
-    @triton.jit
-    def _pool_bwd_kernel(
-        X_ptr, M_ptr, DP_ptr, C_ptr, GX_ptr, GM_ptr,
-        L, D, V,
-        stride_xb, stride_xl, stride_xd,
-        stride_mv, stride_mb, stride_ml,
-        stride_gxb, stride_gxl,
-        stride_dpv, stride_dpb,
-        stride_cv,
-        stride_gmv, stride_gmb,
-        NEED_MASK_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """grad_x[b, l] = sum_v w[v, b, l] dp[v, b];  grad_w[v, b, l] = x[b, l] . dp[v, b] - c[v, b].
-
-        Grid (B, cdiv(L, BLOCK_L)); a program sweeps D in BLOCK_D steps for BLOCK_V >= V
-        masks, so x (only read when the mask gradient is wanted) and grad_x are each
-        touched once.  All products accumulate in fp32; grad_x is stored in its buffer's
-        dtype (ACCUMULATE adds to an fp32 buffer, for V split into groups).
-        """
-        pid_b = tl.program_id(0).to(tl.int64)
-        pid_l = tl.program_id(1).to(tl.int64)
-        # int64: offs_v * stride_dpv reaches (V - 1) * B * D, past 2^31 at V = 8, B ~ 400k, D = 768
-        offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
-        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-        v_ok = offs_v < V
-        l_ok = offs_l < L
-        w = tl.load(M_ptr + offs_v[:, None] * stride_mv + pid_b * stride_mb + offs_l[None, :] * stride_ml,
-                    mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
-        gw = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < D
-            dp = tl.load(DP_ptr + offs_v[:, None] * stride_dpv + pid_b * stride_dpb + offs_d[None, :],
-                         mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-            gx = tl.sum(w[:, :, None] * dp[:, None, :], axis=0)
-            gx_ptrs = GX_ptr + pid_b * stride_gxb + offs_l[:, None] * stride_gxl + offs_d[None, :]
-            tile_ok = l_ok[:, None] & d_ok[None, :]
-            if ACCUMULATE:
-                gx += tl.load(gx_ptrs, mask=tile_ok, other=0.0)
-            tl.store(gx_ptrs, gx.to(GX_ptr.dtype.element_ty), mask=tile_ok)
-            if NEED_MASK_GRAD:
-                xt = tl.load(X_ptr + pid_b * stride_xb + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                             mask=tile_ok, other=0.0).to(tl.float32)
-                gw += tl.sum(xt[None, :, :] * dp[:, None, :], axis=2)
-        if NEED_MASK_GRAD:
-            c = tl.load(C_ptr + offs_v * stride_cv + pid_b, mask=v_ok, other=0.0)
-            tl.store(GM_ptr + offs_v[:, None] * stride_gmv + pid_b * stride_gmb + offs_l[None, :],
-                     gw - c[:, None], mask=v_ok[:, None] & l_ok[None, :])
+# token rows per forward loop step (unrolled; a multiple of 4, the most mask elements in a word)
+FWD_UNROLL = 8
 
 
 def _triton_blocks(V: int, D: int, device: torch.device) -> tuple[int, int, int]:
@@ -252,34 +86,75 @@ def _triton_blocks(V: int, D: int, device: torch.device) -> tuple[int, int, int]
     return bv, bl, bd
 
 
+def _fwd_blocks(V: int, D: int, x: torch.Tensor) -> tuple[int, int, int]:
+    """The forward's (BLOCK_V, BLOCK_D, num_warps), in one visible place.
+
+    On a GPU one warp owns BLOCK_D = 32 x (16 / itemsize) features: each thread loads 16
+    contiguous bytes of every x row (one vector load), and the [BLOCK_V, BLOCK_D] fp32
+    accumulator stays at BLOCK_V x 16 / itemsize registers a thread.  The interpreter pays
+    per tile operation, so it gets one wide tile.
+    """
+    bv = triton.next_power_of_2(min(V, MAX_V_PER_PASS))
+    if _dispatch.target_for(x.device) != "cuda":
+        return bv, min(triton.next_power_of_2(D), 256), 4
+    return bv, min(triton.next_power_of_2(D), 32 * (16 // x.element_size())), 1
+
+
 def _mask_for_triton(mask: torch.Tensor) -> torch.Tensor:
     # bool pointers are loaded as int1 inconsistently across triton versions: pass bytes
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def _forward_triton(x, mask, normalize, eps):
+def _mask_word_elems(m: torch.Tensor) -> int:
+    """Mask elements per 32-bit word when the forward may read `m` (uint8 / fp16 / bf16) as
+    aligned words: L contiguous, and every aligned word holding a mask element lies inside the
+    storage (the last row's last word may hold bytes past its end).  0: element loads (fp32
+    masks are 4 bytes a load already; strided L)."""
+    es = m.element_size()
+    if es not in (1, 2) or m.numel() == 0 or (m.stride(2) != 1 and m.shape[2] > 1):
+        return 0
+    storage = m.untyped_storage()
+    last = m.storage_offset() + sum((n - 1) * st for n, st in zip(m.shape, m.stride()))
+    end_word = ((last + 1) * es + 3) // 4 * 4
+    if storage.data_ptr() % 4 or end_word > storage.nbytes():
+        return 0
+    return 4 // es
+
+
+def _forward_triton(x, mask, normalize, eps, out_dtype=torch.float32, keep_fp32=True):
+    """One launch (two with normalize): (out in out_dtype, the fp32 out or None, aux).
+
+    The fp32 out is also stored when out_dtype is lower and `keep_fp32` or `normalize` (the
+    backward reads it then); out_dtype float32 returns out itself as the fp32 out."""
     V, B, L = mask.shape
     D = x.shape[2]
-    out = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
+    lowp = out_dtype != torch.float32
+    keep = (not lowp) or keep_fp32 or normalize
+    out = torch.empty((V, B, D), device=x.device, dtype=out_dtype)
+    out32 = torch.empty((V, B, D), device=x.device, dtype=torch.float32) if lowp and keep else None
+    y = out if not lowp else (out32 if keep else out)
     if out.numel() == 0:
-        return out, torch.zeros((2, V, B), device=x.device, dtype=torch.float32)
+        return out, (out if not lowp else out32), torch.zeros((2, V, B), device=x.device, dtype=torch.float32)
     # every element of aux is written by the kernels: no fill launch
     aux = torch.empty((2, V, B), device=x.device, dtype=torch.float32)
     m = _mask_for_triton(mask)
-    bv, bl, bd = _triton_blocks(V, D, x.device)
+    words = _mask_word_elems(m)
+    bv, bd, nw = _fwd_blocks(V, D, x)
     grid = (B, triton.cdiv(V, bv), triton.cdiv(D, bd))
     _pool_fwd_kernel[grid](
-        x, m, out, aux[0], aux[1],
-        L, D, V,
+        x, m, y, out, aux[0], aux[1],
+        L, D, V, m.data_ptr() % 4 if words else 0,
         x.stride(0), x.stride(1), x.stride(2),
         m.stride(0), m.stride(1), m.stride(2),
         out.stride(0), out.stride(1),
         aux.stride(1),
-        BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd, MIN_SUM=MIN_WEIGHT_SUM,
+        BLOCK_V=bv, BLOCK_D=bd, UNROLL=FWD_UNROLL, WORD_ELEMS=words,
+        STORE_Y=keep, STORE_O=lowp and not normalize, MIN_SUM=MIN_WEIGHT_SUM, num_warps=nw,
     )
     if normalize:  # without it, no launch beyond the forward kernel (aux[1] stays 0)
-        _pool_norm_kernel[(V * B,)](out, aux[1], D, float(eps), BLOCK_D=triton.next_power_of_2(D))
-    return out, aux
+        _pool_norm_kernel[(V * B,)](y, out, aux[1], D, float(eps), STORE_O=lowp,
+                                    BLOCK_D=triton.next_power_of_2(D))
+    return out, (out if not lowp else out32), aux
 
 
 def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad):
@@ -440,7 +315,8 @@ def pool_forward(x: torch.Tensor, mask: torch.Tensor, normalize: bool = False, e
     mask = mask.to(torch.float32) if mask.dtype == torch.float64 else mask
     backend = _backend(x)
     if backend == "triton":
-        return _forward_triton(x, mask, normalize, eps)
+        out, _, aux = _forward_triton(x, mask, normalize, eps)
+        return out, aux
     if backend == "native":
         out, aux = _ext.require(CPU_SYMBOL_FWD)(x, mask, bool(normalize), float(eps))
         return out, aux

@@ -136,15 +136,15 @@ def test_triton_several_d_tiles(monkeypatch, normalize):
 
     from solar_kernels.ops import masked_pool as mp
 
-    real = mp._triton_blocks
+    real = mp._fwd_blocks
 
-    def small_d_tiles(V, D, device):
-        bv, bl, _ = real(V, D, device)
-        return bv, bl, 16
+    def small_d_tiles(V, D, x):
+        bv, _, nw = real(V, D, x)
+        return bv, 16, nw
 
-    monkeypatch.setattr(mp, "_triton_blocks", small_d_tiles)
+    monkeypatch.setattr(mp, "_fwd_blocks", small_d_tiles)
     D = 40
-    assert triton.cdiv(D, mp._triton_blocks(3, D, DEVICE)[2]) == 3
+    assert triton.cdiv(D, mp._fwd_blocks(3, D, torch.empty(1))[1]) == 3
     x, mask = make_inputs(31, 3, 17, D, 3, torch.float32)
     check_case("triton", x, mask, normalize, mask_grad=True)
     xb, maskb = make_inputs(32, 2, 9, D, 2, torch.bfloat16, mask_kind="bool", noncontig=True)
@@ -416,3 +416,28 @@ def test_triton_forward_aux_without_normalize():
     torch.testing.assert_close(aux[0], mask.float().sum(-1))
     assert torch.equal(aux[1], torch.zeros_like(aux[1]))
     torch.testing.assert_close(out, masked_pool_reference(x, mask).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float16, torch.bfloat16])
+def test_triton_word_mask_loads_at_every_alignment(mask_dtype):
+    """The forward reads byte / half-word masks as aligned 32-bit words and funnel-shifts rows
+    that start mid-word into place: masks whose storage starts 0-3 elements into a buffer (so
+    every row start alignment occurs), L not a multiple of the word, the last word inside the
+    storage (word path) and past it (element fallback)."""
+    es = torch.empty((), dtype=mask_dtype).element_size()
+    for off in range(4):
+        for L, pad in ((5, 4), (77, 4), (8, 0), (3, 0)):
+            V, B, D = 3, 2, 24
+            g = torch.Generator().manual_seed(100 * off + L)
+            x = torch.randn(B, L, D, generator=g)
+            flat = torch.rand(off + V * B * L + pad, generator=g)
+            flat = (flat > 0.4) if mask_dtype == torch.bool else (flat * (flat > 0.4)).to(mask_dtype)
+            mask = flat[off:off + V * B * L].view(V, B, L)
+            end_byte = (off + V * B * L) * es
+            expect_words = -(-end_byte // 4) * 4 <= flat.numel() * es
+            assert (mp._mask_word_elems(mp._mask_for_triton(mask)) > 0) == expect_words, (off, L, pad)
+            check_case("triton", x, mask, False, mask_grad=False)
+    strided = torch.rand(2, 3, 10)[..., ::2] > 0.5  # L not contiguous: element loads
+    assert mp._mask_word_elems(mp._mask_for_triton(strided)) == 0
+    assert mp._mask_word_elems(torch.rand(2, 3, 8)) == 0  # fp32: 4 bytes a load already
