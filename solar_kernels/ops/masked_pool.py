@@ -13,14 +13,15 @@ under a zero weight it never reaches the output (the term is skipped, not comput
 Layers, in order (STYLE.md):
 
 1. ``@triton.jit`` kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
-   ``_pool_fwd_kernel``, ``_pool_norm_kernel``, ``_pool_bwd_prep_kernel``, ``_pool_bwd_kernel``.
+   ``_pool_fwd_kernel``, ``_pool_norm_kernel``, ``_pool_bwd_prep_kernel``, ``_pool_bwd_kernel``,
+   in ``ops/masked_pool_kernels.py``.
 2. Launchers that dispatch by backend and do no autograd: :func:`pool_forward`,
    :func:`pool_backward` (also used by ``pooled_contrastive_loss``).  The CPU kernel is
    C++/OpenMP in ``csrc/pool/pool_cpu.cpp``; the ``"torch"`` backend is a chunked
    plain-PyTorch path.
-3. One ``autograd.Function`` (:class:`_MaskedPoolFunction`).
-4. ``torch.library`` registration: ``solar::masked_pool_fwd`` / ``solar::masked_pool_bwd``
-   with fake kernels, so ``torch.compile`` traces the op without running it.
+3. ``torch.library`` custom ops ``solar::masked_pool_fwd`` / ``solar::masked_pool_bwd`` with
+   fake kernels (``torch.compile`` traces the op without running it), and the forward op's
+   autograd formula (``register_autograd``): the one autograd path, eager and compiled.
 
 The backward formulas (s = sum_l w_l, y = p / s the un-normalised mean, n = ||y||):
 
@@ -364,7 +365,7 @@ def grad_buffer_cache_mb(max_mb: int | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# 4. torch.library registration (custom ops with fake kernels)
+# 3. torch.library registration (custom ops with fake kernels) and autograd
 # ----------------------------------------------------------------------------------------
 def check_weights(mask: torch.Tensor, name: str = "mask") -> None:
     """Float weights must be finite and non-negative; one min/max reduction when they are."""
@@ -381,13 +382,23 @@ def check_weights(mask: torch.Tensor, name: str = "mask") -> None:
                      f"(min {float(mask.min()):.4g})")
 
 
-def _fwd_impl(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float, keep_fp32: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # x is not scanned for NaN/inf: that would be a second full read of the largest tensor, and
     # this op exists to read it once.  Non-finite values under a nonzero weight propagate into the
     # output on every backend; terms under weight 0 are skipped on every backend (each one redoes
     # a weighted sum that came out non-finite without them: the contract in the module docstring).
     check_weights(mask)
-    return pool_forward(x, mask, normalize, eps)
+    lowp = x.dtype != torch.float32
+    keep = lowp and (keep_fp32 or normalize)
+    if _backend(x) == "triton":  # one launch (two with normalize) writes out in x's dtype
+        out, out32, aux = _forward_triton(x, mask.to(torch.float32) if mask.dtype == torch.float64 else mask,
+                                          normalize, eps, x.dtype, keep)
+    else:
+        out32, aux = pool_forward(x, mask, normalize, eps)
+        out = out32.to(x.dtype)
+    # outputs may not alias: the fp32 copy is empty when out is fp32 itself or nobody reads it
+    return out, (out32 if keep else x.new_empty((0,), dtype=torch.float32)), aux
 
 
 def _bwd_impl(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,17 +409,23 @@ def _bwd_impl(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad) -> tu
 
 
 @torch.library.custom_op("solar::masked_pool_fwd", mutates_args=())
-def _masked_pool_fwd_op(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Custom-op form of :func:`pool_forward` (mask is [V, B, L]); checks that the weights are
-    finite and non-negative (x is not scanned: see :func:`_fwd_impl`)."""
-    return _fwd_impl(x, mask, normalize, eps)
+def _masked_pool_fwd_op(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float, keep_fp32: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """masked_pool with mask [V, B, L]: (out [V, B, D] in x's dtype, out32, aux [2, V, B] as in
+    :func:`pool_forward`).  out32 is the fp32 output when x is float16 / bfloat16 and
+    `keep_fp32` or `normalize` (the backward reads it), else an empty tensor (out is fp32
+    already, or nothing needs it).  Checks that the weights are finite and non-negative (x is
+    not scanned: see :func:`_fwd_impl`)."""
+    return _fwd_impl(x, mask, normalize, eps, keep_fp32)
 
 
 @_masked_pool_fwd_op.register_fake
-def _(x, mask, normalize, eps):
+def _(x, mask, normalize, eps, keep_fp32):
     V, B, _ = mask.shape
-    return x.new_empty((V, B, x.shape[2]), dtype=torch.float32), x.new_empty((2, V, B), dtype=torch.float32)
+    keep = x.dtype != torch.float32 and (keep_fp32 or normalize)
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((V, B, x.shape[2])), x.new_empty((V, B, x.shape[2]) if keep else (0,), **f32),
+            x.new_empty((2, V, B), **f32))
 
 
 @torch.library.custom_op("solar::masked_pool_bwd", mutates_args=())
@@ -425,29 +442,29 @@ def _(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad):
     return torch.empty_like(x, memory_format=torch.contiguous_format), gm
 
 
-# ----------------------------------------------------------------------------------------
-# 3. autograd
-# ----------------------------------------------------------------------------------------
-class _MaskedPoolFunction(torch.autograd.Function):
-    """out = masked_pool(x, mask3) with mask3 [V, B, L]; gradients for x and a float mask."""
+def _setup_context(ctx, inputs, output):
+    x, mask, normalize, eps, _keep = inputs
+    out, out32, aux = output
+    ctx.save_for_backward(x, mask, out, out32, aux)
+    ctx.normalize, ctx.eps = normalize, eps
+    ctx.mark_non_differentiable(out32, aux)
 
-    @staticmethod
-    def forward(ctx, x, mask, normalize, eps):
-        # torch.compile traces the registered ops; eager calls skip the dispatcher's
-        # per-call cost (same code underneath: the ops' bodies are these functions)
-        fwd = torch.ops.solar.masked_pool_fwd if torch.compiler.is_compiling() else _fwd_impl
-        out32, aux = fwd(x, mask, normalize, eps)
-        ctx.save_for_backward(x, mask, out32, aux)
-        ctx.normalize, ctx.eps = normalize, eps
-        return out32.to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, mask, out32, aux = ctx.saved_tensors
-        need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        bwd = torch.ops.solar.masked_pool_bwd if torch.compiler.is_compiling() else _bwd_impl
-        gx, gm = bwd(grad_out.to(torch.float32), x, mask, out32, aux, ctx.normalize, ctx.eps, bool(need_mask))
-        return (gx if need_x else None), (gm.to(mask.dtype) if need_mask else None), None, None
+def _backward(ctx, grad_out, _grad_out32, _grad_aux):
+    """Gradients of solar::masked_pool_fwd's out for x and a float mask, by solar::masked_pool_bwd."""
+    x, mask, out, out32, aux = ctx.saved_tensors
+    need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # the fp32 output when it was kept; out itself when fp32 (or when a direct caller of the op
+    # did not keep it: the reduced-precision output then stands in)
+    o32 = out32 if out32.numel() else out.to(torch.float32)
+    gx, gm = torch.ops.solar.masked_pool_bwd(grad_out.to(torch.float32), x, mask, o32, aux, ctx.normalize, ctx.eps,
+                                             bool(need_mask))
+    return (gx if need_x else None), (gm.to(mask.dtype) if need_mask else None), None, None, None
+
+
+# The one autograd path: masked_pool, direct callers of torch.ops.solar.masked_pool_fwd, opcheck
+# and torch.compile all differentiate the op through this.
+torch.library.register_autograd("solar::masked_pool_fwd", _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -506,5 +523,7 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False,
     validate(x, mask, eps)
     squeeze = mask.dim() == 2
     mask3 = mask.unsqueeze(0) if squeeze else mask
-    out = _MaskedPoolFunction.apply(x, mask3, bool(normalize), float(eps))
+    # the backward reads the fp32 output for the normalisation and the mask gradient
+    keep = bool(normalize) or (mask.requires_grad and torch.is_grad_enabled())
+    out, _, _ = torch.ops.solar.masked_pool_fwd(x, mask3, bool(normalize), float(eps), keep)
     return out.squeeze(0) if squeeze else out

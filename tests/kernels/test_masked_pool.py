@@ -261,15 +261,32 @@ def test_native_grad_buffer_recycling():
         grad_buffer_cache_mb(prev)
 
 
-def test_opcheck():
-    """torch.library.opcheck on both custom ops (schema, fake kernels, dispatch)."""
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_opcheck(backend):
+    """torch.library.opcheck on both custom ops (schema, fake kernels, dispatch, and the forward
+    op's registered autograd with x and a float mask requiring grad), on every backend."""
     x, mask = make_inputs(1, 2, 17, 33, 2, torch.float32)
-    out, aux = torch.ops.solar.masked_pool_fwd(x, mask, True, 1e-6)
-    torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (x, mask, True, 1e-6))
-    torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (x.to(torch.bfloat16), mask > 0.5, False, 1e-6))
-    g = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, True, 1e-6, True))
-    torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, False, 1e-6, False))
+    with use_backend(backend):
+        out, out32, aux = torch.ops.solar.masked_pool_fwd(x, mask, True, 1e-6, True)
+        assert out32.numel() == 0  # fp32 x: out is the fp32 output
+        xg, mg = x.clone().requires_grad_(), mask.clone().requires_grad_()
+        torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (xg, mg, True, 1e-6, True))
+        xb = x.to(torch.bfloat16).requires_grad_()
+        for normalize, keep in ((False, False), (False, True), (True, False)):
+            torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (xb, mask > 0.5, normalize, 1e-6, keep))
+        torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (xb, mg.to(torch.bfloat16), False, 1e-6, True))
+        g = torch.randn_like(out)
+        torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, True, 1e-6, True))
+        torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, False, 1e-6, False))
+
+
+def test_one_autograd_path():
+    """masked_pool differentiates through the autograd registered on solar::masked_pool_fwd
+    (no autograd.Function of its own): the output's grad_fn is the op's."""
+    x, mask = make_inputs(2, 2, 5, 8, 1, torch.float32)
+    out = masked_pool(x.requires_grad_(), mask.requires_grad_())
+    assert "masked_pool_fwd" in type(out.grad_fn).__name__ or "masked_pool_fwd" in out.grad_fn.name()
+    assert not hasattr(mp, "_MaskedPoolFunction")
 
 
 def test_torch_compile_traces_it():
@@ -373,11 +390,13 @@ def test_bf16_gradient_rounds_half_to_even(backend):
 
 @pytest.mark.skipif(not (mp.HAS_TRITON and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")),
                     reason="needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("normalize", [False, True])
-def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize):
-    """The Triton forward is one kernel launch without normalize (no fill of aux, no norm:
-    nothing reads the norm then) and one more with it.  The kernels are replaced by recorders
-    and every aten op the launcher runs is logged, so only the launcher's own work counts."""
+def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize, dtype):
+    """The public op's Triton forward (autograd on, bool mask) is one kernel launch without
+    normalize (no fill of aux, no norm: nothing reads the norm then; no cast: the kernel stores
+    x's dtype) and one more with it.  The kernels are replaced by recorders and every aten op
+    the op runs is logged, so only its own work counts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     launches = []
@@ -398,12 +417,20 @@ def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize
             ops.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    x, mask = make_inputs(3, 4, 9, 40, 2, torch.float16, mask_kind="bool")
-    with LogOps():
-        mp._forward_triton(x, mask, normalize, 1e-6)
+    x, mask = make_inputs(3, 4, 9, 40, 2, dtype, mask_kind="bool")
+    x.requires_grad_()
+    free = ("aten.empty", "aten.select", "aten.view", "aten.detach", "aten.new_empty", "aten.alias")
+    with LogOps(), use_backend("triton"):
+        out = masked_pool(x, mask, normalize=normalize)
+    assert out.dtype == dtype and out.requires_grad
+    # the op is one dispatcher call (the mode does not see inside it: its body is logged below)
+    assert [op for op in ops if op not in free] == ["solar.masked_pool_fwd"], ops
     assert launches == ["_pool_fwd_kernel"] + (["_pool_norm_kernel"] if normalize else [])
-    computing = [op for op in ops if op not in ("aten.empty", "aten.select", "aten.view", "aten.detach")]
-    assert not computing, f"the launcher runs torch ops (each a kernel launch on a GPU): {computing}"
+    ops.clear()
+    with LogOps(), use_backend("triton"):
+        mp._fwd_impl(x.detach(), mask, normalize, 1e-6, True)
+    computing = [op for op in ops if op not in free]
+    assert not computing, f"the forward runs torch ops (each a kernel launch on a GPU): {computing}"
 
 
 @pytest.mark.skipif(not (mp.HAS_TRITON and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")),
@@ -413,6 +440,9 @@ def test_triton_forward_aux_without_normalize():
     x, mask = make_inputs(5, 3, 11, 20, 2, torch.float32, mask_kind="float")
     with use_backend("triton"):
         out, aux = pool_forward(x, mask, False, 1e-6)
+        low, low32, low_aux = mp._forward_triton(x.to(torch.bfloat16), mask, False, 1e-6, torch.bfloat16, False)
+    assert low32 is None and low.dtype == torch.bfloat16
+    assert torch.equal(low_aux[1], torch.zeros_like(low_aux[1]))
     torch.testing.assert_close(aux[0], mask.float().sum(-1))
     assert torch.equal(aux[1], torch.zeros_like(aux[1]))
     torch.testing.assert_close(out, masked_pool_reference(x, mask).float(), rtol=1e-5, atol=1e-5)
