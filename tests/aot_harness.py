@@ -83,9 +83,10 @@ def _sass_counts(path: str) -> dict:
 
 
 def _loop_counts(text: str) -> dict:
-    """Barriers and global-load widths inside loop bodies: the SASS between a backward branch's
-    target and the branch (self-branches, the trap after EXIT, excluded).  loop_ldg maps a load's
-    width suffix (U8, U16, 32 for plain LDG.E, 64, 128) to its count."""
+    """Barriers, warp shuffles (a reduction across threads) and global-load widths inside loop
+    bodies: the SASS between a backward branch's target and the branch (self-branches, the trap
+    after EXIT, excluded).  loop_ldg maps a load's width suffix (U8, U16, 32 for plain LDG.E,
+    64, 128) to its count."""
     ins = [(int(a, 16), op) for a, op in re.findall(r"^\s+/\*([0-9a-f]+)\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);",
                                                     text, flags=re.M)]
     loops = []
@@ -99,7 +100,8 @@ def _loop_counts(text: str) -> dict:
         m = re.search(r"\bLDG\.E(?:\.(U8|S8|U16|S16|64|128))?\b", op)
         if m:
             ldg[m.group(1) or "32"] = ldg.get(m.group(1) or "32", 0) + 1
-    return dict(loop_barriers=sum("BAR.SYNC" in op for op in body), loop_ldg=ldg)
+    return dict(loop_barriers=sum("BAR.SYNC" in op for op in body), loop_shfl=sum("SHFL" in op for op in body),
+                loop_ldg=ldg)
 
 
 def _res_usage(cubin: bytes, digest: str) -> dict:
@@ -109,7 +111,7 @@ def _res_usage(cubin: bytes, digest: str) -> dict:
         f.write(cubin)
         f.flush()
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
-        if "loop_ldg" not in _SASS_CACHE.get(digest, {}):  # (entries from before the loop counts)
+        if "loop_shfl" not in _SASS_CACHE.get(digest, {}):  # (entries from before the loop counts)
             _SASS_CACHE[digest] = _sass_counts(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)
     if m is None:
@@ -212,6 +214,9 @@ def _pool_cases(quick: bool):
     for dt in dtypes:
         for mk in ("bool", "float"):
             cases.append((f"masked_pool {str(dt)[6:]} {mk} V=3 D=768 norm", lambda dt=dt, mk=mk: run(4, 77, 768, 3, dt, mk, True, mk != "bool")))
+    # a half-precision mask (read as 32-bit words, two weights each), and a bool mask whose rows
+    # start mid-word (L = 77) but whose last word lies inside the storage (B = 4)
+    cases.append(("masked_pool bf16 half-mask V=3 D=768", lambda: run(4, 77, 768, 3, torch.bfloat16, "same", False, True)))
     vs = (1, 2, 3, 8, 9) if quick else tuple(range(1, 10))
     for V in vs:
         cases.append((f"masked_pool bf16 float V={V} D=64", lambda V=V: run(4, 77, 64, V, torch.bfloat16, "float", False, True)))

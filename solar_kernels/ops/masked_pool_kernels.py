@@ -127,8 +127,10 @@ def _pool_fwd_kernel(
     # 0 * NaN / inf under a zero weight made the sum non-finite: redo this slice with
     # zero-weight terms skipped (rare: only when x holds non-finite values, so the hot
     # loop stays one FMA per weight and element)
-    n_bad = tl.sum(tl.sum(((psum != psum) | (tl.abs(psum) == float("inf"))).to(tl.int32), axis=1), axis=0)
-    if n_bad > 0:
+    # (x * 0 is NaN exactly for non-finite x: one float reduction, no vector of bools, which
+    # LLVM packs through a stack slot)
+    probe = tl.sum(tl.sum(psum * 0.0, axis=1), axis=0)
+    if probe != probe:
         psum, _ = _pool_fwd_sums(x_row, M_ptr, W_ptr, m_off, row_byte, offs_v, v_ok, offs_d, d_ok, L, stride_xl,
                                  stride_ml, True, BLOCK_V, BLOCK_D, UNROLL, WORD_ELEMS)
     safe = tl.where(wsum > 0, wsum, 1.0)
