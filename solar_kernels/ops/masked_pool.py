@@ -34,6 +34,7 @@ The backward formulas (s = sum_l w_l, y = p / s the un-normalised mean, n = ||y|
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .. import _checks, _dispatch, _ext
 
@@ -72,19 +73,20 @@ if HAS_TRITON:
 FWD_UNROLL = 8
 
 
-def _triton_blocks(V: int, D: int, device: torch.device) -> tuple[int, int, int]:
-    """Tile sizes (BLOCK_V, BLOCK_L, BLOCK_D) in one visible place.
+def _bwd_blocks(V: int, D: int, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """The backward's (BLOCK_V, BLOCK_L, BLOCK_D, num_warps), in one visible place.
 
-    The interpreter pays per tile operation, not per element, so it gets large tiles;
-    on a GPU the 3-D product tile BLOCK_V*BLOCK_L*BLOCK_D is kept near 4K fp32 values
-    (registers), with BLOCK_D = 128 (256 contiguous bytes of a bf16 row).
+    On a GPU one warp owns a [BLOCK_L = 4, BLOCK_D = 128] tile: every thread reads 16 bytes
+    of each fp32 dp row, and 4 elements of each x / grad_x row (16 bytes in fp32, 8 in
+    bf16 / fp16), in the same layout, so no tile is converted between layouts (wider bf16
+    accesses would put dp and x in different layouts: warp shuffles every D step; more warps
+    spread the [1, BLOCK_D] dp rows over all of them: shared memory and barriers).  The
+    interpreter gets large tiles.
     """
     bv = triton.next_power_of_2(min(V, MAX_V_PER_PASS))
-    if _dispatch.target_for(device) != "cuda":
-        return bv, 32, min(triton.next_power_of_2(D), 256)
-    bd = min(triton.next_power_of_2(D), 128)
-    bl = max(1, 4096 // (bv * bd))
-    return bv, bl, bd
+    if _dispatch.target_for(x.device) != "cuda":
+        return bv, 32, min(triton.next_power_of_2(D), 256), 4
+    return bv, 4, min(triton.next_power_of_2(D), 128), 1
 
 
 def _fwd_blocks(V: int, D: int, x: torch.Tensor) -> tuple[int, int, int]:
@@ -177,13 +179,13 @@ def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad
     if x.numel() == 0 or V == 0:
         return gx.to(x.dtype), (grad_mask.zero_() if grad_mask is not None else None)
     m = _mask_for_triton(mask)
-    _, bl, bd = _triton_blocks(min(V, MAX_V_PER_PASS), D, x.device)
+    _, bl, bd, nw = _bwd_blocks(min(V, MAX_V_PER_PASS), D, x)
     for v0, v1 in groups:
         nv = v1 - v0
         bv = triton.next_power_of_2(nv)
         mg, dpg, cg = m[v0:v1], dp[v0:v1], c[v0:v1]
         gmg = grad_mask[v0:v1] if need_mask_grad else dpg  # dummy pointer when unused
-        _pool_bwd_kernel[(B, triton.cdiv(L, bl))](
+        _pool_bwd_kernel[(B * triton.cdiv(L, bl),)](
             x, mg, dpg, cg, gx, gmg,
             L, D, nv,
             x.stride(0), x.stride(1), x.stride(2),
@@ -193,7 +195,7 @@ def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad
             cg.stride(0),
             gmg.stride(0), gmg.stride(1),
             NEED_MASK_GRAD=bool(need_mask_grad), ACCUMULATE=accumulate,
-            BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd,
+            BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd, num_warps=nw,
         )
     return gx.to(x.dtype), grad_mask
 
@@ -442,6 +444,13 @@ def _(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad):
     return torch.empty_like(x, memory_format=torch.contiguous_format), gm
 
 
+def _plain_eager(*tensors) -> bool:
+    """True when nothing traces or fakes these tensors: not compiling, no Python dispatch mode,
+    plain torch.Tensor instances (not FakeTensor / FunctionalTensor / other subclasses)."""
+    return (not torch.compiler.is_compiling() and _current_dispatch_mode() is None
+            and all(type(t) is torch.Tensor for t in tensors))
+
+
 def _setup_context(ctx, inputs, output):
     x, mask, normalize, eps, _keep = inputs
     out, out32, aux = output
@@ -457,8 +466,11 @@ def _backward(ctx, grad_out, _grad_out32, _grad_aux):
     # the fp32 output when it was kept; out itself when fp32 (or when a direct caller of the op
     # did not keep it: the reduced-precision output then stands in)
     o32 = out32 if out32.numel() else out.to(torch.float32)
-    gx, gm = torch.ops.solar.masked_pool_bwd(grad_out.to(torch.float32), x, mask, o32, aux, ctx.normalize, ctx.eps,
-                                             bool(need_mask))
+    # eager backward on plain tensors calls the op's body directly (the dispatcher's custom-op
+    # layers cost more than the CPU kernel at small shapes); traced / faked / under a dispatch
+    # mode it goes through solar::masked_pool_bwd, which torch.compile and opcheck see
+    bwd = _bwd_impl if _plain_eager(grad_out, x, mask) else torch.ops.solar.masked_pool_bwd
+    gx, gm = bwd(grad_out.to(torch.float32), x, mask, o32, aux, ctx.normalize, ctx.eps, bool(need_mask))
     return (gx if need_x else None), (gm.to(mask.dtype) if need_mask else None), None, None, None
 
 
@@ -523,7 +535,13 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False,
     validate(x, mask, eps)
     squeeze = mask.dim() == 2
     mask3 = mask.unsqueeze(0) if squeeze else mask
-    # the backward reads the fp32 output for the normalisation and the mask gradient
-    keep = bool(normalize) or (mask.requires_grad and torch.is_grad_enabled())
-    out, _, _ = torch.ops.solar.masked_pool_fwd(x, mask3, bool(normalize), float(eps), keep)
+    grad = torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad)
+    if not grad and _plain_eager(x, mask):
+        # no autograd to record and nothing tracing: the op's body without the dispatcher's
+        # custom-op layers (they cost more than the CPU kernel at small shapes)
+        out = _fwd_impl(x, mask3, bool(normalize), float(eps), False)[0]
+    else:
+        # the backward reads the fp32 output for the normalisation and the mask gradient
+        keep = bool(normalize) or (grad and mask.requires_grad)
+        out, _, _ = torch.ops.solar.masked_pool_fwd(x, mask3, bool(normalize), float(eps), keep)
     return out.squeeze(0) if squeeze else out

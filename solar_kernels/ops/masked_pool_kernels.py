@@ -193,7 +193,9 @@ def _pool_bwd_prep_kernel(G_ptr, O_ptr, S_ptr, N_ptr, DP_ptr, C_ptr, D, eps,
     tl.store(DP_ptr + row * D + offs, dp, mask=ok)
     tl.store(C_ptr + row, tl.sum(y * dp, axis=0))
 
-@triton.jit
+# stride_ml is not specialised to 1: a mask column contiguous in L made Triton give the [BLOCK_L, 1]
+# weight loads an L-major layout, converted through shared memory (barriers) on every D step
+@triton.jit(do_not_specialize=["stride_ml"])
 def _pool_bwd_kernel(
     X_ptr, M_ptr, DP_ptr, C_ptr, GX_ptr, GM_ptr,
     L, D, V,
@@ -208,37 +210,54 @@ def _pool_bwd_kernel(
 ):
     """grad_x[b, l] = sum_v w[v, b, l] dp[v, b];  grad_w[v, b, l] = x[b, l] . dp[v, b] - c[v, b].
 
-    Grid (B, cdiv(L, BLOCK_L)); a program sweeps D in BLOCK_D steps for BLOCK_V >= V
-    masks, so x (only read when the mask gradient is wanted) and grad_x are each
-    touched once.  All products accumulate in fp32; grad_x is stored in its buffer's
-    dtype (ACCUMULATE adds to an fp32 buffer, for V split into groups).
+    Grid (B * cdiv(L, BLOCK_L),), b-major: the L tiles of one batch row run next to each other,
+    so its dp rows (read by each of them) come from L2.  A program owns BLOCK_L token rows of
+    batch row b for BLOCK_V >= V
+    masks and sweeps D in BLOCK_D steps, so grad_x is written once and (only when the mask
+    gradient is wanted) x read once from memory.  Tiles are 2-D [BLOCK_L, BLOCK_D]: grad_x
+    adds the outer products w[v, :] dp[v, :] over the (unrolled) masks, and the mask gradient
+    of mask v accumulates x * dp[v] elementwise and is reduced over D once, after its D loop;
+    nothing is reduced across threads inside a loop.  All products accumulate in fp32; grad_x
+    is stored in its buffer's dtype (ACCUMULATE adds to an fp32 buffer, for V split into groups).
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_l = tl.program_id(1).to(tl.int64)
-    # int64: offs_v * stride_dpv reaches (V - 1) * B * D, past 2^31 at V = 8, B ~ 400k, D = 768
-    offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    v_ok = offs_v < V
+    pid = tl.program_id(0).to(tl.int64)
+    n_lt = tl.cdiv(L, BLOCK_L)
+    pid_b = pid // n_lt
+    pid_l = pid % n_lt
+    offs_l = (pid_l * BLOCK_L + tl.arange(0, BLOCK_L))[:, None]
     l_ok = offs_l < L
-    w = tl.load(M_ptr + offs_v[:, None] * stride_mv + pid_b * stride_mb + offs_l[None, :] * stride_ml,
-                mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
-    gw = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
+    m_row = M_ptr + pid_b * stride_mb + offs_l * stride_ml
+    dp_row = DP_ptr + pid_b * stride_dpb
+    # int64 mask strides: v * stride_dpv reaches (V - 1) * B * D, past 2^31 at V = 8, B ~ 400k,
+    # D = 768 (and v * stride_mv past it for masks of 2 GiB)
+    zero64 = tl.zeros([1, 1], dtype=tl.int64)
+    smv, sdpv, sgmv = stride_mv + zero64, stride_dpv + zero64, stride_gmv + zero64
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+        offs_d = (d0 + tl.arange(0, BLOCK_D))[None, :]
         d_ok = offs_d < D
-        dp = tl.load(DP_ptr + offs_v[:, None] * stride_dpv + pid_b * stride_dpb + offs_d[None, :],
-                     mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-        gx = tl.sum(w[:, :, None] * dp[:, None, :], axis=0)
-        gx_ptrs = GX_ptr + pid_b * stride_gxb + offs_l[:, None] * stride_gxl + offs_d[None, :]
-        tile_ok = l_ok[:, None] & d_ok[None, :]
+        gx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        for v in tl.static_range(BLOCK_V):
+            v_ok = (zero64 + v) < V  # a tensor (the interpreter masks need one)
+            w = tl.load(m_row + v * smv, mask=l_ok & v_ok, other=0).to(tl.float32)
+            dp = tl.load(dp_row + v * sdpv + offs_d, mask=d_ok & v_ok, other=0.0)
+            gx += w * dp
+        gx_ptrs = GX_ptr + pid_b * stride_gxb + offs_l * stride_gxl + offs_d
+        tile_ok = l_ok & d_ok
         if ACCUMULATE:
             gx += tl.load(gx_ptrs, mask=tile_ok, other=0.0)
         tl.store(gx_ptrs, gx.to(GX_ptr.dtype.element_ty), mask=tile_ok)
-        if NEED_MASK_GRAD:
-            xt = tl.load(X_ptr + pid_b * stride_xb + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                         mask=tile_ok, other=0.0).to(tl.float32)
-            gw += tl.sum(xt[None, :, :] * dp[:, None, :], axis=2)
     if NEED_MASK_GRAD:
-        c = tl.load(C_ptr + offs_v * stride_cv + pid_b, mask=v_ok, other=0.0)
-        tl.store(GM_ptr + offs_v[:, None] * stride_gmv + pid_b * stride_gmb + offs_l[None, :],
-                 gw - c[:, None], mask=v_ok[:, None] & l_ok[None, :])
+        x_rows = X_ptr + pid_b * stride_xb + offs_l * stride_xl
+        for v in tl.static_range(BLOCK_V):
+            if v < V:
+                acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = (d0 + tl.arange(0, BLOCK_D))[None, :]
+                    d_ok = offs_d < D
+                    # x tile re-read per mask: from L1 / L2 after the first (BLOCK_L rows of D)
+                    xt = tl.load(x_rows + offs_d * stride_xd, mask=l_ok & d_ok, other=0.0).to(tl.float32)
+                    dp = tl.load(dp_row + v * sdpv + offs_d, mask=d_ok, other=0.0)
+                    acc += xt * dp
+                c = tl.load(C_ptr + v * stride_cv + pid_b)
+                tl.store(GM_ptr + v * sgmv + pid_b * stride_gmb + offs_l,
+                         tl.sum(acc, axis=1)[:, None] - c, mask=l_ok)

@@ -471,3 +471,28 @@ def test_triton_word_mask_loads_at_every_alignment(mask_dtype):
     strided = torch.rand(2, 3, 10)[..., ::2] > 0.5  # L not contiguous: element loads
     assert mp._mask_word_elems(mp._mask_for_triton(strided)) == 0
     assert mp._mask_word_elems(torch.rand(2, 3, 8)) == 0  # fp32: 4 bytes a load already
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_no_grad_forward_skips_the_dispatcher(backend):
+    """Without autograd to record, eager masked_pool calls the op's body directly (no
+    solar::masked_pool_fwd dispatch: its custom-op layers cost more than small CPU kernels)
+    and returns what the op returns; with grad it goes through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, mask = make_inputs(4, 3, 9, 20, 2, torch.bfloat16, mask_kind="float")
+    with use_backend(backend):
+        with torch.no_grad():
+            fast = masked_pool(x, mask, normalize=True)
+        via_op = torch.ops.solar.masked_pool_fwd(x, mask, True, 1e-6, False)[0]
+        assert torch.equal(fast, via_op)
+        seen = []
+
+        class Log(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
+
+        with Log():
+            masked_pool(x.requires_grad_(), mask)
+    assert "solar.masked_pool_fwd" in seen
