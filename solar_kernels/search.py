@@ -399,9 +399,10 @@ class Index:
             ids = _as_ids(ids).to(self._device)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self._n):
                 raise IndexError(f"ids must be in [0, {self._n}), got range [{int(ids.min())}, {int(ids.max())}]")
-            rows, scales = rows[ids], scales[ids]
+            rows = rows[ids]
         if self._dtype == "int8":
-            return rows.to(torch.float32) * scales[:, None]
+            # only int8 indexes keep per-row scales (a loaded fp32 / fp16 index has none at all)
+            return rows.to(torch.float32) * (scales if ids is None else scales[ids])[:, None]
         return rows.to(torch.float32)
 
     # ---- search -----------------------------------------------------------------------

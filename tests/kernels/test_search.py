@@ -528,3 +528,18 @@ def test_cuda_matches_cpu(dtype, n, m, d, k):
     assert (i_g.cpu() == i_c).float().mean() > 0.99
     if dtype == "int8":
         assert torch.equal(i_g.cpu(), i_c)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_reconstruct_ids_after_load(tmp_path, dtype, mmap):
+    """A saved and re-loaded index reconstructs selected rows like the index it was saved from
+    (a loaded fp32 / fp16 index has no per-row scales; reconstruct(ids) must not index them)."""
+    x = torch.randn(20, 8)
+    index = Index(8, dtype=dtype)
+    index.add(x)
+    index.save(tmp_path / "a.index")
+    loaded = Index.load(tmp_path / "a.index", mmap=mmap)
+    for ids in ([3, 0, 19], torch.tensor([5]), []):
+        assert torch.equal(loaded.reconstruct(ids), index.reconstruct(ids))
+    assert torch.equal(loaded.reconstruct(), index.reconstruct())
