@@ -44,8 +44,8 @@ def _pool_fwd_sums(x_row, M_ptr, W_ptr, m_off, row_byte, offs_v, v_ok, offs_d, d
     offs_v / v_ok are [BLOCK_V, 1], offs_d / d_ok [1, BLOCK_D].  Element path (WORD_ELEMS 0):
     w[v, l] = M_ptr[m_off + l * stride_ml].  Word path: the row's elements start at byte
     row_byte [BLOCK_V, 1] of the 4-byte aligned int32 base W_ptr; each UNROLL group of L reads
-    UNROLL / WORD_ELEMS + 1 words per row and funnel-shifts consecutive pairs into place.  SKIP_ZERO leaves out
-    the terms under a zero weight (0 * NaN)."""
+    UNROLL / WORD_ELEMS + 1 words per row and funnel-shifts consecutive pairs into place.
+    SKIP_ZERO leaves out the terms under a zero weight (0 * NaN)."""
     acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
     wacc = tl.zeros([BLOCK_V, 1], dtype=tl.float32)
     shift = ((row_byte % 4) * 8).to(tl.uint64)
