@@ -13,7 +13,7 @@ under a zero weight it never reaches the output (the term is skipped, not comput
 Layers, in order (STYLE.md):
 
 1. ``@triton.jit`` kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
-   ``_pool_fwd_kernel``, ``_pool_norm_kernel``, ``_pool_bwd_prep_kernel``, ``_pool_bwd_kernel``,
+   ``pool_fwd_kernel``, ``pool_norm_kernel``, ``pool_bwd_prep_kernel``, ``pool_bwd_kernel``,
    in ``ops/masked_pool_kernels.py``.
 2. Launchers that dispatch by backend and do no autograd: :func:`pool_forward`,
    :func:`pool_backward` (also used by ``pooled_contrastive_loss``).  The CPU kernel is
@@ -67,7 +67,7 @@ MIN_WEIGHT_SUM = torch.finfo(torch.float32).tiny
 # 1. Triton kernels: ops/masked_pool_kernels.py
 # ----------------------------------------------------------------------------------------
 if HAS_TRITON:
-    from .masked_pool_kernels import _pool_bwd_kernel, _pool_bwd_prep_kernel, _pool_fwd_kernel, _pool_norm_kernel
+    from .masked_pool_kernels import pool_bwd_kernel, pool_bwd_prep_kernel, pool_fwd_kernel, pool_norm_kernel
 
 # token rows per forward loop step (unrolled; a multiple of 4, the most mask elements in a word)
 FWD_UNROLL = 8
@@ -144,7 +144,7 @@ def _forward_triton(x, mask, normalize, eps, out_dtype=torch.float32, keep_fp32=
     words = _mask_word_elems(m)
     bv, bd, nw = _fwd_blocks(V, D, x)
     grid = (B, triton.cdiv(V, bv), triton.cdiv(D, bd))
-    _pool_fwd_kernel[grid](
+    pool_fwd_kernel[grid](
         x, m, y, out, aux[0], aux[1],
         L, D, V, m.data_ptr() % 4 if words else 0,
         x.stride(0), x.stride(1), x.stride(2),
@@ -155,7 +155,7 @@ def _forward_triton(x, mask, normalize, eps, out_dtype=torch.float32, keep_fp32=
         STORE_Y=keep, STORE_O=lowp and not normalize, MIN_SUM=MIN_WEIGHT_SUM, num_warps=nw,
     )
     if normalize:  # without it, no launch beyond the forward kernel (aux[1] stays 0)
-        _pool_norm_kernel[(V * B,)](y, out, aux[1], D, float(eps), STORE_O=lowp,
+        pool_norm_kernel[(V * B,)](y, out, aux[1], D, float(eps), STORE_O=lowp,
                                     BLOCK_D=triton.next_power_of_2(D))
     return out, (out if not lowp else out32), aux
 
@@ -167,7 +167,7 @@ def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad
     dp = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
     c = torch.empty((V, B), device=x.device, dtype=torch.float32)
     if V * B > 0 and D > 0:
-        _pool_bwd_prep_kernel[(V * B,)](grad_out, out.contiguous(), aux[0].contiguous(), aux[1].contiguous(),
+        pool_bwd_prep_kernel[(V * B,)](grad_out, out.contiguous(), aux[0].contiguous(), aux[1].contiguous(),
                                         dp, c, D, float(eps), NORMALIZE=bool(normalize),
                                         BLOCK_D=triton.next_power_of_2(D))
     grad_mask = torch.empty((V, B, L), device=x.device, dtype=torch.float32) if need_mask_grad else None
@@ -185,7 +185,7 @@ def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad
         bv = triton.next_power_of_2(nv)
         mg, dpg, cg = m[v0:v1], dp[v0:v1], c[v0:v1]
         gmg = grad_mask[v0:v1] if need_mask_grad else dpg  # dummy pointer when unused
-        _pool_bwd_kernel[(B * triton.cdiv(L, bl),)](
+        pool_bwd_kernel[(B * triton.cdiv(L, bl),)](
             x, mg, dpg, cg, gx, gmg,
             L, D, nv,
             x.stride(0), x.stride(1), x.stride(2),

@@ -12,6 +12,8 @@ aligned 32-bit words (``WORD_ELEMS`` elements each) and unpacked in registers.
 """
 from __future__ import annotations
 
+# The kernels' names are public (imported by ops/masked_pool.py; tests/method/test_imports.py
+# forbids _-names across modules); the helpers below them stay private to this module.
 import triton
 import triton.language as tl
 
@@ -84,7 +86,7 @@ def _pool_fwd_sums(x_row, M_ptr, W_ptr, m_off, row_byte, offs_v, v_ok, offs_d, d
 
 
 @triton.jit
-def _pool_fwd_kernel(
+def pool_fwd_kernel(
     X_ptr, M_ptr, Y_ptr, O_ptr, S_ptr, N_ptr,
     L, D, V, M_SHIFT,
     stride_xb, stride_xl, stride_xd,
@@ -102,7 +104,7 @@ def _pool_fwd_kernel(
     upcast to fp32 and accumulate in fp32 ([BLOCK_V, BLOCK_D]; no reduction in the L loop).
     Stores y in fp32 to Y [V, B, D] when STORE_Y and in O's dtype to O (Y's strides) when
     STORE_O; S (the mask sums) fp32 [V, B]; N (S's strides) is set to 0, so that without
-    normalize no other launch touches the outputs (_pool_norm_kernel overwrites it with the
+    normalize no other launch touches the outputs (pool_norm_kernel overwrites it with the
     norms when normalising).  Word masks (WORD_ELEMS > 0): M_ptr is the mask's first element,
     M_SHIFT its byte address mod 4 and stride_ml 1 (see _pool_fwd_sums).  Terms under a zero
     weight are skipped by recomputing a slice whose sum came out non-finite (only then can
@@ -146,7 +148,7 @@ def _pool_fwd_kernel(
 
 
 @triton.jit
-def _pool_norm_kernel(Y_ptr, O_ptr, N_ptr, D, eps, STORE_O: tl.constexpr, BLOCK_D: tl.constexpr):
+def pool_norm_kernel(Y_ptr, O_ptr, N_ptr, D, eps, STORE_O: tl.constexpr, BLOCK_D: tl.constexpr):
     """Row-wise L2 normalisation: n[r] = ||y[r]||, y[r] /= max(n[r], eps) in place in the fp32
     [V*B, D] buffer Y (the backward reads it), also stored in O's dtype to O when STORE_O.
 
@@ -165,7 +167,7 @@ def _pool_norm_kernel(Y_ptr, O_ptr, N_ptr, D, eps, STORE_O: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _pool_bwd_prep_kernel(G_ptr, O_ptr, S_ptr, N_ptr, DP_ptr, C_ptr, D, eps,
+def pool_bwd_prep_kernel(G_ptr, O_ptr, S_ptr, N_ptr, DP_ptr, C_ptr, D, eps,
                           NORMALIZE: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per (v, b) row: dp = dy / s and c = y . dp (formulas in the module docstring).
 
@@ -196,7 +198,7 @@ def _pool_bwd_prep_kernel(G_ptr, O_ptr, S_ptr, N_ptr, DP_ptr, C_ptr, D, eps,
 # stride_ml is not specialised to 1: a mask column contiguous in L made Triton give the [BLOCK_L, 1]
 # weight loads an L-major layout, converted through shared memory (barriers) on every D step
 @triton.jit(do_not_specialize=["stride_ml"])
-def _pool_bwd_kernel(
+def pool_bwd_kernel(
     X_ptr, M_ptr, DP_ptr, C_ptr, GX_ptr, GM_ptr,
     L, D, V,
     stride_xb, stride_xl, stride_xd,

@@ -99,8 +99,8 @@ def _check(report: dict):
     assert not report["failures"], "\n\n".join(f"{f['case']}: {f['error']}\n{f['traceback']}"
                                                for f in report["failures"])
     kernels = report["kernels"]
-    assert {k["kernel"] for k in kernels} >= {"_pool_fwd_kernel", "_pool_bwd_kernel", "_pool_norm_kernel",
-                                              "_pool_bwd_prep_kernel", "_cl_stats_kernel", "_cl_grad_kernel",
+    assert {k["kernel"] for k in kernels} >= {"pool_fwd_kernel", "pool_bwd_kernel", "pool_norm_kernel",
+                                              "pool_bwd_prep_kernel", "_cl_stats_kernel", "_cl_grad_kernel",
                                               "_cl_dq_kernel", "_cl_dk_kernel"}
     problems = []
     for k in kernels:
@@ -125,7 +125,7 @@ def _pool_fwd_problems(k: dict, where: str) -> list[str]:
     masks (rows start mid-word, the last word inside the storage), the mask read as 32-bit words
     (no byte or half-word loads in the loop).  (The V = 1 bool case at B x L = 150 bytes takes the
     element fallback: its last word would pass the storage's end.)"""
-    if k["kernel"] != "_pool_fwd_kernel":
+    if k["kernel"] != "pool_fwd_kernel":
         return []
     problems = []
     if k["loop_barriers"] or k["loop_shfl"]:

@@ -408,7 +408,7 @@ def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(self.name)
 
-    for name in ("_pool_fwd_kernel", "_pool_norm_kernel"):
+    for name in ("pool_fwd_kernel", "pool_norm_kernel"):
         monkeypatch.setattr(mp, name, Recorder(name))
     ops = []
 
@@ -425,7 +425,7 @@ def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize
     assert out.dtype == dtype and out.requires_grad
     # the op is one dispatcher call (the mode does not see inside it: its body is logged below)
     assert [op for op in ops if op not in free] == ["solar.masked_pool_fwd"], ops
-    assert launches == ["_pool_fwd_kernel"] + (["_pool_norm_kernel"] if normalize else [])
+    assert launches == ["pool_fwd_kernel"] + (["pool_norm_kernel"] if normalize else [])
     ops.clear()
     with LogOps(), use_backend("triton"):
         mp._fwd_impl(x.detach(), mask, normalize, 1e-6, True)
