@@ -79,8 +79,30 @@ def _sass_counts(path: str) -> dict:
         membar=len(wide_fences),
         barriers=sum(o.startswith("BAR.SYNC") or o == "BAR" for o in ops),
         local_ld=sum(n == "LDL" for n in names), local_st=sum(n == "STL" for n in names),
-        n_sass=len(names),
+        n_sass=len(names), **_loop_counts(text),
     )
+
+
+def _loop_counts(text: str) -> dict:
+    """Barriers, warp shuffles (a reduction across threads) and global-load widths inside loop
+    bodies: the SASS between a backward branch's target and the branch (self-branches, the trap
+    after EXIT, excluded).  loop_ldg maps a load's width suffix (U8, U16, 32 for plain LDG.E,
+    64, 128) to its count."""
+    ins = [(int(a, 16), op) for a, op in re.findall(r"^\s+/\*([0-9a-f]+)\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);",
+                                                    text, flags=re.M)]
+    loops = []
+    for addr, op in ins:
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", op)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    body = [op for addr, op in ins if any(lo <= addr <= hi for lo, hi in loops)]
+    ldg: dict = {}
+    for op in body:
+        m = re.search(r"\bLDG\.E(?:\.(U8|S8|U16|S16|64|128))?\b", op)
+        if m:
+            ldg[m.group(1) or "32"] = ldg.get(m.group(1) or "32", 0) + 1
+    return dict(loop_barriers=sum("BAR.SYNC" in op for op in body), loop_shfl=sum("SHFL" in op for op in body),
+                loop_ldg=ldg)
 
 
 def _res_usage(cubin: bytes, digest: str) -> dict:
@@ -90,7 +112,7 @@ def _res_usage(cubin: bytes, digest: str) -> dict:
         f.write(cubin)
         f.flush()
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
-        if digest not in _SASS_CACHE:
+        if "loop_shfl" not in _SASS_CACHE.get(digest, {}):  # (entries from before the loop counts)
             _SASS_CACHE[digest] = _sass_counts(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)
     if m is None:
@@ -234,6 +256,9 @@ def _pool_cases(quick: bool):
     for dt in dtypes:
         for mk in ("bool", "float"):
             cases.append((f"masked_pool {str(dt)[6:]} {mk} V=3 D=768 norm", lambda dt=dt, mk=mk: run(4, 77, 768, 3, dt, mk, True, mk != "bool")))
+    # a half-precision mask (read as 32-bit words, two weights each), and a bool mask whose rows
+    # start mid-word (L = 77) but whose last word lies inside the storage (B = 4)
+    cases.append(("masked_pool bf16 half-mask V=3 D=768", lambda: run(4, 77, 768, 3, torch.bfloat16, "same", False, True)))
     vs = (1, 2, 3, 8, 9) if quick else tuple(range(1, 10))
     for V in vs:
         cases.append((f"masked_pool bf16 float V={V} D=64", lambda V=V: run(4, 77, 64, V, torch.bfloat16, "float", False, True)))
@@ -327,12 +352,14 @@ def run_all(quick: bool, only: str | None = None) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Triton {report['triton']} (sm_90, compiled ahead of time; {len(report['cases'])} cases, "
              f"{len(report['kernels'])} specialisations, {len(report['failures'])} failures)", "",
-             "| kernel | first case | config | regs | smem B | stack B | spill ld/st | wgmma | atomics | GPU fences | bar.sync |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| kernel | first case | config | regs | smem B | stack B | spill ld/st | wgmma | atomics | GPU fences | bar.sync "
+             "| in loops: bar.sync | in loops: LDG by width |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["kernels"]:
         lines.append(f"| {r['kernel']} | {r['case']} | {r.get('config', '')} | {r['regs']} | {r['shared']} | {r['stack']} | "
                      f"{r['local_ld']}/{r['local_st']} | {'yes' if r['hgmma'] else 'no'} | {r['atomics']} | "
-                     f"{r['membar']} | {r['barriers']} |")
+                     f"{r['membar']} | {r['barriers']} | {r['loop_barriers']} | "
+                     f"{' '.join(f'{w}:{n}' for w, n in sorted(r['loop_ldg'].items()))} |")
     for f in report["failures"]:
         lines.append(f"\nFAILED {f['case']}: {f['error'][:300]}")
     return "\n".join(lines) + "\n"

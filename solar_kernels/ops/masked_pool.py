@@ -13,14 +13,15 @@ under a zero weight it never reaches the output (the term is skipped, not comput
 Layers, in order (STYLE.md):
 
 1. ``@triton.jit`` kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
-   ``_pool_fwd_kernel``, ``_pool_norm_kernel``, ``_pool_bwd_prep_kernel``, ``_pool_bwd_kernel``.
+   ``pool_fwd_kernel``, ``pool_norm_kernel``, ``pool_bwd_prep_kernel``, ``pool_bwd_kernel``,
+   in ``ops/masked_pool_kernels.py``.
 2. Launchers that dispatch by backend and do no autograd: :func:`pool_forward`,
    :func:`pool_backward` (also used by ``pooled_contrastive_loss``).  The CPU kernel is
    C++/OpenMP in ``csrc/pool/pool_cpu.cpp``; the ``"torch"`` backend is a chunked
    plain-PyTorch path.
-3. One ``autograd.Function`` (:class:`_MaskedPoolFunction`).
-4. ``torch.library`` registration: ``solar::masked_pool_fwd`` / ``solar::masked_pool_bwd``
-   with fake kernels, so ``torch.compile`` traces the op without running it.
+3. ``torch.library`` custom ops ``solar::masked_pool_fwd`` / ``solar::masked_pool_bwd`` with
+   fake kernels (``torch.compile`` traces the op without running it), and the forward op's
+   autograd formula (``register_autograd``): the one autograd path, eager and compiled.
 
 The backward formulas (s = sum_l w_l, y = p / s the un-normalised mean, n = ||y||):
 
@@ -33,6 +34,7 @@ The backward formulas (s = sum_l w_l, y = p / s the un-normalised mean, n = ||y|
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .. import _checks, _dispatch, _ext
 
@@ -62,194 +64,43 @@ MIN_WEIGHT_SUM = torch.finfo(torch.float32).tiny
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Triton kernels
+# 1. Triton kernels: ops/masked_pool_kernels.py
 # ----------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from .masked_pool_kernels import pool_bwd_kernel, pool_bwd_prep_kernel, pool_fwd_kernel, pool_norm_kernel
 
-    @triton.jit
-    def _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd, stride_mv, stride_ml,
-                       SKIP_ZERO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-        """(sum_l w x [BLOCK_V, BLOCK_D], sum_l w [BLOCK_V]) of one batch row's D slice, in fp32.
-        The products accumulate in a [BLOCK_V, BLOCK_L, BLOCK_D] tile reduced over L once,
-        after the loop.  SKIP_ZERO leaves out the terms under a zero weight (0 * NaN)."""
-        acc = tl.zeros([BLOCK_V, BLOCK_L, BLOCK_D], dtype=tl.float32)
-        wacc = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
-        for l0 in range(0, L, BLOCK_L):
-            offs_l = l0 + tl.arange(0, BLOCK_L)
-            l_ok = offs_l < L
-            w = tl.load(m_row + offs_v[:, None] * stride_mv + offs_l[None, :] * stride_ml,
-                        mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
-            xt = tl.load(x_row + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                         mask=l_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            if SKIP_ZERO:
-                acc += tl.where(w[:, :, None] != 0.0, w[:, :, None] * xt[None, :, :], 0.0)
-            else:
-                acc += w[:, :, None] * xt[None, :, :]
-            wacc += w
-        return tl.sum(acc, axis=1), tl.sum(wacc, axis=1)
-
-    @triton.jit
-    def _pool_fwd_kernel(
-        X_ptr, M_ptr, Y_ptr, S_ptr, N_ptr,
-        L, D, V,
-        stride_xb, stride_xl, stride_xd,
-        stride_mv, stride_mb, stride_ml,
-        stride_yv, stride_yb,
-        stride_sv,
-        BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-        MIN_SUM: tl.constexpr,
-    ):
-        """y[v, b, d] = sum_{l: w != 0} w[v, b, l] x[b, l, d] / s[v, b],  s = sum_l w[v, b, l];
-        y = 0 and s = 0 where s < MIN_SUM (the smallest normal fp32: the non-finite contract).
-
-        Grid (B, cdiv(V, BLOCK_V), cdiv(D, BLOCK_D)): one program owns a BLOCK_D slice of
-        row b for BLOCK_V masks, so each x tile is loaded once for all of them.  x and the
-        weights are upcast to fp32; the products accumulate in fp32 in a [BLOCK_V, BLOCK_L,
-        BLOCK_D] tile that is reduced over L once, after the loop: no cross-thread reduction
-        (shared memory and barriers) per L step.  (A reduction inside the loop also made
-        Triton 3.6's TritonGPUOptimizeThreadLocality pass fail for float masks at
-        BLOCK_L >= 256.)  Y is fp32 [V, B, D], S (the mask sums) fp32 [V, B]; N (same strides
-        as S) is set to 0, so that without normalize no other launch touches the outputs
-        (_pool_norm_kernel overwrites it with the norms when normalising).  Terms under a
-        zero weight are skipped by recomputing a slice whose sum came out non-finite (only
-        then can 0 * NaN / inf have entered it).
-        """
-        pid_b = tl.program_id(0).to(tl.int64)
-        pid_v = tl.program_id(1).to(tl.int64)
-        pid_d = tl.program_id(2).to(tl.int64)
-        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        v_ok = offs_v < V
-        d_ok = offs_d < D
-        x_row = X_ptr + pid_b * stride_xb
-        m_row = M_ptr + pid_b * stride_mb
-        psum, wsum = _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd,
-                                    stride_mv, stride_ml, False, BLOCK_V, BLOCK_L, BLOCK_D)
-        # a sum below the smallest normal fp32 is an empty row (1 / s would overflow)
-        wsum = tl.where(wsum >= MIN_SUM, wsum, 0.0)
-        # 0 * NaN / inf under a zero weight made the sum non-finite: redo this slice with
-        # zero-weight terms skipped (rare: only when x holds non-finite values, so the hot
-        # loop stays one FMA per weight and element)
-        bad = (psum != psum) | (tl.abs(psum) == float("inf"))
-        if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:
-            psum, _ = _pool_fwd_sums(x_row, m_row, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_xd,
-                                     stride_mv, stride_ml, True, BLOCK_V, BLOCK_L, BLOCK_D)
-        safe = tl.where(wsum > 0, wsum, 1.0)
-        y = tl.where(wsum[:, None] > 0, psum / safe[:, None], 0.0)
-        tl.store(Y_ptr + offs_v[:, None] * stride_yv + pid_b * stride_yb + offs_d[None, :], y,
-                 mask=v_ok[:, None] & d_ok[None, :])
-        if pid_d == 0:
-            tl.store(S_ptr + offs_v * stride_sv + pid_b, wsum, mask=v_ok)
-            tl.store(N_ptr + offs_v * stride_sv + pid_b, tl.zeros_like(wsum), mask=v_ok)
-
-    @triton.jit
-    def _pool_norm_kernel(Y_ptr, N_ptr, D, eps, BLOCK_D: tl.constexpr):
-        """Row-wise L2 normalisation in place: n[r] = ||y[r]||, y[r] /= max(n[r], eps).
-
-        One program per row of the fp32 [V*B, D] buffer; BLOCK_D >= D.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK_D)
-        ok = offs < D
-        y = tl.load(Y_ptr + row * D + offs, mask=ok, other=0.0)
-        n = tl.sqrt(tl.sum(y * y, axis=0))
-        tl.store(Y_ptr + row * D + offs, y / tl.maximum(n, eps), mask=ok)
-        tl.store(N_ptr + row, n)
-
-    @triton.jit
-    def _pool_bwd_prep_kernel(G_ptr, O_ptr, S_ptr, N_ptr, DP_ptr, C_ptr, D, eps,
-                              NORMALIZE: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Per (v, b) row: dp = dy / s and c = y . dp (formulas in the module docstring).
-
-        G (grad of out), O (the fp32 output) and DP are fp32 [V*B, D]; S, N, C fp32 [V*B].
-        One program per row; BLOCK_D >= D.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK_D)
-        ok = offs < D
-        g = tl.load(G_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
-        o = tl.load(O_ptr + row * D + offs, mask=ok, other=0.0)
-        s = tl.load(S_ptr + row)
-        if NORMALIZE:
-            n = tl.load(N_ptr + row)
-            denom = tl.maximum(n, eps)
-            og = tl.sum(o * g, axis=0)
-            proj = tl.where(n > eps, og, 0.0)
-            dy = (g - o * proj) / denom
-            y = o * denom
-        else:
-            dy = g
-            y = o
-        inv_s = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
-        dp = dy * inv_s
-        tl.store(DP_ptr + row * D + offs, dp, mask=ok)
-        tl.store(C_ptr + row, tl.sum(y * dp, axis=0))
-
-    @triton.jit
-    def _pool_bwd_kernel(
-        X_ptr, M_ptr, DP_ptr, C_ptr, GX_ptr, GM_ptr,
-        L, D, V,
-        stride_xb, stride_xl, stride_xd,
-        stride_mv, stride_mb, stride_ml,
-        stride_gxb, stride_gxl,
-        stride_dpv, stride_dpb,
-        stride_cv,
-        stride_gmv, stride_gmb,
-        NEED_MASK_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """grad_x[b, l] = sum_v w[v, b, l] dp[v, b];  grad_w[v, b, l] = x[b, l] . dp[v, b] - c[v, b].
-
-        Grid (B, cdiv(L, BLOCK_L)); a program sweeps D in BLOCK_D steps for BLOCK_V >= V
-        masks, so x (only read when the mask gradient is wanted) and grad_x are each
-        touched once.  All products accumulate in fp32; grad_x is stored in its buffer's
-        dtype (ACCUMULATE adds to an fp32 buffer, for V split into groups).
-        """
-        pid_b = tl.program_id(0).to(tl.int64)
-        pid_l = tl.program_id(1).to(tl.int64)
-        # int64: offs_v * stride_dpv reaches (V - 1) * B * D, past 2^31 at V = 8, B ~ 400k, D = 768
-        offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
-        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-        v_ok = offs_v < V
-        l_ok = offs_l < L
-        w = tl.load(M_ptr + offs_v[:, None] * stride_mv + pid_b * stride_mb + offs_l[None, :] * stride_ml,
-                    mask=v_ok[:, None] & l_ok[None, :], other=0).to(tl.float32)
-        gw = tl.zeros([BLOCK_V, BLOCK_L], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < D
-            dp = tl.load(DP_ptr + offs_v[:, None] * stride_dpv + pid_b * stride_dpb + offs_d[None, :],
-                         mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-            gx = tl.sum(w[:, :, None] * dp[:, None, :], axis=0)
-            gx_ptrs = GX_ptr + pid_b * stride_gxb + offs_l[:, None] * stride_gxl + offs_d[None, :]
-            tile_ok = l_ok[:, None] & d_ok[None, :]
-            if ACCUMULATE:
-                gx += tl.load(gx_ptrs, mask=tile_ok, other=0.0)
-            tl.store(gx_ptrs, gx.to(GX_ptr.dtype.element_ty), mask=tile_ok)
-            if NEED_MASK_GRAD:
-                xt = tl.load(X_ptr + pid_b * stride_xb + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                             mask=tile_ok, other=0.0).to(tl.float32)
-                gw += tl.sum(xt[None, :, :] * dp[:, None, :], axis=2)
-        if NEED_MASK_GRAD:
-            c = tl.load(C_ptr + offs_v * stride_cv + pid_b, mask=v_ok, other=0.0)
-            tl.store(GM_ptr + offs_v[:, None] * stride_gmv + pid_b * stride_gmb + offs_l[None, :],
-                     gw - c[:, None], mask=v_ok[:, None] & l_ok[None, :])
+# token rows per forward loop step (unrolled; a multiple of 4, the most mask elements in a word)
+FWD_UNROLL = 8
 
 
-def _triton_blocks(V: int, D: int, device: torch.device) -> tuple[int, int, int]:
-    """Tile sizes (BLOCK_V, BLOCK_L, BLOCK_D) in one visible place.
+def _bwd_blocks(V: int, D: int, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """The backward's (BLOCK_V, BLOCK_L, BLOCK_D, num_warps), in one visible place.
 
-    The interpreter pays per tile operation, not per element, so it gets large tiles;
-    on a GPU the 3-D product tile BLOCK_V*BLOCK_L*BLOCK_D is kept near 4K fp32 values
-    (registers), with BLOCK_D = 128 (256 contiguous bytes of a bf16 row).
+    On a GPU one warp owns a [BLOCK_L = 4, BLOCK_D = 128] tile: every thread reads 16 bytes
+    of each fp32 dp row, and 4 elements of each x / grad_x row (16 bytes in fp32, 8 in
+    bf16 / fp16), in the same layout, so no tile is converted between layouts (wider bf16
+    accesses would put dp and x in different layouts: warp shuffles every D step; more warps
+    spread the [1, BLOCK_D] dp rows over all of them: shared memory and barriers).  The
+    interpreter gets large tiles.
     """
     bv = triton.next_power_of_2(min(V, MAX_V_PER_PASS))
-    if _dispatch.target_for(device) != "cuda":
-        return bv, 32, min(triton.next_power_of_2(D), 256)
-    bd = min(triton.next_power_of_2(D), 128)
-    bl = max(1, 4096 // (bv * bd))
-    return bv, bl, bd
+    if _dispatch.target_for(x.device) != "cuda":
+        return bv, 32, min(triton.next_power_of_2(D), 256), 4
+    return bv, 4, min(triton.next_power_of_2(D), 128), 1
+
+
+def _fwd_blocks(V: int, D: int, x: torch.Tensor) -> tuple[int, int, int]:
+    """The forward's (BLOCK_V, BLOCK_D, num_warps), in one visible place.
+
+    On a GPU one warp owns BLOCK_D = 32 x (16 / itemsize) features: each thread loads 16
+    contiguous bytes of every x row (one vector load), and the [BLOCK_V, BLOCK_D] fp32
+    accumulator stays at BLOCK_V x 16 / itemsize registers a thread.  The interpreter pays
+    per tile operation, so it gets one wide tile.
+    """
+    bv = triton.next_power_of_2(min(V, MAX_V_PER_PASS))
+    if _dispatch.target_for(x.device) != "cuda":
+        return bv, min(triton.next_power_of_2(D), 256), 4
+    return bv, min(triton.next_power_of_2(D), 32 * (16 // x.element_size())), 1
 
 
 def _mask_for_triton(mask: torch.Tensor) -> torch.Tensor:
@@ -257,29 +108,56 @@ def _mask_for_triton(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def _forward_triton(x, mask, normalize, eps):
+def _mask_word_elems(m: torch.Tensor) -> int:
+    """Mask elements per 32-bit word when the forward may read `m` (uint8 / fp16 / bf16) as
+    aligned words: L contiguous, and every aligned word holding a mask element lies inside the
+    storage (the last row's last word may hold bytes past its end).  0: element loads (fp32
+    masks are 4 bytes a load already; strided L)."""
+    es = m.element_size()
+    if es not in (1, 2) or m.numel() == 0 or (m.stride(2) != 1 and m.shape[2] > 1):
+        return 0
+    storage = m.untyped_storage()
+    last = m.storage_offset() + sum((n - 1) * st for n, st in zip(m.shape, m.stride()))
+    end_word = ((last + 1) * es + 3) // 4 * 4
+    if storage.data_ptr() % 4 or end_word > storage.nbytes():
+        return 0
+    return 4 // es
+
+
+def _forward_triton(x, mask, normalize, eps, out_dtype=torch.float32, keep_fp32=True):
+    """One launch (two with normalize): (out in out_dtype, the fp32 out or None, aux).
+
+    The fp32 out is also stored when out_dtype is lower and `keep_fp32` or `normalize` (the
+    backward reads it then); out_dtype float32 returns out itself as the fp32 out."""
     V, B, L = mask.shape
     D = x.shape[2]
-    out = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
+    lowp = out_dtype != torch.float32
+    keep = (not lowp) or keep_fp32 or normalize
+    out = torch.empty((V, B, D), device=x.device, dtype=out_dtype)
+    out32 = torch.empty((V, B, D), device=x.device, dtype=torch.float32) if lowp and keep else None
+    y = out if not lowp else (out32 if keep else out)
     if out.numel() == 0:
-        return out, torch.zeros((2, V, B), device=x.device, dtype=torch.float32)
+        return out, (out if not lowp else out32), torch.zeros((2, V, B), device=x.device, dtype=torch.float32)
     # every element of aux is written by the kernels: no fill launch
     aux = torch.empty((2, V, B), device=x.device, dtype=torch.float32)
     m = _mask_for_triton(mask)
-    bv, bl, bd = _triton_blocks(V, D, x.device)
+    words = _mask_word_elems(m)
+    bv, bd, nw = _fwd_blocks(V, D, x)
     grid = (B, triton.cdiv(V, bv), triton.cdiv(D, bd))
-    _pool_fwd_kernel[grid](
-        x, m, out, aux[0], aux[1],
-        L, D, V,
+    pool_fwd_kernel[grid](
+        x, m, y, out, aux[0], aux[1],
+        L, D, V, m.data_ptr() % 4 if words else 0,
         x.stride(0), x.stride(1), x.stride(2),
         m.stride(0), m.stride(1), m.stride(2),
         out.stride(0), out.stride(1),
         aux.stride(1),
-        BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd, MIN_SUM=MIN_WEIGHT_SUM,
+        BLOCK_V=bv, BLOCK_D=bd, UNROLL=FWD_UNROLL, WORD_ELEMS=words,
+        STORE_Y=keep, STORE_O=lowp and not normalize, MIN_SUM=MIN_WEIGHT_SUM, num_warps=nw,
     )
     if normalize:  # without it, no launch beyond the forward kernel (aux[1] stays 0)
-        _pool_norm_kernel[(V * B,)](out, aux[1], D, float(eps), BLOCK_D=triton.next_power_of_2(D))
-    return out, aux
+        pool_norm_kernel[(V * B,)](y, out, aux[1], D, float(eps), STORE_O=lowp,
+                                    BLOCK_D=triton.next_power_of_2(D))
+    return out, (out if not lowp else out32), aux
 
 
 def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad):
@@ -289,7 +167,7 @@ def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad
     dp = torch.empty((V, B, D), device=x.device, dtype=torch.float32)
     c = torch.empty((V, B), device=x.device, dtype=torch.float32)
     if V * B > 0 and D > 0:
-        _pool_bwd_prep_kernel[(V * B,)](grad_out, out.contiguous(), aux[0].contiguous(), aux[1].contiguous(),
+        pool_bwd_prep_kernel[(V * B,)](grad_out, out.contiguous(), aux[0].contiguous(), aux[1].contiguous(),
                                         dp, c, D, float(eps), NORMALIZE=bool(normalize),
                                         BLOCK_D=triton.next_power_of_2(D))
     grad_mask = torch.empty((V, B, L), device=x.device, dtype=torch.float32) if need_mask_grad else None
@@ -301,13 +179,13 @@ def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad
     if x.numel() == 0 or V == 0:
         return gx.to(x.dtype), (grad_mask.zero_() if grad_mask is not None else None)
     m = _mask_for_triton(mask)
-    _, bl, bd = _triton_blocks(min(V, MAX_V_PER_PASS), D, x.device)
+    _, bl, bd, nw = _bwd_blocks(min(V, MAX_V_PER_PASS), D, x)
     for v0, v1 in groups:
         nv = v1 - v0
         bv = triton.next_power_of_2(nv)
         mg, dpg, cg = m[v0:v1], dp[v0:v1], c[v0:v1]
         gmg = grad_mask[v0:v1] if need_mask_grad else dpg  # dummy pointer when unused
-        _pool_bwd_kernel[(B, triton.cdiv(L, bl))](
+        pool_bwd_kernel[(B * triton.cdiv(L, bl),)](
             x, mg, dpg, cg, gx, gmg,
             L, D, nv,
             x.stride(0), x.stride(1), x.stride(2),
@@ -317,7 +195,7 @@ def _backward_triton(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad
             cg.stride(0),
             gmg.stride(0), gmg.stride(1),
             NEED_MASK_GRAD=bool(need_mask_grad), ACCUMULATE=accumulate,
-            BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd,
+            BLOCK_V=bv, BLOCK_L=bl, BLOCK_D=bd, num_warps=nw,
         )
     return gx.to(x.dtype), grad_mask
 
@@ -440,7 +318,8 @@ def pool_forward(x: torch.Tensor, mask: torch.Tensor, normalize: bool = False, e
     mask = mask.to(torch.float32) if mask.dtype == torch.float64 else mask
     backend = _backend(x)
     if backend == "triton":
-        return _forward_triton(x, mask, normalize, eps)
+        out, _, aux = _forward_triton(x, mask, normalize, eps)
+        return out, aux
     if backend == "native":
         out, aux = _ext.require(CPU_SYMBOL_FWD)(x, mask, bool(normalize), float(eps))
         return out, aux
@@ -488,7 +367,7 @@ def grad_buffer_cache_mb(max_mb: int | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# 4. torch.library registration (custom ops with fake kernels)
+# 3. torch.library registration (custom ops with fake kernels) and autograd
 # ----------------------------------------------------------------------------------------
 def check_weights(mask: torch.Tensor, name: str = "mask") -> None:
     """Float weights must be finite and non-negative; one min/max reduction when they are."""
@@ -505,13 +384,23 @@ def check_weights(mask: torch.Tensor, name: str = "mask") -> None:
                      f"(min {float(mask.min()):.4g})")
 
 
-def _fwd_impl(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float, keep_fp32: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # x is not scanned for NaN/inf: that would be a second full read of the largest tensor, and
     # this op exists to read it once.  Non-finite values under a nonzero weight propagate into the
     # output on every backend; terms under weight 0 are skipped on every backend (each one redoes
     # a weighted sum that came out non-finite without them: the contract in the module docstring).
     check_weights(mask)
-    return pool_forward(x, mask, normalize, eps)
+    lowp = x.dtype != torch.float32
+    keep = lowp and (keep_fp32 or normalize)
+    if _backend(x) == "triton":  # one launch (two with normalize) writes out in x's dtype
+        out, out32, aux = _forward_triton(x, mask.to(torch.float32) if mask.dtype == torch.float64 else mask,
+                                          normalize, eps, x.dtype, keep)
+    else:
+        out32, aux = pool_forward(x, mask, normalize, eps)
+        out = out32.to(x.dtype)
+    # outputs may not alias: the fp32 copy is empty when out is fp32 itself or nobody reads it
+    return out, (out32 if keep else x.new_empty((0,), dtype=torch.float32)), aux
 
 
 def _bwd_impl(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,17 +411,23 @@ def _bwd_impl(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad) -> tu
 
 
 @torch.library.custom_op("solar::masked_pool_fwd", mutates_args=())
-def _masked_pool_fwd_op(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Custom-op form of :func:`pool_forward` (mask is [V, B, L]); checks that the weights are
-    finite and non-negative (x is not scanned: see :func:`_fwd_impl`)."""
-    return _fwd_impl(x, mask, normalize, eps)
+def _masked_pool_fwd_op(x: torch.Tensor, mask: torch.Tensor, normalize: bool, eps: float, keep_fp32: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """masked_pool with mask [V, B, L]: (out [V, B, D] in x's dtype, out32, aux [2, V, B] as in
+    :func:`pool_forward`).  out32 is the fp32 output when x is float16 / bfloat16 and
+    `keep_fp32` or `normalize` (the backward reads it), else an empty tensor (out is fp32
+    already, or nothing needs it).  Checks that the weights are finite and non-negative (x is
+    not scanned: see :func:`_fwd_impl`)."""
+    return _fwd_impl(x, mask, normalize, eps, keep_fp32)
 
 
 @_masked_pool_fwd_op.register_fake
-def _(x, mask, normalize, eps):
+def _(x, mask, normalize, eps, keep_fp32):
     V, B, _ = mask.shape
-    return x.new_empty((V, B, x.shape[2]), dtype=torch.float32), x.new_empty((2, V, B), dtype=torch.float32)
+    keep = x.dtype != torch.float32 and (keep_fp32 or normalize)
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((V, B, x.shape[2])), x.new_empty((V, B, x.shape[2]) if keep else (0,), **f32),
+            x.new_empty((2, V, B), **f32))
 
 
 @torch.library.custom_op("solar::masked_pool_bwd", mutates_args=())
@@ -549,29 +444,39 @@ def _(grad_out, x, mask, out, aux, normalize, eps, need_mask_grad):
     return torch.empty_like(x, memory_format=torch.contiguous_format), gm
 
 
-# ----------------------------------------------------------------------------------------
-# 3. autograd
-# ----------------------------------------------------------------------------------------
-class _MaskedPoolFunction(torch.autograd.Function):
-    """out = masked_pool(x, mask3) with mask3 [V, B, L]; gradients for x and a float mask."""
+def _plain_eager(*tensors) -> bool:
+    """True when nothing traces or fakes these tensors: not compiling, no Python dispatch mode,
+    plain torch.Tensor instances (not FakeTensor / FunctionalTensor / other subclasses)."""
+    return (not torch.compiler.is_compiling() and _current_dispatch_mode() is None
+            and all(type(t) is torch.Tensor for t in tensors))
 
-    @staticmethod
-    def forward(ctx, x, mask, normalize, eps):
-        # torch.compile traces the registered ops; eager calls skip the dispatcher's
-        # per-call cost (same code underneath: the ops' bodies are these functions)
-        fwd = torch.ops.solar.masked_pool_fwd if torch.compiler.is_compiling() else _fwd_impl
-        out32, aux = fwd(x, mask, normalize, eps)
-        ctx.save_for_backward(x, mask, out32, aux)
-        ctx.normalize, ctx.eps = normalize, eps
-        return out32.to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, mask, out32, aux = ctx.saved_tensors
-        need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        bwd = torch.ops.solar.masked_pool_bwd if torch.compiler.is_compiling() else _bwd_impl
-        gx, gm = bwd(grad_out.to(torch.float32), x, mask, out32, aux, ctx.normalize, ctx.eps, bool(need_mask))
-        return (gx if need_x else None), (gm.to(mask.dtype) if need_mask else None), None, None
+def _setup_context(ctx, inputs, output):
+    x, mask, normalize, eps, _keep = inputs
+    out, out32, aux = output
+    ctx.save_for_backward(x, mask, out, out32, aux)
+    ctx.normalize, ctx.eps = normalize, eps
+    ctx.mark_non_differentiable(out32, aux)
+
+
+def _backward(ctx, grad_out, _grad_out32, _grad_aux):
+    """Gradients of solar::masked_pool_fwd's out for x and a float mask, by solar::masked_pool_bwd."""
+    x, mask, out, out32, aux = ctx.saved_tensors
+    need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # the fp32 output when it was kept; out itself when fp32 (or when a direct caller of the op
+    # did not keep it: the reduced-precision output then stands in)
+    o32 = out32 if out32.numel() else out.to(torch.float32)
+    # eager backward on plain tensors calls the op's body directly (the dispatcher's custom-op
+    # layers cost more than the CPU kernel at small shapes); traced / faked / under a dispatch
+    # mode it goes through solar::masked_pool_bwd, which torch.compile and opcheck see
+    bwd = _bwd_impl if _plain_eager(grad_out, x, mask) else torch.ops.solar.masked_pool_bwd
+    gx, gm = bwd(grad_out.to(torch.float32), x, mask, o32, aux, ctx.normalize, ctx.eps, bool(need_mask))
+    return (gx if need_x else None), (gm.to(mask.dtype) if need_mask else None), None, None, None
+
+
+# The one autograd path: masked_pool, direct callers of torch.ops.solar.masked_pool_fwd, opcheck
+# and torch.compile all differentiate the op through this.
+torch.library.register_autograd("solar::masked_pool_fwd", _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -630,5 +535,13 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, *, normalize: bool = False,
     validate(x, mask, eps)
     squeeze = mask.dim() == 2
     mask3 = mask.unsqueeze(0) if squeeze else mask
-    out = _MaskedPoolFunction.apply(x, mask3, bool(normalize), float(eps))
+    grad = torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad)
+    if not grad and _plain_eager(x, mask):
+        # no autograd to record and nothing tracing: the op's body without the dispatcher's
+        # custom-op layers (they cost more than the CPU kernel at small shapes)
+        out = _fwd_impl(x, mask3, bool(normalize), float(eps), False)[0]
+    else:
+        # the backward reads the fp32 output for the normalisation and the mask gradient
+        keep = bool(normalize) or (grad and mask.requires_grad)
+        out, _, _ = torch.ops.solar.masked_pool_fwd(x, mask3, bool(normalize), float(eps), keep)
     return out.squeeze(0) if squeeze else out

@@ -13,7 +13,9 @@ cubins; this test asserts on its report:
   spill loads / stores;
 * every bf16 / fp16 loss kernel's dots are warpgroup MMAs (HGMMA in the SASS);
 * no atomics in any contrastive-loss kernel (the backward writes each output block from one
-  program) and no GPU-scope fence anywhere.
+  program) and no GPU-scope fence anywhere;
+* masked_pool's forward has no bar.sync inside its L loop, loads x 16 bytes at a time and a
+  bool / half mask as 32-bit words (D = 768 cases).
 
 The GPU machine's Triton (GPU_TRITON) is installed with ``pip install --target`` into
 ``$SOLAR_CACHE`` (default ~/.cache/solar) once and reused; Triton's own kernel cache lives
@@ -99,8 +101,8 @@ def _check(report: dict):
     assert not report["failures"], "\n\n".join(f"{f['case']}: {f['error']}\n{f['traceback']}"
                                                for f in report["failures"])
     kernels = report["kernels"]
-    assert {k["kernel"] for k in kernels} >= {"_pool_fwd_kernel", "_pool_bwd_kernel", "_pool_norm_kernel",
-                                              "_pool_bwd_prep_kernel", "_cl_stats_kernel", "_cl_grad_kernel",
+    assert {k["kernel"] for k in kernels} >= {"pool_fwd_kernel", "pool_bwd_kernel", "pool_norm_kernel",
+                                              "pool_bwd_prep_kernel", "_cl_stats_kernel", "_cl_grad_kernel",
                                               "_cl_gemm_kernel"}
     problems = []
     for k in kernels:
@@ -115,6 +117,7 @@ def _check(report: dict):
             problems.append(f"{where}: {k['atomics']} atomic instruction(s) in a contrastive kernel")
         if k["membar"]:
             problems.append(f"{where}: {k['membar']} GPU-scope fence(s)")
+        problems += _pool_fwd_problems(k, where)
     assert not problems, f"Triton {report['triton']}:\n" + "\n".join(problems)
     _check_every_config_compiled(kernels)
 
@@ -131,6 +134,26 @@ def _check_every_config_compiled(kernels: list):
                 for c in ct.kernel_configs(kernel, torch.bfloat16, 256, 256, 768, "cuda", cols=True)}
         got = {k.get("config") for k in kernels if k["kernel"] == name and k["case"] == case}
         assert len(want) > 1 and want <= got, f"{name}: configs not compiled {sorted(want - got)}"
+
+
+def _pool_fwd_problems(k: dict, where: str) -> list[str]:
+    """masked_pool's forward: no barrier and no warp shuffle inside any loop (the L loop
+    accumulates in registers and reduces nothing across threads); at D = 768, 16-byte x loads and, for the V = 3 bool / half
+    masks (rows start mid-word, the last word inside the storage), the mask read as 32-bit words
+    (no byte or half-word loads in the loop).  (The V = 1 bool case at B x L = 150 bytes takes the
+    element fallback: its last word would pass the storage's end.)"""
+    if k["kernel"] != "pool_fwd_kernel":
+        return []
+    problems = []
+    if k["loop_barriers"] or k["loop_shfl"]:
+        problems.append(f"{where}: {k['loop_barriers']} bar.sync, {k['loop_shfl']} shuffles inside the L loop")
+    if "D=768" in k["case"]:
+        if not k["loop_ldg"].get("128"):
+            problems.append(f"{where}: no 16-byte x loads in the L loop ({k['loop_ldg']})")
+        if ("bool V=3" in k["case"] or "half-mask V=3" in k["case"]) and (
+                {"U8", "S8", "U16", "S16"} & set(k["loop_ldg"]) or not k["loop_ldg"].get("32")):
+            problems.append(f"{where}: mask loads narrower than 32 bits in the L loop ({k['loop_ldg']})")
+    return problems
 
 
 def test_kernels_compile_for_sm90_installed_triton(reports):

@@ -36,7 +36,9 @@ def test_settings_follow_the_target():
     assert _dispatch.target_for(cpu) == "interpreter"
     with _dispatch.kernel_target("cuda"):
         assert _dispatch.target_for(cpu) == "cuda"
-        assert mp._triton_blocks(3, 768, cpu) == (4, 8, 128)
+        xb = torch.empty(1, dtype=torch.bfloat16)
+        assert mp._fwd_blocks(3, 768, xb) == (4, 256, 1)
+        assert mp._bwd_blocks(3, 768, xb) == (4, 4, 128, 1)
         cfg = ct.kernel_configs("stats", torch.bfloat16, 4096, 4096, 768, _dispatch.target_for(cpu))[0]
         assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_D"], cfg.num_warps) == (64, 64, 64, 4)
     assert _dispatch.target_for(cpu) == "interpreter"
@@ -130,16 +132,18 @@ def test_mine_k_above_the_kernel_bound():
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
-@pytest.mark.parametrize("D", [2, 17, 130])
+@pytest.mark.parametrize("D", [2, 17, 300])
 def test_masked_pool_cuda_blocks_vs_reference(mask_kind, D):
-    """masked_pool forward + backward with the CUDA blocks: D = 2 gives BLOCK_L = 2048 (the
-    float-mask case Triton 3.6 could not compile), D = 130 two D tiles of 128."""
+    """masked_pool forward + backward with the CUDA blocks: D = 300 two D tiles of 256 in the
+    forward and backward (bf16: 16 bytes a thread), the second partial; D = 2 and 17 one."""
+    import triton
+
     from test_masked_pool import check_case, make_inputs
 
     with _dispatch.kernel_target("cuda"):
-        bv, bl, bd = mp._triton_blocks(3, D, torch.device("cpu"))
-        assert bv * bl * bd == 4096
         x, mask = make_inputs(11, 2, 70, D, 3, torch.bfloat16, mask_kind=mask_kind)
+        assert mp._fwd_blocks(3, D, x)[1] == min(triton.next_power_of_2(D), 256)
+        assert mp._bwd_blocks(3, D, x)[2] == min(triton.next_power_of_2(D), 128)
         check_case("triton", x, mask, True, mask_grad=mask_kind == "float")
 
 

@@ -136,15 +136,15 @@ def test_triton_several_d_tiles(monkeypatch, normalize):
 
     from solar_kernels.ops import masked_pool as mp
 
-    real = mp._triton_blocks
+    real = mp._fwd_blocks
 
-    def small_d_tiles(V, D, device):
-        bv, bl, _ = real(V, D, device)
-        return bv, bl, 16
+    def small_d_tiles(V, D, x):
+        bv, _, nw = real(V, D, x)
+        return bv, 16, nw
 
-    monkeypatch.setattr(mp, "_triton_blocks", small_d_tiles)
+    monkeypatch.setattr(mp, "_fwd_blocks", small_d_tiles)
     D = 40
-    assert triton.cdiv(D, mp._triton_blocks(3, D, DEVICE)[2]) == 3
+    assert triton.cdiv(D, mp._fwd_blocks(3, D, torch.empty(1))[1]) == 3
     x, mask = make_inputs(31, 3, 17, D, 3, torch.float32)
     check_case("triton", x, mask, normalize, mask_grad=True)
     xb, maskb = make_inputs(32, 2, 9, D, 2, torch.bfloat16, mask_kind="bool", noncontig=True)
@@ -261,15 +261,32 @@ def test_native_grad_buffer_recycling():
         grad_buffer_cache_mb(prev)
 
 
-def test_opcheck():
-    """torch.library.opcheck on both custom ops (schema, fake kernels, dispatch)."""
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_opcheck(backend):
+    """torch.library.opcheck on both custom ops (schema, fake kernels, dispatch, and the forward
+    op's registered autograd with x and a float mask requiring grad), on every backend."""
     x, mask = make_inputs(1, 2, 17, 33, 2, torch.float32)
-    out, aux = torch.ops.solar.masked_pool_fwd(x, mask, True, 1e-6)
-    torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (x, mask, True, 1e-6))
-    torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (x.to(torch.bfloat16), mask > 0.5, False, 1e-6))
-    g = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, True, 1e-6, True))
-    torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, False, 1e-6, False))
+    with use_backend(backend):
+        out, out32, aux = torch.ops.solar.masked_pool_fwd(x, mask, True, 1e-6, True)
+        assert out32.numel() == 0  # fp32 x: out is the fp32 output
+        xg, mg = x.clone().requires_grad_(), mask.clone().requires_grad_()
+        torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (xg, mg, True, 1e-6, True))
+        xb = x.to(torch.bfloat16).requires_grad_()
+        for normalize, keep in ((False, False), (False, True), (True, False)):
+            torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (xb, mask > 0.5, normalize, 1e-6, keep))
+        torch.library.opcheck(torch.ops.solar.masked_pool_fwd.default, (xb, mg.to(torch.bfloat16), False, 1e-6, True))
+        g = torch.randn_like(out)
+        torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, True, 1e-6, True))
+        torch.library.opcheck(torch.ops.solar.masked_pool_bwd.default, (g, x, mask, out, aux, False, 1e-6, False))
+
+
+def test_one_autograd_path():
+    """masked_pool differentiates through the autograd registered on solar::masked_pool_fwd
+    (no autograd.Function of its own): the output's grad_fn is the op's."""
+    x, mask = make_inputs(2, 2, 5, 8, 1, torch.float32)
+    out = masked_pool(x.requires_grad_(), mask.requires_grad_())
+    assert "masked_pool_fwd" in type(out.grad_fn).__name__ or "masked_pool_fwd" in out.grad_fn.name()
+    assert not hasattr(mp, "_MaskedPoolFunction")
 
 
 def test_torch_compile_traces_it():
@@ -373,11 +390,13 @@ def test_bf16_gradient_rounds_half_to_even(backend):
 
 @pytest.mark.skipif(not (mp.HAS_TRITON and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")),
                     reason="needs Triton (CUDA or the interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("normalize", [False, True])
-def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize):
-    """The Triton forward is one kernel launch without normalize (no fill of aux, no norm:
-    nothing reads the norm then) and one more with it.  The kernels are replaced by recorders
-    and every aten op the launcher runs is logged, so only the launcher's own work counts."""
+def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize, dtype):
+    """The public op's Triton forward (autograd on, bool mask) is one kernel launch without
+    normalize (no fill of aux, no norm: nothing reads the norm then; no cast: the kernel stores
+    x's dtype) and one more with it.  The kernels are replaced by recorders and every aten op
+    the op runs is logged, so only its own work counts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     launches = []
@@ -389,7 +408,7 @@ def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(self.name)
 
-    for name in ("_pool_fwd_kernel", "_pool_norm_kernel"):
+    for name in ("pool_fwd_kernel", "pool_norm_kernel"):
         monkeypatch.setattr(mp, name, Recorder(name))
     ops = []
 
@@ -398,12 +417,20 @@ def test_triton_forward_launches_nothing_it_does_not_need(monkeypatch, normalize
             ops.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    x, mask = make_inputs(3, 4, 9, 40, 2, torch.float16, mask_kind="bool")
-    with LogOps():
-        mp._forward_triton(x, mask, normalize, 1e-6)
-    assert launches == ["_pool_fwd_kernel"] + (["_pool_norm_kernel"] if normalize else [])
-    computing = [op for op in ops if op not in ("aten.empty", "aten.select", "aten.view", "aten.detach")]
-    assert not computing, f"the launcher runs torch ops (each a kernel launch on a GPU): {computing}"
+    x, mask = make_inputs(3, 4, 9, 40, 2, dtype, mask_kind="bool")
+    x.requires_grad_()
+    free = ("aten.empty", "aten.select", "aten.view", "aten.detach", "aten.new_empty", "aten.alias")
+    with LogOps(), use_backend("triton"):
+        out = masked_pool(x, mask, normalize=normalize)
+    assert out.dtype == dtype and out.requires_grad
+    # the op is one dispatcher call (the mode does not see inside it: its body is logged below)
+    assert [op for op in ops if op not in free] == ["solar.masked_pool_fwd"], ops
+    assert launches == ["pool_fwd_kernel"] + (["pool_norm_kernel"] if normalize else [])
+    ops.clear()
+    with LogOps(), use_backend("triton"):
+        mp._fwd_impl(x.detach(), mask, normalize, 1e-6, True)
+    computing = [op for op in ops if op not in free]
+    assert not computing, f"the forward runs torch ops (each a kernel launch on a GPU): {computing}"
 
 
 @pytest.mark.skipif(not (mp.HAS_TRITON and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")),
@@ -413,6 +440,59 @@ def test_triton_forward_aux_without_normalize():
     x, mask = make_inputs(5, 3, 11, 20, 2, torch.float32, mask_kind="float")
     with use_backend("triton"):
         out, aux = pool_forward(x, mask, False, 1e-6)
+        low, low32, low_aux = mp._forward_triton(x.to(torch.bfloat16), mask, False, 1e-6, torch.bfloat16, False)
+    assert low32 is None and low.dtype == torch.bfloat16
+    assert torch.equal(low_aux[1], torch.zeros_like(low_aux[1]))
     torch.testing.assert_close(aux[0], mask.float().sum(-1))
     assert torch.equal(aux[1], torch.zeros_like(aux[1]))
     torch.testing.assert_close(out, masked_pool_reference(x, mask).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float16, torch.bfloat16])
+def test_triton_word_mask_loads_at_every_alignment(mask_dtype):
+    """The forward reads byte / half-word masks as aligned 32-bit words and funnel-shifts rows
+    that start mid-word into place: masks whose storage starts 0-3 elements into a buffer (so
+    every row start alignment occurs), L not a multiple of the word, the last word inside the
+    storage (word path) and past it (element fallback)."""
+    es = torch.empty((), dtype=mask_dtype).element_size()
+    for off in range(4):
+        for L, pad in ((5, 4), (77, 4), (8, 0), (3, 0)):
+            V, B, D = 3, 2, 24
+            g = torch.Generator().manual_seed(100 * off + L)
+            x = torch.randn(B, L, D, generator=g)
+            flat = torch.rand(off + V * B * L + pad, generator=g)
+            flat = (flat > 0.4) if mask_dtype == torch.bool else (flat * (flat > 0.4)).to(mask_dtype)
+            mask = flat[off:off + V * B * L].view(V, B, L)
+            end_byte = (off + V * B * L) * es
+            expect_words = -(-end_byte // 4) * 4 <= flat.numel() * es
+            assert (mp._mask_word_elems(mp._mask_for_triton(mask)) > 0) == expect_words, (off, L, pad)
+            check_case("triton", x, mask, False, mask_grad=False)
+    strided = torch.rand(2, 3, 10)[..., ::2] > 0.5  # L not contiguous: element loads
+    assert mp._mask_word_elems(mp._mask_for_triton(strided)) == 0
+    assert mp._mask_word_elems(torch.rand(2, 3, 8)) == 0  # fp32: 4 bytes a load already
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_no_grad_forward_skips_the_dispatcher(backend):
+    """Without autograd to record, eager masked_pool calls the op's body directly (no
+    solar::masked_pool_fwd dispatch: its custom-op layers cost more than small CPU kernels)
+    and returns what the op returns; with grad it goes through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, mask = make_inputs(4, 3, 9, 20, 2, torch.bfloat16, mask_kind="float")
+    with use_backend(backend):
+        with torch.no_grad():
+            fast = masked_pool(x, mask, normalize=True)
+        via_op = torch.ops.solar.masked_pool_fwd(x, mask, True, 1e-6, False)[0]
+        assert torch.equal(fast, via_op)
+        seen = []
+
+        class Log(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
+
+        with Log():
+            masked_pool(x.requires_grad_(), mask)
+    assert "solar.masked_pool_fwd" in seen
