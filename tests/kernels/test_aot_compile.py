@@ -7,9 +7,10 @@ cubins; this test asserts on its report:
 
 * every case compiles (Triton 3.6 failed on masked_pool's float masks at BLOCK_L >= 256), and
   every config of the contrastive kernels' autotuning sets (the harness's stand-in benchmarker
-  compiles each one the autotuner tries, at the D = 768 cases; a config that fails is a failure);
+  compiles each one the autotuner tries, at the D = 768 two-tower and all-features cases of each
+  dtype; the other cases compile the default config; a config that fails is a failure);
 * the hot variants (D = 768 losses of every mode and dtype, fp32 with hardness included, in
-  every config of the sets; the pooled loss; every pooling variant) have no stack frame and no
+  the configs compiled; the pooled loss; every pooling variant) have no stack frame and no
   spill loads / stores;
 * every bf16 / fp16 loss kernel's dots are warpgroup MMAs (HGMMA in the SASS);
 * no atomics in any contrastive-loss kernel (the backward writes each output block from one
