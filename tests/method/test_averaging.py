@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from loop_fixtures import train_killed_at  # noqa: E402  (tests/method, on sys.path: conftest.py)
 from test_train_dist import _bank, _model  # noqa: E402  (tests/distributed, on sys.path: conftest.py)
 
 from solar.averaging import ParamEMA, attach_ema  # noqa: E402
@@ -55,9 +56,6 @@ def _stage2_phase(model, ckpt_every):
                  ckpt_every=ckpt_every, log_every=1)
 
 
-class _Boom(RuntimeError):
-    pass
-
 
 def test_resumed_average_equals_the_uninterrupted_one(tmp_path):
     """Killed after the step-2 checkpoint and resumed: the same averaged weights, bit for bit;
@@ -70,17 +68,7 @@ def test_resumed_average_equals_the_uninterrupted_one(tmp_path):
     model = _model()
     phase = _stage2_phase(model, ckpt_every=2)
     attach_ema(phase, 0.7)
-    fwd = type(phase.loss).forward
-
-    def boom(self, batch, step):
-        if step == 3:
-            raise _Boom
-        return fwd(self, batch, step)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(phase.loss), "forward", boom)
-        with pytest.raises(_Boom):
-            train_loop(phase, out_dir=str(tmp_path / "killed"), resume=False, log=None, dist_info=DistInfo(),
-                       options=LoopOptions(progress=False))
+    train_killed_at(phase, str(tmp_path / "killed"), 3)
     model = _model()
     phase = _stage2_phase(model, ckpt_every=2)
     ema = attach_ema(phase, 0.7)

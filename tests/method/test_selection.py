@@ -4,6 +4,7 @@ validation benchmark."""
 import pytest
 import torch
 
+from loop_fixtures import train_killed_at  # noqa: E402  (tests/method, on sys.path: conftest.py)
 from test_train_dist import _bank, _model  # noqa: E402  (tests/distributed, on sys.path: conftest.py)
 
 from solar.checkpoint import CheckpointError  # noqa: E402
@@ -74,23 +75,10 @@ def test_a_resumed_run_selects_what_an_uninterrupted_one_does(tmp_path):
     ref_sel, _ = _attach(phase, every=2)
     train_loop(phase, out_dir=str(tmp_path / "ref"), resume=False, log=None, dist_info=DistInfo(),
                options=LoopOptions(progress=False))
-
-    class Boom(RuntimeError):
-        pass
     model = _model()
     phase = _phase(model, ckpt_every=5)
     _attach(phase, every=2)
-    fwd = type(phase.loss).forward
-
-    def boom(self, batch, step):
-        if step == 6:
-            raise Boom
-        return fwd(self, batch, step)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(phase.loss), "forward", boom)
-        with pytest.raises(Boom):
-            train_loop(phase, out_dir=str(tmp_path / "run"), resume=False, log=None, dist_info=DistInfo(),
-                       options=LoopOptions(progress=False))
+    train_killed_at(phase, str(tmp_path / "run"), 6)
     model = _model()
     phase = _phase(model, ckpt_every=5)
     sel, scorer = _attach(phase, every=2)
