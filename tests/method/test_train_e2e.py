@@ -8,6 +8,8 @@ import torch
 
 import solar_kernels as sk
 
+from loop_fixtures import loss_killed_at  # tests/method, on sys.path: conftest.py
+
 pytestmark = pytest.mark.skipif(not hasattr(sk, "Index"), reason="solar_kernels.Index not available yet")
 
 # a model and data small enough for a few seconds per phase on 2 CPU cores
@@ -105,37 +107,17 @@ def test_fp32_search_metrics_match_exhaustive_reference(full_run):
         assert got[k] == pytest.approx(ref[k], abs=100.0 / len(bench.triplets) + 1e-9)
 
 
-def test_resume_equals_uninterrupted(full_run, cache, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(full_run, cache, tmp_path):
     import solar.stage1 as s1
     import solar.stage2 as s2
     from solar.train import main
     out = tmp_path / "run_interrupted"
-
-    class Boom(RuntimeError):
-        pass
-
     # 1) killed during stage 1 (after its step-2 checkpoint)
-    orig_s1 = s1.Stage1Loss.forward
-
-    def s1_boom(self, batch, step):
-        if step == 3:
-            raise Boom("stage 1 interrupted")
-        return orig_s1(self, batch, step)
-    monkeypatch.setattr(s1.Stage1Loss, "forward", s1_boom)
-    with pytest.raises(Boom):
+    with loss_killed_at(s1.Stage1Loss, 3):
         main(_argv(cache, out))
-    monkeypatch.setattr(s1.Stage1Loss, "forward", orig_s1)
     # 2) resumed, then killed during stage 2 (after its step-2 checkpoint)
-    orig_fwd = s2.Stage2Loss.forward
-
-    def fwd_boom(self, batch, step):
-        if step == 3:
-            raise Boom("stage 2 interrupted")
-        return orig_fwd(self, batch, step)
-    monkeypatch.setattr(s2.Stage2Loss, "forward", fwd_boom)
-    with pytest.raises(Boom):
+    with loss_killed_at(s2.Stage2Loss, 3):
         main(_argv(cache, out, "--resume"))
-    monkeypatch.setattr(s2.Stage2Loss, "forward", orig_fwd)
     # 3) resumed to the end
     assert main(_argv(cache, out, "--resume")) == 0
     for sub in ("stage1/stage1_model", "stage2/model", "clip_sf/model"):
