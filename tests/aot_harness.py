@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import traceback
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the AOT harness must run without TRITON_INTERPRET"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sass_cache
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -56,13 +58,24 @@ def _tool(name: str) -> str:
 
 
 # SASS counts by cubin digest: disassembling takes ~0.8 s a kernel, the resource report ~0;
-# a warm run (unchanged kernels) reads the counts from here (SOLAR_AOT_SASS_CACHE, a JSON file)
-_SASS_CACHE_PATH = os.environ.get("SOLAR_AOT_SASS_CACHE")
-_SASS_CACHE: dict = {}
-if _SASS_CACHE_PATH and os.path.exists(_SASS_CACHE_PATH):
-    with contextlib.suppress(ValueError, OSError):
-        with open(_SASS_CACHE_PATH) as f:
-            _SASS_CACHE = json.load(f)
+# a warm run (unchanged kernels) reads the counts from SOLAR_AOT_SASS_CACHE, a directory with one
+# file per cubin (tests/sass_cache.py: safe when two runs share it); an entry counted by other
+# code (the version is a digest of the counting functions' source) or unreadable is recounted
+_SASS_MEMO: dict = {}
+
+
+def _sass_cache():
+    """The disk cache of SASS counts, or None without SOLAR_AOT_SASS_CACHE."""
+    path = os.environ.get("SOLAR_AOT_SASS_CACHE")
+    if not path:
+        return None
+    from sass_cache import KeyedJsonCache, valid_sass_counts
+
+    if os.path.isfile(path):
+        raise SystemExit(f"SOLAR_AOT_SASS_CACHE={path!r} is a file (the old single-file cache); expected a "
+                         "directory: point it at a new path (or delete the file)")
+    code = inspect.getsource(_sass_counts) + inspect.getsource(_loop_counts) + triton.__version__
+    return KeyedJsonCache(path, hashlib.sha1(code.encode()).hexdigest()[:16], valid=valid_sass_counts)
 
 
 def _sass_counts(path: str) -> dict:
@@ -105,6 +118,9 @@ def _loop_counts(text: str) -> dict:
                 loop_ldg=ldg)
 
 
+_SASS_CACHE = _sass_cache()
+
+
 def _res_usage(cubin: bytes, digest: str) -> dict:
     """REG / STACK / SHARED / LOCAL of the one function in a cubin (cuobjdump -res-usage) and
     counts of the SASS instructions the checks look at (cuobjdump -sass, cached by digest)."""
@@ -112,13 +128,14 @@ def _res_usage(cubin: bytes, digest: str) -> dict:
         f.write(cubin)
         f.flush()
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
-        if "loop_shfl" not in _SASS_CACHE.get(digest, {}):  # (entries from before the loop counts)
-            _SASS_CACHE[digest] = _sass_counts(f.name)
+        if digest not in _SASS_MEMO:
+            _SASS_MEMO[digest] = (_SASS_CACHE.get(digest, lambda: _sass_counts(f.name)) if _SASS_CACHE is not None
+                                  else _sass_counts(f.name))
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)
     if m is None:
         raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{res.stdout}")
     reg, stack, shared, local = (int(v) for v in m.groups())
-    return dict(regs=reg, stack=stack, static_shared=shared, local=local, **_SASS_CACHE[digest])
+    return dict(regs=reg, stack=stack, static_shared=shared, local=local, **_SASS_MEMO[digest])
 
 
 class _Utils:
@@ -402,10 +419,6 @@ def main():
     ap.add_argument("--only", help="run only the cases whose name contains this string")
     args = ap.parse_args()
     report = run_all(args.quick, args.only)
-    if _SASS_CACHE_PATH:
-        with open(_SASS_CACHE_PATH + ".tmp", "w") as f:
-            json.dump(_SASS_CACHE, f)
-        os.replace(_SASS_CACHE_PATH + ".tmp", _SASS_CACHE_PATH)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     if args.markdown:

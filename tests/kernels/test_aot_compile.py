@@ -19,8 +19,9 @@ cubins; this test asserts on its report:
   bool / half mask as 32-bit words (D = 768 cases).
 
 The GPU machine's Triton (GPU_TRITON) is installed with ``pip install --target`` into
-``$SOLAR_CACHE`` (default ~/.cache/solar) once and reused; Triton's own kernel cache lives
-beside it, so a second run only re-reads cubins.
+``$SOLAR_CACHE`` (default ~/.cache/solar) once and reused; Triton's own kernel cache and the
+harness's SASS counts (one file a cubin, tests/sass_cache.py) live beside it, so a second run
+only re-reads cubins; runs at once (two test sessions, CI and an engineer) share them safely.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -50,17 +52,25 @@ def _installed_triton():
 
 
 def _side_triton(version: str) -> str:
-    """A folder holding Triton `version` (pip install --target, done once)."""
+    """A folder holding Triton `version` (pip install --target, done once).  Installed into a
+    uniquely named folder and renamed into place, so two test runs installing at once do not
+    write into one folder; the one that renames second keeps the first's."""
     target = os.path.join(CACHE, f"triton-{version}")
     if os.path.exists(os.path.join(target, "triton", "__init__.py")):
         return target
-    tmp = target + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(CACHE, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=CACHE, prefix=f".triton-{version}.partial-")
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tmp,
                         f"triton=={version}"], capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
         pytest.fail(f"cannot install triton=={version} into {tmp} (PyPI needed once):\n{r.stderr[-2000:]}")
-    os.replace(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another run installed it meanwhile (rename onto a non-empty folder fails)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(target, "triton", "__init__.py")):
+            raise
     return target
 
 
@@ -69,7 +79,7 @@ def _start_harness(tmp_path, side: str | None, tag: str):
     paths = ([side] if side else []) + [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["TRITON_CACHE_DIR"] = os.path.join(CACHE, f"triton-cache-{tag}")
-    env["SOLAR_AOT_SASS_CACHE"] = os.path.join(CACHE, f"aot-sass-{tag}.json")
+    env["SOLAR_AOT_SASS_CACHE"] = os.path.join(CACHE, f"aot-sass-{tag}")  # one file a cubin
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     os.makedirs(CACHE, exist_ok=True)
     out = tmp_path / f"aot-{tag}.json"

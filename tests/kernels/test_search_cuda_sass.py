@@ -19,6 +19,7 @@ import shutil
 import subprocess
 
 import pytest
+from sass_cache import atomic_write_json, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(ROOT, "csrc", "search", "search_cuda.cu")
@@ -52,9 +53,9 @@ def _compile(tmp_path) -> dict:
             digest.update(f.read())
     cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "solar", "search_sass")
     cache = os.path.join(cache_dir, digest.hexdigest()[:20] + ".json")
-    if os.path.exists(cache):
-        with open(cache) as f:
-            return json.load(f)
+    cached = read_json(cache)  # None when missing, truncated or garbled (then recompiled)
+    if isinstance(cached, dict) and cached and all(isinstance(v, dict) for v in cached.values()):
+        return cached
     cubin = str(tmp_path / "search.cubin")
     r = subprocess.run(["nvcc", "-cubin", SRC, "-o", cubin, "-I", os.path.join(ROOT, "csrc"), "-Xptxas", "-v"] + FLAGS,
                        capture_output=True, text=True, timeout=1800)
@@ -80,10 +81,7 @@ def _compile(tmp_path) -> dict:
         rec = out.setdefault(fname, {})
         rec["ldg128"] = sum(o.startswith("LDG") and ".128" in o for o in ops)
         rec["ldg"] = sum(o.startswith("LDG") for o in ops)
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(cache + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(cache + ".tmp", cache)
+    atomic_write_json(cache, out)  # a unique temporary file and os.replace: safe for runs at once
     return out
 
 
