@@ -8,7 +8,7 @@
 * Layout: tests/kernels (solar_kernels: ops, search, compile and build checks), tests/method
   (solar: data, model, stages, trainer, benchmark, end to end), tests/distributed (everything
   that spawns gloo processes), tests/integrations (open_clip, sentence-transformers, FAISS, the
-  index CLI); the shared modules (oracle.py, dist_harness.py, aot_harness.py)
+  index CLI); the shared modules (oracle.py, dist_harness.py, aot_harness.py, sass_cache.py)
   stay in tests/.  tests/ and its subfolders go on sys.path here, so a test file imports a
   shared module, or a helper of a test file in another folder, by its basename (basenames are
   unique: pytest's prepend import mode needs that), also in spawned worker processes.
