@@ -38,6 +38,20 @@ def _mask_elem(bits, k, ELEM_T, WORD_ELEMS: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_row(acc, wacc, w, x_row, offs_l, l_ok, d_ok, stride_xl, SKIP_ZERO: tl.constexpr):
+    """One token row's step of the L loop, shared by the word and element mask paths: load x row
+    offs_l ([1, BLOCK_D], upcast to fp32) and return (acc + w x_row, wacc + w) for the weights w
+    [BLOCK_V, 1].  SKIP_ZERO leaves out the terms under a zero weight (0 * NaN).  Inlined into
+    the loop like the code it replaces (tests/kernels/test_aot_compile.py checks the SASS)."""
+    xr = tl.load(x_row + offs_l * stride_xl, mask=d_ok & l_ok, other=0.0).to(tl.float32)
+    if SKIP_ZERO:
+        acc += tl.where(w != 0.0, w * xr, 0.0)
+    else:
+        acc += w * xr
+    return acc, wacc + w
+
+
+@triton.jit
 def _pool_fwd_sums(x_row, M_ptr, W_ptr, m_off, row_byte, offs_v, v_ok, offs_d, d_ok, L, stride_xl, stride_ml,
                    SKIP_ZERO: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                    UNROLL: tl.constexpr, WORD_ELEMS: tl.constexpr):
@@ -64,24 +78,14 @@ def _pool_fwd_sums(x_row, M_ptr, W_ptr, m_off, row_byte, offs_v, v_ok, offs_d, d
                     offs_l = l0 + j * WORD_ELEMS + k
                     l_ok = tl.full([1, 1], offs_l, tl.int32) < L  # a tensor (the interpreter masks need one)
                     w = tl.where(l_ok, _mask_elem(bits, k, M_ptr.dtype.element_ty, WORD_ELEMS), 0.0)
-                    xr = tl.load(x_row + offs_l * stride_xl, mask=d_ok & l_ok, other=0.0).to(tl.float32)
-                    if SKIP_ZERO:
-                        acc += tl.where(w != 0.0, w * xr, 0.0)
-                    else:
-                        acc += w * xr
-                    wacc += w
+                    acc, wacc = _accumulate_row(acc, wacc, w, x_row, offs_l, l_ok, d_ok, stride_xl, SKIP_ZERO)
                 lo = hi
         else:
             for j in tl.static_range(UNROLL):
                 offs_l = l0 + j
                 l_ok = tl.full([1, 1], offs_l, tl.int32) < L  # a tensor (the interpreter masks need one)
                 w = tl.load(M_ptr + m_off + offs_l * stride_ml, mask=v_ok & l_ok, other=0).to(tl.float32)
-                xr = tl.load(x_row + offs_l * stride_xl, mask=d_ok & l_ok, other=0.0).to(tl.float32)
-                if SKIP_ZERO:
-                    acc += tl.where(w != 0.0, w * xr, 0.0)
-                else:
-                    acc += w * xr
-                wacc += w
+                acc, wacc = _accumulate_row(acc, wacc, w, x_row, offs_l, l_ok, d_ok, stride_xl, SKIP_ZERO)
     return acc, wacc
 
 
