@@ -164,7 +164,7 @@ def main(argv=None):
                         and row["mask"] == mask_kind:
                     row["speedup"] = round(best / row["median_ms"], 3)
                     row["pct_copy"] = round(100 * row["gbps"] / copy_gbps, 1)
-        del x, xg, dst, fns
+        x = xg = dst = fns = None  # free before the next case (not del: the timed closures use them)
 
     rec.print_table()
     csv_path = rec.write_csv(os.path.join(out_dir, "masked_pool.csv"))

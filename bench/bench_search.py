@@ -126,7 +126,7 @@ def run_cpu(args, rec):
                       + " ".join(f"{p}={r:.2f}x" for p, r in ratios.items()), flush=True)
             if m == 1:
                 _read_floor(ours["solar_int8"], case, qps, rec)
-        del peers, ours, x, xn, flat
+        peers = ours = x = xn = flat = None  # free before the next N (not del: the timed lambdas use x)
 
 
 def run_cuda(args, rec):

@@ -130,8 +130,7 @@ def section_loss(s: Suite):
     dtype = torch.float32 if dry else torch.bfloat16
     peers = {"solar": _solar(), "solar+mine8+hardness": _solar(mine_k=8, hardness=0.5)}
     try:
-        peers["inf_cl"] = _infcl()
-        import inf_cl  # noqa: F401
+        peers["inf_cl"] = _infcl()  # raises when inf_cl is not importable
     except Exception as e:
         peers.pop("inf_cl", None)
         s.add(impl="inf_cl", case={"section": "loss"}, note=f"not importable: {type(e).__name__}: {e}"[:200])
@@ -295,7 +294,7 @@ def section_search(s: Suite):
                 if peer is not None:
                     st_p = s.timed(peer, 5)
                     s.add(impl="torch mm+topk", case=case, stats=st_p, solar_speedup=st_p.median_ms / st.median_ms)
-        del index
+        index = None  # free the index before the next dtype's (not del: the timed lambdas close over it)
         if not dry:
             torch.cuda.empty_cache()
 

@@ -40,7 +40,6 @@ from .. import _checks, _dispatch, _ext
 
 try:  # triton is optional on CPU-only installs; the native/torch paths do not need it
     import triton
-    import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover

@@ -118,7 +118,6 @@ def test_two_process_gloo_matches_single_process(tmp_path, micro):
 def test_torchrun_cli_two_processes(tmp_path):
     """`torchrun --nproc_per_node=2 -m solar.train ...` runs the whole job (tiny sizes)."""
     import subprocess
-    import sys
     from test_train_e2e import TINY
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "solar.train", *TINY,

@@ -2,7 +2,6 @@
 brute-force reference, ties, recall of the compact dtypes, save/load, bad input, CUDA."""
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 

@@ -78,8 +78,6 @@ def _install(kill_at: str) -> None:
         return real_save_file(tensors, filename, *a, **kw)
     st.save_file = save_file
 
-    import torch
-
     def post_step(opt, args, kwargs):
         if hit("step", ""):
             _die()

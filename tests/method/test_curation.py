@@ -9,7 +9,6 @@ import shutil
 import tarfile
 
 import pytest
-import torch
 from curation_fixtures import HOSTILE, HOSTILE_KEY, ITEMS, OFFSET, make_catalogue, make_model, metas
 
 import solar

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from solar.data import shapesworld as sw
-from solar.data.reader import (ImageTransform, PairDataset, PairLoader, ReaderStats, collate_pairs, expand_urls,
-                               make_loader)
+from solar.data.reader import (ImageTransform, PairDataset, ReaderStats, collate_pairs, expand_urls, make_loader)
 from solar.data.tokenizer import build_bpe, load_tokenizer, save_tokenizer, shapesworld_tokenizer
 
 PAIRS, SHARD = 120, 30  # 4 shards

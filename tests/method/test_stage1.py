@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from solar.losses import gla_hinge, global_distill_loss, local_distill_loss, pearson_rows
 from solar.qda import RunningGaussian, batch_moments, mixture_threshold, qda_threshold
-from solar.stage1 import Stage1Config, evaluate_masks, mask_iou, rho_at
+from solar.stage1 import Stage1Config, mask_iou, rho_at
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
