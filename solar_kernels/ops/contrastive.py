@@ -262,6 +262,29 @@ def mean_loss(row_loss: torch.Tensor, col_loss: torch.Tensor, n_pos_rows: int, n
     return loss
 
 
+def _column_direction(q, k, g, gq_all, off, rank, group, T, beta, backend, need_grad) -> torch.Tensor:
+    """The k->q losses of this rank's columns against all ranks' rows (gathered with gradient),
+    the many-rank form of the symmetric loss.  The op pairs row j of a pass with column
+    j + offset: the n paired columns k[off:off + n] go in one pass whose offset puts them on
+    their global rows (r * n + i); the unpaired columns, which only have positives through
+    their groups, in a second pass whose offset lies beyond every column (no pairing).
+    Without groups the unpaired columns have no positive (loss 0) and are skipped."""
+    n, D = q.shape
+    m = k.shape[0]
+    q_all = distributed.all_gather_rows_with_grad(q, group)
+    N = q_all.shape[0]
+    paired = k[off:off + n]
+    gp = g[off:off + n] if g is not None else None
+    losses = [torch.ops.solar.contrastive_fwd(paired, q_all, gp, gq_all, None, rank * n, T, beta, False, False, 0,
+                                              backend, cache_rows(n, N, D, backend, need_grad))[0]]
+    if g is not None and m > n:
+        rest = torch.cat([k[:off], k[off + n:]])
+        gr = torch.cat([g[:off], g[off + n:]])
+        losses.append(torch.ops.solar.contrastive_fwd(rest, q_all, gr, gq_all, None, N, T, beta, False, False, 0,
+                                                      backend, cache_rows(m - n, N, D, backend, need_grad))[0])
+    return torch.cat(losses)
+
+
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: torch.Tensor | None = None,
                      hard_negatives: torch.Tensor | None = None, temperature: float = 0.05,
                      symmetric: bool = True, hardness: float = 0.0, mine_k: int = 0, offset: int | None = None,
@@ -372,10 +395,7 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
         q, cols, gq, g_all, hard_negatives, row_offset, T, beta, single, fused, int(mine_k), backend,
         cache_rows(n, M, D, backend, need_grad))
     if both and not fused:
-        # rank r's column j (local row j of this pass) is paired with global row r * n + j - off
-        q_all = distributed.all_gather_rows_with_grad(q, group)
-        col_loss = torch.ops.solar.contrastive_fwd(k, q_all, g, gq_all, None, rank * n - off, T, beta, False, False,
-                                                   0, backend, cache_rows(m, N, D, backend, need_grad))[0]
+        col_loss = _column_direction(q, k, g, gq_all, off, rank, group, T, beta, backend, need_grad)
     n_pos_cols = positive_columns(gq_all, g_all, N) if both else 1
     loss = mean_loss(row_loss, col_loss, n_pos_rows, n_pos_cols, both)
     if world > 1:
