@@ -27,9 +27,10 @@ How each distributed mode of open_clip is reproduced (n rows per rank, N = n * w
   come from the same distributed call, the value and the ``logit_scale`` derivative of the
   local rows from one extra chunked forward pass (n x N logits, nothing kept for backward).
 * ``local_loss=True, gather_with_grad=False``: open_clip gathers all columns without gradient
-  (this rank's own included), so the gradient flows only through the local rows; this is
-  computed as an N x N loss whose other rows are zero (see ``_rect``), i.e. world x the work
-  of the other modes (memory O(N x D)).
+  (this rank's own included), so the gradient flows only through the local rows; this is the
+  rectangular :func:`solar_kernels.contrastive_loss` of the n local rows against the N
+  gathered columns (``offset = rank * n``), in each direction: n x N logits per direction, as
+  in the other modes (memory O(N x D)).
 
 ``cache_labels`` is accepted for compatibility: no label tensor is built, so there is nothing
 to cache.  ``logit_bias`` (SigLIP-style models passing one to ClipLoss) shifts every logit by
@@ -47,7 +48,6 @@ from torch import nn
 import solar_kernels as sk
 
 from ._autograd import ScaleGrad
-from ._rect import padded_rows_loss
 
 __all__ = ["ClipLoss"]
 
@@ -204,7 +204,9 @@ class ClipLoss(nn.Module):
                 n = img.shape[0]
                 all_img, all_txt = _gather(img, group, world), _gather(txt, group, world)
                 off = self.rank * n
-                loss = 0.5 * (padded_rows_loss(scale * img, all_txt, off) + padded_rows_loss(scale * txt, all_img, off))
+                rect = dict(offset=off, temperature=1.0, symmetric=False)
+                loss = 0.5 * (sk.contrastive_loss(scale * img, all_txt, **rect)
+                              + sk.contrastive_loss(scale * txt, all_img, **rect))
         if logit_bias is not None and isinstance(logit_bias, torch.Tensor):
             loss = loss + 0.0 * logit_bias.sum()   # a constant shift of every logit: no effect, zero gradient
         return {"contrastive_loss": loss} if output_dict else loss
