@@ -5,11 +5,14 @@ Both implementations are tested on every machine: the chunked PyTorch path ("tor
 compiled on CUDA, interpreted on CPU tensors).  The reference's rectangular form is itself
 pinned to plain ``F.cross_entropy`` on the [N, M] logits (test_reference_is_cross_entropy).
 """
+import os
+
 import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
 import solar_kernels as sk
+from solar_kernels import _dispatch
 from solar_kernels import nn as snn
 from solar_kernels.reference import contrastive_loss_reference
 
@@ -145,6 +148,71 @@ def test_triton_backend_vs_reference(n, extra, where, d, h, dtype, temperature, 
                       seed)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_with_the_cuda_settings(dtype):
+    """The rectangle under exactly the blocks, warps and rounding a CUDA device gets (64-row
+    blocks: 70 rows and 200 columns straddle them; the offset is not a block multiple), with
+    groups, hard negatives, hardness, mining and both directions."""
+    n, m, off = 70, 200, 37
+    q, k, hn, groups = _make(n, m, 16, 2, dtype, 13, "uneven")
+    kw = dict(groups=groups, hard_negatives=hn, temperature=0.1, hardness=0.5, mine_k=4, offset=off)
+    with _dispatch.kernel_target("cuda"), sk.use_backend("triton"):
+        loss, mined = sk.contrastive_loss(q, k, **kw)
+        got = torch.autograd.grad(loss, (q, k, hn))
+    loss64, (idx64, _) = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    ref = torch.autograd.grad(loss64, (q, k, hn))
+    losslp = contrastive_loss_reference(q, k, dtype=dtype, **kw)[0]
+    plain = torch.autograd.grad(losslp, (q, k, hn))
+    assert_close_to_fp64("loss", loss.detach(), loss64.detach(), losslp.detach(), rel_atol=2e-3, ulp=False)
+    gscale = max(float(r.abs().max()) for r in ref)
+    for nm, a, b, c in zip(("dq", "dk", "dhn"), got, ref, plain):
+        assert_close_to_fp64(nm, a, b, c, atol=2e-3 * gscale, rel_atol=2e-3, ulp=False)
+    # low-precision logits can reorder near-ties: the mined scores must match, not every index
+    agree = (mined.indices.cpu() == idx64.cpu()).float().mean()
+    assert agree > 0.9, f"only {float(agree):.0%} of the mined indices agree with the reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Strided q, transposed k and hard negatives with a permuted layout."""
+    gen = torch.Generator().manual_seed(14)
+    dev = _dev()
+    q = torch.randn(9, 2 * 12, generator=gen).to(dev)[:, ::2].requires_grad_()
+    k = torch.randn(12, 30, generator=gen).to(dev).t().requires_grad_()
+    hn = torch.randn(2, 9, 12, generator=gen).to(dev).transpose(0, 1).requires_grad_()
+    groups = (torch.arange(30) // 3).to(dev)
+    kw = dict(groups=groups, hard_negatives=hn, temperature=0.5, hardness=0.5, mine_k=2, offset=11)
+    with sk.use_backend(backend):
+        loss, mined = sk.contrastive_loss(q, k, **kw)
+    got = torch.autograd.grad(loss, (q, k, hn))
+    loss64, (idx, _) = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    ref = torch.autograd.grad(loss64, (q, k, hn))
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(mined.indices.cpu(), idx.cpu())
+
+
+def test_opcheck_rectangle():
+    """solar::contrastive_fwd / _bwd with n < M rows, an offset and both directions from one
+    pass (schema, fake kernel, autograd registration)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 6, generator=gen, requires_grad=True)
+    k = torch.randn(11, 6, generator=gen, requires_grad=True)
+    hn = torch.randn(5, 2, 6, generator=gen, requires_grad=True)
+    gk = torch.arange(11) // 3
+    gq = gk[4:9]
+    args = (q, k, gq, gk, hn, 4, 0.1, 0.5, False, True, 2, "torch", 3)
+    torch.library.opcheck(torch.ops.solar.contrastive_fwd.default, args)
+    row_loss, col_loss, rs, cs, _, _, cache = torch.ops.solar.contrastive_fwd(*args)
+    assert row_loss.shape == (5,) and col_loss.shape == (11,) and cache.shape == (3, 11)
+    bargs = (torch.ones_like(row_loss), torch.ones_like(col_loss), q.detach(), k.detach(), gq, gk, hn.detach(), rs,
+             cs, 4, 0.1, 0.5, False, True, "torch", cache)
+    torch.library.opcheck(torch.ops.solar.contrastive_bwd.default, bargs)
+
+
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_reference_is_cross_entropy(where, symmetric):
@@ -162,7 +230,7 @@ def test_reference_is_cross_entropy(where, symmetric):
         want = 0.5 * (want + torch.nn.functional.cross_entropy(S.t()[off:off + n], torch.arange(n)))
     ref = contrastive_loss_reference(q, k, temperature=T, symmetric=symmetric, offset=off)
     torch.testing.assert_close(ref, want)
-    for backend in BACKENDS:
+    for backend in BACKENDS + ["native"]:   # "native": contrastive_loss's CPU path is the chunked one
         with sk.use_backend(backend):
             got = sk.contrastive_loss(q.float(), k.float(), temperature=T, symmetric=symmetric, offset=off)
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
