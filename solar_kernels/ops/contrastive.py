@@ -368,9 +368,9 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
     off = 0 if offset is None else offset
     H = 0 if hard_negatives is None else hard_negatives.shape[1]
     if world > 1:
-        mine = torch.tensor([n, m, H, off], device=q.device, dtype=torch.int64)
-        sizes = distributed.all_gather_rows(mine, group).view(world, 4)
-        if bool((sizes != mine).any()):
+        local = torch.tensor([n, m, H, off], device=q.device, dtype=torch.int64)
+        sizes = distributed.all_gather_rows(local, group).view(world, 4)
+        if bool((sizes != local).any()):
             raise ValueError(f"every rank must pass the same number of rows, columns and hard negatives and the "
                              f"same offset; got (rows, columns, H, offset) per rank {sizes.tolist()}")
     # rank r holds the global rows r * n .. r * n + n - 1 and the global columns r * m .. r * m + m - 1,
