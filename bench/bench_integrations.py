@@ -4,8 +4,9 @@
   path) vs ``solar_kernels.integrations.open_clip.ClipLoss``: forward + backward of the
   single-process loss (fp32, D = 512) at N = 8192 and N = 32768 -- peak memory, and time.
 * sentence-transformers: ``MultipleNegativesRankingLoss`` vs ``SolarRankingLoss`` on
-  precomputed embeddings (anchor, positive, one negative column; fp32, D = 512) at N = 8192
-  anchors: peak memory and time of forward + backward (``compute_loss_from_embeddings``).
+  precomputed embeddings (anchor, positive, H hard-negative columns, --st-negs H, default 1;
+  fp32, D = 512) at N = 8192 anchors (--st-n): peak memory and time of forward + backward
+  (``compute_loss_from_embeddings``).
 
 Every (implementation, N) runs in its own child process (peak RSS is per process) under an
 address-space cap (--cap-gb): a peer that needs more than the cap is reported as out of
@@ -55,12 +56,12 @@ def _clip_step(impl: str, n: int):
     return run
 
 
-def _st_step(impl: str, n: int):
+def _st_step(impl: str, n: int, negs: int = 1):
     if impl == "mnrl":
         from sentence_transformers.losses import MultipleNegativesRankingLoss as cls
     else:
         from solar_kernels.integrations.sentence_transformers import SolarRankingLoss as cls
-    embs = _inputs(n, 3)
+    embs = _inputs(n, 2 + negs)
     loss_fn = cls(torch.nn.Identity(), scale=20.0)
 
     def run():
@@ -71,12 +72,12 @@ def _st_step(impl: str, n: int):
     return run
 
 
-def child(which: str, impl: str, n: int, reps: int, time_it: bool, cap_gb: float) -> dict:
+def child(which: str, impl: str, n: int, reps: int, time_it: bool, cap_gb: float, negs: int = 1) -> dict:
     """Measure one case in this process (called in a child)."""
     import resource
     cap = int(cap_gb * 2 ** 30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    step = (_clip_step if which == "clip" else _st_step)(impl, n)
+    step = _clip_step(impl, n) if which == "clip" else _st_step(impl, n, negs)
     out = {}
     try:
         out["peak"] = peak_memory(step, "cpu")
@@ -90,7 +91,8 @@ def child(which: str, impl: str, n: int, reps: int, time_it: bool, cap_gb: float
 def _run_child(which, impl, n, args, time_it) -> dict:
     code = (f"import sys, json; sys.path.insert(0, {HERE!r}); import bench_integrations as b; "
             f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-            f"print(json.dumps(b.child({which!r}, {impl!r}, {n}, {args.reps}, {time_it}, {args.cap_gb})))")
+            f"print(json.dumps(b.child({which!r}, {impl!r}, {n}, {args.reps}, {time_it}, {args.cap_gb}, "
+            f"{args.st_negs})))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     for line in r.stdout.splitlines()[::-1]:
         if line.startswith("{"):
@@ -105,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per case")
     ap.add_argument("--sizes", default="8192,32768", help="N of the open_clip cases")
     ap.add_argument("--st-n", type=int, default=8192, help="anchors of the sentence-transformers case")
+    ap.add_argument("--st-negs", type=int, default=1,
+                    help="hard-negative columns of the sentence-transformers case")
     ap.add_argument("--time-large", action="store_true", help="also time N > 8192")
     args = ap.parse_args(argv)
     rec = Recorder("integrations", device="cpu")
@@ -113,7 +117,8 @@ def main(argv=None) -> int:
     for which, peer, ours, n in cases:
         time_it = n <= 8192 or args.time_large
         res = {impl: _run_child(which, impl, n, args, time_it) for impl in (peer, ours)}
-        case = {"loss": "ClipLoss" if which == "clip" else "MNRL (1 negative column)", "N": n, "D": D}
+        label = "ClipLoss" if which == "clip" else f"MNRL ({args.st_negs} negative column(s))"
+        case = {"loss": label, "N": n, "D": D}
         for impl in (peer, ours):
             r = res[impl]
             extra = {"peak_mib": r["peak"] / 2 ** 20} if "peak" in r else {"note": f"OOM under {args.cap_gb} GiB"}

@@ -35,7 +35,8 @@ __all__ += ["MaskedPool"]
 class ContrastiveLoss(torch.nn.Module):
     """Multi-positive InfoNCE in O(N*D) memory: ``F.contrastive_loss(q, k, ...)``.
 
-    Shapes: q [N, D]; k [N, D] or None (single-set mode, groups required); groups [N] int64;
+    Shapes: q [N, D]; k [N, D], [M, D] with ``offset`` (row i's positive is column offset + i;
+    groups then [M]) or None (single-set mode, groups required); groups [N] int64;
     hard_negatives [N, H, D].  Returns the scalar loss, or (loss, Mined) when mine_k > 0.
     """
 
@@ -45,10 +46,10 @@ class ContrastiveLoss(torch.nn.Module):
         self.temperature, self.symmetric, self.hardness = temperature, symmetric, hardness
         self.mine_k, self.process_group = mine_k, process_group
 
-    def forward(self, q, k=None, groups=None, hard_negatives=None):
+    def forward(self, q, k=None, groups=None, hard_negatives=None, offset=None):
         return F.contrastive_loss(q, k, groups=groups, hard_negatives=hard_negatives, temperature=self.temperature,
                                   symmetric=self.symmetric, hardness=self.hardness, mine_k=self.mine_k,
-                                  process_group=self.process_group)
+                                  offset=offset, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, hardness={self.hardness}, "

@@ -43,12 +43,15 @@ __all__ += ["masked_pool_reference"]
 def contrastive_loss_reference(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: torch.Tensor | None = None,
                                hard_negatives: torch.Tensor | None = None, temperature: float = 0.05,
                                symmetric: bool = True, hardness: float = 0.0, mine_k: int = 0,
-                               dtype: torch.dtype | None = None):
+                               offset: int | None = None, dtype: torch.dtype | None = None):
     """Reference of `solar_kernels.contrastive_loss` that materialises S, in `dtype` (default q's).
 
-    With no groups, hard negatives, hardness or mining, this is the open_clip ClipLoss
+    With no groups, hard negatives, hardness, mining or offset, this is the open_clip ClipLoss
     computation (``F.cross_entropy`` on the full logits, both directions): the eager peer of
-    the benchmarks.  Otherwise the full masked formula (see ``solar_kernels.ops.contrastive``).
+    the benchmarks.  Otherwise the full masked formula (see ``solar_kernels.ops.contrastive``)
+    on the [N, M] logits (M = k's rows; with ``offset`` row i's own column is offset + i and
+    its group ``groups[offset + i]``); the k->q direction is the same formula on S^T with the
+    transposed masks, averaged over the columns that have a positive.
     Returns the loss, or ``(loss, (indices, scores))`` when mine_k > 0 (ties to the lower index).
     """
     dtype = dtype or q.dtype
@@ -56,8 +59,10 @@ def contrastive_loss_reference(q: torch.Tensor, k: torch.Tensor | None = None, *
     qf = q.to(dtype)
     single = k is None
     kf = qf if single else k.to(dtype)
-    n = qf.shape[0]
-    plain = groups is None and hard_negatives is None and hardness == 0 and mine_k == 0 and not single
+    n, M = qf.shape[0], kf.shape[0]
+    off = 0 if offset is None else offset
+    plain = (groups is None and hard_negatives is None and hardness == 0 and mine_k == 0 and not single
+             and off == 0 and M == n)
     if plain:
         logits = qf @ kf.t() * inv_t
         labels = torch.arange(n, device=q.device)
@@ -66,22 +71,22 @@ def contrastive_loss_reference(q: torch.Tensor, k: torch.Tensor | None = None, *
             loss = 0.5 * (loss + torch.nn.functional.cross_entropy(logits.t(), labels))
         return loss
 
-    def one_direction(a, b, hn, mine):
-        S = a @ b.t() * inv_t
-        eye = torch.eye(n, dtype=torch.bool, device=a.device)
-        same = (groups[:, None] == groups[None, :]) if groups is not None else eye
-        valid = ~eye if single else torch.ones_like(eye)
-        pos = same & valid if single else (same | eye)
-        neg = valid & ~pos
-        if hn is not None:
-            Sh = torch.einsum("nd,nhd->nh", a, hn.to(dtype)) * inv_t
+    dev = q.device
+    own = torch.arange(M, device=dev)[None, :] == (torch.arange(n, device=dev) + off)[:, None]
+    same = (groups[off:off + n, None] == groups[None, :]) if groups is not None else own
+    valid = ~own if single else torch.ones_like(own)
+    pos = same & valid if single else (same | own)
+    neg = valid & ~pos
+
+    def one_direction(S, pos, neg, Sh, mine):
+        if Sh is not None:
             S = torch.cat([S, Sh], 1)
             pos = torch.cat([pos, torch.zeros_like(Sh, dtype=torch.bool)], 1)
             neg = torch.cat([neg, torch.ones_like(Sh, dtype=torch.bool)], 1)
         has_pos = pos.any(1)
         has_neg = neg.any(1)
-        ninf = torch.tensor(float("-inf"), dtype=dtype, device=a.device)
-        zero = torch.zeros((), dtype=dtype, device=a.device)
+        ninf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
+        zero = torch.zeros((), dtype=dtype, device=dev)
         # rows without positives (negatives) get a harmless all-zero row so gradients stay finite
         log_pos = torch.logsumexp(torch.where(has_pos[:, None], torch.where(pos, S, ninf), zero), 1)
         if hardness > 0:
@@ -100,9 +105,13 @@ def contrastive_loss_reference(q: torch.Tensor, k: torch.Tensor | None = None, *
             mined = (order, cand.gather(1, order))
         return loss, mined
 
-    loss, mined = one_direction(qf, kf, hard_negatives, mine_k > 0)
+    S = qf @ kf.t() * inv_t
+    Sh = None
+    if hard_negatives is not None:
+        Sh = torch.einsum("nd,nhd->nh", qf, hard_negatives.to(dtype)) * inv_t
+    loss, mined = one_direction(S, pos, neg, Sh, mine_k > 0)
     if symmetric and not single:
-        loss = 0.5 * (loss + one_direction(kf, qf, None, False)[0])
+        loss = 0.5 * (loss + one_direction(S.t(), pos.t(), neg.t(), None, False)[0])
     return (loss, mined) if mine_k > 0 else loss
 
 

@@ -23,13 +23,16 @@ How each distributed mode of open_clip is reproduced (n rows per rank, N = n * w
   derivative as open_clip does.  ``gather_with_grad=True`` multiplies the feature gradients by
   the world size, as open_clip's all-gather backward (a sum over ranks) does.
 * ``local_loss=True, gather_with_grad=True``: the value is the mean over this rank's n rows
-  against all N columns and the feature gradients are world x those of the global loss; they
-  come from the same distributed call, the value and the ``logit_scale`` derivative of the
-  local rows from one extra chunked forward pass (n x N logits, nothing kept for backward).
+  against all N columns, in each direction: the rectangular
+  :func:`solar_kernels.contrastive_loss` (``offset = rank * n``) of the local rows against the
+  columns all-gathered with gradient, whose backward sums every rank's gradients into each
+  rank's slice as open_clip's does (the feature gradients are world x those of the global
+  loss; ``logit_scale`` gets the derivative of the local value).  n x N logits per direction.
 * ``local_loss=True, gather_with_grad=False``: open_clip gathers all columns without gradient
-  (this rank's own included), so the gradient flows only through the local rows; this is
-  computed as an N x N loss whose other rows are zero (see ``_rect``), i.e. world x the work
-  of the other modes (memory O(N x D)).
+  (this rank's own included), so the gradient flows only through the local rows; this is the
+  rectangular :func:`solar_kernels.contrastive_loss` of the n local rows against the N
+  gathered columns (``offset = rank * n``), in each direction: n x N logits per direction, as
+  in the other modes (memory O(N x D)).
 
 ``cache_labels`` is accepted for compatibility: no label tensor is built, so there is nothing
 to cache.  ``logit_bias`` (SigLIP-style models passing one to ClipLoss) shifts every logit by
@@ -45,14 +48,11 @@ import torch
 from torch import nn
 
 import solar_kernels as sk
+from solar_kernels import distributed
 
 from ._autograd import ScaleGrad
-from ._rect import padded_rows_loss
 
 __all__ = ["ClipLoss"]
-
-# Rows of the chunked forward pass of the local_loss value: chunk x N fp32 logits at a time.
-_VALUE_CHUNK_ELEMENTS = 1 << 22
 
 
 class _AllReduceGrad(torch.autograd.Function):
@@ -70,39 +70,6 @@ class _AllReduceGrad(torch.autograd.Function):
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
         return g, None
-
-
-def _gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def _local_value(img, txt, all_img, all_txt, scale, offset):
-    """(value, d value / d scale) of open_clip's local loss: this rank's n rows against all N
-    columns, both directions, averaged; computed in fp32 chunks of rows, nothing kept."""
-    n = img.shape[0]
-    N = all_img.shape[0]
-    s = scale.detach().float()
-    chunk = max(1, _VALUE_CHUNK_ELEMENTS // max(N, 1))
-    value = torch.zeros((), dtype=torch.float64, device=img.device)
-    dscale = torch.zeros((), dtype=torch.float64, device=img.device)
-    for rows, cols in ((img, all_txt), (txt, all_img)):
-        cols = cols.float()
-        for a in range(0, n, chunk):
-            r = rows[a:a + chunk].float()
-            dots = r @ cols.T                                   # [c, N] unscaled similarities
-            logits = s * dots
-            pos = torch.arange(offset + a, offset + a + r.shape[0], device=r.device)
-            idx = torch.arange(r.shape[0], device=r.device)
-            lse = torch.logsumexp(logits, dim=1)
-            value += (lse - logits[idx, pos]).double().sum()
-            p = torch.softmax(logits, dim=1)
-            dscale += ((p * dots).sum(1) - dots[idx, pos]).double().sum()
-    return (value / (2 * n)).float(), (dscale / (2 * n)).float()
 
 
 class ClipLoss(nn.Module):
@@ -190,21 +157,18 @@ class ClipLoss(nn.Module):
                 scale_all = _AllReduceGrad.apply(scale, group)
                 loss = sk.contrastive_loss(scale_all * img, txt, temperature=1.0, symmetric=True,
                                            process_group=group)
-            elif self.gather_with_grad:
-                n = img.shape[0]
-                gi, gt = ScaleGrad.apply(img, float(world)), ScaleGrad.apply(txt, float(world))
-                feat = sk.contrastive_loss(scale.detach() * gi, gt, temperature=1.0, symmetric=True,
-                                           process_group=group)
-                value, dscale = _local_value(img, txt, _gather(img, group, world), _gather(txt, group, world),
-                                             scale, self.rank * n)
-                value, dscale = value.to(feat.dtype), dscale.to(feat.dtype)
-                loss = feat + (value - feat).detach() + (scale - scale.detach()) * dscale
             else:
-                # open_clip gathers every column without gradient here (its own rank's too)
-                n = img.shape[0]
-                all_img, all_txt = _gather(img, group, world), _gather(txt, group, world)
-                off = self.rank * n
-                loss = 0.5 * (padded_rows_loss(scale * img, all_txt, off) + padded_rows_loss(scale * txt, all_img, off))
+                # this rank's n rows against all N columns (row i's positive: column rank * n + i);
+                # open_clip gathers the columns with gradient, or without (its own rank's too)
+                if self.gather_with_grad:
+                    all_img = distributed.all_gather_rows_with_grad(img, group)
+                    all_txt = distributed.all_gather_rows_with_grad(txt, group)
+                else:
+                    all_img = distributed.all_gather_rows(img.detach(), group)
+                    all_txt = distributed.all_gather_rows(txt.detach(), group)
+                rect = dict(offset=self.rank * img.shape[0], temperature=1.0, symmetric=False)
+                loss = 0.5 * (sk.contrastive_loss(scale * img, all_txt, **rect)
+                              + sk.contrastive_loss(scale * txt, all_img, **rect))
         if logit_bias is not None and isinstance(logit_bias, torch.Tensor):
             loss = loss + 0.0 * logit_bias.sum()   # a constant shift of every logit: no effect, zero gradient
         return {"contrastive_loss": loss} if output_dict else loss

@@ -28,9 +28,9 @@ The swap in a training script::
     from solar_kernels.integrations.sentence_transformers import SolarRankingLoss
     loss = SolarRankingLoss(model, scale=20.0)     # instead of losses.MultipleNegativesRankingLoss(model)
 
-With C candidate columns (positives and negatives), C > 1, the loss is computed as a square
-loss whose extra rows are zero vectors (see ``_rect``): C times the logits a rectangular kernel
-would compute, still without any N x N tensor.
+The loss is the rectangular form of :func:`solar_kernels.contrastive_loss` (``offset=0``): the
+n anchors against the C x n candidate columns (C = positives + negatives per anchor), n x Cn
+logits computed tile by tile, never stored.
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+import solar_kernels as sk
+
 from ._autograd import ScaleGrad
-from ._rect import padded_rows_loss
 
 __all__ = ["SolarRankingLoss", "mine_hard_negatives"]
 
@@ -151,13 +152,15 @@ class SolarRankingLoss(nn.Module):
         anchors, cands = embeddings[0], torch.cat(embeddings[1:])
         M = cands.shape[0]
         groups = self._column_groups(labels, n, M, rank, world, anchors.device)
-        out = padded_rows_loss(anchors, cands, 0, temperature=1.0 / self.scale, col_groups=groups,
-                               hardness=self.hardness, mine_k=self.mine_k, process_group=group)
+        # anchor i's first positive is candidate column i (offset 0); on many ranks rank r's
+        # candidate j is global column r * M + j
+        out = sk.contrastive_loss(anchors, cands, offset=0, groups=groups, temperature=1.0 / self.scale,
+                                  symmetric=False, hardness=self.hardness, mine_k=self.mine_k, process_group=group)
         loss, mined = out if isinstance(out, tuple) else (out, None)
         if mined is not None:
-            pos = mined.indices[:n]     # the anchors' rows (the rest are the zero padding rows)
+            pos = mined.indices
             j = pos % M
-            self.last_mined = {"rank": pos // M, "column": j // n, "row": j % n, "scores": mined.scores[:n]}
+            self.last_mined = {"rank": pos // M, "column": j // n, "row": j % n, "scores": mined.scores}
         return loss
 
     def _column_groups(self, labels, n: int, M: int, rank: int, world: int, device) -> Optional[torch.Tensor]:
@@ -206,8 +209,6 @@ def mine_hard_negatives(model, anchors: Sequence[str], positives: Sequence[str],
     (``datasets.Dataset.from_dict`` makes it a dataset).  ValueError when the corpus cannot
     supply ``num_negatives`` negatives for every anchor.
     """
-    import solar_kernels as sk
-
     if len(anchors) != len(positives) or len(anchors) == 0:
         raise ValueError(f"anchors / positives: expected two non-empty sequences of equal length, got "
                          f"{len(anchors)} and {len(positives)}")

@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _dispatch, distributed
-from .contrastive_checks import check_counts, validate
+from .contrastive_checks import check_counts, positive_columns, validate
 from .contrastive_cpu import bwd_torch, cache_rows, stats_torch
 from .contrastive_stats import coeffs, finish_stats, hard_logits, merge_mined, num_neg
 from .contrastive_triton import bwd_triton, stats_triton
@@ -60,8 +60,9 @@ _dispatch.register_op("contrastive_loss", cuda="Triton", cpu_symbol=None,
 
 class Mined(NamedTuple):
     """Top negatives of each row (q->k direction): ``indices`` [N, k] int64 (in-batch column
-    j < N, or N + h for hard negative h of that row) and ``scores`` [N, k] float32 (the
-    logits S_ij = <q_i, k_j> / temperature), best first; ties go to the lower index."""
+    j < M, or M + h for hard negative h of that row; M = N columns unless the loss is
+    rectangular) and ``scores`` [N, k] float32 (the logits S_ij = <q_i, k_j> / temperature),
+    best first; ties go to the lower index."""
 
     indices: torch.Tensor
     scores: torch.Tensor
@@ -86,7 +87,8 @@ def contrastive_forward(q, k, groups_q, groups_k, hard_negatives, offset, temper
             and q holds rows offset..offset+n-1 of it).
         groups_q / groups_k: [n] / [N] int64 or None.  hard_negatives: [n, H, D] or None.
         offset: global column index of row 0's own column (0 unless distributed).
-        both: also compute the k->q direction (two-tower, n == N, offset == 0).
+        both: also compute the k->q direction (two-tower; the column statistics are those of
+            each column against the n rows, -inf A for a column without a positive row).
         mine_k: number of negatives to mine per row (0: none).
 
     Returns:
@@ -248,25 +250,62 @@ def _need_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def mean_loss(row_loss: torch.Tensor, col_loss: torch.Tensor, n_pos_rows: int, n: int, both: bool) -> torch.Tensor:
+def mean_loss(row_loss: torch.Tensor, col_loss: torch.Tensor, n_pos_rows: int, n_pos_cols: int,
+              both: bool) -> torch.Tensor:
     """The loss from per-row losses: the mean over the n_pos_rows rows with a positive (q->k),
-    averaged with the mean of the n k->q rows when `both`.  Each term is divided before the
-    sum: a sum of row losses can overflow fp32 where their mean fits."""
+    averaged with the mean over the n_pos_cols columns with a positive (k->q) when `both`.
+    Each term is divided before the sum: a sum of row losses can overflow fp32 where their
+    mean fits."""
     loss = (row_loss / n_pos_rows).sum()
     if both:
-        loss = 0.5 * loss + 0.5 * (col_loss / n).sum()
+        loss = 0.5 * loss + 0.5 * (col_loss / n_pos_cols).sum()
     return loss
+
+
+def _column_direction(q, k, g, gq_all, off, rank, group, T, beta, backend, need_grad) -> torch.Tensor:
+    """The k->q losses of this rank's columns against all ranks' rows (gathered with gradient),
+    the many-rank form of the symmetric loss.  The op pairs row j of a pass with column
+    j + offset: the n paired columns k[off:off + n] go in one pass whose offset puts them on
+    their global rows (r * n + i); the unpaired columns, which only have positives through
+    their groups, in a second pass whose offset lies beyond every column (no pairing).
+    Without groups the unpaired columns have no positive (loss 0) and are skipped."""
+    n, D = q.shape
+    m = k.shape[0]
+    q_all = distributed.all_gather_rows_with_grad(q, group)
+    N = q_all.shape[0]
+    paired = k[off:off + n]
+    gp = g[off:off + n] if g is not None else None
+    losses = [torch.ops.solar.contrastive_fwd(paired, q_all, gp, gq_all, None, rank * n, T, beta, False, False, 0,
+                                              backend, cache_rows(n, N, D, backend, need_grad))[0]]
+    if g is not None and m > n:
+        rest = torch.cat([k[:off], k[off + n:]])
+        gr = torch.cat([g[:off], g[off + n:]])
+        losses.append(torch.ops.solar.contrastive_fwd(rest, q_all, gr, gq_all, None, N, T, beta, False, False, 0,
+                                                      backend, cache_rows(m - n, N, D, backend, need_grad))[0])
+    return torch.cat(losses)
 
 
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: torch.Tensor | None = None,
                      hard_negatives: torch.Tensor | None = None, temperature: float = 0.05,
-                     symmetric: bool = True, hardness: float = 0.0, mine_k: int = 0, process_group=None):
+                     symmetric: bool = True, hardness: float = 0.0, mine_k: int = 0, offset: int | None = None,
+                     process_group=None):
     """Multi-positive InfoNCE over a batch, in O(N*D) memory (no N x N tensor, ever).
 
     S = q k^T / temperature (inputs used as given: normalise them first).
 
     * Two-tower mode (``k`` [N, D]): the positives of row i are column i and every column j
       with ``groups[j] == groups[i]``.  ``symmetric=True`` averages the q->k and k->q losses.
+    * Rectangular two-tower mode (``offset`` an int, ``k`` [M, D] with M >= N): N rows against
+      M columns, N x M logits; row i's positive is column ``offset + i``
+      (0 <= offset <= M - N), plus, with ``groups`` [M] (one id per *column*), every column of
+      its group, row i's group being ``groups[offset + i]``.  The other columns (negatives
+      shared by all rows, a queue, the hard negatives of every row of a batch) are negatives of
+      each row outside their group.  With M == N and offset 0 this is the two-tower mode.
+      ``symmetric=True``: the k->q direction scores each column j against the N rows, its
+      positives being row j - offset (if 0 <= j - offset < N) and the rows of its group, and is
+      averaged over the columns that have a positive (without groups: the N paired columns
+      offset .. offset + N - 1, as sentence-transformers' MultipleNegativesSymmetricRankingLoss
+      does); columns without a positive row are left out.
     * Single-set mode (``k=None``, ``groups`` required): S = q q^T / temperature without its
       diagonal; the positives of row i are the other rows of its group.  Rows without a
       positive are left out of the mean (ValueError if no row has one).
@@ -275,27 +314,37 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
     * ``hardness`` = beta > 0 re-weights the negatives by exp(beta S_ij), normalised so that a
       row's negative weights sum to its number of negatives (Robinson et al. 2021); 0 = InfoNCE.
     * ``mine_k`` > 0 also returns :class:`Mined` (indices, scores) of each row's mine_k best
-      negatives (column j < N in-batch, N + h for hard negative h), ties to the lower index.
+      negatives (column j < M in-batch, M + h for hard negative h; M = N in the square modes),
+      ties to the lower index.
     * ``process_group``: a torch.distributed group; each rank passes its local rows (the same
       n and H on every rank), the columns are all-gathered with gradient (their backward sums
       every rank's gradients into each rank's slice), and each rank computes the terms of its
       own rows against all columns.  The loss equals the single-process loss over the
       concatenated batch (every rank returns the same value; row i of rank r is global row
-      r * n + i, and mined indices are global).  Memory per rank is O(N_total * D).  All ranks
+      r * n + i, and mined indices are global).  In the rectangular mode each rank passes its
+      n rows, its m columns and its [m] groups (the same n, m, H and offset on every rank):
+      rank r's column j is global column r * m + j, its row i global row r * n + i, whose
+      positive is global column r * m + offset + i; mined indices are global column positions
+      (hard negative h: world * m + h).  Memory per rank is O(N_total * D).  All ranks
       must call it, and its backward, together.
 
     Args:
-        q: [N, D] float32/float16/bfloat16.  k: [N, D] (same dtype) or None.
-        groups: [N] int64 or None.  hard_negatives: [N, H, D] or None.
+        q: [N, D] float32/float16/bfloat16.  k: [N, D] (same dtype), [M, D] with ``offset``, or
+        None.  groups: [N] int64 (square modes), [M] int64 (with ``offset``) or None.
+        hard_negatives: [N, H, D] or None.
         temperature: > 0.  hardness: >= 0 (python or numpy numbers, or 0-d tensors that do not
         require grad: both are constants).  mine_k: int >= 0 (python or numpy integer).
+        offset: None (square: k has N rows) or an int in [0, M - N]: the column of row 0's
+        positive (needs k).
         process_group: a torch.distributed ProcessGroup or None.
 
     Returns:
         The scalar loss (float32), or ``(loss, Mined)`` when mine_k > 0.
 
     Raises:
-        TypeError / ValueError: bad shapes or dtypes, groups of the wrong length or dtype,
+        TypeError / ValueError: bad shapes or dtypes (k with a row count other than N without
+        offset, fewer than N rows with it), offset outside [0, M - N] or given without k,
+        groups of the wrong length or dtype,
         temperature <= 0 or so small that 1/temperature overflows float32 (below about
         2.9e-39), hardness < 0, mine_k larger than a row's number of negatives,
         inputs whose logits can overflow float32: ``max_i |q_i| * max_j |k_j| *
@@ -306,43 +355,49 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor | None = None, *, groups: 
         bound times 2^-23),
         non-finite inputs, single-set mode without any positive pair, no row with any negative
         (N = 1 or every row in one group, without hard negatives: the loss would be 0 with no
-        gradient), ranks with different numbers of rows or hard negatives.  TypeError:
-        process_group that is not a ProcessGroup.
+        gradient), ranks with different numbers of rows, columns or hard negatives or different
+        offsets.  TypeError: process_group that is not a ProcessGroup.
     """
-    temperature, hardness, mine_k = validate(q, k, groups, hard_negatives, temperature, hardness, mine_k)
+    temperature, hardness, mine_k, offset = validate(q, k, groups, hard_negatives, temperature, hardness, mine_k,
+                                                     offset=offset)
     group = process_group
     world, rank = (1, 0) if group is None else distributed.world_and_rank(group)
     single = k is None
     n, D = q.shape
+    m = n if single else k.shape[0]
+    off = 0 if offset is None else offset
     H = 0 if hard_negatives is None else hard_negatives.shape[1]
     if world > 1:
-        sizes = distributed.all_gather_rows(torch.tensor([n, H], device=q.device, dtype=torch.int64), group)
-        sizes = sizes.view(world, 2)
-        if bool((sizes[:, 0] != n).any()) or bool((sizes[:, 1] != H).any()):
-            raise ValueError(f"every rank must pass the same number of rows and hard negatives; got (rows, H) "
-                             f"per rank {sizes.tolist()}")
-    # rank r holds the global rows r * n .. r * n + n - 1 and sees all N columns
-    N, offset = n * world, rank * n
+        local = torch.tensor([n, m, H, off], device=q.device, dtype=torch.int64)
+        sizes = distributed.all_gather_rows(local, group).view(world, 4)
+        if bool((sizes != local).any()):
+            raise ValueError(f"every rank must pass the same number of rows, columns and hard negatives and the "
+                             f"same offset; got (rows, columns, H, offset) per rank {sizes.tolist()}")
+    # rank r holds the global rows r * n .. r * n + n - 1 and the global columns r * m .. r * m + m - 1,
+    # and sees all N x M of them; its row i is paired with global column r * m + off + i
+    N, M, row_offset = n * world, m * world, rank * m + off
     g = groups.contiguous() if groups is not None else None
     g_all = distributed.all_gather_rows(g, group) if world > 1 and g is not None else g
-    n_pos_rows = check_counts(g_all, N, H, mine_k, single)
+    gq = g[off:off + n] if g is not None and m != n else g                 # each row's group: its column's
+    gq_all = g_all.view(world, m)[:, off:off + n].reshape(-1) if g is not None and m != n else g_all
+    n_pos_rows = check_counts(gq_all, g_all, N, M, H, mine_k, single)
     both = bool(symmetric) and not single
     # on one rank the k->q statistics come from the same sweep over S; on many, the columns
     # of that direction (all rows of q) are gathered and it is a pass of its own
     fused = both and world == 1
     backend = choose_backend(q)
-    rc = cache_rows(n, N, D, backend, _need_grad(q, k, hard_negatives))
+    need_grad = _need_grad(q, k, hard_negatives)
     T, beta = float(temperature), float(hardness)
     cols = q if single else k
     if world > 1:
         cols = distributed.all_gather_rows_with_grad(cols, group)
     row_loss, col_loss, _, _, top_v, top_i, _ = torch.ops.solar.contrastive_fwd(
-        q, cols, g, g_all, hard_negatives, offset, T, beta, single, fused, int(mine_k), backend, rc)
+        q, cols, gq, g_all, hard_negatives, row_offset, T, beta, single, fused, int(mine_k), backend,
+        cache_rows(n, M, D, backend, need_grad))
     if both and not fused:
-        q_all = distributed.all_gather_rows_with_grad(q, group)
-        col_loss = torch.ops.solar.contrastive_fwd(k, q_all, g, g_all, None, offset, T, beta, False, False, 0,
-                                                   backend, rc)[0]
-    loss = mean_loss(row_loss, col_loss, n_pos_rows, N, both)
+        col_loss = _column_direction(q, k, g, gq_all, off, rank, group, T, beta, backend, need_grad)
+    n_pos_cols = positive_columns(gq_all, g_all, N) if both else 1
+    loss = mean_loss(row_loss, col_loss, n_pos_rows, n_pos_cols, both)
     if world > 1:
         loss = distributed.sum_over_ranks(loss, group)
     return (loss, Mined(top_i, top_v)) if mine_k > 0 else loss

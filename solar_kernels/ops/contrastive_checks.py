@@ -28,30 +28,49 @@ def dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
-def validate(q, k, groups, hard_negatives, temperature, hardness, mine_k, names=("q", "k")):
-    """Check the arguments of contrastive_loss; returns (temperature, hardness, mine_k) as python
-    numbers.  `names`: how errors call q and k (pooled_contrastive_loss passes [N, D] stand-ins
-    for its token tensors xq and xk)."""
+def validate(q, k, groups, hard_negatives, temperature, hardness, mine_k, names=("q", "k"), offset=None):
+    """Check the arguments of contrastive_loss; returns (temperature, hardness, mine_k, offset) as
+    python numbers (offset None stays None: the square form).  `names`: how errors call q and k
+    (pooled_contrastive_loss passes [N, D] stand-ins for its token tensors xq and xk).
+
+    Square form (offset None): k is [N, D] like q, groups [N].  Rectangular form (offset an
+    int): k is [M, D] with M >= N, offset in [0, M - N], groups [M] (one per column)."""
     qn, kn = names
     _checks.check_tensor(qn, q, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     n, D = q.shape
     if k is not None:
         _checks.check_tensor(kn, k, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-        if tuple(k.shape) != (n, D):
-            raise ValueError(f"{kn} must have the shape of {qn} [N, D] = {tuple(q.shape)}, got {tuple(k.shape)}")
+        if offset is None and tuple(k.shape) != (n, D):
+            raise ValueError(f"{kn} must have the shape of {qn} [N, D] = {tuple(q.shape)}, got {tuple(k.shape)} "
+                             f"(for M > N columns pass offset, the column of row 0's positive)")
+        if offset is not None and (k.shape[1] != D or k.shape[0] < n):
+            raise ValueError(f"{kn} must have shape [M, D] with M >= N = {n} (the rows of {qn}) and D = {D}, "
+                             f"got {tuple(k.shape)}")
         if k.dtype != q.dtype:
             raise TypeError(f"{kn} must have {qn}'s dtype {dtype_name(q.dtype)}, got {dtype_name(k.dtype)}")
     else:
+        if offset is not None:
+            raise ValueError(f"offset needs k: single-set mode (k=None) scores {qn} against itself, got "
+                             f"offset = {offset!r} (expected None)")
         if groups is None:
             raise ValueError("single-set mode (k=None) needs groups: [N] int64 group ids of the rows of q")
     if n == 0 or D == 0:
         raise ValueError(f"{qn} must have N >= 1 rows and D >= 1 columns, got shape {tuple(q.shape)}")
+    M = n if k is None else k.shape[0]
+    if offset is not None:
+        offset = _checks.as_int("offset", offset)
+        if offset > M - n:
+            raise ValueError(f"offset must be in [0, M - N] = [0, {M - n}] ({qn}: N = {n} rows, {kn}: M = {M} "
+                             f"rows; row i's positive is column offset + i), got {offset}")
     if groups is not None:
         _checks.check_tensor("groups", groups, ndim=1)
         if groups.dtype != torch.int64:
             raise TypeError(f"groups must have dtype int64, got {dtype_name(groups.dtype)}")
-        if groups.shape[0] != n:
+        if offset is None and groups.shape[0] != n:
             raise ValueError(f"groups must have length N = {n} (rows of {qn}), got {groups.shape[0]}")
+        if offset is not None and groups.shape[0] != M:
+            raise ValueError(f"groups must have length M = {M} (rows of {kn}: one group per column, row i takes "
+                             f"the group of column offset + i), got {groups.shape[0]}")
     if hard_negatives is not None:
         _checks.check_tensor("hard_negatives", hard_negatives, ndim=3, dtypes=_checks.FLOAT_DTYPES)
         if hard_negatives.shape[0] != n or hard_negatives.shape[2] != D:
@@ -77,7 +96,7 @@ def validate(q, k, groups, hard_negatives, temperature, hardness, mine_k, names=
     if hard_negatives is not None:
         keys.append(("hard_negatives", hard_negatives, amax["hard_negatives"]))
     check_logit_bound(qn, q, amax[qn], keys, temperature, hardness)
-    return temperature, hardness, mine_k
+    return temperature, hardness, mine_k, offset
 
 
 def check_temperature(temperature: float) -> None:
@@ -115,30 +134,40 @@ def check_logit_bound(qn: str, q: torch.Tensor, q_absmax: float, keys: list, tem
             f"the float32 logits and loss can overflow; normalise {qn} and {kn} or raise temperature")
 
 
-def check_counts(groups: torch.Tensor | None, n: int, H: int, mine_k: int, single: bool):
+def check_counts(groups_rows: torch.Tensor | None, groups_cols: torch.Tensor | None, n: int, M: int, H: int,
+                 mine_k: int, single: bool):
     """The number of rows that have a positive (the loss's divisor); raises when there is none
     (single-set mode), when no row has a negative (the loss would be 0 with no gradient) or
     when mine_k exceeds some row's number of negatives.
 
-    groups: the [n] group ids of all rows the loss sees (None: each row is its own group);
-    H: hard negatives per row.
+    groups_rows / groups_cols: the [n] group ids of all rows and the [M] ids of all columns the
+    loss sees (None: each row's only positive is its own column); H: hard negatives per row.
     """
-    if groups is not None:
-        counts = group_counts(groups, groups)
+    if groups_cols is not None:
+        counts = group_counts(groups_rows, groups_cols)
         n_rows_pos = int((counts > 1).sum()) if single else n
-        min_neg = int((n - counts).min()) + H
-        max_neg = n - int(counts.min()) + H
+        min_neg = int((M - counts).min()) + H
+        max_neg = M - int(counts.min()) + H
     else:
-        n_rows_pos, min_neg = n, n - 1 + H
+        n_rows_pos, min_neg = n, M - 1 + H
         max_neg = min_neg
     if single and n_rows_pos == 0:
         raise ValueError("no row has a positive: in single-set mode every group has one member "
                          "(give at least two rows the same group id)")
     if max_neg == 0:
-        raise ValueError(f"no row has a negative: {'N = 1' if n == 1 else 'every row is in one group'} and "
+        raise ValueError(f"no row has a negative: {'N = 1' if M == 1 else 'every row is in one group'} and "
                          "there are no hard negatives, so the loss is 0 and carries no gradient (use a batch "
                          "of at least two groups, or pass hard_negatives)")
     if mine_k > min_neg:
         raise ValueError(f"mine_k = {mine_k} is larger than the number of negatives of some row "
                          f"(the smallest is {min_neg})")
     return n_rows_pos
+
+
+def positive_columns(groups_rows: torch.Tensor | None, groups_cols: torch.Tensor | None, n: int) -> int:
+    """The number of columns with a positive among the n rows (the divisor of the symmetric
+    loss's column direction): each row's own column, plus, with groups, every column whose
+    group is some row's group.  n when there are no groups (the paired columns)."""
+    if groups_cols is None:
+        return n
+    return int((group_counts(groups_cols, groups_rows) > 0).sum())

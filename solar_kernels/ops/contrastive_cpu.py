@@ -154,7 +154,10 @@ def stats_torch(q, k, gq, gk, offset, inv_t, beta, single, mine_k, both, cache=N
             top_v[r0:r1] = tv
             top_i[r0:r1] = ti
     if both and diag_pos:
-        cols[0] = rows_A.clone()
+        # column offset + i's only positive is row i (the same logit); other columns have none
+        lo, hi = max(offset, 0), min(offset + n, N)
+        if lo < hi:
+            cols[0][lo:hi] = rows_A[lo - offset:hi - offset]
     mined = (top_v, top_i) if mine_k > 0 else None
     return (rows_A, rows_B, rows_C), cols, mined
 

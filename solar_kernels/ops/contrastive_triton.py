@@ -171,8 +171,8 @@ if HAS_TRITON:
         negatives of (1+beta) S), C[i] = LSE over the negatives of beta S (HARD only); -inf
         when the set is empty.  MINE: the mine_k (<= KP) best negatives per row (values TV,
         column indices TI, unsorted; the caller sorts), ties to the lower column.
-        COLS (two-tower symmetric: the masks are symmetric): the same three statistics of each
-        column over this program's rows, merged into CP[p, stat, column] (fp32, -inf
+        COLS (two-tower symmetric: column j's positives are the rows i with pos[i, j]): the
+        same three statistics of each column over this program's rows, merged into CP[p, stat, column] (fp32, -inf
         initialised; only program p touches row p, so no atomics); the caller folds CP over p.
         n_bucket is unused in the body: it is part of the autotuning key (TUNING_KEYS).
         """
@@ -504,7 +504,7 @@ def panel_rows(n_rows: int, n_cols: int) -> int:
 # ----------------------------------------------------------------------------------------
 def stats_triton(q, k, gq, gk, offset, inv_t, beta, single, mine_k, cols=False):
     """Row statistics (A, B, C or None), the mined (values, indices) or None and, with cols
-    (two-tower symmetric: n == N, offset 0), the column statistics from the same S pass."""
+    (two-tower symmetric, square or rectangular), the column statistics from the same S pass."""
     n, D = q.shape
     N = k.shape[0]
     dev = q.device

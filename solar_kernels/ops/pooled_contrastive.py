@@ -169,8 +169,8 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
     # dtype, device and names (so xq and xk are also checked against each other there)
     probe_q = xq.new_zeros(()).expand(n, D)
     probe_k = xk.new_zeros(()).expand(n, D)
-    temperature, hardness, mine_k = validate_loss(probe_q, probe_k, groups, hard_negatives, temperature, hardness,
-                                                   mine_k, names=("xq", "xk"))
+    temperature, hardness, mine_k, _ = validate_loss(probe_q, probe_k, groups, hard_negatives, temperature, hardness,
+                                                      mine_k, names=("xq", "xk"))
     aq = _checks.check_finite_fast("xq", xq)
     ak = _checks.check_finite_fast("xk", xk)
     check_weights(mask_q, "mask_q")
@@ -185,7 +185,7 @@ def pooled_contrastive_loss(xq: torch.Tensor, mask_q: torch.Tensor, xk: torch.Te
     check_logit_bound("xq", rows_q[0], rows_q[1], keys, temperature, hardness)
     hn = hard_negatives.float() if hard_negatives is not None else None
     H = 0 if hn is None else hn.shape[1]
-    n_pos_rows = check_counts(groups, n, H, mine_k, False)
+    n_pos_rows = check_counts(groups, groups, n, n, H, mine_k, False)
     both = bool(symmetric)
     row_loss, col_loss, top_v, top_i = torch.ops.solar.pooled_contrastive_fwd(
         xq, mask_q, xk, mask_k, hn, groups.contiguous() if groups is not None else None, bool(normalize),
