@@ -35,7 +35,7 @@ logits computed tile by tile, never stored.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
