@@ -15,7 +15,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__FMA__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #if defined(__linux__)
@@ -107,10 +107,6 @@ inline float weight<uint8_t>(const uint8_t* p) {
 }
 
 // ---- small vector helpers -------------------------------------------------------------
-inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
 inline void scale_to(float* __restrict y, float a, const float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
 }
@@ -246,67 +242,130 @@ struct MaskView {
 };
 
 // ---- register-blocked inner kernels ----------------------------------------------------
-// GCC/Clang vector extension: 16 floats, lowered to whatever the target ISA has (one zmm
-// with AVX-512, two ymm with AVX2, four xmm with SSE2).
-typedef float vf16 __attribute__((vector_size(64)));
-inline vf16 ld(const float* p) {
-  vf16 v;
+// GCC/Clang vector extension at exactly the target's vector width (one zmm with AVX-512, one
+// ymm with AVX/AVX2, one xmm with SSE2 or NEON).  A type wider than the hardware vector (the
+// former 16-float type on AVX2 / SSE2 machines) is lowered piecewise through the stack: every
+// accumulator lived in memory and every store went through general registers.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kVecRegs = 32;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kVecRegs = 16;
+#else
+constexpr int kLanes = 4;
+constexpr int kVecRegs = 16;
+#endif
+typedef float vfn __attribute__((vector_size(4 * kLanes)));
+// Partial sums of dot products keep 16 lanes (kGroup native vectors) on every ISA, so that
+// grad_mask is bit-for-bit the same whatever width the machine has.
+constexpr int kGroup = 16 / kLanes;
+
+// acc + w * x, rounded once where the target has FMA (every AVX2 and AVX-512 x86 CPU), else
+// twice; spelled out (not left to -ffp-contract) so that block bodies, vector tails and scalar
+// tails round alike whatever the compiler's tuning (GCC's znver tuning splits FMAs in
+// loop-carried chains), which keeps every element's bits independent of where the blocking
+// (ISA width, D chunks per thread) puts it.
+#if defined(__FMA__) || defined(__AVX512F__)
+constexpr bool kFma = true;
+#else
+constexpr bool kFma = false;
+#endif
+inline vfn madd(vfn acc, float w, vfn x) {
+#if defined(__AVX512F__)
+  return vfn(_mm512_fmadd_ps(_mm512_set1_ps(w), __m512(x), __m512(acc)));
+#elif defined(__FMA__)
+  return vfn(_mm256_fmadd_ps(_mm256_set1_ps(w), __m256(x), __m256(acc)));
+#else
+  return acc + w * x;
+#endif
+}
+inline vfn madd(vfn acc, vfn a, vfn b) {
+#if defined(__AVX512F__)
+  return vfn(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(acc)));
+#elif defined(__FMA__)
+  return vfn(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(acc)));
+#else
+  return acc + a * b;
+#endif
+}
+inline float madd(float acc, float a, float b) { return kFma ? std::fma(a, b, acc) : acc + a * b; }
+
+inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = madd(y[i], a, x[i]);
+}
+
+inline vfn ld(const float* p) {
+  vfn v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void st(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(vf16 v) {
+inline void st(float* p, vfn v) { std::memcpy(p, &v, sizeof v); }
+// Lane k of the 16 partial sums is part[k / kLanes][k % kLanes]; summed in lane order.
+inline float hsum16(const vfn* part) {
   float s = 0.f;
-  for (int k = 0; k < 16; ++k) s += v[k];
+  for (int k = 0; k < 16; ++k) s += part[k / kLanes][k % kLanes];
   return s;
 }
 
 // True when every a[i] is finite: NaN or inf times 0 is NaN, a finite value gives 0 (no
-// -ffast-math, so the multiply is kept); 16 partial sums, so that the loop vectorises.
+// -ffast-math, so the multiply is kept); vector partial sums, so that the loop vectorises.
 inline bool all_finite(const float* a, int64_t n) {
-  vf16 z = vf16{};
+  vfn z = vfn{};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) z += ld(a + i) * 0.f;
-  float t = hsum(z);
+  for (; i + kLanes <= n; i += kLanes) z += ld(a + i) * 0.f;
+  float t = 0.f;
+  for (int k = 0; k < kLanes; ++k) t += z[k];
   for (; i < n; ++i) t += a[i] * 0.f;
   return t == 0.f;
 }
 
+// Native vectors per register block for VB masks: VB x S accumulators, VB broadcast weights
+// and up to 3 temporaries (a loaded x slice; without FMA a product) must fit the register
+// file.  S is a power of two and a block at most 64 floats wide, so that blocks tile the
+// 64-float D chunks of the threads (the acc slices stay in L1 anyway).
+constexpr int pow2_floor(int n) { return n < 2 ? 1 : 2 * pow2_floor(n / 2); }
+template <int VB>
+constexpr int block_slices() {
+  return pow2_floor(std::min(64 / kLanes, (kVecRegs - VB - 3) / VB));
+}
+
 // acc[v * dn + d] += sum_{r < nr} w[r * V + v] * rows[r][d] for v < VB, d < dn.
-// The accumulators of a 64-float slice stay in registers across the nr rows.
+// The accumulators of an S-vector slice stay in registers across the nr rows.  Each sum is
+// taken over r in order whatever the blocking, so results do not depend on the ISA's width.
 template <int VB>
 void block_accumulate(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr) {
+  constexpr int S = block_slices<VB>();
+  constexpr int64_t kBlock = int64_t(S) * kLanes;
   int64_t d = 0;
-  for (; d + 64 <= dn; d += 64) {
-    vf16 a[VB][4];
+  for (; d + kBlock <= dn; d += kBlock) {
+    vfn a[VB][S];
     for (int v = 0; v < VB; ++v)
-      for (int j = 0; j < 4; ++j) a[v][j] = ld(acc + v * dn + d + 16 * j);
+      for (int j = 0; j < S; ++j) a[v][j] = ld(acc + v * dn + d + kLanes * j);
     for (int r = 0; r < nr; ++r) {
       const float* xr = rows[r] + d;
-      const vf16 x0 = ld(xr), x1 = ld(xr + 16), x2 = ld(xr + 32), x3 = ld(xr + 48);
-      for (int v = 0; v < VB; ++v) {
-        const float wv = w[r * V + v];
-        a[v][0] += wv * x0;
-        a[v][1] += wv * x1;
-        a[v][2] += wv * x2;
-        a[v][3] += wv * x3;
+      float wv[VB];
+      for (int v = 0; v < VB; ++v) wv[v] = w[r * V + v];
+      for (int j = 0; j < S; ++j) {
+        const vfn xj = ld(xr + kLanes * j);
+        for (int v = 0; v < VB; ++v) a[v][j] = madd(a[v][j], wv[v], xj);
       }
     }
     for (int v = 0; v < VB; ++v)
-      for (int j = 0; j < 4; ++j) st(acc + v * dn + d + 16 * j, a[v][j]);
+      for (int j = 0; j < S; ++j) st(acc + v * dn + d + kLanes * j, a[v][j]);
   }
-  for (; d + 16 <= dn; d += 16) {
-    vf16 a[VB];
+  for (; d + kLanes <= dn; d += kLanes) {
+    vfn a[VB];
     for (int v = 0; v < VB; ++v) a[v] = ld(acc + v * dn + d);
     for (int r = 0; r < nr; ++r) {
-      const vf16 x0 = ld(rows[r] + d);
-      for (int v = 0; v < VB; ++v) a[v] += w[r * V + v] * x0;
+      const vfn x0 = ld(rows[r] + d);
+      for (int v = 0; v < VB; ++v) a[v] = madd(a[v], w[r * V + v], x0);
     }
     for (int v = 0; v < VB; ++v) st(acc + v * dn + d, a[v]);
   }
   for (; d < dn; ++d)
     for (int r = 0; r < nr; ++r)
-      for (int v = 0; v < VB; ++v) acc[v * dn + d] += w[r * V + v] * rows[r][d];
+      for (int v = 0; v < VB; ++v) acc[v * dn + d] = madd(acc[v * dn + d], w[r * V + v], rows[r][d]);
 }
 
 void block_accumulate_any(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr,
@@ -421,29 +480,32 @@ void backward_prep(const float* g, const float* out, const float* s, const float
 template <int VB, bool MG>
 void backward_row(const float* const* dps, const float* w, float* __restrict gx, const float* xr, float* dots,
                   int64_t D) {
-  vf16 part[VB];
-  for (int v = 0; v < VB; ++v) part[v] = vf16{};
+  vfn part[VB][kGroup];
+  for (int v = 0; v < VB; ++v)
+    for (int p = 0; p < kGroup; ++p) part[v][p] = vfn{};
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    vf16 g = w[0] * ld(dps[0] + d);
-    for (int v = 1; v < VB; ++v) g += w[v] * ld(dps[v] + d);
-    st(gx + d, g);
-    if (MG) {
-      const vf16 xv = ld(xr + d);
-      for (int v = 0; v < VB; ++v) part[v] += xv * ld(dps[v] + d);
+    for (int p = 0; p < kGroup; ++p) {
+      const int64_t e = d + kLanes * p;
+      vfn g = w[0] * ld(dps[0] + e);
+      for (int v = 1; v < VB; ++v) g = madd(g, w[v], ld(dps[v] + e));
+      st(gx + e, g);
+      if (MG) {
+        const vfn xv = ld(xr + e);
+        for (int v = 0; v < VB; ++v) part[v][p] = madd(part[v][p], xv, ld(dps[v] + e));
+      }
     }
   }
   float tail[VB] = {};
   for (; d < D; ++d) {
-    float g = 0.f;
-    for (int v = 0; v < VB; ++v) {
-      g += w[v] * dps[v][d];
-      if (MG) tail[v] += xr[d] * dps[v][d];
-    }
+    float g = w[0] * dps[0][d];
+    for (int v = 1; v < VB; ++v) g = madd(g, w[v], dps[v][d]);
     gx[d] = g;
+    if (MG)
+      for (int v = 0; v < VB; ++v) tail[v] = madd(tail[v], xr[d], dps[v][d]);
   }
   if (MG)
-    for (int v = 0; v < VB; ++v) dots[v] = hsum(part[v]) + tail[v];
+    for (int v = 0; v < VB; ++v) dots[v] = hsum16(part[v]) + tail[v];
 }
 
 template <bool MG>
