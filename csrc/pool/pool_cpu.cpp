@@ -333,8 +333,12 @@ constexpr int block_slices() {
 // acc[v * dn + d] += sum_{r < nr} w[r * V + v] * rows[r][d] for v < VB, d < dn.
 // The accumulators of an S-vector slice stay in registers across the nr rows.  Each sum is
 // taken over r in order whatever the blocking, so results do not depend on the ISA's width.
+// `next` (nn rows, or nullptr): the rows of the caller's next block, prefetched slice by slice
+// while this block runs: the block reads its rows in short pieces a row stride apart, which
+// the hardware prefetchers follow poorly (bench/RESULTS.md, "masked_pool CPU without AVX-512").
 template <int VB>
-void block_accumulate(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr) {
+void block_accumulate(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr,
+                      const float* const* next, int nn) {
   constexpr int S = block_slices<VB>();
   constexpr int64_t kBlock = int64_t(S) * kLanes;
   int64_t d = 0;
@@ -342,6 +346,8 @@ void block_accumulate(float* acc, int64_t dn, const float* const* rows, const fl
     vfn a[VB][S];
     for (int v = 0; v < VB; ++v)
       for (int j = 0; j < S; ++j) a[v][j] = ld(acc + v * dn + d + kLanes * j);
+    for (int r = 0; r < nn; ++r)
+      for (int64_t c = 0; c < kBlock; c += 16) __builtin_prefetch(next[r] + d + c);
     for (int r = 0; r < nr; ++r) {
       const float* xr = rows[r] + d;
       float wv[VB];
@@ -369,12 +375,12 @@ void block_accumulate(float* acc, int64_t dn, const float* const* rows, const fl
 }
 
 void block_accumulate_any(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr,
-                          int64_t nv) {
+                          int64_t nv, const float* const* next, int nn) {
   switch (nv) {
-    case 1: block_accumulate<1>(acc, dn, rows, w, V, nr); break;
-    case 2: block_accumulate<2>(acc, dn, rows, w, V, nr); break;
-    case 3: block_accumulate<3>(acc, dn, rows, w, V, nr); break;
-    default: block_accumulate<4>(acc, dn, rows, w, V, nr); break;
+    case 1: block_accumulate<1>(acc, dn, rows, w, V, nr, next, nn); break;
+    case 2: block_accumulate<2>(acc, dn, rows, w, V, nr, next, nn); break;
+    case 3: block_accumulate<3>(acc, dn, rows, w, V, nr, next, nn); break;
+    default: block_accumulate<4>(acc, dn, rows, w, V, nr, next, nn); break;
   }
 }
 
@@ -400,6 +406,7 @@ void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, floa
     std::vector<float> acc(V * dchunk), rowbuf(kFloat ? 0 : kRows * dchunk), wt(L * V), wsum(V);
     std::vector<int64_t> active(L);
     const float* rows[kRows];
+    const float* next[kRows];  // float x only: the next block's rows, to prefetch
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / nd, d0 = (t % nd) * dchunk, dn = std::min(dchunk, D - d0);
@@ -422,9 +429,12 @@ void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, floa
         const int nr = int(std::min<int64_t>(kRows, na - i0));
         for (int r = 0; r < nr; ++r)
           rows[r] = Row<T>::load(xb + active[i0 + r] * sxl, kFloat ? nullptr : rowbuf.data() + r * dn, dn);
-        for (int64_t v0 = 0; v0 < V; v0 += 4)
+        // (reduced-precision rows are read whole, in order, by Row::load: nothing to prefetch)
+        const int nn = kFloat ? int(std::max<int64_t>(0, std::min<int64_t>(kRows, na - i0 - kRows))) : 0;
+        for (int r = 0; r < nn; ++r) next[r] = reinterpret_cast<const float*>(xb + active[i0 + kRows + r] * sxl);
+        for (int64_t v0 = 0; v0 < V; v0 += 4)  // the first mask group prefetches for all
           block_accumulate_any(acc.data() + v0 * dn, dn, rows, wt.data() + i0 * V + v0, V, nr,
-                               std::min<int64_t>(4, V - v0));
+                               std::min<int64_t>(4, V - v0), next, v0 == 0 ? nn : 0);
       }
       for (int64_t v = 0; v < V; ++v) {
         // a sum below the smallest normal float is an empty row (1 / s would overflow)
