@@ -3,7 +3,9 @@
 * :mod:`solar.data.shapesworld` -- procedural pairs with known ground truth
   (``python -m solar.data.shapesworld --out DIR --pairs N --seed S``).
 * :mod:`solar.data.reader` -- one reader for local / brace / ``pipe:`` webdataset shards,
-  batches in the format documented there; :func:`collate_pairs` for in-memory pairs.
+  batches in the format documented there.
+* :mod:`solar.data.samples` -- the batch builder both use: image transform, ground-truth
+  masks, :func:`collate_pairs` for in-memory pairs, the reader's skip counters.
 * :mod:`solar.data.batches` -- training data as the training loop reads it: ``PairBank``
   (in memory, deterministic batches), ``StreamBatches`` / ``ShardStreams`` (streaming shards).
 * :mod:`solar.data.prepare` -- what a training run reads, from its config: the training shards
@@ -21,8 +23,8 @@ _EXPORTS = {
     "prepare": ("VAL_ITEM_BASE_OFFSET", "bench_dir", "describe_data", "load_bank", "phase_data", "prepare_benchmark",
                 "prepare_data", "prepare_val_benchmark", "shapesworld_dir", "training_data", "training_urls",
                 "val_bench_dir"),
-    "reader": ("CLIP_MEAN", "CLIP_STD", "ImageTransform", "PairDataset", "PairLoader", "ReaderStats",
-               "collate_pairs", "expand_urls", "gt_patch_mask", "make_loader"),
+    "reader": ("PairDataset", "PairLoader", "expand_urls", "make_loader"),
+    "samples": ("CLIP_MEAN", "CLIP_STD", "ImageTransform", "ReaderStats", "collate_pairs", "gt_patch_mask"),
     "shapesworld": ("BENCHMARK_ITEM_BASE", "VOCABULARY", "make_item", "make_pair", "write_shards"),
     "tokenizer": ("clip_tokenizer", "load_tokenizer", "model_tokenizer", "save_tokenizer", "shapesworld_tokenizer"),
 }
