@@ -23,9 +23,11 @@
 #endif
 
 #include "checks.h"
+#include "pool/pool_cpu_simd.h"
 
 namespace solar {
 namespace {
+using namespace pool_simd;  // vfn, madd, block_accumulate_any, ... (pool/pool_cpu_simd.h)
 
 // Work below this many elements (half of it for the x sweeps) runs on one thread: a
 // parallel region's fork and join cost more than the work (and, on a busy machine, a
@@ -104,27 +106,6 @@ inline float weight(const M* p) {
 template <>
 inline float weight<uint8_t>(const uint8_t* p) {
   return *p ? 1.f : 0.f;
-}
-
-// ---- small vector helpers -------------------------------------------------------------
-inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-inline void scale_to(float* __restrict y, float a, const float* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
-}
-
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  constexpr int W = 16;
-  float part[W] = {0};
-  int64_t i = 0;
-  for (; i + W <= n; i += W)
-    for (int k = 0; k < W; ++k) part[k] += a[i + k] * b[i + k];
-  float s = 0.f;
-  for (int k = 0; k < W; ++k) s += part[k];
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 // grad_x is as large as x and is written once, right after its allocation: with 4 KiB
@@ -245,80 +226,6 @@ struct MaskView {
   int64_t sv, sb, sl;
 };
 
-// ---- register-blocked inner kernels ----------------------------------------------------
-// GCC/Clang vector extension: 16 floats, lowered to whatever the target ISA has (one zmm
-// with AVX-512, two ymm with AVX2, four xmm with SSE2).
-typedef float vf16 __attribute__((vector_size(64)));
-inline vf16 ld(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void st(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(vf16 v) {
-  float s = 0.f;
-  for (int k = 0; k < 16; ++k) s += v[k];
-  return s;
-}
-
-// True when every a[i] is finite: NaN or inf times 0 is NaN, a finite value gives 0 (no
-// -ffast-math, so the multiply is kept); 16 partial sums, so that the loop vectorises.
-inline bool all_finite(const float* a, int64_t n) {
-  vf16 z = vf16{};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) z += ld(a + i) * 0.f;
-  float t = hsum(z);
-  for (; i < n; ++i) t += a[i] * 0.f;
-  return t == 0.f;
-}
-
-// acc[v * dn + d] += sum_{r < nr} w[r * V + v] * rows[r][d] for v < VB, d < dn.
-// The accumulators of a 64-float slice stay in registers across the nr rows.
-template <int VB>
-void block_accumulate(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr) {
-  int64_t d = 0;
-  for (; d + 64 <= dn; d += 64) {
-    vf16 a[VB][4];
-    for (int v = 0; v < VB; ++v)
-      for (int j = 0; j < 4; ++j) a[v][j] = ld(acc + v * dn + d + 16 * j);
-    for (int r = 0; r < nr; ++r) {
-      const float* xr = rows[r] + d;
-      const vf16 x0 = ld(xr), x1 = ld(xr + 16), x2 = ld(xr + 32), x3 = ld(xr + 48);
-      for (int v = 0; v < VB; ++v) {
-        const float wv = w[r * V + v];
-        a[v][0] += wv * x0;
-        a[v][1] += wv * x1;
-        a[v][2] += wv * x2;
-        a[v][3] += wv * x3;
-      }
-    }
-    for (int v = 0; v < VB; ++v)
-      for (int j = 0; j < 4; ++j) st(acc + v * dn + d + 16 * j, a[v][j]);
-  }
-  for (; d + 16 <= dn; d += 16) {
-    vf16 a[VB];
-    for (int v = 0; v < VB; ++v) a[v] = ld(acc + v * dn + d);
-    for (int r = 0; r < nr; ++r) {
-      const vf16 x0 = ld(rows[r] + d);
-      for (int v = 0; v < VB; ++v) a[v] += w[r * V + v] * x0;
-    }
-    for (int v = 0; v < VB; ++v) st(acc + v * dn + d, a[v]);
-  }
-  for (; d < dn; ++d)
-    for (int r = 0; r < nr; ++r)
-      for (int v = 0; v < VB; ++v) acc[v * dn + d] += w[r * V + v] * rows[r][d];
-}
-
-void block_accumulate_any(float* acc, int64_t dn, const float* const* rows, const float* w, int64_t V, int nr,
-                          int64_t nv) {
-  switch (nv) {
-    case 1: block_accumulate<1>(acc, dn, rows, w, V, nr); break;
-    case 2: block_accumulate<2>(acc, dn, rows, w, V, nr); break;
-    case 3: block_accumulate<3>(acc, dn, rows, w, V, nr); break;
-    default: block_accumulate<4>(acc, dn, rows, w, V, nr); break;
-  }
-}
-
 // ---- forward ---------------------------------------------------------------------------
 template <typename T, typename M>
 void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, float* out, float* wsum_out,
@@ -341,6 +248,7 @@ void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, floa
     std::vector<float> acc(V * dchunk), rowbuf(kFloat ? 0 : kRows * dchunk), wt(L * V), wsum(V);
     std::vector<int64_t> active(L);
     const float* rows[kRows];
+    const float* next[kRows];  // float x only: the next block's rows, to prefetch
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / nd, d0 = (t % nd) * dchunk, dn = std::min(dchunk, D - d0);
@@ -363,9 +271,12 @@ void forward_impl(const T* x, int64_t sxb, int64_t sxl, const MaskView& mv, floa
         const int nr = int(std::min<int64_t>(kRows, na - i0));
         for (int r = 0; r < nr; ++r)
           rows[r] = Row<T>::load(xb + active[i0 + r] * sxl, kFloat ? nullptr : rowbuf.data() + r * dn, dn);
-        for (int64_t v0 = 0; v0 < V; v0 += 4)
+        // (reduced-precision rows are read whole, in order, by Row::load: nothing to prefetch)
+        const int nn = kFloat ? int(std::max<int64_t>(0, std::min<int64_t>(kRows, na - i0 - kRows))) : 0;
+        for (int r = 0; r < nn; ++r) next[r] = reinterpret_cast<const float*>(xb + active[i0 + kRows + r] * sxl);
+        for (int64_t v0 = 0; v0 < V; v0 += 4)  // the first mask group prefetches for all
           block_accumulate_any(acc.data() + v0 * dn, dn, rows, wt.data() + i0 * V + v0, V, nr,
-                               std::min<int64_t>(4, V - v0));
+                               std::min<int64_t>(4, V - v0), next, v0 == 0 ? nn : 0);
       }
       for (int64_t v = 0; v < V; ++v) {
         // a sum below the smallest normal float is an empty row (1 / s would overflow)
@@ -421,29 +332,32 @@ void backward_prep(const float* g, const float* out, const float* s, const float
 template <int VB, bool MG>
 void backward_row(const float* const* dps, const float* w, float* __restrict gx, const float* xr, float* dots,
                   int64_t D) {
-  vf16 part[VB];
-  for (int v = 0; v < VB; ++v) part[v] = vf16{};
+  vfn part[VB][kGroup];
+  for (int v = 0; v < VB; ++v)
+    for (int p = 0; p < kGroup; ++p) part[v][p] = vfn{};
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    vf16 g = w[0] * ld(dps[0] + d);
-    for (int v = 1; v < VB; ++v) g += w[v] * ld(dps[v] + d);
-    st(gx + d, g);
-    if (MG) {
-      const vf16 xv = ld(xr + d);
-      for (int v = 0; v < VB; ++v) part[v] += xv * ld(dps[v] + d);
+    for (int p = 0; p < kGroup; ++p) {
+      const int64_t e = d + kLanes * p;
+      vfn g = w[0] * ld(dps[0] + e);
+      for (int v = 1; v < VB; ++v) g = madd(g, w[v], ld(dps[v] + e));
+      st(gx + e, g);
+      if (MG) {
+        const vfn xv = ld(xr + e);
+        for (int v = 0; v < VB; ++v) part[v][p] = madd(part[v][p], xv, ld(dps[v] + e));
+      }
     }
   }
   float tail[VB] = {};
   for (; d < D; ++d) {
-    float g = 0.f;
-    for (int v = 0; v < VB; ++v) {
-      g += w[v] * dps[v][d];
-      if (MG) tail[v] += xr[d] * dps[v][d];
-    }
+    float g = w[0] * dps[0][d];
+    for (int v = 1; v < VB; ++v) g = madd(g, w[v], dps[v][d]);
     gx[d] = g;
+    if (MG)
+      for (int v = 0; v < VB; ++v) tail[v] = madd(tail[v], xr[d], dps[v][d]);
   }
   if (MG)
-    for (int v = 0; v < VB; ++v) dots[v] = hsum(part[v]) + tail[v];
+    for (int v = 0; v < VB; ++v) dots[v] = hsum16(part[v]) + tail[v];
 }
 
 template <bool MG>
