@@ -47,3 +47,58 @@ def assert_close_to_fp64(name: str, got: torch.Tensor, ref64: torch.Tensor, plai
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max|got - ref| / max|ref|, computed in fp64 (for bounds stated as a relative error)."""
     return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+def assert_contrastive_loss_matches_reference(backend: str, q, k, hard_negatives, kw: dict,
+                                              expect_error: str | None = None) -> None:
+    """`solar_kernels.contrastive_loss(q, k, hard_negatives=..., **kw)` under `backend` against
+    `contrastive_loss_reference` in fp64: the loss, the gradients of q, k and the hard negatives,
+    and with ``kw["mine_k"]`` the mined indices (exactly) and scores.
+
+    Low-precision inputs are allowed twice the error of the same reference computed in their
+    dtype (assert_close_to_fp64's `plain`).  A gradient is a sum of terms dL/dS_ij x_j / T that
+    can cancel (d = 1: every logit +-1 / T, a dq of 3e-14 from terms ~20), so its absolute
+    tolerance scales with the largest gradient entry of any input, not its own.
+    `expect_error`: the ValueError message pattern the call must raise instead."""
+    import pytest
+
+    import solar_kernels as sk
+    from solar_kernels.reference import contrastive_loss_reference
+
+    kw = dict(kw, hard_negatives=hard_negatives)
+    mine_k = kw.get("mine_k", 0)
+    if expect_error is not None:
+        with pytest.raises(ValueError, match=expect_error):
+            with sk.use_backend(backend):
+                sk.contrastive_loss(q, k, **kw)
+        return
+    with sk.use_backend(backend):
+        out = sk.contrastive_loss(q, k, **kw)
+    loss, mined = out if mine_k else (out, None)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    tensors = [t for t in (q, k, hard_negatives) if t is not None]
+    got = torch.autograd.grad(loss, tensors)
+    out64 = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    loss64, mined64 = out64 if mine_k else (out64, None)
+    ref64 = torch.autograd.grad(loss64, tensors)
+    dtype = q.dtype
+    lp = None
+    if dtype != torch.float32:
+        outlp = contrastive_loss_reference(q, k, dtype=dtype, **kw)
+        losslp = outlp[0] if mine_k else outlp
+        lp = (losslp, torch.autograd.grad(losslp, tensors))
+    atol = 2e-5 if dtype == torch.float32 else 2e-3
+    assert_close_to_fp64("loss", loss.detach(), loss64.detach(), None if lp is None else lp[0].detach(),
+                         rel_atol=atol, ulp=False)
+    gscale = max(float(r.abs().max()) for r in ref64)
+    names = [nm for nm, t in zip(("dq", "dk", "dhn"), (q, k, hard_negatives)) if t is not None]
+    for i, nm in enumerate(names):
+        assert got[i].dtype == dtype and got[i].shape == tensors[i].shape, nm
+        assert_close_to_fp64(nm, got[i], ref64[i], None if lp is None else lp[1][i], atol=atol * gscale,
+                             rel_atol=atol, ulp=False)
+    if mine_k:
+        idx64, sc64 = mined64
+        assert mined.indices.shape == (q.shape[0], mine_k) and mined.indices.dtype == torch.int64
+        assert torch.equal(mined.indices.cpu(), idx64.cpu()), "mined indices differ from the reference"
+        torch.testing.assert_close(mined.scores.double(), sc64, rtol=1e-4,
+                                   atol=1e-3 if dtype != torch.float32 else 1e-4)

@@ -16,7 +16,7 @@ from solar_kernels import _dispatch
 from solar_kernels import nn as snn
 from solar_kernels.reference import contrastive_loss_reference
 
-from oracle import assert_close_to_fp64  # tests/oracle.py (on sys.path: conftest.py)
+from oracle import assert_close_to_fp64, assert_contrastive_loss_matches_reference  # tests/oracle.py (on sys.path: conftest.py)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -72,44 +72,9 @@ def _run_vs_reference(backend, n, extra, where, d, h, dtype, temperature, hardne
     m = n + extra
     off = _offset(where, n, m)
     q, k, hn, groups = _make(n, m, d, h, dtype, seed, gkind)
-    kw = dict(groups=groups, hard_negatives=hn, temperature=temperature, symmetric=symmetric, hardness=hardness,
-              mine_k=mine_k, offset=off)
-    expect = _expected_error(n, m, off, h, groups, mine_k)
-    if expect is not None:
-        with pytest.raises(ValueError, match=expect):
-            with sk.use_backend(backend):
-                sk.contrastive_loss(q, k, **kw)
-        return
-    with sk.use_backend(backend):
-        out = sk.contrastive_loss(q, k, **kw)
-    loss, mined = out if mine_k else (out, None)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    tensors = [t for t in (q, k, hn) if t is not None]
-    got = torch.autograd.grad(loss, tensors)
-    out64 = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
-    loss64, mined64 = out64 if mine_k else (out64, None)
-    ref64 = torch.autograd.grad(loss64, tensors)
-    lp = None
-    if dtype != torch.float32:
-        outlp = contrastive_loss_reference(q, k, dtype=dtype, **kw)
-        losslp = outlp[0] if mine_k else outlp
-        lp = (losslp, torch.autograd.grad(losslp, tensors))
-    atol = 2e-5 if dtype == torch.float32 else 2e-3
-    assert_close_to_fp64("loss", loss.detach(), loss64.detach(), None if lp is None else lp[0].detach(),
-                         rel_atol=atol, ulp=False)
-    # a gradient is a sum of terms dL/dS_ij x_j / T that can cancel (d = 1: every logit +-1 / T):
-    # its rounding error scales with the largest gradient entry of any input, not its own
-    gscale = max(float(r.abs().max()) for r in ref64)
-    for i, nm in enumerate(("dq", "dk", "dhn")[:len(tensors)]):
-        assert got[i].dtype == dtype and got[i].shape == tensors[i].shape, nm
-        assert_close_to_fp64(nm, got[i], ref64[i], None if lp is None else lp[1][i], atol=atol * gscale,
-                             rel_atol=atol, ulp=False)
-    if mine_k:
-        idx64, sc64 = mined64
-        assert mined.indices.shape == (n, mine_k)
-        assert torch.equal(mined.indices.cpu(), idx64.cpu()), "mined indices differ from the reference"
-        torch.testing.assert_close(mined.scores.double(), sc64, rtol=1e-4,
-                                   atol=1e-3 if dtype != torch.float32 else 1e-4)
+    kw = dict(groups=groups, temperature=temperature, symmetric=symmetric, hardness=hardness, mine_k=mine_k,
+              offset=off)
+    assert_contrastive_loss_matches_reference(backend, q, k, hn, kw, _expected_error(n, m, off, h, groups, mine_k))
 
 
 _strategy = dict(
