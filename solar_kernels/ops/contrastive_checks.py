@@ -167,7 +167,8 @@ def check_counts(groups_rows: torch.Tensor | None, groups_cols: torch.Tensor | N
 def positive_columns(groups_rows: torch.Tensor | None, groups_cols: torch.Tensor | None, n: int) -> int:
     """The number of columns with a positive among the n rows (the divisor of the symmetric
     loss's column direction): each row's own column, plus, with groups, every column whose
-    group is some row's group.  n when there are no groups (the paired columns)."""
-    if groups_cols is None:
+    group is some row's group.  n when there are no groups (the paired columns) or as many
+    columns as rows (the square form: every column is some row's own, so no count, no host sync)."""
+    if groups_cols is None or groups_cols.shape[0] == n:
         return n
     return int((group_counts(groups_cols, groups_rows) > 0).sum())
