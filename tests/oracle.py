@@ -102,3 +102,21 @@ def assert_contrastive_loss_matches_reference(backend: str, q, k, hard_negatives
         assert torch.equal(mined.indices.cpu(), idx64.cpu()), "mined indices differ from the reference"
         torch.testing.assert_close(mined.scores.double(), sc64, rtol=1e-4,
                                    atol=1e-3 if dtype != torch.float32 else 1e-4)
+
+
+def assert_mined_loss_matches_fp64(backend: str, q, k, hard_negatives, kw: dict) -> None:
+    """`solar_kernels.contrastive_loss(q, k, **kw)` with mining (``kw`` holds mine_k and
+    ``hard_negatives``) under `backend`, fp32 inputs: the value and the gradients of q, k and
+    `hard_negatives` against the fp64 reference (rtol 1e-4), and the mined indices exactly."""
+    import solar_kernels as sk
+    from solar_kernels.reference import contrastive_loss_reference
+
+    with sk.use_backend(backend):
+        loss, mined = sk.contrastive_loss(q, k, **kw)
+    got = torch.autograd.grad(loss, (q, k, hard_negatives))
+    loss64, (idx, _) = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
+    ref = torch.autograd.grad(loss64, (q, k, hard_negatives))
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(mined.indices.cpu(), idx.cpu())

@@ -14,7 +14,8 @@ from solar_kernels.ops import contrastive_cpu as cl_cpu
 from solar_kernels.ops import contrastive_triton as ct
 from solar_kernels.reference import contrastive_loss_reference, masked_pool_reference
 
-from oracle import assert_contrastive_loss_matches_reference  # tests/oracle.py (on sys.path: conftest.py)
+# tests/oracle.py (on sys.path: conftest.py)
+from oracle import assert_contrastive_loss_matches_reference, assert_mined_loss_matches_fp64
 
 # the Triton interpreter evaluates both sides of tl.where (log(0), exp overflow in unused lanes)
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -102,20 +103,6 @@ def test_torch_backend_vs_reference(n, d, h, dtype, temperature, hardness, gkind
     _run_vs_reference("torch", n, d, h, dtype, temperature, hardness, gkind, single, symmetric, mine_k, seed)
 
 
-def _assert_mined_loss_matches_fp64(backend, q, k, hn, kw):
-    """The loss with mining (`kw` has mine_k) under `backend`: value, gradients for q, k and the
-    hard negatives `hn`, and the mined indices against the fp64 reference."""
-    with sk.use_backend(backend):
-        loss, mined = sk.contrastive_loss(q, k, **kw)
-    got = torch.autograd.grad(loss, (q, k, hn))
-    loss64, (idx, _) = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
-    ref = torch.autograd.grad(loss64, (q, k, hn))
-    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
-    assert torch.equal(mined.indices.cpu(), idx.cpu())
-
-
 def _cap_on_gpu(fn):
     """On CUDA every new constexpr combination compiles (seconds each): cap the examples so that
     bench/gpu_check.sh's test step stays inside its budget."""
@@ -185,7 +172,7 @@ def test_non_contiguous_inputs(backend):
     hn = torch.randn(3, 40, 24, generator=gen).to(dev).transpose(0, 1).requires_grad_()
     groups = (torch.arange(40) // 4).to(dev)
     kw = dict(groups=groups, hard_negatives=hn, temperature=0.5, hardness=0.5, mine_k=2)
-    _assert_mined_loss_matches_fp64(backend, q, k, hn, kw)
+    assert_mined_loss_matches_fp64(backend, q, k, hn, kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -194,7 +181,7 @@ def test_backends_agree_on_a_tiled_batch(backend):
     dev = _dev()
     q, k, hn, groups = _make(130, 20, 2, torch.float32, 9, False, "uneven")
     kw = dict(groups=groups, hard_negatives=hn, temperature=0.07, hardness=1.0, mine_k=4)
-    _assert_mined_loss_matches_fp64(backend, q, k, hn, kw)
+    assert_mined_loss_matches_fp64(backend, q, k, hn, kw)
     assert q.device == dev
 
 

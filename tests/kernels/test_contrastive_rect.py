@@ -16,7 +16,8 @@ from solar_kernels import _dispatch
 from solar_kernels import nn as snn
 from solar_kernels.reference import contrastive_loss_reference
 
-from oracle import assert_close_to_fp64, assert_contrastive_loss_matches_reference  # tests/oracle.py (on sys.path: conftest.py)
+# tests/oracle.py (on sys.path: conftest.py)
+from oracle import assert_close_to_fp64, assert_contrastive_loss_matches_reference, assert_mined_loss_matches_fp64
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -149,15 +150,7 @@ def test_non_contiguous_inputs(backend):
     hn = torch.randn(2, 9, 12, generator=gen).to(dev).transpose(0, 1).requires_grad_()
     groups = (torch.arange(30) // 3).to(dev)
     kw = dict(groups=groups, hard_negatives=hn, temperature=0.5, hardness=0.5, mine_k=2, offset=11)
-    with sk.use_backend(backend):
-        loss, mined = sk.contrastive_loss(q, k, **kw)
-    got = torch.autograd.grad(loss, (q, k, hn))
-    loss64, (idx, _) = contrastive_loss_reference(q, k, dtype=torch.float64, **kw)
-    ref = torch.autograd.grad(loss64, (q, k, hn))
-    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
-    assert torch.equal(mined.indices.cpu(), idx.cpu())
+    assert_mined_loss_matches_fp64(backend, q, k, hn, kw)
 
 
 def test_opcheck_rectangle():
